@@ -1,0 +1,199 @@
+"""Channel request/reply round trips per second over TCP loopback.
+
+Client and server run in separate processes.  Each workload is measured for the
+aiomas channel and for the *floor*: a bare :class:`asyncio.Protocol` doing the same
+framing (4-byte length header) and the same encoding with nothing around it.  Runs
+alternate between the two so that machine noise hits both alike; the table shows
+median, min and max of the rounds and the median as a ratio to the floor.
+
+Usage::
+
+    python benchmarks/bench_channel.py [--rounds 5] [--seconds 2] [--codec json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomas
+
+HEADER = struct.Struct(">L")
+CONTENT = ["ohai", 42, 3.14]
+
+
+def raw_codec(name: str) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    if name == "json":
+        return (lambda obj: json.dumps(obj).encode()), (lambda data: json.loads(data))
+    import msgpack
+
+    return (
+        lambda obj: msgpack.packb(obj, use_bin_type=True),
+        lambda data: msgpack.unpackb(data, raw=False, use_list=False),
+    )
+
+
+class RawProtocol(asyncio.Protocol):
+    """The floor: length-prefixed frames and [type, id, content] messages."""
+
+    def __init__(self, codec: str, serve: bool) -> None:
+        self.encode, self.decode = raw_codec(codec)
+        self.serve = serve
+        self.buffer = bytearray()
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.next_id = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 4:
+            (size,) = HEADER.unpack_from(buffer)
+            if len(buffer) < 4 + size:
+                break
+            msg_type, msg_id, content = self.decode(bytes(buffer[4 : 4 + size]))
+            del buffer[: 4 + size]
+            if msg_type == 0 and self.serve:
+                payload = self.encode([1, msg_id, content])
+                assert self.transport is not None
+                self.transport.write(HEADER.pack(len(payload)) + payload)
+            else:
+                self.pending.pop(msg_id).set_result(content)
+
+    def send(self, content: Any) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        msg_id = self.next_id
+        self.next_id += 1
+        self.pending[msg_id] = future
+        payload = self.encode([0, msg_id, content])
+        assert self.transport is not None
+        self.transport.write(HEADER.pack(len(payload)) + payload)
+        return future
+
+
+async def echo(channel: aiomas.channel.Channel) -> None:
+    try:
+        while True:
+            request = await channel.recv()
+            await request.reply(request.content)
+    except ConnectionResetError:
+        pass
+
+
+async def serve(impl: str, codec: str) -> None:
+    loop = asyncio.get_running_loop()
+    if impl == "floor":
+        server = await loop.create_server(
+            lambda: RawProtocol(codec, serve=True), "127.0.0.1", 0
+        )
+    else:
+        codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
+        server = await aiomas.channel.start_server(
+            ("127.0.0.1", 0), echo, codec=codec_cls
+        )
+    print(server.sockets[0].getsockname()[1], flush=True)
+    # Serve until the parent closes our stdin.
+    await loop.run_in_executor(None, sys.stdin.read)
+    server.close()
+
+
+async def measure(
+    impl: str, codec: str, port: int, in_flight: int, seconds: float
+) -> float:
+    loop = asyncio.get_running_loop()
+    if impl == "floor":
+        transport, protocol = await loop.create_connection(
+            lambda: RawProtocol(codec, serve=False), "127.0.0.1", port
+        )
+        send = protocol.send
+        close: Callable[[], Any] = transport.close
+    else:
+        codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
+        channel = await aiomas.channel.open_connection(
+            ("127.0.0.1", port), codec=codec_cls
+        )
+        send = channel.send
+        close = channel.close
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            await send(CONTENT)
+            count += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - start
+    result = close()
+    if asyncio.iscoroutine(result):
+        await result
+    return count / elapsed
+
+
+def run_round(impl: str, codec: str, in_flight: int, seconds: float) -> float:
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", impl, "--codec", codec],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        return asyncio.run(measure(impl, codec, port, in_flight, seconds))
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--codec", choices=["json", "msgpack"], default="json")
+    parser.add_argument("--serve", choices=["floor", "aiomas"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve, args.codec))
+        return
+
+    print(
+        f"Python {sys.version.split()[0]}, codec {args.codec}, "
+        f"{args.rounds} rounds of {args.seconds:g} s, TCP loopback, 2 processes"
+    )
+    print(f"{'workload':<34}{'median':>10}{'min':>10}{'max':>10}{'vs floor':>10}")
+    for in_flight in (1, 100):
+        results: dict[str, list[float]] = {"floor": [], "aiomas": []}
+        for _ in range(args.rounds):
+            for impl in ("floor", "aiomas"):
+                results[impl].append(
+                    run_round(impl, args.codec, in_flight, args.seconds)
+                )
+        floor = statistics.median(results["floor"])
+        for impl in ("floor", "aiomas"):
+            values = results[impl]
+            median = statistics.median(values)
+            name = f"{impl}, {in_flight} in flight (calls/s)"
+            print(
+                f"{name:<34}{median:>10,.0f}{min(values):>10,.0f}"
+                f"{max(values):>10,.0f}{median / floor:>10.0%}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Fixtures shared by the test suite and the doctests in docs/ and README.md."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from _pytest.doctest import DoctestItem
+
+
+def _close_thread_loop() -> None:
+    """Close the loop that aiomas.run() set for this thread, cleanly."""
+    policy = asyncio.get_event_loop_policy()
+    try:
+        loop = policy.get_event_loop()
+    except RuntimeError:
+        return
+    if loop.is_closed():
+        policy.set_event_loop(None)
+        return
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
+    policy.set_event_loop(None)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_loop_for_doctests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each doctest file runs on a new event loop that is closed afterwards."""
+    if not isinstance(request.node, DoctestItem):
+        yield
+        return
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield
+    finally:
+        _close_thread_loop()

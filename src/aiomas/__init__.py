@@ -1,0 +1,45 @@
+"""aiomas: request-reply channels, RPC and multi-agent systems on asyncio.
+
+This module gives short access to the most used names; everything also lives in
+its own submodule (:mod:`aiomas.channel`, :mod:`aiomas.codecs`, ...).
+"""
+
+from aiomas import channel, codecs, exceptions, local_queue, util, wire
+from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
+from aiomas.exceptions import (
+    AiomasError,
+    ProtocolError,
+    RemoteException,
+    SerializationError,
+)
+from aiomas.local_queue import get_queue
+from aiomas.util import (
+    create_task,
+    make_ssl_client_context,
+    make_ssl_server_context,
+    run,
+)
+
+__version__ = "2.1.0.dev0"
+
+__all__ = [
+    "JSON",
+    "AiomasError",
+    "MsgPack",
+    "MsgPackBlosc",
+    "ProtocolError",
+    "RemoteException",
+    "SerializationError",
+    "channel",
+    "codecs",
+    "create_task",
+    "exceptions",
+    "get_queue",
+    "local_queue",
+    "make_ssl_client_context",
+    "make_ssl_server_context",
+    "run",
+    "serializable",
+    "util",
+    "wire",
+]

@@ -1,0 +1,751 @@
+"""Request-reply channels: the lowest layer of aiomas.
+
+A :class:`Channel` sends requests and waits for their replies, and receives the
+peer's requests (:class:`Request`) to answer them.  Messages are encoded by a
+:class:`~aiomas.codecs.Codec` and framed as described in :mod:`aiomas.wire`.
+:class:`ChannelProtocol` is the thin asyncio adapter between a transport (TCP, unix
+socket, TLS or :mod:`~aiomas.local_queue`) and the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, TypeAlias
+
+from aiomas import local_queue
+from aiomas.codecs import JSON, Codec
+from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
+from aiomas.wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FAILURE,
+    REQUEST,
+    RESULT,
+    FrameReader,
+    RequestTable,
+    frame_header,
+)
+
+__all__ = [
+    "DEFAULT_CODEC",
+    "Address",
+    "Channel",
+    "ChannelProtocol",
+    "Request",
+    "open_connection",
+    "start_server",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CODEC: Final = JSON
+"""Default codec: :class:`~aiomas.codecs.JSON`."""
+
+Address: TypeAlias = (
+    "tuple[str | None, int] | str | os.PathLike[str] | local_queue.LocalQueue"
+)
+"""A ``(host, port)`` tuple (TCP), a unix socket path or a LocalQueue."""
+
+SerializerFactory: TypeAlias = Callable[
+    [], tuple[type, Callable[[Any], Any], Callable[[Any], Any]]
+]
+ClientConnectedCallback: TypeAlias = Callable[["Channel"], Awaitable[Any] | None]
+
+# Payloads above this size are handed to the transport separately from their
+# header, so that they are not copied once more just to prepend four bytes.
+_JOIN_LIMIT: Final = 64 * 1024
+
+# How long Channel.close() waits for the transport to flush before aborting it.
+_CLOSE_TIMEOUT: Final = 10.0
+
+# Bounds for the pause between two attempts of open_connection(timeout=...).
+_RETRY_DELAY_MIN: Final = 0.005
+_RETRY_DELAY_MAX: Final = 0.25
+
+
+def _format_exception(exc: BaseException) -> str:
+    """The text sent in a failure reply: the traceback (if any) and the error."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _failure_text(content: Any) -> str:
+    """Turn the content of a received failure reply into readable text.
+
+    aiomas peers send a string.  Other peers (e.g. mosaik 3) send a list such as
+    ``[type, message, *traceback_lines]``; anything else is shown by its repr.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list | tuple) and all(isinstance(c, str) for c in content):
+        return "\n".join(content)
+    return repr(content)
+
+
+class Request:
+    """A request received by :meth:`Channel.recv`; answer it with :meth:`reply`
+    or :meth:`fail`.  You don't create requests yourself.
+
+    Args:
+        content: The content of the request.
+        message_id: Its id, unique within the channel.
+        protocol: The :class:`ChannelProtocol` to send the answer through.
+    """
+
+    __slots__ = ("_answered", "_protocol", "content", "message_id")
+
+    def __init__(self, content: Any, message_id: int, protocol: ChannelProtocol):
+        self.content = content
+        """The content of the incoming message."""
+        self.message_id = message_id
+        self._protocol = protocol
+        self._answered = False
+
+    @property
+    def msg_id(self) -> int:
+        """The message id of this request (alias of :attr:`message_id`)."""
+        return self.message_id
+
+    def __repr__(self) -> str:
+        return f"<Request {self.message_id}: {self.content!r}>"
+
+    async def reply(self, result: Any) -> None:
+        """Reply to the request with *result*.
+
+        Raises:
+            RuntimeError: if the request was already answered.
+            SerializationError: if *result* cannot be encoded; the requester then
+                gets a failure reply that says so.
+            ConnectionResetError: if the connection is closed.
+        """
+        self._answer(RESULT, result)
+        await self._protocol.drain()
+
+    async def fail(self, exception: BaseException) -> None:
+        """Answer the request with a failure described by *exception*.
+
+        The requester gets a :class:`~aiomas.exceptions.RemoteException` whose
+        traceback is the text of *exception* (and its traceback, if it was raised).
+
+        Raises:
+            RuntimeError: if the request was already answered.
+            ConnectionResetError: if the connection is closed.
+        """
+        self._answer(FAILURE, _format_exception(exception))
+        await self._protocol.drain()
+
+    def _answer(self, msg_type: int, content: Any) -> None:
+        if self._answered:
+            raise RuntimeError(f"Request {self.message_id} was already answered")
+        channel = self._protocol.channel
+        assert channel is not None
+        self._answered = True
+        try:
+            channel._send_message(msg_type, self.message_id, content)
+        except (SerializationError, ValueError) as exc:
+            # The requester must not wait forever for an answer that cannot be sent.
+            channel._send_message(FAILURE, self.message_id, _format_exception(exc))
+            raise
+
+
+class Channel:
+    """A request-reply channel between two endpoints.
+
+    Returned by :func:`open_connection` and passed to the callback of
+    :func:`start_server`.  Don't create channels yourself.
+
+    Args:
+        protocol: The :class:`ChannelProtocol` of the connection.
+        codec: The codec instance that encodes and decodes messages.
+        transport: The asyncio transport of the connection.
+        loop: The event loop the connection runs in.
+    """
+
+    __slots__ = (
+        "_closed_error",
+        "_decode",
+        "_encode",
+        "_incoming",
+        "_loop",
+        "_peername",
+        "_recv_waiter",
+        "_requests",
+        "_write",
+        "codec",
+        "protocol",
+        "request_handler",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        protocol: ChannelProtocol,
+        codec: Codec,
+        transport: asyncio.BaseTransport,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.protocol = protocol
+        self.codec = codec
+        """The codec used to encode and decode messages sent via this channel."""
+        self.transport = transport
+        """The transport of this channel."""
+        self._loop = loop
+        self._encode = codec.encode
+        self._decode = codec.decode
+        assert isinstance(transport, asyncio.WriteTransport)
+        self._write = transport.write
+        self._peername = transport.get_extra_info("peername")
+        self._requests = RequestTable()
+        self._incoming: deque[Request] = deque()
+        self._recv_waiter: asyncio.Future[None] | None = None
+        self._closed_error: BaseException | None = None
+        self.request_handler: Callable[[Request], None] | None = None
+        """If set, every incoming request is passed to it as soon as it arrives
+        instead of being queued for :meth:`recv` (used by :mod:`aiomas.rpc`)."""
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed_error is not None else "open"
+        return f"<Channel to {self._peername!r} ({state})>"
+
+    @property
+    def peername(self) -> Any:
+        """The address of the peer, as the transport reports it."""
+        return self._peername
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Return transport information *name* (see
+        :meth:`asyncio.BaseTransport.get_extra_info`)."""
+        return self.transport.get_extra_info(name, default)
+
+    def send(self, content: Any) -> asyncio.Future[Any]:
+        """Send a request with *content* and return a future for the reply.
+
+        The future's result is the content of the reply.  Awaiting it raises:
+        :class:`~aiomas.exceptions.RemoteException` if the peer answered with a
+        failure, :class:`ConnectionResetError` if the connection closed first.
+        Cancelling the future does not disturb the channel: the late reply is
+        dropped.
+
+        Raises:
+            SerializationError: if *content* cannot be encoded.
+            ValueError: if the encoded message is too long for a frame.
+            ConnectionResetError: if the channel is already closed.
+        """
+        if self._closed_error is not None:
+            raise self._connection_error()
+        future = self._loop.create_future()
+        msg_id = self._requests.add(future)
+        try:
+            self._send_message(REQUEST, msg_id, content)
+        except BaseException:
+            self._requests.discard(msg_id)
+            raise
+        return future
+
+    async def recv(self) -> Request:
+        """Wait for the next request from the peer and return it.
+
+        Raises:
+            ConnectionResetError: if the connection is (or gets) closed and no
+                received request is left.
+            RuntimeError: if another task is already waiting in :meth:`recv`.
+        """
+        while not self._incoming:
+            if self._closed_error is not None:
+                raise self._connection_error()
+            if self._recv_waiter is not None:
+                raise RuntimeError("Another task is already waiting in recv()")
+            waiter = self._loop.create_future()
+            self._recv_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._recv_waiter = None
+        return self._incoming.popleft()
+
+    async def close(self) -> None:
+        """Close the channel and wait until the connection is closed.
+
+        Requests still waiting for a reply fail with :class:`ConnectionResetError`.
+        """
+        transport = self.transport
+        closed = self.protocol._closed
+        if not transport.is_closing():
+            transport.close()
+        if not closed.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(closed), _CLOSE_TIMEOUT)
+            except TimeoutError:
+                logger.warning(
+                    "Aborting connection to %s: it did not close within %ss",
+                    self._peername,
+                    _CLOSE_TIMEOUT,
+                    extra={"peer": self._peername},
+                )
+                assert isinstance(transport, asyncio.Transport)
+                transport.abort()
+                await closed
+
+    # Internal API, used by Request, ChannelProtocol and aiomas.rpc.
+
+    def _send_message(self, msg_type: int, msg_id: int, content: Any) -> None:
+        if self._closed_error is not None:
+            raise self._connection_error()
+        payload = self._encode([msg_type, msg_id, content])
+        header = frame_header(len(payload))
+        if len(payload) <= _JOIN_LIMIT:
+            self._write(header + payload)
+        else:
+            transport = self.transport
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.writelines((header, payload))
+
+    def _payload_received(self, payload: bytes | bytearray) -> None:
+        """Handle one received frame.
+
+        Raises:
+            ProtocolError: if the payload breaks the protocol; the caller closes
+                the connection.
+        """
+        try:
+            message = self._decode(payload)
+        except Exception as exc:
+            raise ProtocolError(f"Cannot decode message: {exc}") from exc
+        if type(message) not in (list, tuple) or len(message) != 3:
+            self._invalid_message(message)
+            return
+        msg_type, msg_id, content = message
+        if type(msg_id) is not int or type(msg_type) is not int:
+            raise ProtocolError(
+                f"Invalid message header {_abbreviate([msg_type, msg_id])}"
+            )
+        if msg_type == REQUEST:
+            request = Request(content, msg_id, self.protocol)
+            handler = self.request_handler
+            if handler is not None:
+                handler(request)
+                return
+            self._incoming.append(request)
+            waiter = self._recv_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif msg_type == RESULT:
+            future = self._requests.pop(msg_id)
+            if not future.done():
+                future.set_result(content)
+        elif msg_type == FAILURE:
+            future = self._requests.pop(msg_id)
+            if not future.done():
+                future.set_exception(
+                    RemoteException(self._peername, _failure_text(content))
+                )
+        else:
+            raise ProtocolError(f"Unknown message type {msg_type!r}")
+
+    def _invalid_message(self, message: Any) -> None:
+        # A malformed request whose id we can read still gets an answer, so the
+        # peer learns what is wrong instead of waiting forever.
+        if (
+            type(message) in (list, tuple)
+            and len(message) >= 2
+            and message[0] == REQUEST
+            and type(message[1]) is int
+        ):
+            self._send_message(
+                FAILURE,
+                message[1],
+                "ProtocolError: a request must be a list [0, message_id, content], "
+                f"got a {type(message).__name__} of {len(message)} elements\n",
+            )
+            return
+        raise ProtocolError(
+            "A message must be a list [msg_type, msg_id, content], "
+            f"got {_abbreviate(message)}"
+        )
+
+    def _connection_error(self) -> ConnectionResetError:
+        cause = self._closed_error
+        if isinstance(cause, ProtocolError):
+            text = f"Connection to {self._peername} closed: {cause}"
+        else:
+            text = f"Connection to {self._peername} closed"
+        error = ConnectionResetError(text)
+        if cause is not None and not isinstance(cause, ConnectionResetError):
+            error.__cause__ = cause
+        return error
+
+    def _connection_lost(self, reason: BaseException) -> None:
+        if self._closed_error is not None:
+            return
+        self._closed_error = reason
+        self._requests.fail_all(self._connection_error)
+        waiter = self._recv_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _abbreviate(obj: Any, limit: int = 80) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ChannelProtocol(asyncio.BufferedProtocol):
+    """The asyncio protocol that connects a transport with a :class:`Channel`.
+
+    Args:
+        codec: The codec instance for this connection (a :class:`Codec`).
+        client_connected_cb: Called with the new :class:`Channel` when the
+            connection is made (see :func:`start_server`); it may be a coroutine
+            function, which then runs as a task.
+        loop: Accepted for compatibility; must be ``None`` or the running loop.
+        max_frame_size: The largest payload accepted from the peer.
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        client_connected_cb: ClientConnectedCallback | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self._loop = _check_loop(loop)
+        self.codec = codec
+        self.channel: Channel | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self._reader = FrameReader(max_frame_size)
+        self._client_connected_cb = client_connected_cb
+        self._cb_task: asyncio.Task[Any] | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._error: BaseException | None = None
+        self._eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Create the :class:`Channel` and start the client connected callback."""
+        self.transport = transport
+        channel = Channel(self, self.codec, transport, self._loop)
+        self.channel = channel
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "Connection made with %s",
+                channel.peername,
+                extra={"peer": channel.peername},
+            )
+        callback = self._client_connected_cb
+        if callback is None:
+            return
+        try:
+            result = callback(channel)
+        except Exception:
+            logger.exception(
+                "client_connected_cb failed for the connection from %s; closing it",
+                channel.peername,
+                extra={"peer": channel.peername},
+            )
+            transport.close()
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._cb_task = task
+            task.add_done_callback(self._cb_done)
+
+    def _cb_done(self, task: asyncio.Task[Any]) -> None:
+        self._cb_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or isinstance(exc, ConnectionError):
+            # A handler that ends because the peer went away is business as usual.
+            return
+        peer = self.channel.peername if self.channel is not None else None
+        logger.error(
+            "client_connected_cb failed for the connection from %s; closing it",
+            peer,
+            exc_info=exc,
+            extra={"peer": peer},
+        )
+        if self.transport is not None:
+            self.transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Return the buffer the transport reads into (BufferedProtocol API)."""
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Parse the bytes just read and dispatch complete messages."""
+        if self._error is not None:
+            return
+        try:
+            payloads = self._reader.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        self._dispatch(payloads)
+
+    def data_received(self, data: bytes) -> None:
+        """Buffer incoming data until a message is complete, then dispatch it.
+
+        Messages are framed by a 4-byte big-endian length header; the payload is
+        ``[msg_type, msg_id, content]`` encoded with the codec.  Transports that
+        support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
+        instead.
+        """
+        if self._error is not None:
+            return
+        try:
+            payloads = self._reader.feed(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        self._dispatch(payloads)
+
+    def _dispatch(self, payloads: list[bytes | bytearray]) -> None:
+        channel = self.channel
+        assert channel is not None
+        handle = channel._payload_received
+        for payload in payloads:
+            try:
+                handle(payload)
+            except ProtocolError as exc:
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: ProtocolError) -> None:
+        """The peer broke the protocol: log it and cut the connection."""
+        channel = self.channel
+        peer = channel.peername if channel is not None else None
+        logger.warning("Closing connection to %s: %s", peer, exc, extra={"peer": peer})
+        self._error = exc
+        if channel is not None:
+            channel._connection_lost(exc)
+        transport = self.transport
+        if isinstance(transport, asyncio.Transport):
+            transport.abort()
+        elif transport is not None:
+            transport.close()
+
+    def eof_received(self) -> bool:
+        """The peer closed its side: let the transport close the connection."""
+        self._eof = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail pending requests and waiters with :class:`ConnectionResetError`."""
+        buffered = self._reader.buffered
+        if buffered and self._error is None:
+            peer = self.channel.peername if self.channel is not None else None
+            logger.warning(
+                "Connection to %s closed in the middle of a frame "
+                "(%d bytes of it received)",
+                peer,
+                buffered,
+                extra={"peer": peer},
+            )
+        reason: BaseException = self._error or exc or ConnectionResetError()
+        if self.channel is not None:
+            self.channel._connection_lost(reason)
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("Connection closed"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        """Set the *paused* flag: the transport's write buffer is full."""
+        assert not self._paused
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        """Clear the *paused* flag and wake everybody waiting in :meth:`drain`."""
+        assert self._paused
+        self._paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport accepts more data (flow control).
+
+        Raises:
+            ConnectionResetError: if the connection is closed.
+        """
+        if self._closed.done():
+            raise ConnectionResetError("Connection closed")
+        if not self._paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    async def write(self, len_bytes: bytes, content: bytes) -> None:
+        """Write a frame (header *len_bytes* and payload *content*) and wait until
+        the transport can take more data."""
+        transport = self.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(len_bytes + content)
+        await self.drain()
+
+
+def _check_loop(loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
+    running = asyncio.get_running_loop()
+    if loop is not None and loop is not running:
+        raise ValueError("The 'loop' argument must be the running event loop (or None)")
+    return running
+
+
+def _codec_factory(
+    codec: type[Codec] | None, extra_serializers: Iterable[SerializerFactory]
+) -> Callable[[], Codec]:
+    codec_cls = DEFAULT_CODEC if codec is None else codec
+    if not (isinstance(codec_cls, type) and issubclass(codec_cls, Codec)):
+        raise TypeError(f"codec must be a Codec subclass, not {codec_cls!r}")
+    serializers = tuple(extra_serializers)
+
+    def make_codec() -> Codec:
+        instance = codec_cls()
+        for get_serializer in serializers:
+            instance.add_serializer(*get_serializer())
+        return instance
+
+    return make_codec
+
+
+def _tcp_address(addr: Sequence[Any]) -> tuple[str | None, int]:
+    if len(addr) != 2:
+        raise ValueError(f"A TCP address must be a (host, port) tuple, got {addr!r}")
+    host, port = addr
+    return host, port
+
+
+async def open_connection(
+    addr: Address,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    codec: type[Codec] | None = None,
+    extra_serializers: Iterable[SerializerFactory] = (),
+    timeout: float | None = 0,  # noqa: ASYNC109 (the spec's retry timeout)
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    **kwds: Any,
+) -> Channel:
+    """Connect to *addr* and return a :class:`Channel`.
+
+    Args:
+        addr: A ``(host, port)`` tuple for TCP (IPv4 or IPv6), a path for a unix
+            domain socket, or a :class:`~aiomas.local_queue.LocalQueue`.
+        loop: Accepted for compatibility; must be ``None`` or the running loop.
+        codec: The :class:`~aiomas.codecs.Codec` subclass to use (default:
+            :data:`DEFAULT_CODEC`).
+        extra_serializers: Callables that return ``(type, serialize,
+            deserialize)`` tuples for :meth:`~aiomas.codecs.Codec.add_serializer`.
+        timeout: ``0`` tries once; a number of seconds keeps retrying refused
+            connections for that long; ``None`` retries forever.
+        max_frame_size: The largest payload accepted from the peer.
+        **kwds: Passed to :meth:`asyncio.loop.create_connection` or
+            :meth:`~asyncio.loop.create_unix_connection` (e.g. ``ssl``).
+
+    Raises:
+        ConnectionRefusedError: if nobody listens at a TCP address or LocalQueue
+            (after *timeout*).
+        FileNotFoundError: if the unix socket does not exist (after *timeout*).
+    """
+    running = _check_loop(loop)
+    make_codec = _codec_factory(codec, extra_serializers)
+
+    def factory() -> ChannelProtocol:
+        return ChannelProtocol(make_codec(), max_frame_size=max_frame_size)
+
+    connect: Callable[[], Awaitable[tuple[asyncio.BaseTransport, Any]]]
+    if isinstance(addr, local_queue.LocalQueue):
+        lq = addr
+
+        def connect() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
+            return local_queue.create_connection(factory, lq, **kwds)
+
+    elif isinstance(addr, str | os.PathLike):
+        path = os.fspath(addr)
+
+        def connect() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
+            return running.create_unix_connection(factory, path, **kwds)
+
+    else:
+        host, port = _tcp_address(addr)
+
+        def connect() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
+            return running.create_connection(factory, host, port, **kwds)
+
+    deadline = None if timeout is None else running.time() + timeout
+    delay = _RETRY_DELAY_MIN
+    while True:
+        try:
+            _transport, protocol = await connect()
+            break
+        except (ConnectionRefusedError, FileNotFoundError):
+            if deadline is not None:
+                remaining = deadline - running.time()
+                if remaining <= 0:
+                    raise
+                delay = min(delay, remaining)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_DELAY_MAX)
+    assert isinstance(protocol, ChannelProtocol)
+    assert protocol.channel is not None
+    return protocol.channel
+
+
+async def start_server(
+    addr: Address,
+    client_connected_cb: ClientConnectedCallback,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    codec: type[Codec] | None = None,
+    extra_serializers: Iterable[SerializerFactory] = (),
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    **kwds: Any,
+) -> asyncio.AbstractServer:
+    """Start a server listening on *addr*; call *client_connected_cb* for every
+    client that connects.
+
+    Every connection gets its own codec instance and :class:`Channel`, which is
+    passed to *client_connected_cb*.  If the callback is a coroutine function,
+    it runs as a task; when it raises (other than :class:`ConnectionError`), the
+    error is logged and the connection is closed.
+
+    Args:
+        addr: A ``(host, port)`` tuple for TCP, a path for a unix domain socket,
+            or a :class:`~aiomas.local_queue.LocalQueue`.
+        client_connected_cb: Function or coroutine function taking a Channel.
+        loop: Accepted for compatibility; must be ``None`` or the running loop.
+        codec: The :class:`~aiomas.codecs.Codec` subclass to use (default:
+            :data:`DEFAULT_CODEC`).
+        extra_serializers: Callables that return ``(type, serialize,
+            deserialize)`` tuples for :meth:`~aiomas.codecs.Codec.add_serializer`.
+        max_frame_size: The largest payload accepted from a client.
+        **kwds: Passed to :meth:`asyncio.loop.create_server` or
+            :meth:`~asyncio.loop.create_unix_server` (e.g. ``ssl``).
+
+    Returns:
+        The server; close it with ``server.close()`` and
+        ``await server.wait_closed()``.
+    """
+    running = _check_loop(loop)
+    make_codec = _codec_factory(codec, extra_serializers)
+
+    def factory() -> ChannelProtocol:
+        return ChannelProtocol(
+            make_codec(), client_connected_cb, max_frame_size=max_frame_size
+        )
+
+    if isinstance(addr, local_queue.LocalQueue):
+        return await local_queue.create_server(factory, addr, **kwds)
+    if isinstance(addr, str | os.PathLike):
+        return await running.create_unix_server(factory, os.fspath(addr), **kwds)
+    host, port = _tcp_address(addr)
+    return await running.create_server(factory, host, port, **kwds)

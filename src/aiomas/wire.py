@@ -1,0 +1,283 @@
+"""The aiomas wire protocol, free of I/O.
+
+A *frame* is a 4-byte big-endian unsigned length followed by that many payload
+bytes.  The payload is a codec-encoded list ``[msg_type, msg_id, content]`` where
+``msg_type`` is :data:`REQUEST` (0), :data:`RESULT` (1) or :data:`FAILURE` (2) and
+``msg_id`` is an integer that the sender of a request chose uniquely for that
+connection; a reply carries the id of the request it answers.
+
+This module only turns bytes into frames and frames into bytes
+(:class:`FrameReader`, :func:`frame`) and keeps the table of requests that wait for
+a reply (:class:`RequestTable`).  It knows nothing of sockets or transports, so it
+can be tested and fuzzed byte by byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from typing import Any, Final
+
+from aiomas.exceptions import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FAILURE",
+    "HEADER_SIZE",
+    "MAX_FRAME_SIZE",
+    "REQUEST",
+    "RESULT",
+    "FrameReader",
+    "RequestTable",
+    "frame",
+    "frame_header",
+]
+
+REQUEST: Final = 0
+"""Message type of a request."""
+RESULT: Final = 1
+"""Message type of a successful reply."""
+FAILURE: Final = 2
+"""Message type of a failure reply."""
+
+HEADER: Final = struct.Struct(">L")
+HEADER_SIZE: Final = HEADER.size
+
+MAX_FRAME_SIZE: Final = 2**32 - 1
+"""The largest payload the 4-byte header can announce."""
+
+DEFAULT_MAX_FRAME_SIZE: Final = 64 * 2**20
+"""Default limit (64 MiB) for the payload of a received frame.
+
+A peer announcing a larger frame is cut off before anything is allocated for it.
+"""
+
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+
+# Frames up to this size are gathered in the reader's shared buffer; larger ones
+# get a buffer of their own, so that a big payload is received with no extra copy
+# and the shared buffer never has to grow.
+_DEFAULT_BUFFER_SIZE: Final = 64 * 1024
+
+
+def frame_header(size: int) -> bytes:
+    """Return the 4-byte header announcing a payload of *size* bytes.
+
+    Raises:
+        ValueError: if *size* is larger than :data:`MAX_FRAME_SIZE`.
+    """
+    if size > MAX_FRAME_SIZE:
+        raise ValueError(
+            f"Message too long: {size} bytes (the maximum is {MAX_FRAME_SIZE})"
+        )
+    return _pack_header(size)
+
+
+def frame(payload: bytes) -> bytes:
+    """Return *payload* with its length header prepended.
+
+    Raises:
+        ValueError: if the payload is longer than :data:`MAX_FRAME_SIZE`.
+    """
+    return frame_header(len(payload)) + payload
+
+
+class FrameReader:
+    """Reassembles frames from a byte stream that arrives in arbitrary chunks.
+
+    It has two interfaces: :meth:`feed` takes any bytes-like object; the pair
+    :meth:`get_buffer` / :meth:`buffer_updated` lets a transport read straight into
+    the reader's buffer (the :class:`asyncio.BufferedProtocol` interface), which
+    avoids allocating a buffer per read.
+
+    Args:
+        max_frame_size: The largest payload accepted.  A header announcing more
+            raises :class:`~aiomas.exceptions.ProtocolError` before anything is
+            allocated for it.
+        buffer_size: Size of the shared receive buffer.
+    """
+
+    __slots__ = (
+        "_big",
+        "_big_filled",
+        "_buf",
+        "_end",
+        "_max_frame_size",
+        "_start",
+        "_view",
+    )
+
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        buffer_size: int = _DEFAULT_BUFFER_SIZE,
+    ) -> None:
+        if max_frame_size < 0 or max_frame_size > MAX_FRAME_SIZE:
+            raise ValueError(
+                f"max_frame_size must be in [0, {MAX_FRAME_SIZE}], got {max_frame_size}"
+            )
+        if buffer_size < 2 * HEADER_SIZE:
+            raise ValueError(f"buffer_size too small: {buffer_size}")
+        self._max_frame_size = max_frame_size
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet parsed
+        self._end = 0  # end of the received data in _buf
+        self._big: memoryview | None = None  # buffer of a frame too big for _buf
+        self._big_filled = 0
+
+    @property
+    def max_frame_size(self) -> int:
+        """The largest payload this reader accepts."""
+        return self._max_frame_size
+
+    @property
+    def buffered(self) -> int:
+        """Number of received bytes that belong to a frame not yet complete."""
+        if self._big is not None:
+            return HEADER_SIZE + self._big_filled
+        return self._end - self._start
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Return a writable buffer for the next bytes of the stream.
+
+        After writing *n* bytes into it, call :meth:`buffer_updated` with *n*.
+        The buffer is never empty.
+        """
+        if self._big is not None:
+            return self._big[self._big_filled :]
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = 0
+            return self._view
+        size = len(self._buf)
+        if start and size - end < size // 2:
+            # Move the partial frame to the front.  Doing it here rather than after
+            # parsing keeps the move to one per read and never shifts bytes under
+            # a payload that is still being decoded.
+            remaining = end - start
+            self._view[:remaining] = self._view[start:end]
+            self._start, self._end = 0, remaining
+            return self._view[remaining:]
+        return self._view[end:]
+
+    def buffer_updated(self, nbytes: int) -> list[bytes | bytearray]:
+        """Account for *nbytes* written into the last :meth:`get_buffer` buffer.
+
+        Returns:
+            The payloads of all frames completed by these bytes, in order.
+
+        Raises:
+            ProtocolError: if a frame header announces more than
+                ``max_frame_size`` bytes.  The reader is unusable afterwards.
+        """
+        big = self._big
+        if big is not None:
+            self._big_filled += nbytes
+            if self._big_filled < len(big):
+                return []
+            self._big = None
+            payload = big.obj
+            big.release()
+            assert isinstance(payload, bytearray)
+            return [payload]
+        self._end += nbytes
+        return self._parse()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
+        """Add *data* to the stream and return the payloads of completed frames.
+
+        Raises:
+            ProtocolError: see :meth:`buffer_updated`.
+        """
+        payloads: list[bytes | bytearray] = []
+        source = memoryview(data).cast("B")
+        pos, total = 0, len(source)
+        while pos < total:
+            target = self.get_buffer()
+            n = min(len(target), total - pos)
+            target[:n] = source[pos : pos + n]
+            pos += n
+            payloads.extend(self.buffer_updated(n))
+        return payloads
+
+    def _parse(self) -> list[bytes | bytearray]:
+        payloads: list[bytes | bytearray] = []
+        buf = self._buf
+        start, end = self._start, self._end
+        while end - start >= HEADER_SIZE:
+            (size,) = _unpack_header(buf, start)
+            if size > self._max_frame_size:
+                self._start = self._end = 0
+                raise ProtocolError(
+                    f"Frame of {size} bytes exceeds max_frame_size "
+                    f"({self._max_frame_size} bytes)"
+                )
+            frame_end = start + HEADER_SIZE + size
+            if frame_end <= end:
+                payloads.append(bytes(self._view[start + HEADER_SIZE : frame_end]))
+                start = frame_end
+                continue
+            if HEADER_SIZE + size > len(buf):
+                big = memoryview(bytearray(size))
+                have = end - start - HEADER_SIZE
+                big[:have] = self._view[start + HEADER_SIZE : end]
+                self._big, self._big_filled = big, have
+                start = end = 0
+            break
+        self._start, self._end = start, end
+        return payloads
+
+
+class RequestTable:
+    """Message ids and the futures of requests that wait for their reply.
+
+    Ids are consecutive integers starting at 0, unique per table (one table per
+    connection).  A future stays in the table until its reply arrives or the
+    connection ends, even if the caller cancelled it, so that a late reply is
+    recognised and dropped quietly instead of being taken for a protocol error.
+    """
+
+    __slots__ = ("_next_id", "_pending")
+
+    def __init__(self) -> None:
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, future: asyncio.Future[Any]) -> int:
+        """Register *future* and return the id for its request."""
+        msg_id = self._next_id
+        self._next_id = msg_id + 1
+        self._pending[msg_id] = future
+        return msg_id
+
+    def discard(self, msg_id: int) -> None:
+        """Forget *msg_id* (e.g. when its request could not be sent)."""
+        self._pending.pop(msg_id, None)
+
+    def pop(self, msg_id: int) -> asyncio.Future[Any]:
+        """Remove and return the future waiting for the reply to *msg_id*.
+
+        Raises:
+            ProtocolError: if no request with this id is waiting for a reply.
+        """
+        try:
+            return self._pending.pop(msg_id)
+        except (KeyError, TypeError):
+            raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
+
+    def fail_all(self, make_exc: Callable[[], BaseException]) -> None:
+        """Fail every waiting future with an exception from *make_exc*.
+
+        Each future gets its own exception instance, so that tracebacks added
+        while one caller handles it do not leak into another caller's.
+        """
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(make_exc())

@@ -1,0 +1,166 @@
+"""Fixtures for the unit and integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+import aiomas
+from aiomas import local_queue
+
+
+@pytest.fixture(autouse=True)
+async def _asyncio_hygiene() -> AsyncIterator[None]:
+    """Run every async test in debug mode and fail it if it leaks a task."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    yield
+    # Let callbacks scheduled by closing transports run before we look.
+    for _ in range(3):
+        await asyncio.sleep(0)
+    current = asyncio.current_task()
+    leaked = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for task in leaked:
+        task.cancel()
+    if leaked:
+        await asyncio.gather(*leaked, return_exceptions=True)
+    assert not leaked, f"Test leaked tasks: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def _clean_local_queues() -> Iterator[None]:
+    yield
+    local_queue.clear_queue_cache()
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def other_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@dataclass
+class TLSFiles:
+    """PEM files of a CA and a certificate (with key) issued by it."""
+
+    cafile: str
+    certfile: str
+    keyfile: str
+
+    @property
+    def server_context(self) -> ssl.SSLContext:
+        return aiomas.make_ssl_server_context(self.cafile, self.certfile, self.keyfile)
+
+    @property
+    def client_context(self) -> ssl.SSLContext:
+        return aiomas.make_ssl_client_context(self.cafile, self.certfile, self.keyfile)
+
+
+def _tls_files(ca: trustme.CA, directory: Path, name: str, *hosts: str) -> TLSFiles:
+    cert = ca.issue_cert(*hosts)
+    cafile = directory / f"{name}-ca.pem"
+    certfile = directory / f"{name}-cert.pem"
+    keyfile = directory / f"{name}-key.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    certfile.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return TLSFiles(str(cafile), str(certfile), str(keyfile))
+
+
+@pytest.fixture(scope="session")
+def tls_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as name:
+        yield Path(name)
+
+
+@pytest.fixture(scope="session")
+def tls(ca: trustme.CA, tls_dir: Path) -> TLSFiles:
+    """Certificate for 127.0.0.1, ::1 and localhost, valid for server and client."""
+    return _tls_files(ca, tls_dir, "device", "127.0.0.1", "::1", "localhost")
+
+
+@pytest.fixture(scope="session")
+def foreign_tls(other_ca: trustme.CA, tls_dir: Path) -> TLSFiles:
+    """A certificate issued by a CA that nobody else trusts."""
+    return _tls_files(other_ca, tls_dir, "foreign", "127.0.0.1", "localhost")
+
+
+@pytest.fixture(scope="session")
+def wrong_host_tls(ca: trustme.CA, tls_dir: Path) -> TLSFiles:
+    """A certificate of the right CA for a host name that is not ours."""
+    return _tls_files(ca, tls_dir, "elsewhere", "elsewhere.example")
+
+
+def _ipv6_available() -> bool:
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Endpoint:
+    """Where a test server listens and how clients reach it."""
+
+    kind: str
+    server_addr: Any
+    server_kwargs: dict[str, Any] = field(default_factory=dict)
+    client_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def client_addr(self, server: asyncio.AbstractServer) -> Any:
+        """The address to connect to, given the started server."""
+        if self.kind.startswith("tcp") or self.kind == "tls":
+            sockets = getattr(server, "sockets", ())
+            host, port = sockets[0].getsockname()[:2]
+            return (host, port)
+        return self.server_addr
+
+
+TRANSPORTS = ["tcp4", "tcp6", "unix", "localqueue", "tls"]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def endpoint(request: pytest.FixtureRequest, tls: TLSFiles) -> Iterator[Endpoint]:
+    """Every transport that channels run on: one suite tests them all."""
+    kind = request.param
+    if kind == "tcp4":
+        yield Endpoint(kind, ("127.0.0.1", 0))
+    elif kind == "tcp6":
+        if not _ipv6_available():
+            pytest.skip("IPv6 loopback (::1) is not available on this machine")
+        yield Endpoint(kind, ("::1", 0))
+    elif kind == "unix":
+        if sys.platform == "win32":
+            pytest.skip("unix domain sockets are not available on Windows")
+        # A short path: unix socket paths are limited to about 100 bytes.
+        with tempfile.TemporaryDirectory(prefix="aiomas-") as directory:
+            yield Endpoint(kind, str(Path(directory) / "s"))
+    elif kind == "localqueue":
+        yield Endpoint(kind, aiomas.get_queue(f"test-{request.node.name}"))
+    else:
+        assert kind == "tls"
+        yield Endpoint(
+            kind,
+            ("127.0.0.1", 0),
+            server_kwargs={"ssl": tls.server_context},
+            client_kwargs={"ssl": tls.client_context},
+        )

@@ -1,0 +1,588 @@
+"""Tests for aiomas.channel on every transport (TCP v4/v6, unix, LocalQueue, TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import aiomas
+from aiomas import channel as channel_mod
+from aiomas import wire
+from aiomas.channel import Channel, ChannelProtocol, Request
+from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
+
+from .conftest import Endpoint, TLSFiles
+
+Handler = Callable[[Channel], Awaitable[Any] | None]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    endpoint: Endpoint, handler: Handler, **kwargs: Any
+) -> AsyncIterator[Any]:
+    """Run a channel server with *handler*; yield the address clients use."""
+    server = await aiomas.channel.start_server(
+        endpoint.server_addr, handler, **endpoint.server_kwargs, **kwargs
+    )
+    try:
+        yield endpoint.client_addr(server)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def connect(endpoint: Endpoint, addr: Any, **kwargs: Any) -> Channel:
+    return await aiomas.channel.open_connection(
+        addr, **endpoint.client_kwargs, **kwargs
+    )
+
+
+async def echo_forever(channel: Channel) -> None:
+    """Answer every request with its content until the peer goes away."""
+    while True:
+        request = await channel.recv()
+        await request.reply(request.content)
+
+
+# The spec's basic example, on every transport.
+
+
+async def test_request_and_reply(endpoint: Endpoint) -> None:
+    received = []
+
+    async def handle_client(channel: Channel) -> None:
+        req = await channel.recv()
+        received.append(req.content)
+        await req.reply("cya")
+        await channel.close()
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        assert await channel.send("ohai") == "cya"
+        await channel.close()
+    assert received == ["ohai"]
+
+
+async def test_failure_reply_raises_remote_exception(endpoint: Endpoint) -> None:
+    async def handle_client(channel: Channel) -> None:
+        req = await channel.recv()
+        await req.fail(ValueError(42))
+        await channel.close()
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        with pytest.raises(RemoteException) as info:
+            await channel.send("ohai")
+        await channel.close()
+    exc = info.value
+    assert exc.remote_traceback == "ValueError: 42\n"
+    assert exc.origin == channel.peername
+    assert str(exc) == f"Origin: {channel.peername}\nValueError: 42\n"
+
+
+async def test_failure_of_a_raised_exception_carries_its_traceback(
+    endpoint: Endpoint,
+) -> None:
+    async def handle_client(channel: Channel) -> None:
+        req = await channel.recv()
+        try:
+            {}["missing"]
+        except KeyError as exc:
+            await req.fail(exc)
+        await channel.close()
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        with pytest.raises(RemoteException) as info:
+            await channel.send(None)
+        await channel.close()
+    text = info.value.remote_traceback
+    assert text.startswith("Traceback (most recent call last):\n")
+    assert "handle_client" in text
+    assert text.endswith("KeyError: 'missing'\n")
+
+
+async def test_many_requests_in_flight_with_replies_out_of_order(
+    endpoint: Endpoint,
+) -> None:
+    async def handle_client(channel: Channel) -> None:
+        async def answer(req: Request) -> None:
+            await asyncio.sleep(random.random() / 100)
+            await req.reply(req.content * 2)
+
+        tasks = set()
+        with contextlib.suppress(ConnectionError):
+            while True:
+                req = await channel.recv()
+                tasks.add(asyncio.ensure_future(answer(req)))
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        futures = [channel.send(i) for i in range(200)]
+        assert await asyncio.gather(*futures) == [2 * i for i in range(200)]
+        await channel.close()
+
+
+async def test_both_sides_send_requests(endpoint: Endpoint) -> None:
+    async def handle_client(channel: Channel) -> None:
+        # The server asks the client before it answers the client's request.
+        req = await channel.recv()
+        name = await channel.send("who are you?")
+        await req.reply(f"hello {name}, you said {req.content}")
+        await channel.close()
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        reply = channel.send("hi")
+        question = await channel.recv()
+        assert question.content == "who are you?"
+        await question.reply("client")
+        assert await reply == "hello client, you said hi"
+        await channel.close()
+
+
+async def test_large_messages(endpoint: Endpoint) -> None:
+    big = "x" * (3 * 2**20)
+
+    async with serving(endpoint, echo_forever) as addr:
+        channel = await connect(endpoint, addr)
+        results = await asyncio.gather(*(channel.send(big) for _ in range(3)))
+        assert results == [big] * 3
+        await channel.close()
+
+
+async def test_msgpack_codec_and_extra_serializers(endpoint: Endpoint) -> None:
+    @aiomas.codecs.serializable
+    class Point:
+        def __init__(self, x: int, y: int) -> None:
+            self.x = x
+            self.y = y
+
+    kwargs = {"codec": aiomas.MsgPack, "extra_serializers": [Point.__serializer__]}
+    async with serving(endpoint, echo_forever, **kwargs) as addr:
+        channel = await connect(endpoint, addr, **kwargs)
+        reply = await channel.send([b"\x00\xff", Point(1, 2)])
+        assert isinstance(channel.codec, aiomas.MsgPack)
+        await channel.close()
+    assert reply[0] == b"\x00\xff"
+    assert isinstance(reply, tuple)
+    assert (reply[1].x, reply[1].y) == (1, 2)
+
+
+async def test_every_server_connection_gets_its_own_codec(endpoint: Endpoint) -> None:
+    codecs_seen: list[Any] = []
+
+    def handler(channel: Channel) -> None:
+        codecs_seen.append(channel.codec)
+        channel.transport.close()
+
+    async with serving(endpoint, handler) as addr:
+        for _ in range(2):
+            channel = await connect(endpoint, addr)
+            await channel.protocol._closed
+            await channel.close()
+    assert len(codecs_seen) == 2
+    assert codecs_seen[0] is not codecs_seen[1]
+
+
+async def test_closing_fails_pending_requests_and_recv(endpoint: Endpoint) -> None:
+    got_request = asyncio.Event()
+
+    async def handle_client(channel: Channel) -> None:
+        await channel.recv()
+        got_request.set()
+        with pytest.raises(ConnectionResetError):
+            await channel.recv()
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        pending = [channel.send(i) for i in range(3)]
+        await got_request.wait()
+        recv = asyncio.ensure_future(channel.recv())
+        await asyncio.sleep(0)
+        await channel.close()
+        for future in pending:
+            with pytest.raises(ConnectionResetError):
+                await future
+        with pytest.raises(ConnectionResetError):
+            await recv
+        with pytest.raises(ConnectionResetError):
+            channel.send("too late")
+        with pytest.raises(ConnectionResetError):
+            await channel.recv()
+        await channel.close()  # closing twice is fine
+
+
+async def test_peer_closing_fails_pending_requests(endpoint: Endpoint) -> None:
+    async def handle_client(channel: Channel) -> None:
+        await channel.recv()
+        await channel.close()
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(channel.send("ping"), 5)
+        await channel.close()
+
+
+async def test_cancelled_request_drops_late_reply_quietly(
+    endpoint: Endpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = asyncio.Event()
+
+    async def handle_client(channel: Channel) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                req = await channel.recv()
+                if req.content == "slow":
+                    await release.wait()
+                await req.reply(req.content)
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(channel.send("slow"), 0.01)
+        release.set()
+        assert await channel.send("fast") == "fast"
+        await channel.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_unserializable_request_leaves_channel_usable(endpoint: Endpoint) -> None:
+    async with serving(endpoint, echo_forever) as addr:
+        channel = await connect(endpoint, addr)
+        with pytest.raises(SerializationError, match="object"):
+            channel.send(object())
+        assert await channel.send("still works") == "still works"
+        await channel.close()
+
+
+async def test_unserializable_reply_fails_the_request_on_both_sides(
+    endpoint: Endpoint,
+) -> None:
+    errors: list[BaseException] = []
+
+    async def handle_client(channel: Channel) -> None:
+        req = await channel.recv()
+        try:
+            await req.reply(object())
+        except SerializationError as exc:
+            errors.append(exc)
+        with pytest.raises(RuntimeError, match="already answered"):
+            await req.reply("twice")
+        await channel.close()
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        with pytest.raises(RemoteException, match="SerializationError"):
+            await channel.send("give me something odd")
+        await channel.close()
+    assert len(errors) == 1
+
+
+async def test_message_too_long(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 4 GiB payloads are not something a test should allocate: lower the limit.
+    monkeypatch.setattr(wire, "MAX_FRAME_SIZE", 100)
+    async with serving(endpoint, echo_forever) as addr:
+        channel = await connect(endpoint, addr)
+        with pytest.raises(ValueError, match="too long"):
+            channel.send("x" * 200)
+        assert await channel.send("short") == "short"
+        await channel.close()
+
+
+async def test_two_concurrent_recv_calls_are_refused(endpoint: Endpoint) -> None:
+    async with serving(endpoint, echo_forever) as addr:
+        channel = await connect(endpoint, addr)
+        first = asyncio.ensure_future(channel.recv())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="already waiting"):
+            await channel.recv()
+        first.cancel()
+        await channel.close()
+
+
+async def test_transport_information(endpoint: Endpoint) -> None:
+    async with serving(endpoint, echo_forever) as addr:
+        channel = await connect(endpoint, addr)
+        assert channel.get_extra_info("peername") == channel.peername
+        assert channel.get_extra_info("no such thing", 42) == 42
+        assert isinstance(channel.transport, asyncio.Transport)
+        assert repr(channel).endswith("(open)>")
+        await channel.close()
+        assert repr(channel).endswith("(closed)>")
+
+
+async def test_tls_peer_certificate_is_available(tls: TLSFiles) -> None:
+    server = await aiomas.channel.start_server(
+        ("127.0.0.1", 0), echo_forever, ssl=tls.server_context
+    )
+    port = server.sockets[0].getsockname()[1]
+    channel = await aiomas.channel.open_connection(
+        ("127.0.0.1", port), ssl=tls.client_context
+    )
+    assert await channel.send("secret") == "secret"
+    cert = channel.get_extra_info("peercert")
+    assert cert is not None
+    assert "subjectAltName" in cert
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+# Connecting.
+
+
+async def test_connecting_to_nobody(endpoint: Endpoint) -> None:
+    if endpoint.kind == "unix":
+        expected: type[OSError] = FileNotFoundError
+        addr: Any = endpoint.server_addr
+    elif endpoint.kind == "localqueue":
+        expected, addr = ConnectionRefusedError, endpoint.server_addr
+    else:
+        # A port that was free a moment ago: nobody listens there.
+        server = await asyncio.start_server(lambda r, w: None, endpoint.server_addr[0])
+        addr = server.sockets[0].getsockname()[:2]
+        server.close()
+        await server.wait_closed()
+        expected = ConnectionRefusedError
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(expected):
+        await connect(endpoint, addr)
+    with pytest.raises(expected):
+        await connect(endpoint, addr, timeout=0.2)
+    assert loop.time() - start >= 0.2
+
+
+async def test_connect_retries_until_the_server_starts(tmp_path: Any) -> None:
+    path = str(tmp_path / "late.sock")
+    client = asyncio.ensure_future(aiomas.channel.open_connection(path, timeout=5))
+    await asyncio.sleep(0.1)
+    assert not client.done()
+    server = await aiomas.channel.start_server(path, echo_forever)
+    channel = await client
+    assert await channel.send("late but fine") == "late but fine"
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_connect_with_timeout_none_retries_forever() -> None:
+    lq = aiomas.get_queue("late-server")
+    client = asyncio.ensure_future(aiomas.channel.open_connection(lq, timeout=None))
+    await asyncio.sleep(0.3)
+    assert not client.done()
+    server = await aiomas.channel.start_server(lq, echo_forever)
+    channel = await asyncio.wait_for(client, 5)
+    assert await channel.send(1) == 1
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_bad_arguments() -> None:
+    other_loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="loop"):
+            await aiomas.channel.open_connection(("127.0.0.1", 1), loop=other_loop)
+        with pytest.raises(ValueError, match="loop"):
+            await aiomas.channel.start_server(
+                ("127.0.0.1", 0), echo_forever, loop=other_loop
+            )
+    finally:
+        other_loop.close()
+    with pytest.raises(TypeError, match="Codec subclass"):
+        await aiomas.channel.open_connection(
+            ("127.0.0.1", 1),
+            codec=aiomas.JSON(),  # type: ignore[arg-type]
+        )
+    with pytest.raises(ValueError, match=r"\(host, port\)"):
+        await aiomas.channel.open_connection(("127.0.0.1", 1, 2))  # type: ignore[arg-type]
+
+
+async def test_loop_argument_may_be_the_running_loop() -> None:
+    loop = asyncio.get_running_loop()
+    lq = aiomas.get_queue("explicit-loop")
+    server = await aiomas.channel.start_server(lq, echo_forever, loop=loop)
+    channel = await aiomas.channel.open_connection(lq, loop=loop)
+    assert await channel.send("x") == "x"
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+# The client connected callback.
+
+
+async def test_sync_client_connected_cb(endpoint: Endpoint) -> None:
+    channels: list[Channel] = []
+
+    async with serving(endpoint, channels.append) as addr:
+        client = await connect(endpoint, addr)
+        for _ in range(100):
+            if channels:
+                break
+            await asyncio.sleep(0.01)
+        server_side = channels[0]
+        request = client.send("from client")
+        req = await server_side.recv()
+        await req.reply(req.content.upper())
+        assert await request == "FROM CLIENT"
+        await client.close()
+        await server_side.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_failing_client_connected_cb_closes_only_that_connection(
+    endpoint: Endpoint, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    def sync_handler(channel: Channel) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("handler bug")
+        aiomas.create_task(echo_forever(channel))
+
+    async def async_handler(channel: Channel) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("handler bug")
+        with contextlib.suppress(ConnectionError):
+            await echo_forever(channel)
+
+    handler = sync_handler if kind == "sync" else async_handler
+    async with serving(endpoint, handler) as addr:
+        broken = await connect(endpoint, addr)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(broken.send("anyone?"), 5)
+        working = await connect(endpoint, addr)
+        assert await working.send("hi") == "hi"
+        await broken.close()
+        await working.close()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "client_connected_cb failed" in errors[0].getMessage()
+    assert errors[0].exc_info is not None
+    assert isinstance(errors[0].exc_info[1], ValueError)
+
+
+async def test_handler_ending_because_peer_left_is_not_an_error(
+    endpoint: Endpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(endpoint, echo_forever) as addr:
+        channel = await connect(endpoint, addr)
+        assert await channel.send(1) == 1
+        await channel.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# Flow control.
+
+
+async def test_drain_waits_while_writing_is_paused() -> None:
+    lq = aiomas.get_queue("flow")
+    server = await aiomas.channel.start_server(lq, echo_forever)
+    channel = await aiomas.channel.open_connection(lq)
+    protocol = channel.protocol
+    protocol.pause_writing()
+    drained = asyncio.ensure_future(protocol.drain())
+    await asyncio.sleep(0.01)
+    assert not drained.done()
+    protocol.resume_writing()
+    await asyncio.wait_for(drained, 1)
+    protocol.pause_writing()
+    stuck = asyncio.ensure_future(protocol.drain())
+    await asyncio.sleep(0)
+    await channel.close()
+    with pytest.raises(ConnectionResetError):
+        await stuck
+    with pytest.raises(ConnectionResetError):
+        await protocol.drain()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_replies_to_a_slow_reader_respect_flow_control() -> None:
+    """A client that stops reading makes the server's reply() wait, not buffer
+    without bound."""
+    server_waits = asyncio.Event()
+    payload = "x" * 2**20
+
+    async def handle_client(channel: Channel) -> None:
+        transport = channel.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.set_write_buffer_limits(high=2**16)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                req = await channel.recv()
+                task = asyncio.ensure_future(req.reply(payload))
+                await asyncio.sleep(0.01)
+                if not task.done():
+                    server_waits.set()
+                await task
+
+    server = await aiomas.channel.start_server(("127.0.0.1", 0), handle_client)
+    port = server.sockets[0].getsockname()[1]
+    channel = await aiomas.channel.open_connection(("127.0.0.1", port))
+    transport = channel.transport
+    assert isinstance(transport, asyncio.ReadTransport)
+    futures = [channel.send(i) for i in range(20)]
+    await asyncio.sleep(0.01)
+    transport.pause_reading()
+    await asyncio.wait_for(server_waits.wait(), 5)
+    transport.resume_reading()
+    assert await asyncio.gather(*futures) == [payload] * 20
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_protocol_write_coroutine() -> None:
+    lq = aiomas.get_queue("write")
+    server = await aiomas.channel.start_server(lq, echo_forever)
+    channel = await aiomas.channel.open_connection(lq)
+    future = channel.send("ignored")  # id 0
+    payload = channel.codec.encode([1, 0, "written by hand"])
+    # A reply frame written by hand resolves the request with id 0.
+    await channel.protocol.write(wire.frame_header(len(payload)), payload)
+    assert await future == "written by hand"
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+# Unit-level checks of the protocol without a transport.
+
+
+def test_failure_text_of_foreign_peers() -> None:
+    assert channel_mod._failure_text("plain") == "plain"
+    assert (
+        channel_mod._failure_text(["ValueError", "bad", "Traceback..."])
+        == "ValueError\nbad\nTraceback..."
+    )
+    assert channel_mod._failure_text({"error": 1}) == "{'error': 1}"
+
+
+async def test_request_repr_and_aliases() -> None:
+    protocol = ChannelProtocol(aiomas.JSON())
+    request = Request("spam", 7, protocol)
+    assert request.msg_id == 7
+    assert repr(request) == "<Request 7: 'spam'>"
+
+
+def test_protocol_error_is_a_runtime_error() -> None:
+    assert issubclass(ProtocolError, RuntimeError)
+    assert issubclass(ProtocolError, aiomas.AiomasError)

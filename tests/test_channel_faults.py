@@ -1,0 +1,209 @@
+"""Bad input and faults: raw sockets that break the protocol against channels.
+
+In every case the offending connection gets a failure reply (where the request id
+can be read) or is closed with a logged reason naming the peer, pending requests end
+with an error, and the server keeps serving its other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import aiomas
+from aiomas.channel import Channel
+from aiomas.exceptions import ProtocolError
+
+
+async def echo_forever(channel: Channel) -> None:
+    while True:
+        request = await channel.recv()
+        await request.reply(request.content)
+
+
+@contextlib.asynccontextmanager
+async def echo_server(**kwargs: Any) -> AsyncIterator[tuple[str, int]]:
+    server = await aiomas.channel.start_server(("127.0.0.1", 0), echo_forever, **kwargs)
+    try:
+        yield server.sockets[0].getsockname()[:2]
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+
+def raw_frame(payload: bytes) -> bytes:
+    return struct.pack(">L", len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    (size,) = struct.unpack(">L", await reader.readexactly(4))
+    return json.loads(await reader.readexactly(size))
+
+
+async def assert_closed_by_server(reader: asyncio.StreamReader) -> None:
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def assert_still_serving(addr: tuple[str, int]) -> None:
+    channel = await aiomas.channel.open_connection(addr)
+    assert await asyncio.wait_for(channel.send("still there?"), 5) == "still there?"
+    await channel.close()
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, port: int) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "aiomas.channel"
+        and r.levelno == logging.WARNING
+        and str(port) in r.getMessage()
+    ]
+
+
+BAD_STREAMS = {
+    "length above max_frame_size": struct.pack(">L", 2**20 + 1),
+    "length 2**32-1": b"\xff\xff\xff\xff",
+    "length 0": raw_frame(b""),
+    "bad utf-8": raw_frame(b'["\xff\xfe"]'),
+    "bad json": raw_frame(b"[0, 1, "),
+    "random bytes": raw_frame(bytes(range(256))),
+    "not a list": raw_frame(b'"hello"'),
+    "a map": raw_frame(b'{"a": 1, "b": 2, "c": 3}'),
+    "wrong element types": raw_frame(b'[0, "one", null]'),
+    "boolean message type": raw_frame(b"[true, 1, null]"),
+    "unknown message type": raw_frame(b"[7, 1, null]"),
+    "reply for an id never sent": raw_frame(b"[1, 99, null]"),
+    "failure for an id never sent": raw_frame(b'[2, 99, "boom"]'),
+    "unknown __type__ id": raw_frame(b'[0, 1, {"__type__": [5, null]}]'),
+    "deeply nested arrays": raw_frame(
+        b"[0, 1, " + b"[" * 100_000 + b"]" * 100_000 + b"]"
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", BAD_STREAMS.values(), ids=BAD_STREAMS.keys())
+async def test_bad_input_closes_only_the_offending_connection(
+    stream: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with echo_server(max_frame_size=2**20) as addr:
+        good = await aiomas.channel.open_connection(addr)
+        reader, writer = await asyncio.open_connection(*addr)
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(stream)
+        await assert_closed_by_server(reader)
+        writer.close()
+        await writer.wait_closed()
+        # The other client did not notice anything.
+        assert await good.send("fine") == "fine"
+        await good.close()
+        await assert_still_serving(addr)
+    messages = warnings_about(caplog, port)
+    assert len(messages) == 1, caplog.text
+    assert messages[0].startswith("Closing connection to ")
+
+
+@pytest.mark.parametrize(
+    "message", [b"[0, 5]", b"[0, 5, null, null]"], ids=["too short", "too long"]
+)
+async def test_malformed_request_with_readable_id_gets_a_failure_reply(
+    message: bytes,
+) -> None:
+    async with echo_server() as addr:
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(raw_frame(message))
+        msg_type, msg_id, text = await asyncio.wait_for(read_frame(reader), 5)
+        assert (msg_type, msg_id) == (2, 5)
+        assert "ProtocolError" in text
+        # The connection survives and works.
+        writer.write(raw_frame(b'[0, 6, "next"]'))
+        assert await asyncio.wait_for(read_frame(reader), 5) == [1, 6, "next"]
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_frames_split_across_writes_are_reassembled() -> None:
+    async with echo_server() as addr:
+        reader, writer = await asyncio.open_connection(*addr)
+        data = raw_frame(b'[0, 1, "abc"]') + raw_frame(b'[0, 2, "def"]')
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+        assert await asyncio.wait_for(read_frame(reader), 5) == [1, 1, "abc"]
+        assert await asyncio.wait_for(read_frame(reader), 5) == [1, 2, "def"]
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_peer_closing_mid_frame_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with echo_server() as addr:
+        _reader, writer = await asyncio.open_connection(*addr)
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(struct.pack(">L", 10) + b"abc")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await assert_still_serving(addr)
+        for _ in range(100):
+            if warnings_about(caplog, port):
+                break
+            await asyncio.sleep(0.01)
+    messages = warnings_about(caplog, port)
+    assert len(messages) == 1
+    assert "in the middle of a frame (7 bytes of it received)" in messages[0]
+
+
+async def test_client_fails_pending_requests_when_server_sends_garbage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def garbage_server(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_frame(reader)
+        await read_frame(reader)
+        writer.write(raw_frame(b"[1, 12345, null]"))
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(garbage_server, "127.0.0.1", 0)
+    addr = server.sockets[0].getsockname()[:2]
+    channel = await aiomas.channel.open_connection(addr)
+    first, second = channel.send("a"), channel.send("b")
+    for future in (first, second):
+        with pytest.raises(ConnectionResetError, match="unknown message id") as info:
+            await asyncio.wait_for(future, 5)
+        assert isinstance(info.value.__cause__, ProtocolError)
+    with pytest.raises(ConnectionResetError):
+        await channel.recv()
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+    assert "unknown message id 12345" in caplog.text
+
+
+async def test_max_frame_size_option_on_the_client() -> None:
+    async with echo_server() as addr:
+        channel = await aiomas.channel.open_connection(addr, max_frame_size=100)
+        assert await channel.send("x" * 50) == "x" * 50
+        with pytest.raises(ConnectionResetError, match="max_frame_size"):
+            await asyncio.wait_for(channel.send("x" * 200), 5)
+        await channel.close()
+
+
+async def test_server_survives_many_idle_connections() -> None:
+    async with echo_server() as addr:
+        idle = [await asyncio.open_connection(*addr) for _ in range(100)]
+        await assert_still_serving(addr)
+        for _reader, writer in idle:
+            writer.close()
+            await writer.wait_closed()

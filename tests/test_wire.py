@@ -1,0 +1,235 @@
+"""Tests for the sans-I/O wire protocol core (aiomas.wire)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aiomas import codecs
+from aiomas.exceptions import ProtocolError
+from aiomas.wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_FRAME_SIZE,
+    FrameReader,
+    RequestTable,
+    frame,
+    frame_header,
+)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    """Split *data* at the (sorted, deduplicated) positions in *cuts*."""
+    positions = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(positions)]
+
+
+def test_frame_layout() -> None:
+    assert frame(b"spam") == b"\x00\x00\x00\x04spam"
+    assert frame(b"") == b"\x00\x00\x00\x00"
+    assert frame_header(0x01020304) == b"\x01\x02\x03\x04"
+
+
+def test_frame_header_refuses_what_32_bits_cannot_announce() -> None:
+    assert frame_header(MAX_FRAME_SIZE) == b"\xff\xff\xff\xff"
+    with pytest.raises(ValueError, match="too long"):
+        frame_header(MAX_FRAME_SIZE + 1)
+
+
+def test_default_limit_is_64_mib() -> None:
+    assert DEFAULT_MAX_FRAME_SIZE == 64 * 2**20
+    assert FrameReader().max_frame_size == DEFAULT_MAX_FRAME_SIZE
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_FRAME_SIZE + 1])
+def test_reader_rejects_bad_limits(bad: int) -> None:
+    with pytest.raises(ValueError, match="max_frame_size"):
+        FrameReader(max_frame_size=bad)
+
+
+def test_reader_rejects_tiny_buffer() -> None:
+    with pytest.raises(ValueError, match="buffer_size"):
+        FrameReader(buffer_size=4)
+
+
+def test_feed_whole_frames() -> None:
+    reader = FrameReader()
+    data = frame(b"a") + frame(b"") + frame(b"xyz")
+    assert reader.feed(data) == [b"a", b"", b"xyz"]
+    assert reader.buffered == 0
+
+
+def test_feed_byte_by_byte() -> None:
+    reader = FrameReader(buffer_size=8)
+    data = frame(b"hello world") + frame(b"!")
+    out: list[bytes | bytearray] = []
+    for i in range(len(data)):
+        out.extend(reader.feed(data[i : i + 1]))
+        if i < len(data) - 1 and not out:
+            assert reader.buffered == i + 1
+    assert out == [b"hello world", b"!"]
+
+
+def test_feed_accepts_memoryview_and_bytearray() -> None:
+    reader = FrameReader()
+    assert reader.feed(memoryview(frame(b"ab"))) == [b"ab"]
+    assert reader.feed(bytearray(frame(b"cd"))) == [b"cd"]
+
+
+def test_oversized_frame_is_refused_before_allocation() -> None:
+    reader = FrameReader(max_frame_size=10)
+    assert reader.feed(frame(b"x" * 10)) == [b"x" * 10]
+    with pytest.raises(ProtocolError, match="exceeds max_frame_size"):
+        reader.feed(b"\x00\x00\x00\x0b")
+
+
+def test_largest_header_with_default_limit_is_refused() -> None:
+    reader = FrameReader()
+    with pytest.raises(ProtocolError, match="4294967295"):
+        reader.feed(b"\xff\xff\xff\xff")
+
+
+def test_big_frame_gets_its_own_buffer() -> None:
+    reader = FrameReader(buffer_size=16)
+    payload = bytes(range(256)) * 40
+    data = frame(payload) + frame(b"after")
+    out = reader.feed(data[:10])
+    assert out == []
+    # The reader now asks for exactly the rest of the big frame.
+    buf = reader.get_buffer(-1)
+    assert len(buf) == len(payload) - 6
+    buf[:] = data[10 : 4 + len(payload)]
+    out = reader.buffer_updated(len(buf))
+    assert out == [payload]
+    assert isinstance(out[0], bytearray)
+    assert reader.feed(data[4 + len(payload) :]) == [b"after"]
+
+
+def test_buffered_protocol_interface_with_small_reads() -> None:
+    reader = FrameReader(buffer_size=32)
+    payloads = [bytes([i]) * i for i in range(40)]
+    stream = b"".join(frame(p) for p in payloads)
+    out: list[bytes | bytearray] = []
+    pos = 0
+    while pos < len(stream):
+        buf = reader.get_buffer(-1)
+        assert len(buf) > 0
+        n = min(len(buf), 7, len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        pos += n
+        out.extend(reader.buffer_updated(n))
+    assert out == payloads
+
+
+payload_lists = st.lists(
+    st.one_of(
+        st.binary(max_size=40),
+        st.binary(min_size=60, max_size=300),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    payloads=payload_lists,
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+    buffer_size=st.sampled_from([8, 16, 64, 65536]),
+)
+def test_any_chunking_yields_the_same_frames(
+    payloads: list[bytes], cuts: list[int], buffer_size: int
+) -> None:
+    stream = b"".join(frame(p) for p in payloads)
+    reader = FrameReader(buffer_size=buffer_size)
+    out: list[bytes | bytearray] = []
+    for chunk in chunked(stream, cuts):
+        out.extend(reader.feed(chunk))
+    assert [bytes(p) for p in out] == payloads
+    assert reader.buffered == 0
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+def _as_lists(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("codec_cls", [codecs.JSON, codecs.MsgPack])
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(json_values, min_size=1, max_size=4),
+    cuts=st.lists(st.integers(min_value=0, max_value=5_000), max_size=20),
+)
+def test_encoded_messages_survive_framing_and_chunking(
+    codec_cls: type[codecs.Codec], values: list[Any], cuts: list[int]
+) -> None:
+    codec = codec_cls()
+    messages = [[0, i, v] for i, v in enumerate(values)]
+    stream = b"".join(frame(codec.encode(m)) for m in messages)
+    reader = FrameReader(buffer_size=32)
+    decoded = [
+        codec.decode(p) for chunk in chunked(stream, cuts) for p in reader.feed(chunk)
+    ]
+    assert [_as_lists(d) for d in decoded] == _as_lists(messages)
+
+
+def test_header_is_big_endian_uint32() -> None:
+    reader = FrameReader()
+    data = struct.pack(">L", 3) + b"abc"
+    assert reader.feed(data) == [b"abc"]
+
+
+async def test_request_table_ids_and_pop() -> None:
+    loop = asyncio.get_running_loop()
+    table = RequestTable()
+    futures = [loop.create_future() for _ in range(3)]
+    ids = [table.add(f) for f in futures]
+    assert ids == [0, 1, 2]
+    assert len(table) == 3
+    assert table.pop(1) is futures[1]
+    with pytest.raises(ProtocolError, match="unknown message id 1"):
+        table.pop(1)
+    with pytest.raises(ProtocolError, match="unknown message id 'x'"):
+        table.pop("x")  # type: ignore[arg-type]
+    table.discard(0)
+    table.discard(0)
+    assert len(table) == 1
+    table.pop(2)
+
+
+async def test_request_table_fail_all_gives_each_future_its_own_error() -> None:
+    loop = asyncio.get_running_loop()
+    table = RequestTable()
+    futures = [loop.create_future() for _ in range(3)]
+    for f in futures:
+        table.add(f)
+    futures[0].cancel()
+    table.fail_all(lambda: ConnectionResetError("gone"))
+    assert len(table) == 0
+    assert futures[0].cancelled()
+    errors = [f.exception() for f in futures[1:]]
+    assert all(isinstance(e, ConnectionResetError) for e in errors)
+    assert errors[0] is not errors[1]
+    # Ids keep counting after a reset: they stay unique for the connection.
+    assert table.add(loop.create_future()) == 3
