@@ -4,7 +4,7 @@ This module gives short access to the most used names; everything also lives in
 its own submodule (:mod:`aiomas.channel`, :mod:`aiomas.codecs`, ...).
 """
 
-from aiomas import channel, codecs, exceptions, local_queue, util, wire
+from aiomas import channel, codecs, exceptions, local_queue, rpc, util, wire
 from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
 from aiomas.exceptions import (
     AiomasError,
@@ -13,6 +13,7 @@ from aiomas.exceptions import (
     SerializationError,
 )
 from aiomas.local_queue import get_queue
+from aiomas.rpc import expose
 from aiomas.util import (
     create_task,
     make_ssl_client_context,
@@ -34,10 +35,12 @@ __all__ = [
     "codecs",
     "create_task",
     "exceptions",
+    "expose",
     "get_queue",
     "local_queue",
     "make_ssl_client_context",
     "make_ssl_server_context",
+    "rpc",
     "run",
     "serializable",
     "util",

@@ -677,6 +677,8 @@ async def open_connection(
 
     else:
         host, port = _tcp_address(addr)
+        if not isinstance(host, str):
+            raise ValueError(f"A client needs a host name or address, got {addr!r}")
 
         def connect() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
             return running.create_connection(factory, host, port, **kwds)

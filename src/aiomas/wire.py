@@ -53,6 +53,10 @@ DEFAULT_MAX_FRAME_SIZE: Final = 64 * 2**20
 A peer announcing a larger frame is cut off before anything is allocated for it.
 """
 
+# The reader's limits are checked against this copy, so that tests can lower
+# MAX_FRAME_SIZE for senders without affecting readers.
+_UINT32_MAX: Final = 2**32 - 1
+
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 
@@ -114,9 +118,9 @@ class FrameReader:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         buffer_size: int = _DEFAULT_BUFFER_SIZE,
     ) -> None:
-        if max_frame_size < 0 or max_frame_size > MAX_FRAME_SIZE:
+        if max_frame_size < 0 or max_frame_size > _UINT32_MAX:
             raise ValueError(
-                f"max_frame_size must be in [0, {MAX_FRAME_SIZE}], got {max_frame_size}"
+                f"max_frame_size must be in [0, {_UINT32_MAX}], got {max_frame_size}"
             )
         if buffer_size < 2 * HEADER_SIZE:
             raise ValueError(f"buffer_size too small: {buffer_size}")

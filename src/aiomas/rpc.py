@@ -1,0 +1,612 @@
+"""Remote procedure calls on top of request-reply channels.
+
+Each end of an RPC connection is an :class:`RpcClient`.  Its :attr:`~RpcClient.remote`
+attribute is a :class:`Proxy` for the peer's service; calling a proxy sends
+``[path, args, kwargs]`` and returns an awaitable for the result.  An end may also
+serve an *RPC service* of its own, so that calls go both ways.
+
+An RPC service is an object with a ``router`` attribute that is a :class:`Router`.
+Classes get one per instance from the :class:`Service` descriptor; dicts of
+functions are wrapped in a :class:`ServiceDict`.  Routers map paths like
+``"addition/add"`` to functions and can be nested.  Only functions marked with
+:func:`expose` can be called.
+
+Objects with a router can also be sent as arguments or results: they arrive as a
+:class:`Proxy` through which the peer calls back over the same connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import inspect
+import logging
+import traceback
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, TypeVar
+
+from aiomas import channel as channel_mod
+from aiomas.channel import Address, Channel, Request
+from aiomas.exceptions import SerializationError
+from aiomas.wire import FAILURE, RESULT
+
+__all__ = [
+    "Proxy",
+    "Router",
+    "RpcClient",
+    "Service",
+    "ServiceDict",
+    "expose",
+    "open_connection",
+    "rpc_service_process",
+    "start_server",
+]
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_RPC_MARKER: Final = "__rpc__"
+
+
+def expose(func: F) -> F:
+    """Decorator that makes *func* callable via RPC.
+
+    The function is not wrapped; it only gains an ``__rpc__`` attribute.
+    """
+    setattr(func, _RPC_MARKER, True)
+    return func
+
+
+def _is_exposed(attr: Any) -> bool:
+    if getattr(attr, _RPC_MARKER, False) is True:
+        return True
+    # @expose may sit inside or outside of @staticmethod / @classmethod.
+    if isinstance(attr, staticmethod | classmethod):
+        return getattr(attr.__func__, _RPC_MARKER, False) is True
+    return False
+
+
+def _check_component(name: str, path: str) -> None:
+    if not name or name.startswith("_") or name == "..":
+        raise LookupError(f"Invalid component {name!r} in RPC path {path!r}")
+
+
+class Router:
+    """Resolves paths to the exposed functions of its object *obj* and its
+    sub-services, and knows its own path for the reverse lookup.
+
+    Args:
+        obj: The service object: a class instance or a :class:`ServiceDict`.
+    """
+
+    __slots__ = ("__weakref__", "_declared", "_sub_routers", "name", "obj", "parent")
+
+    expose = staticmethod(expose)
+    """Alias for :func:`expose`."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        """The object to which this router belongs."""
+        self.name = ""
+        """The name of the router (empty for root routers)."""
+        self.parent: Router | None = None
+        """The parent router or ``None`` for root routers."""
+        self._sub_routers: dict[str, Router] = {}
+        # Sub-services declared by Service(sub_routers) whose attributes did not
+        # exist yet when the router was made (e.g. still in __init__).
+        self._declared: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<Router {self.path!r} of {type(self.obj).__name__}>"
+
+    @property
+    def path(self) -> str:
+        """The path to this router (without trailing slash)."""
+        names = []
+        router: Router | None = self
+        while router is not None and router.parent is not None:
+            names.append(router.name)
+            router = router.parent
+        return "/".join(reversed(names))
+
+    @property
+    def root(self) -> Router:
+        """The topmost router of this router's hierarchy."""
+        router = self
+        while router.parent is not None:
+            router = router.parent
+        return router
+
+    def add(self, name: str) -> None:
+        """Add the sub-router of the service stored at ``self.obj.<name>``."""
+        service = getattr(self.obj, name)
+        router = getattr(service, "router", None)
+        if not isinstance(router, Router):
+            raise ValueError(f"Attribute {name!r} of {self.obj!r} is no RPC service")
+        self.set_sub_router(router, name)
+
+    def set_sub_router(self, router: Router, name: str) -> None:
+        """Make *router* the sub-router *name* of this router."""
+        _check_component(name, name)
+        if "/" in name:
+            raise ValueError(f"A sub-router name must not contain '/': {name!r}")
+        router.parent = self
+        router.name = name
+        self._sub_routers[name] = router
+
+    def resolve(self, path: str) -> Callable[..., Any]:
+        """Return the exposed function at *path* (components separated by ``/``).
+
+        Only attributes marked by :func:`expose` and declared sub-services are
+        reachable; names starting with ``_`` never are.  The object is not touched
+        (no attribute lookup that could run code) until the path is known to be
+        valid.
+
+        Raises:
+            LookupError: if there is no exposed function at *path*.
+        """
+        if not isinstance(path, str):
+            raise LookupError(f"An RPC path must be a string, not {path!r}")
+        *parents, name = path.split("/")
+        router = self
+        for component in parents:
+            _check_component(component, path)
+            sub = router._sub_router(component)
+            if sub is None:
+                raise LookupError(f"No RPC service {component!r} in path {path!r}")
+            router = sub
+        _check_component(name, path)
+        func = router._function(name)
+        if func is None:
+            raise LookupError(f"No exposed function {name!r} at RPC path {path!r}")
+        return func
+
+    def _sub_router(self, name: str) -> Router | None:
+        router = self._sub_routers.get(name)
+        if router is None and name in self._declared:
+            self._add_declared()
+            router = self._sub_routers.get(name)
+        return router
+
+    def _add_declared(self) -> None:
+        for name in list(self._declared):
+            if _static_lookup(self.obj, name) is not _MISSING:
+                self.add(name)
+                self._declared.remove(name)
+
+    def _function(self, name: str) -> Callable[..., Any] | None:
+        obj = self.obj
+        if isinstance(obj, ServiceDict):
+            func = obj.dict.get(name)
+            return func if callable(func) and _is_exposed(func) else None
+        attr = _static_lookup(obj, name)
+        if attr is _MISSING or not _is_exposed(attr):
+            return None
+        # Binding an exposed function (or static/class method) runs no user code.
+        bound = getattr(obj, name)
+        return bound if callable(bound) else None
+
+
+_MISSING: Final = object()
+
+
+def _static_lookup(obj: Any, name: str) -> Any:
+    """Find attribute *name* of *obj* without running descriptors or __getattr__."""
+    try:
+        return inspect.getattr_static(obj, name)
+    except AttributeError:
+        return _MISSING
+
+
+class Service:
+    """Descriptor that gives every instance of a class its own :class:`Router`.
+
+    Name the class attribute ``router``::
+
+        class Spam:
+            router = aiomas.rpc.Service()
+
+    Args:
+        sub_routers: Names of attributes that hold sub-services (instances with a
+            router or :class:`ServiceDict` objects); they are reachable under the
+            same names.
+    """
+
+    __slots__ = ("_attr", "sub_routers")
+
+    expose = staticmethod(expose)
+    """Alias for :func:`expose`."""
+
+    def __init__(self, sub_routers: Iterable[str] = ()) -> None:
+        self.sub_routers = tuple(sub_routers)
+        self._attr = "_aiomas_router"
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attr = f"_aiomas_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            router: Router = getattr(obj, self._attr)
+        except AttributeError:
+            router = Router(obj)
+            try:
+                setattr(obj, self._attr, router)
+            except AttributeError:
+                raise TypeError(
+                    f"{type(obj).__qualname__} instances need a __dict__ or a "
+                    f"{self._attr!r} slot to hold their RPC router"
+                ) from None
+            router._declared = list(self.sub_routers)
+            router._add_declared()
+        return router
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError("The router of an RPC service cannot be replaced")
+
+
+class ServiceDict:
+    """Wraps a dict of exposed functions and sub-services as an RPC service.
+
+    Values that have a ``router`` (service instances and other ServiceDicts) become
+    sub-services under their key.
+
+    Args:
+        dict: The functions and sub-services by name.
+    """
+
+    __slots__ = ("__weakref__", "dict", "router")
+
+    def __init__(self, dict: Mapping[str, Any] | None = None) -> None:
+        self.dict: builtins.dict[str, Any] = {} if dict is None else {**dict}
+        """The wrapped dict."""
+        self.router = Router(self)
+        """The dict's router."""
+        for name, value in self.dict.items():
+            sub = getattr(value, "router", None)
+            if isinstance(sub, Router):
+                self.router.set_sub_router(sub, name)
+
+    def __repr__(self) -> str:
+        return f"ServiceDict({self.dict!r})"
+
+
+def _router_of(service: Any) -> Router:
+    router = getattr(service, "router", None)
+    if not isinstance(router, Router):
+        raise ValueError(
+            f"{service!r} is no RPC service: it needs a 'router' attribute that "
+            "is an aiomas.rpc.Router (use aiomas.rpc.Service or ServiceDict)"
+        )
+    return router
+
+
+class Proxy:
+    """Stands for a remote service or function at *path* on the peer of *channel*.
+
+    Attribute access gives the proxy of a sub-path (cached); calling the proxy
+    sends the call and returns an awaitable for the result.
+
+    Args:
+        channel: The :class:`~aiomas.channel.Channel` to the peer.
+        path: The remote path (empty for the peer's root service).
+    """
+
+    __slots__ = ("__weakref__", "_channel", "_children", "_path")
+
+    def __init__(self, channel: Channel, path: str) -> None:
+        self._channel = channel
+        self._path = path
+        self._children: weakref.WeakValueDictionary[str, Proxy] | None = None
+
+    def __getattr__(self, name: str) -> Proxy:
+        """Return the proxy for *name* below this proxy's path."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        children = self._children
+        if children is None:
+            children = self._children = weakref.WeakValueDictionary()
+        child = children.get(name)
+        if child is None:
+            path = f"{self._path}/{name}" if self._path else name
+            child = type(self)(self._channel, path)
+            children[name] = child
+        return child
+
+    def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Call the remote function; await the result to get its return value.
+
+        Raises (when awaited):
+            RemoteException: if the remote function raised (or does not exist).
+            ConnectionResetError: if the connection closed first.
+        """
+        return self._channel.send([self._path, args, kwargs])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Proxy):
+            return NotImplemented
+        return self._channel is other._channel and self._path == other._path
+
+    def __hash__(self) -> int:
+        return hash((id(self._channel), self._path))
+
+    def __repr__(self) -> str:
+        return f"Proxy({self._channel.peername!r}, {self._path!r})"
+
+
+class RpcClient:
+    """One end of an RPC connection.
+
+    Args:
+        channel: The :class:`~aiomas.channel.Channel` to the peer.
+        rpc_service: An RPC service to serve to the peer, or ``None``.
+    """
+
+    def __init__(self, channel: Channel, rpc_service: Any = None) -> None:
+        self._channel = channel
+        self._router = None if rpc_service is None else _router_of(rpc_service)
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._reset_callback: Callable[[BaseException], Any] | None = None
+        self._closing = False
+        self._remote = Proxy(channel, "")
+        _install_proxy_serializer(channel, self._router)
+        self._service: asyncio.Task[None] | None = None
+        if self._router is None:
+            _serve_requests(channel, self._no_service)
+        else:
+            # Serve at once: with TLS, the first request may arrive in the same
+            # loop iteration as the connection, before any task has started.
+            _serve_requests(channel, self._handler_for(self._router))
+            self._service = asyncio.ensure_future(
+                rpc_service_process(self, self._router, channel)
+            )
+            self._service.add_done_callback(self._service_done)
+
+    @property
+    def channel(self) -> Channel:
+        """The communication :class:`~aiomas.channel.Channel` of this instance."""
+        return self._channel
+
+    @property
+    def service(self) -> asyncio.Task[None] | None:
+        """The task serving our RPC service on this connection (or ``None``)."""
+        return self._service
+
+    @property
+    def remote(self) -> Proxy:
+        """A :class:`Proxy` for the peer's RPC service."""
+        return self._remote
+
+    def on_connection_reset(
+        self, callback: Callable[[BaseException], Any] | None
+    ) -> None:
+        """Call *callback* with the exception when the peer closes the connection.
+
+        A new call replaces the callback; ``None`` removes it.
+
+        Raises:
+            ValueError: if *callback* is neither callable nor ``None``.
+            RuntimeError: if this end runs no service task.
+        """
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable or None, not {callback!r}")
+        if self._service is None:
+            raise RuntimeError("This RpcClient has no service task running")
+        self._reset_callback = callback
+
+    async def close(self) -> None:
+        """Close the connection and wait for all sub tasks to finish."""
+        self._closing = True
+        await self._channel.close()
+        tasks: list[asyncio.Future[Any]] = list(self._tasks)
+        if self._service is not None:
+            tasks.append(self._service)
+        # close() may be called by one of our own handlers (e.g. an exposed
+        # method that hangs up): that one must not cancel and await itself.
+        current = asyncio.current_task()
+        tasks = [task for task in tasks if task is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _service_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        callback = self._reset_callback
+        if exc is not None and callback is not None and not self._closing:
+            self._run_callback(callback, exc)
+
+    def _run_callback(self, callback: Callable[[Any], Any], arg: Any) -> None:
+        """Run a user callback (function or coroutine function) for this
+        connection; its errors are logged and do not affect the connection."""
+        name = getattr(callback, "__qualname__", repr(callback))
+        try:
+            result = callback(arg)
+        except Exception:
+            logger.exception(
+                "%s failed for the connection with %s",
+                name,
+                self._channel.peername,
+                extra={"peer": self._channel.peername},
+            )
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(lambda t: self._callback_done(t, name))
+
+    def _callback_done(self, task: asyncio.Future[Any], name: str) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error(
+                "%s failed for the connection with %s",
+                name,
+                self._channel.peername,
+                exc_info=exc,
+                extra={"peer": self._channel.peername},
+            )
+
+    def _no_service(self, request: Request) -> None:
+        _answer(
+            request,
+            FAILURE,
+            "LookupError: this side of the connection serves no RPC service\n",
+        )
+
+    def _handler_for(self, router: Router) -> Callable[[Request], None]:
+        handle = self._handle
+        return lambda request: handle(router, request)
+
+    def _handle(self, router: Router, request: Request) -> None:
+        """Run the call in *request*; reply now if it is synchronous."""
+        try:
+            path, args, kwargs = _parse_call(request.content)
+            func = router.resolve(path)
+            result = func(*args, **kwargs)
+        except Exception as exc:
+            _answer(request, FAILURE, _format_exception(exc))
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(_reply_when_done(request, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        _answer(request, RESULT, result)
+
+
+async def _reply_when_done(request: Request, awaitable: Any) -> None:
+    try:
+        result = await awaitable
+    except Exception as exc:
+        _answer(request, FAILURE, _format_exception(exc))
+    else:
+        _answer(request, RESULT, result)
+
+
+def _answer(request: Request, msg_type: int, content: Any) -> None:
+    try:
+        request._answer(msg_type, content)
+    except ConnectionError:
+        pass  # The caller is gone; nobody waits for this answer any more.
+    except (SerializationError, ValueError):
+        # The requester already got a failure reply that says what went wrong.
+        logger.debug("Could not encode the reply to request %s", request.message_id)
+
+
+def _parse_call(content: Any) -> tuple[str, Iterable[Any], Mapping[str, Any]]:
+    if (
+        type(content) in (list, tuple)
+        and len(content) == 3
+        and isinstance(content[0], str)
+        and type(content[1]) in (list, tuple)
+        and isinstance(content[2], dict)
+    ):
+        return content[0], content[1], content[2]
+    raise ValueError(
+        "An RPC request must be [path, args, kwargs], got "
+        f"{channel_mod._abbreviate(content)}"
+    )
+
+
+def _format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
+    """Teach the connection's codec to send services and receive proxies."""
+
+    def serialize(obj: Any) -> str:
+        obj_router = getattr(obj, "router", None)
+        if not isinstance(obj_router, Router):
+            raise SerializationError(
+                f"No serializer found for type {type(obj).__module__}."
+                f"{type(obj).__qualname__}"
+            )
+        if router is None or obj_router.root is not router:
+            raise SerializationError(
+                f"{obj!r} is not part of the RPC service of this connection"
+            )
+        return obj_router.path
+
+    def deserialize(path: Any) -> Proxy:
+        if not isinstance(path, str):
+            raise SerializationError(f"Invalid RPC proxy path {path!r}")
+        return Proxy(channel, path)
+
+    channel.codec.add_serializer(object, serialize, deserialize)
+
+
+def _serve_requests(channel: Channel, handler: Callable[[Request], None]) -> None:
+    """Pass every request of *channel* to *handler*, including queued ones."""
+    channel.request_handler = handler
+    while channel._incoming:
+        handler(channel._incoming.popleft())
+
+
+async def rpc_service_process(
+    rpc_client: RpcClient, router: Router, channel: Channel
+) -> None:
+    """Serve the functions of *router* to the peer of *channel*.
+
+    Errors raised by a function are sent to its caller.  Runs until the
+    connection closes.
+
+    Raises:
+        ConnectionResetError: when the connection is closed.
+    """
+    if channel.request_handler is None:
+        _serve_requests(channel, rpc_client._handler_for(router))
+    await asyncio.shield(channel.protocol._closed)
+    raise channel._connection_error()
+
+
+async def open_connection(
+    addr: Address, *, rpc_service: Any = None, **kwds: Any
+) -> RpcClient:
+    """Connect to *addr* and return an :class:`RpcClient`.
+
+    Args:
+        addr: See :func:`aiomas.channel.open_connection`.
+        rpc_service: An RPC service to serve to the peer, so that it can call back.
+        **kwds: Passed to :func:`aiomas.channel.open_connection`.
+    """
+    if rpc_service is not None:
+        _router_of(rpc_service)
+    channel = await channel_mod.open_connection(addr, **kwds)
+    return RpcClient(channel, rpc_service)
+
+
+async def start_server(
+    addr: Address,
+    rpc_service: Any,
+    client_connected_cb: Callable[[RpcClient], Any] | None = None,
+    **kwds: Any,
+) -> asyncio.AbstractServer:
+    """Start a server on *addr* that serves *rpc_service* to every client.
+
+    Args:
+        addr: See :func:`aiomas.channel.start_server`.
+        rpc_service: An object with a ``router`` attribute (a :class:`Router`).
+        client_connected_cb: Called with the :class:`RpcClient` of every new
+            connection (may be a coroutine function).
+        **kwds: Passed to :func:`aiomas.channel.start_server`.
+
+    Raises:
+        ValueError: if *rpc_service* is no RPC service.
+    """
+    _router_of(rpc_service)
+
+    def connected(channel: Channel) -> None:
+        client = RpcClient(channel, rpc_service)
+        if client_connected_cb is not None:
+            client._run_callback(client_connected_cb, client)
+
+    return await channel_mod.start_server(addr, connected, **kwds)
