@@ -226,8 +226,6 @@ class LocalQueueTransport(asyncio.Transport):
         self._lost = False
         self._made = False
         self._reading = True
-        self._delivery_scheduled = False
-        self._eof_pending = False
         self._on_close: Callable[[LocalQueueTransport], None] | None = None
         self._loop.call_soon(self._connection_made)
 
@@ -265,7 +263,7 @@ class LocalQueueTransport(asyncio.Transport):
         """Deliver received data again, starting with what was held."""
         if not self._reading:
             self._reading = True
-            self._schedule_delivery()
+            self._schedule_pending()
 
     def set_write_buffer_limits(
         self, high: int | None = None, low: int | None = None
@@ -289,7 +287,9 @@ class LocalQueueTransport(asyncio.Transport):
         self._sendq.put_nowait(bytes(data))
         peer = self._peer
         if peer is not None:
-            peer._schedule_delivery()
+            # One callback per write: the loop runs callbacks in the order they
+            # were scheduled, so data arrives in the order of all write() calls.
+            self._loop.call_soon(peer._deliver_one)
 
     def writelines(
         self, list_of_data: Iterable[bytes | bytearray | memoryview]
@@ -316,7 +316,7 @@ class LocalQueueTransport(asyncio.Transport):
         self._closing = True
         self._sendq.put_nowait(None)
         if self._peer is not None:
-            self._peer._schedule_delivery()
+            self._loop.call_soon(self._peer._deliver_one)
         self._loop.call_soon(self._lose, None)
 
     def abort(self) -> None:
@@ -354,33 +354,30 @@ class LocalQueueTransport(asyncio.Transport):
         except Exception as exc:
             self._fatal(exc, "connection_made() failed")
             return
-        self._schedule_delivery()
+        # Data the peer wrote before this connection was made waited for it.
+        self._schedule_pending()
 
-    def _schedule_delivery(self) -> None:
-        if not self._delivery_scheduled and not self._lost:
-            self._delivery_scheduled = True
-            self._loop.call_soon(self._deliver)
+    def _schedule_pending(self) -> None:
+        for _ in range(self._recvq.qsize()):
+            self._loop.call_soon(self._deliver_one)
 
-    def _deliver(self) -> None:
-        """Hand the received data to the protocol, in order."""
-        self._delivery_scheduled = False
-        if self._lost or not self._made:
-            return
+    def _deliver_one(self) -> None:
+        """Hand the oldest received chunk to the protocol."""
         queue = self._recvq
+        if self._lost or not self._made or not self._reading or queue.empty():
+            return
+        data = queue.get_nowait()
+        if data is None:
+            self._eof()
+            return
         protocol = self._protocol
-        while self._reading and not self._lost and not queue.empty():
-            data = queue.get_nowait()
-            if data is None:
-                self._eof()
-                return
-            try:
-                if isinstance(protocol, asyncio.BufferedProtocol):
-                    self._feed_buffered(protocol, data)
-                else:
-                    protocol.data_received(data)  # type: ignore[attr-defined]
-            except Exception as exc:
-                self._fatal(exc, "Delivering data to the protocol failed")
-                return
+        try:
+            if isinstance(protocol, asyncio.BufferedProtocol):
+                self._feed_buffered(protocol, data)
+            else:
+                protocol.data_received(data)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._fatal(exc, "Delivering data to the protocol failed")
 
     def _feed_buffered(self, protocol: asyncio.BufferedProtocol, data: bytes) -> None:
         view = memoryview(data)

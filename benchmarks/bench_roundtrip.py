@@ -1,14 +1,16 @@
-"""Channel request/reply round trips per second over TCP loopback.
+"""Request/reply round trips per second over TCP loopback: channel and RPC.
 
 Client and server run in separate processes.  Each workload is measured for the
-aiomas channel and for the *floor*: a bare :class:`asyncio.Protocol` doing the same
-framing (4-byte length header) and the same encoding with nothing around it.  Runs
-alternate between the two so that machine noise hits both alike; the table shows
-median, min and max of the rounds and the median as a ratio to the floor.
+aiomas channel, for aiomas RPC (a call of an exposed echo function), and for the
+*floor*: a bare :class:`asyncio.Protocol` doing the same framing (4-byte length
+header) and the same encoding with nothing around it.  Runs alternate between the
+implementations so that machine noise hits all alike; the table shows median, min
+and max of the rounds and the median as a ratio to the floor.
 
 Usage::
 
-    python benchmarks/bench_channel.py [--rounds 5] [--seconds 2] [--codec json]
+    python benchmarks/bench_roundtrip.py [--rounds 5] [--seconds 2]
+        [--codec json msgpack] [--impl channel rpc]
 """
 
 from __future__ import annotations
@@ -92,18 +94,29 @@ async def echo(channel: aiomas.channel.Channel) -> None:
         pass
 
 
+@aiomas.expose
+def rpc_echo(content: Any) -> Any:
+    return content
+
+
 async def serve(impl: str, codec: str) -> None:
     loop = asyncio.get_running_loop()
+    codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
+    server: asyncio.AbstractServer
     if impl == "floor":
         server = await loop.create_server(
             lambda: RawProtocol(codec, serve=True), "127.0.0.1", 0
         )
+    elif impl == "rpc":
+        service = aiomas.rpc.ServiceDict({"echo": rpc_echo})
+        server = await aiomas.rpc.start_server(
+            ("127.0.0.1", 0), service, codec=codec_cls
+        )
     else:
-        codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
         server = await aiomas.channel.start_server(
             ("127.0.0.1", 0), echo, codec=codec_cls
         )
-    print(server.sockets[0].getsockname()[1], flush=True)
+    print(server.sockets[0].getsockname()[1], flush=True)  # type: ignore[attr-defined]
     # Serve until the parent closes our stdin.
     await loop.run_in_executor(None, sys.stdin.read)
     server.close()
@@ -119,6 +132,11 @@ async def measure(
         )
         send = protocol.send
         close: Callable[[], Any] = transport.close
+    elif impl == "rpc":
+        codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
+        client = await aiomas.rpc.open_connection(("127.0.0.1", port), codec=codec_cls)
+        send = client.remote.echo
+        close = client.close
     else:
         codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
         channel = await aiomas.channel.open_connection(
@@ -165,34 +183,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--codec", choices=["json", "msgpack"], default="json")
-    parser.add_argument("--serve", choices=["floor", "aiomas"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--codec", nargs="+", choices=["json", "msgpack"], default=["json", "msgpack"]
+    )
+    parser.add_argument(
+        "--impl", nargs="+", choices=["channel", "rpc"], default=["channel", "rpc"]
+    )
+    parser.add_argument(
+        "--serve", choices=["floor", "channel", "rpc"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.codec))
+        asyncio.run(serve(args.serve, args.codec[0]))
         return
 
     print(
-        f"Python {sys.version.split()[0]}, codec {args.codec}, "
-        f"{args.rounds} rounds of {args.seconds:g} s, TCP loopback, 2 processes"
+        f"Python {sys.version.split()[0]}, {args.rounds} rounds of "
+        f"{args.seconds:g} s, TCP loopback, client and server in 2 processes"
     )
-    print(f"{'workload':<34}{'median':>10}{'min':>10}{'max':>10}{'vs floor':>10}")
-    for in_flight in (1, 100):
-        results: dict[str, list[float]] = {"floor": [], "aiomas": []}
-        for _ in range(args.rounds):
-            for impl in ("floor", "aiomas"):
-                results[impl].append(
-                    run_round(impl, args.codec, in_flight, args.seconds)
+    print(
+        f"{'workload (calls/s)':<38}{'median':>9}{'min':>9}{'max':>9}{'vs floor':>10}"
+    )
+    impls = ["floor", *args.impl]
+    for codec in args.codec:
+        for in_flight in (1, 100):
+            results: dict[str, list[float]] = {impl: [] for impl in impls}
+            for _ in range(args.rounds):
+                for impl in impls:
+                    results[impl].append(
+                        run_round(impl, codec, in_flight, args.seconds)
+                    )
+            floor = statistics.median(results["floor"])
+            for impl in impls:
+                values = results[impl]
+                median = statistics.median(values)
+                name = f"{impl}, {codec}, {in_flight} in flight"
+                print(
+                    f"{name:<38}{median:>9,.0f}{min(values):>9,.0f}"
+                    f"{max(values):>9,.0f}{median / floor:>10.0%}"
                 )
-        floor = statistics.median(results["floor"])
-        for impl in ("floor", "aiomas"):
-            values = results[impl]
-            median = statistics.median(values)
-            name = f"{impl}, {in_flight} in flight (calls/s)"
-            print(
-                f"{name:<34}{median:>10,.0f}{min(values):>10,.0f}"
-                f"{max(values):>10,.0f}{median / floor:>10.0%}"
-            )
 
 
 if __name__ == "__main__":
