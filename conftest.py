@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from _pytest.doctest import DoctestItem
+from tests.helpers import close_loop
 
 
 def _close_thread_loop() -> None:
@@ -16,17 +17,7 @@ def _close_thread_loop() -> None:
         loop = policy.get_event_loop()
     except RuntimeError:
         return
-    if loop.is_closed():
-        policy.set_event_loop(None)
-        return
-    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.run_until_complete(loop.shutdown_default_executor())
-    loop.close()
+    close_loop(loop)
     policy.set_event_loop(None)
 
 

@@ -24,8 +24,14 @@ OPERATIONS = {
 }
 
 
+CLIENTS = 3
+clients_left = 0
+all_clients_left = asyncio.Event()
+
+
 async def calculator(channel: aiomas.channel.Channel) -> None:
     """Serve one client: each request is ``[a, op, b]``; reply with the result."""
+    global clients_left
     peer = channel.get_extra_info("peername")
     try:
         while True:
@@ -39,6 +45,9 @@ async def calculator(channel: aiomas.channel.Channel) -> None:
                 await request.reply(result)
     except ConnectionResetError:
         print(f"server: client {peer[1]} left")
+        clients_left += 1
+        if clients_left == CLIENTS:
+            all_clients_left.set()
 
 
 async def client(name: str, addr: tuple[str, int], codec: type) -> None:
@@ -62,7 +71,8 @@ async def main(codec: type) -> None:
     )
     addr = server.sockets[0].getsockname()[:2]
     print(f"server: listening on {addr[0]}:{addr[1]} ({codec.__name__} codec)")
-    await asyncio.gather(*(client(f"client-{i}", addr, codec) for i in range(3)))
+    await asyncio.gather(*(client(f"client-{i}", addr, codec) for i in range(CLIENTS)))
+    await all_clients_left.wait()
     server.close()
     await server.wait_closed()
     print("server: closed")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -521,10 +522,11 @@ async def test_drain_waits_while_writing_is_paused() -> None:
 
 
 async def test_replies_to_a_slow_reader_respect_flow_control() -> None:
-    """A client that stops reading makes the server's reply() wait, not buffer
-    without bound."""
+    """A client that does not read makes the server's reply() wait instead of
+    buffering without bound."""
     server_waits = asyncio.Event()
     payload = "x" * 2**20
+    count = 64  # 64 MiB: more than the kernel's socket buffers can absorb
 
     async def handle_client(channel: Channel) -> None:
         transport = channel.transport
@@ -534,8 +536,9 @@ async def test_replies_to_a_slow_reader_respect_flow_control() -> None:
             while True:
                 req = await channel.recv()
                 task = asyncio.ensure_future(req.reply(payload))
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.001)
                 if not task.done():
+                    assert transport.get_write_buffer_size() < 2**16 + 2**21
                     server_waits.set()
                 await task
 
@@ -544,12 +547,12 @@ async def test_replies_to_a_slow_reader_respect_flow_control() -> None:
     channel = await aiomas.channel.open_connection(("127.0.0.1", port))
     transport = channel.transport
     assert isinstance(transport, asyncio.ReadTransport)
-    futures = [channel.send(i) for i in range(20)]
-    await asyncio.sleep(0.01)
     transport.pause_reading()
-    await asyncio.wait_for(server_waits.wait(), 5)
+    futures = [channel.send(i) for i in range(count)]
+    await asyncio.wait_for(server_waits.wait(), 10)
     transport.resume_reading()
-    assert await asyncio.gather(*futures) == [payload] * 20
+    results = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    assert results == [payload] * count
     await channel.close()
     server.close()
     await server.wait_closed()
@@ -592,3 +595,80 @@ async def test_request_repr_and_aliases() -> None:
 def test_protocol_error_is_a_runtime_error() -> None:
     assert issubclass(ProtocolError, RuntimeError)
     assert issubclass(ProtocolError, aiomas.AiomasError)
+
+
+# TLS refusals at the channel level.
+
+
+async def _tls_server(tls: TLSFiles) -> tuple[asyncio.AbstractServer, int]:
+    server = await aiomas.channel.start_server(
+        ("127.0.0.1", 0), echo_until_closed, ssl=tls.server_context
+    )
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _close_server(server: asyncio.AbstractServer) -> None:
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def _assert_refused(port: int, **kwargs: Any) -> None:
+    """The handshake fails, or the server hangs up before the first reply."""
+    try:
+        channel = await aiomas.channel.open_connection(("127.0.0.1", port), **kwargs)
+    except (ssl.SSLError, ConnectionError):
+        return
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.wait_for(channel.send("let me in"), 5)
+    finally:
+        await channel.close()
+
+
+@pytest.fixture
+async def quiet_handshake_errors() -> AsyncIterator[None]:
+    """Failed handshakes are reported to the loop's exception handler; they are
+    what these tests expect, so keep them out of the log."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, _context: None)
+    yield
+    loop.set_exception_handler(None)
+
+
+@pytest.mark.usefixtures("quiet_handshake_errors")
+async def test_tls_client_without_certificate_is_refused(tls: TLSFiles) -> None:
+    server, port = await _tls_server(tls)
+    no_cert = ssl.create_default_context(cafile=tls.cafile)
+    await _assert_refused(port, ssl=no_cert)
+    await _close_server(server)
+
+
+@pytest.mark.usefixtures("quiet_handshake_errors")
+async def test_tls_client_from_another_ca_is_refused(
+    tls: TLSFiles, foreign_tls: TLSFiles
+) -> None:
+    server, port = await _tls_server(tls)
+    foreign = aiomas.make_ssl_client_context(
+        tls.cafile, foreign_tls.certfile, foreign_tls.keyfile
+    )
+    await _assert_refused(port, ssl=foreign)
+    await _close_server(server)
+
+
+@pytest.mark.usefixtures("quiet_handshake_errors")
+async def test_tls_server_with_wrong_hostname_is_refused(
+    tls: TLSFiles, wrong_host_tls: TLSFiles
+) -> None:
+    server, port = await _tls_server(wrong_host_tls)
+    with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+        await aiomas.channel.open_connection(
+            ("127.0.0.1", port), ssl=tls.client_context
+        )
+    await _close_server(server)
+
+
+@pytest.mark.usefixtures("quiet_handshake_errors")
+async def test_plain_client_cannot_talk_to_tls_server(tls: TLSFiles) -> None:
+    server, port = await _tls_server(tls)
+    await _assert_refused(port)
+    await _close_server(server)

@@ -14,6 +14,8 @@ import aiomas
 from aiomas.codecs import JSON, Codec, MsgPack, MsgPackBlosc, serializable
 from aiomas.exceptions import SerializationError
 
+from .helpers import as_lists, codec_values
+
 ALL_CODECS = [JSON, MsgPack, MsgPackBlosc]
 
 
@@ -33,14 +35,6 @@ class SubPoint(Point):
 
 def point_serializer() -> tuple[type, Any, Any]:
     return Point, lambda p: [p.x, p.y], lambda v: Point(*v)
-
-
-def as_lists(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return [as_lists(v) for v in value]
-    if isinstance(value, dict):
-        return {k: as_lists(v) for k, v in value.items()}
-    return value
 
 
 def test_base_codec_is_abstract() -> None:
@@ -316,23 +310,10 @@ def test_serializable_refuses_var_args() -> None:
 
 # Property tests.
 
-values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False)
-    | st.text(),
-    lambda inner: (
-        st.lists(inner, max_size=5)
-        | st.dictionaries(st.text(max_size=8), inner, max_size=5)
-    ),
-    max_leaves=25,
-)
-
 
 @pytest.mark.parametrize("codec_cls", ALL_CODECS)
 @settings(max_examples=80, deadline=None)
-@given(value=values)
+@given(value=codec_values)
 def test_any_value_round_trips(codec_cls: type[Codec], value: Any) -> None:
     codec = codec_cls()
     assert as_lists(codec.decode(codec.encode(value))) == value

@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 
 from aiomas import exceptions, util
 
+from .helpers import close_loop
+
 # Generous bound for things that happen within milliseconds; only a broken test
 # waits this long.
 WAIT: float = 10.0
@@ -49,20 +51,6 @@ def _peek_thread_loop() -> asyncio.AbstractEventLoop | None:
             return None
 
 
-def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Close *loop* the way asyncio.run() would: tasks, async generators, executor."""
-    if loop.is_closed():
-        return
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.run_until_complete(loop.shutdown_default_executor())
-    loop.close()
-
-
 @pytest.fixture
 def no_thread_loop() -> Iterator[None]:
     """Run the test with no event loop set for this thread.
@@ -77,7 +65,7 @@ def no_thread_loop() -> Iterator[None]:
     finally:
         leftover = _peek_thread_loop()
         if leftover is not None and leftover is not previous:
-            _close_loop(leftover)
+            close_loop(leftover)
         asyncio.set_event_loop(previous)
 
 
@@ -98,7 +86,7 @@ def fresh_policy(no_thread_loop: None) -> Iterator[None]:
     finally:
         leftover = _peek_thread_loop()
         if leftover is not None:
-            _close_loop(leftover)
+            close_loop(leftover)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             asyncio.set_event_loop_policy(old)
@@ -213,7 +201,7 @@ class TestRun:
             finally:
                 loop = _peek_thread_loop()
                 if loop is not None:
-                    _close_loop(loop)
+                    close_loop(loop)
                 asyncio.set_event_loop(None)
 
         thread = threading.Thread(target=in_thread)

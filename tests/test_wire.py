@@ -22,6 +22,8 @@ from aiomas.wire import (
     frame_header,
 )
 
+from .helpers import as_lists, codec_values
+
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     """Split *data* at the (sorted, deduplicated) positions in *cuts*."""
@@ -153,32 +155,10 @@ def test_any_chunking_yields_the_same_frames(
     assert reader.buffered == 0
 
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False)
-    | st.text(),
-    lambda inner: (
-        st.lists(inner, max_size=5)
-        | st.dictionaries(st.text(max_size=8), inner, max_size=5)
-    ),
-    max_leaves=20,
-)
-
-
-def _as_lists(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return [_as_lists(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _as_lists(v) for k, v in value.items()}
-    return value
-
-
 @pytest.mark.parametrize("codec_cls", [codecs.JSON, codecs.MsgPack])
 @settings(max_examples=60, deadline=None)
 @given(
-    values=st.lists(json_values, min_size=1, max_size=4),
+    values=st.lists(codec_values, min_size=1, max_size=4),
     cuts=st.lists(st.integers(min_value=0, max_value=5_000), max_size=20),
 )
 def test_encoded_messages_survive_framing_and_chunking(
@@ -191,7 +171,7 @@ def test_encoded_messages_survive_framing_and_chunking(
     decoded = [
         codec.decode(p) for chunk in chunked(stream, cuts) for p in reader.feed(chunk)
     ]
-    assert [_as_lists(d) for d in decoded] == _as_lists(messages)
+    assert [as_lists(d) for d in decoded] == as_lists(messages)
 
 
 def test_header_is_big_endian_uint32() -> None:

@@ -204,8 +204,7 @@ class Channel:
         self._recv_waiter: asyncio.Future[None] | None = None
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
-        """If set, every incoming request is passed to it as soon as it arrives
-        instead of being queued for :meth:`recv` (used by :mod:`aiomas.rpc`)."""
+        """Set by :meth:`set_request_handler`."""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_error is not None else "open"
@@ -245,6 +244,18 @@ class Channel:
             self._requests.discard(msg_id)
             raise
         return future
+
+    def set_request_handler(self, handler: Callable[[Request], None]) -> None:
+        """Pass every request to *handler* as soon as it arrives, instead of
+        queueing it for :meth:`recv` (this is how :mod:`aiomas.rpc` serves).
+
+        Requests already queued are passed to it at once.  *handler* must not
+        raise; it answers each request (now or later).
+        """
+        self.request_handler = handler
+        incoming = self._incoming
+        while incoming:
+            handler(incoming.popleft())
 
     async def recv(self) -> Request:
         """Wait for the next request from the peer and return it.
@@ -300,9 +311,11 @@ class Channel:
         if len(payload) <= _JOIN_LIMIT:
             self._write(header + payload)
         else:
-            transport = self.transport
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.writelines((header, payload))
+            # Two writes rather than writelines(): Python 3.12's writelines()
+            # does not pause the protocol when the buffer fills (flow control).
+            write = self._write
+            write(header)
+            write(payload)
 
     def _payload_received(self, payload: bytes | bytearray) -> None:
         """Handle one received frame.

@@ -10,28 +10,51 @@ Every codec can learn new types with :meth:`Codec.add_serializer`.  An object of
 such a type travels as the map ``{"__type__": [type_id, data]}`` where ``type_id``
 is the 0-based position of its serializer in the order they were added to the
 codec, so both peers must add the same serializers in the same order.
+
+A codec instance keeps state (its serializers, and buffers for speed), so every
+connection gets its own instance, and one instance must not be used from several
+threads at once.
+
+Encoding fails with :class:`~aiomas.exceptions.SerializationError` when the caller
+passes something the codec cannot represent; decoding fails with it when the bytes
+are not a valid message.  No other exception escapes from bad input.
 """
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import json
-from collections.abc import Callable
-from typing import Any, Final, TypeVar, overload
+import reprlib
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final, TypeAlias, TypeVar, overload
 
 from aiomas.exceptions import SerializationError
 
 __all__ = ["JSON", "Codec", "MsgPack", "MsgPackBlosc", "serializable"]
 
-T = TypeVar("T", bound=type)
+_C = TypeVar("_C", bound=type)
 
-Serializer = Callable[[Any], Any]
-Deserializer = Callable[[Any], Any]
+Serializer: TypeAlias = Callable[[Any], Any]
+"""Turns an object into something the codec can encode."""
+
+Deserializer: TypeAlias = Callable[[Any], Any]
+"""Turns what a :data:`Serializer` made back into an object."""
 
 _TYPE_KEY: Final = "__type__"
 
-# Errors that encoders raise for values they cannot encode.
+# What encoders raise for values they cannot represent: unknown types (TypeError),
+# circular references and int-to-text limits (ValueError), ints beyond 64 bits
+# (OverflowError) and too deep nesting (RecursionError, or ValueError in msgpack).
 _ENCODE_ERRORS: Final = (TypeError, ValueError, OverflowError, RecursionError)
+
+# Error messages quote the message that failed.  It may be huge or deeply nested,
+# so reprlib bounds both the work and the length of the quote.
+_quote = reprlib.Repr()
+_quote.maxlevel = 3
+_quote.maxstring = 40
+_quote.maxother = 40
 
 
 def _type_name(cls: type) -> str:
@@ -44,7 +67,7 @@ class Codec:
     Subclasses implement :meth:`encode` and :meth:`decode` and call
     :meth:`serialize_obj` for objects their format cannot represent (e.g. as the
     ``default`` hook of the encoder) and :meth:`deserialize_obj` for every decoded
-    map.
+    map.  A subclass that overrides ``__init__()`` must call ``super().__init__()``.
     """
 
     def __init__(self) -> None:
@@ -60,6 +83,7 @@ class Codec:
 
         Raises:
             SerializationError: if *data* (or something in it) cannot be encoded.
+            NotImplementedError: in the base class.
         """
         raise NotImplementedError
 
@@ -67,7 +91,8 @@ class Codec:
         """Decode *data* to the original data structure.
 
         Raises:
-            SerializationError: if *data* cannot be decoded.
+            SerializationError: if *data* is not a valid encoded message.
+            NotImplementedError: in the base class.
         """
         raise NotImplementedError
 
@@ -76,13 +101,25 @@ class Codec:
     ) -> None:
         """Teach the codec to encode objects of exactly *type* (not subclasses).
 
-        *serialize* gets an object and returns something the codec can encode;
-        *deserialize* gets that and returns an equivalent object.  A serializer
-        for :class:`object` is the fall-back for objects of any other type.
+        The serializer gets the next type id (0 for the first one added to this
+        codec, then 1, ...); the peer must add its serializers in the same order.
+        A serializer for :class:`object` is the fall-back for objects of any type
+        without a serializer of its own.
+
+        Args:
+            type: The class whose direct instances *serialize* handles.
+            serialize: Gets such an object and returns something the codec can
+                encode (this may contain objects of other added types).
+            deserialize: Gets what *serialize* returned (after a trip through the
+                codec: with JSON, tuples become lists) and returns an equivalent
+                object.
 
         Raises:
+            TypeError: if *type* is not a class.
             ValueError: if *type* already has a serializer.
         """
+        if not isinstance(type, builtins.type):
+            raise TypeError(f"Serializers are registered for classes, not {type!r}")
         if type in self._serializers:
             raise ValueError(
                 f'There is already a serializer for type "{_type_name(type)}"'
@@ -94,9 +131,13 @@ class Codec:
     def serialize_obj(self, obj: Any) -> dict[str, Any]:
         """Return ``{"__type__": [type_id, serialize(obj)]}`` for *obj*.
 
+        The serializer is looked up by the exact type of *obj*, then the one for
+        :class:`object` is tried.
+
         Raises:
             SerializationError: if there is no serializer for the type of *obj*
-                (and none for :class:`object`), or the serializer fails.
+                (and none for :class:`object`), or if the serializer raises (its
+                exception is the ``__cause__``).
         """
         entry = self._serializers.get(type(obj))
         if entry is None:
@@ -118,14 +159,18 @@ class Codec:
         return {_TYPE_KEY: [type_id, data]}
 
     def deserialize_obj(self, obj_repr: dict[Any, Any]) -> Any:
-        """Return the object that *obj_repr* stands for.
+        """Return the object that the decoded map *obj_repr* stands for.
 
-        A map ``{"__type__": [type_id, data]}`` becomes ``deserialize(data)`` of
-        the serializer with that id; any other map is returned unchanged.
+        Only a map with the single key ``"__type__"`` whose value is a pair
+        ``[type_id, data]`` (``type_id`` an :class:`int`) is an added type; it
+        becomes ``deserialize(data)`` of the serializer with that id.  Any other
+        map is returned unchanged.
 
         Raises:
-            SerializationError: for an unknown type id or a failing deserializer.
+            SerializationError: for an unknown type id, or if the deserializer
+                raises (its exception is the ``__cause__``).
         """
+        # This runs for every decoded map, so the common case leaves first.
         if len(obj_repr) != 1 or _TYPE_KEY not in obj_repr:
             return obj_repr
         value = obj_repr[_TYPE_KEY]
@@ -135,7 +180,11 @@ class Codec:
         if type(type_id) is not int:
             return obj_repr
         if not 0 <= type_id < len(self._deserializers):
-            raise SerializationError(f"Unknown type id {type_id} in {_TYPE_KEY!r} map")
+            raise SerializationError(
+                f"Unknown type id {type_id} in a {_TYPE_KEY!r} map: this codec has "
+                f"{len(self._deserializers)} serializer(s); both peers must add the "
+                "same serializers in the same order"
+            )
         try:
             return self._deserializers[type_id](data)
         except SerializationError:
@@ -149,33 +198,44 @@ class Codec:
 class JSON(Codec):
     """A :class:`Codec` that uses JSON.
 
-    The output is ``json.dumps(data).encode()`` (with the default separators, so
-    ``['spam', 3.14]`` becomes ``b'["spam", 3.14]'``).  Lists and tuples both
-    decode to lists.
+    The output is exactly ``json.dumps(data).encode()`` (default separators, ASCII
+    only, ``NaN`` and ``Infinity`` allowed), so ``['spam', 3.14]`` becomes
+    ``b'["spam", 3.14]'``.  Input must be UTF-8.  Lists and tuples both decode to
+    lists.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        # One encoder and decoder per codec: json.dumps()/loads() with arguments
-        # would build new ones for every message.
+        # json.dumps()/loads() with arguments build a new encoder or decoder for
+        # every call; each message goes through here, so build them once.
         self._encoder = json.JSONEncoder(default=self.serialize_obj)
         self._decoder = json.JSONDecoder(object_hook=self.deserialize_obj)
 
     def encode(self, data: Any) -> bytes:
+        """Encode *data* as JSON.
+
+        Raises:
+            SerializationError: if *data* contains an object without serializer,
+                a circular reference, a non-string dict key, an int with too many
+                digits or too deep nesting, or if a serializer fails.
+        """
         try:
+            # ensure_ascii makes the text pure ASCII, so this never fails.
             return self._encoder.encode(data).encode()
-        except SerializationError:
-            raise
         except _ENCODE_ERRORS as exc:
             raise SerializationError(
-                f"Cannot encode {_abbreviate(data)}: {exc}"
+                f"Cannot encode {_quote.repr(data)} as JSON: {exc}"
             ) from exc
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode the UTF-8 JSON text *data*.
+
+        Raises:
+            SerializationError: if *data* is not UTF-8, not JSON, too deeply
+                nested, or if a deserializer fails.
+        """
         try:
             return self._decoder.decode(str(data, "utf-8"))
-        except SerializationError:
-            raise
         except (ValueError, TypeError, RecursionError) as exc:
             raise SerializationError(f"Cannot decode JSON: {exc}") from exc
 
@@ -183,12 +243,14 @@ class JSON(Codec):
 class MsgPack(Codec):
     """A :class:`Codec` that uses msgpack.
 
-    Supports :class:`bytes`; arrays decode to tuples.  Needs the ``msgpack``
-    package (``pip install 'aiomas[mp]'``).
+    Supports :class:`bytes`.  Arrays decode to tuples; map keys may be of any
+    hashable type (older peers send int keys).
 
     Raises:
         ImportError: on creation, if msgpack is not installed.
     """
+
+    _extra: ClassVar[str] = "mp"  # the extra that installs what the codec needs
 
     def __init__(self) -> None:
         super().__init__()
@@ -196,11 +258,13 @@ class MsgPack(Codec):
             import msgpack
         except ImportError as exc:
             raise ImportError(
-                "The MsgPack codec needs the 'msgpack' package: "
-                "pip install 'aiomas[mp]'"
+                f"The {type(self).__name__} codec needs the msgpack package: "
+                f"pip install 'aiomas[{self._extra}]'"
             ) from exc
         self._msgpack = msgpack
-        self._packer = msgpack.Packer(default=self.serialize_obj, use_bin_type=True)
+        # One Packer per codec reuses its buffer from message to message.
+        self._packer = self._new_packer()
+        self._packing = False
         self._unpack_errors = (
             msgpack.UnpackException,
             ValueError,
@@ -208,20 +272,49 @@ class MsgPack(Codec):
             RecursionError,
         )
 
+    def _new_packer(self) -> Any:
+        return self._msgpack.Packer(default=self.serialize_obj, use_bin_type=True)
+
     def encode(self, data: Any) -> bytes:
+        """Encode *data* with msgpack.
+
+        Raises:
+            SerializationError: if *data* contains an object without serializer,
+                an int outside the 64-bit range, too deep nesting, or if a
+                serializer fails.
+        """
+        if self._packing:
+            # A serializer called encode() while the shared packer is in the
+            # middle of a message; packing into it would splice the two messages.
+            return self._pack(self._new_packer(), data)
+        self._packing = True
         try:
-            packed: bytes = self._packer.pack(data)
-        except SerializationError:
-            self._packer.reset()
+            return self._pack(self._packer, data)
+        finally:
+            self._packing = False
+
+    def _pack(self, packer: Any, data: Any) -> bytes:
+        try:
+            packed: bytes = packer.pack(data)
+        except BaseException as exc:
+            # A half-packed message must not stay in the buffer and become the
+            # start of the next one (recent msgpack versions also do this).
+            packer.reset()
+            if isinstance(exc, _ENCODE_ERRORS):
+                raise SerializationError(
+                    f"Cannot encode {_quote.repr(data)} with msgpack: {exc}"
+                ) from exc
             raise
-        except _ENCODE_ERRORS as exc:
-            self._packer.reset()
-            raise SerializationError(
-                f"Cannot encode {_abbreviate(data)}: {exc}"
-            ) from exc
         return packed
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode the msgpack data *data*.
+
+        Raises:
+            SerializationError: if *data* is not one complete msgpack object,
+                contains invalid UTF-8, is too deeply nested, or if a
+                deserializer fails.
+        """
         try:
             return self._msgpack.unpackb(
                 data,
@@ -230,24 +323,33 @@ class MsgPack(Codec):
                 strict_map_key=False,
                 object_hook=self.deserialize_obj,
             )
-        except SerializationError:
-            raise
         except self._unpack_errors as exc:
-            raise SerializationError(f"Cannot decode MsgPack: {exc!r}") from exc
+            raise SerializationError(f"Cannot decode msgpack: {exc!r}") from exc
+
+
+# A Blosc 1 chunk starts with a 16-byte header: version, versionlz, flags and
+# typesize (one byte each), then the little-endian uint32s nbytes (size of the
+# decompressed data), blocksize and cbytes (size of the whole chunk).
+_BLOSC_SIZES: Final = struct.Struct("<4xI4xI")
+_BLOSC_HEADER_SIZE: Final = 16
 
 
 class MsgPackBlosc(MsgPack):
     """A :class:`Codec` that uses msgpack and compresses the result with Blosc.
 
-    Needs the ``msgpack`` and ``blosc`` packages (``pip install 'aiomas[mpb]'``).
-
     Raises:
         ImportError: on creation, if msgpack or blosc is not installed.
     """
 
+    _extra = "mpb"
+
     max_decompressed_size: int = 256 * 2**20
-    """Received data that would decompress to more bytes than this is refused, so
-    that a small message cannot make us allocate huge amounts of memory."""
+    """The largest decompressed message (in bytes) that :meth:`decode` accepts.
+
+    Blosc can shrink data by a factor of several hundred, so a small message could
+    otherwise make us allocate gigabytes.  Set it on the class or on an instance;
+    both peers should allow the largest message they send.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -255,12 +357,18 @@ class MsgPackBlosc(MsgPack):
             import blosc
         except ImportError as exc:
             raise ImportError(
-                "The MsgPackBlosc codec needs the 'blosc' package: "
-                "pip install 'aiomas[mpb]'"
+                f"The {type(self).__name__} codec needs the blosc package: "
+                f"pip install 'aiomas[{self._extra}]'"
             ) from exc
         self._blosc = blosc
 
     def encode(self, data: Any) -> bytes:
+        """Encode *data* with msgpack and compress it.
+
+        Raises:
+            SerializationError: as :meth:`MsgPack.encode`, or if the packed data
+                is larger than Blosc can compress (``blosc.MAX_BUFFERSIZE``).
+        """
         packed = super().encode(data)
         if len(packed) > self._blosc.MAX_BUFFERSIZE:
             raise SerializationError(
@@ -271,91 +379,163 @@ class MsgPackBlosc(MsgPack):
         return compressed
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
-        view = memoryview(data)
-        # A Blosc chunk starts with a 16-byte header; bytes 4-7 hold the size of
-        # the decompressed data (little endian), bytes 12-15 the chunk size.
-        if len(view) < 16:
-            raise SerializationError("Cannot decode Blosc: data too short")
-        nbytes = int.from_bytes(view[4:8], "little")
-        cbytes = int.from_bytes(view[12:16], "little")
+        """Decompress *data* and decode it with msgpack.
+
+        Raises:
+            SerializationError: as :meth:`MsgPack.decode`, or if *data* is not one
+                Blosc chunk or would decompress to more than
+                :attr:`max_decompressed_size` bytes.
+        """
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError as exc:
+            raise SerializationError(f"Cannot decode Blosc: {exc}") from exc
+        # The checks run on the header alone, before Blosc allocates anything.
+        if len(view) < _BLOSC_HEADER_SIZE:
+            raise SerializationError(
+                f"Cannot decode Blosc: {len(view)} bytes are too short for a header"
+            )
+        nbytes, cbytes = _BLOSC_SIZES.unpack_from(view)
         if cbytes != len(view):
             raise SerializationError(
-                f"Cannot decode Blosc: header says {cbytes} bytes, got {len(view)}"
+                f"Cannot decode Blosc: the header says {cbytes} bytes, got {len(view)}"
             )
         if nbytes > self.max_decompressed_size:
             raise SerializationError(
-                f"Refusing to decompress {nbytes} bytes "
-                f"(max_decompressed_size is {self.max_decompressed_size})"
+                f"Refusing to decompress {nbytes} bytes (max_decompressed_size is "
+                f"{self.max_decompressed_size})"
             )
         try:
-            packed = self._blosc.decompress(bytes(view))
-        except Exception as exc:
+            packed = self._blosc.decompress(view)
+        except Exception as exc:  # blosc's own error type is not public
             raise SerializationError(f"Cannot decode Blosc: {exc!r}") from exc
         return super().decode(packed)
 
 
-def _abbreviate(obj: Any, limit: int = 60) -> str:
-    try:
-        text = repr(obj)
-    except Exception:
-        text = f"<{type(obj).__name__} object>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+@overload
+def serializable(cls: _C, *, repr: bool = True) -> _C: ...
 
 
 @overload
-def serializable(cls: T, *, repr: bool = True) -> T: ...
+def serializable(cls: None = None, *, repr: bool = True) -> Callable[[_C], _C]: ...
 
 
-@overload
-def serializable(cls: None = None, *, repr: bool = True) -> Callable[[T], T]: ...
-
-
-def serializable(cls: T | None = None, *, repr: bool = True) -> T | Callable[[T], T]:
+def serializable(
+    cls: _C | None = None, *, repr: bool = True
+) -> _C | Callable[[_C], _C]:
     """Class decorator that makes the decorated class serializable by a codec.
 
-    The parameters of the class' ``__init__()`` must be available as attributes
-    of the same name.  The decorator adds:
+    Use it as ``@serializable`` or ``@serializable(repr=False)``.  The values of
+    the parameters of the class' ``__init__()`` must be available as attributes of
+    the same name.  The decorator adds these methods, unless the class body
+    defines them itself:
 
-    - ``__asdict__()``: a dict with the values of all ``__init__`` parameters;
-    - ``__fromdict__(attrs)`` (class method): a new instance made from such a dict;
+    - ``__asdict__()``: a dict that maps each ``__init__`` parameter to the value
+      of the attribute of the same name;
+    - ``__fromdict__(attrs)`` (class method): a new instance, created as
+      ``cls(**attrs)`` (positional-only parameters are passed by position);
     - ``__serializer__()`` (static method): the ``(type, serialize, deserialize)``
-      tuple for :meth:`Codec.add_serializer`;
+      tuple for :meth:`Codec.add_serializer`; pass ``cls.__serializer__`` itself
+      in ``extra_serializers``;
     - ``__repr__()`` like ``A(x=1, y=2)``, unless *repr* is false.
 
+    Args:
+        cls: The class to decorate.
+        repr: Whether to add ``__repr__()``.
+
+    Returns:
+        The class itself (or, without *cls*, a decorator).
+
     Raises:
-        TypeError: if ``__init__`` takes ``*args`` or ``**kwargs``.
+        TypeError: if ``__init__`` takes ``*args`` or ``**kwargs``: their values
+            cannot be found in attributes, so write a serializer yourself.
     """
 
-    def decorate(cls: T) -> T:
-        params = list(inspect.signature(cls).parameters.values())
-        for param in params:
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                raise TypeError(
-                    f"@serializable cannot handle the parameter {param} of "
-                    f"{cls.__qualname__}.__init__()"
-                )
+    def decorate(cls: _C) -> _C:
+        params = _init_parameters(cls)
         names = tuple(param.name for param in params)
+        positional = tuple(
+            param.name for param in params if param.kind is param.POSITIONAL_ONLY
+        )
 
         def __asdict__(self: Any) -> dict[str, Any]:
+            """Return the ``__init__()`` arguments that recreate this object."""
             return {name: getattr(self, name) for name in names}
 
-        def __fromdict__(klass: type, attrs: dict[str, Any]) -> Any:
-            return klass(**attrs)
+        def __fromdict__(klass: type, attrs: Mapping[str, Any]) -> Any:
+            """Create an instance from a dict made by ``__asdict__()``."""
+            if not positional:
+                return klass(**attrs)
+            kwargs = dict(attrs)
+            args = [kwargs.pop(name) for name in positional]
+            return klass(*args, **kwargs)
 
         def __serializer__() -> tuple[type, Serializer, Deserializer]:
-            return cls, __asdict__, cls.__fromdict__  # type: ignore[attr-defined]
+            """Return the arguments for ``Codec.add_serializer()``."""
+            # Looked up now, so that methods the class defines itself are used.
+            klass: Any = cls
+            return cls, klass.__asdict__, klass.__fromdict__
 
         def __repr__(self: Any) -> str:
             args = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
             return f"{type(self).__name__}({args})"
 
-        cls.__asdict__ = __asdict__  # type: ignore[attr-defined]
-        cls.__fromdict__ = classmethod(__fromdict__)  # type: ignore[attr-defined]
-        cls.__serializer__ = staticmethod(__serializer__)  # type: ignore[attr-defined]
+        methods: dict[str, Any] = {
+            "__asdict__": __asdict__,
+            "__fromdict__": __fromdict__,
+            "__serializer__": __serializer__,
+        }
         if repr:
-            cls.__repr__ = __repr__  # type: ignore[assignment]
+            methods["__repr__"] = __repr__
+        for name, method in methods.items():
+            if name in cls.__dict__:
+                continue
+            method.__qualname__ = f"{cls.__qualname__}.{name}"
+            method.__module__ = cls.__module__
+            if name == "__fromdict__":
+                method = classmethod(method)
+            elif name == "__serializer__":
+                method = staticmethod(method)
+            elif name == "__repr__":
+                # An object that contains itself must not recurse forever.
+                method = reprlib.recursive_repr()(method)
+            setattr(cls, name, method)
         return cls
 
     if cls is None:
         return decorate
     return decorate(cls)
+
+
+def _init_parameters(cls: type) -> list[inspect.Parameter]:
+    """Return the parameters of ``cls.__init__()`` without ``self``.
+
+    Raises:
+        TypeError: for ``*args`` and ``**kwargs`` parameters, or if the
+            signature cannot be found.
+    """
+    init = inspect.getattr_static(cls, "__init__")
+    try:
+        if init is object.__init__:
+            # No __init__ of its own: the class' signature (maybe from __new__)
+            # is what it takes.
+            params = list(inspect.signature(cls).parameters.values())
+        else:
+            params = list(inspect.signature(init).parameters.values())
+            if params and params[0].kind in (
+                inspect.Parameter.POSITIONAL_ONLY,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            ):
+                params = params[1:]  # self
+    except ValueError as exc:
+        raise TypeError(
+            f"@serializable cannot find the parameters of {cls.__qualname__}"
+        ) from exc
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(
+                f"@serializable cannot handle the parameter {param} of "
+                f"{cls.__qualname__}.__init__(): its value is not an attribute; "
+                "write a serializer for Codec.add_serializer() instead"
+            )
+    return params

@@ -355,11 +355,11 @@ class RpcClient:
         _install_proxy_serializer(channel, self._router)
         self._service: asyncio.Task[None] | None = None
         if self._router is None:
-            _serve_requests(channel, self._no_service)
+            channel.set_request_handler(self._no_service)
         else:
             # Serve at once: with TLS, the first request may arrive in the same
             # loop iteration as the connection, before any task has started.
-            _serve_requests(channel, self._handler_for(self._router))
+            channel.set_request_handler(self._handler_for(self._router))
             self._service = asyncio.ensure_future(
                 rpc_service_process(self, self._router, channel)
             )
@@ -544,13 +544,6 @@ def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
     channel.codec.add_serializer(object, serialize, deserialize)
 
 
-def _serve_requests(channel: Channel, handler: Callable[[Request], None]) -> None:
-    """Pass every request of *channel* to *handler*, including queued ones."""
-    channel.request_handler = handler
-    while channel._incoming:
-        handler(channel._incoming.popleft())
-
-
 async def rpc_service_process(
     rpc_client: RpcClient, router: Router, channel: Channel
 ) -> None:
@@ -563,7 +556,7 @@ async def rpc_service_process(
         ConnectionResetError: when the connection is closed.
     """
     if channel.request_handler is None:
-        _serve_requests(channel, rpc_client._handler_for(router))
+        channel.set_request_handler(rpc_client._handler_for(router))
     await asyncio.shield(channel.protocol._closed)
     raise channel._connection_error()
 
