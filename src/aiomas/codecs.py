@@ -51,10 +51,17 @@ _ENCODE_ERRORS: Final = (TypeError, ValueError, OverflowError, RecursionError)
 
 # Error messages quote the message that failed.  It may be huge or deeply nested,
 # so reprlib bounds both the work and the length of the quote.
-_quote = reprlib.Repr()
-_quote.maxlevel = 3
-_quote.maxstring = 40
-_quote.maxother = 40
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel = 3
+_short_repr.maxstring = 40
+_short_repr.maxother = 40
+
+
+def _quote(obj: Any) -> str:
+    try:
+        return _short_repr.repr(obj)
+    except Exception:  # e.g. an int with more digits than repr() allows
+        return f"<{type(obj).__qualname__} object>"
 
 
 def _type_name(cls: type) -> str:
@@ -224,7 +231,7 @@ class JSON(Codec):
             return self._encoder.encode(data).encode()
         except _ENCODE_ERRORS as exc:
             raise SerializationError(
-                f"Cannot encode {_quote.repr(data)} as JSON: {exc}"
+                f"Cannot encode {_quote(data)} as JSON: {exc}"
             ) from exc
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
@@ -302,7 +309,7 @@ class MsgPack(Codec):
             packer.reset()
             if isinstance(exc, _ENCODE_ERRORS):
                 raise SerializationError(
-                    f"Cannot encode {_quote.repr(data)} with msgpack: {exc}"
+                    f"Cannot encode {_quote(data)} with msgpack: {exc}"
                 ) from exc
             raise
         return packed
