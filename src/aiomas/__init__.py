@@ -4,7 +4,8 @@ This module gives short access to the most used names; everything also lives in
 its own submodule (:mod:`aiomas.channel`, :mod:`aiomas.codecs`, ...).
 """
 
-from aiomas import channel, codecs, exceptions, local_queue, rpc, util, wire
+from aiomas import channel, clocks, codecs, exceptions, local_queue, rpc, util, wire
+from aiomas.clocks import AsyncioClock, BaseClock, ExternalClock
 from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
 from aiomas.exceptions import (
     AiomasError,
@@ -26,12 +27,16 @@ __version__ = "2.1.0.dev0"
 __all__ = [
     "JSON",
     "AiomasError",
+    "AsyncioClock",
+    "BaseClock",
+    "ExternalClock",
     "MsgPack",
     "MsgPackBlosc",
     "ProtocolError",
     "RemoteException",
     "SerializationError",
     "channel",
+    "clocks",
     "codecs",
     "create_task",
     "exceptions",
