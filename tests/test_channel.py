@@ -258,7 +258,11 @@ async def test_cancelled_request_drops_late_reply_quietly(
         release.set()
         assert await channel.send("fast") == "fast"
         await channel.close()
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [
+        r
+        for r in caplog.records
+        if r.name.startswith("aiomas") and r.levelno >= logging.WARNING
+    ]
 
 
 async def test_unserializable_request_leaves_channel_usable(endpoint: Endpoint) -> None:
@@ -478,7 +482,11 @@ async def test_failing_client_connected_cb_closes_only_that_connection(
         assert await working.send("hi") == "hi"
         await broken.close()
         await working.close()
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    errors = [
+        r
+        for r in caplog.records
+        if r.name.startswith("aiomas") and r.levelno == logging.ERROR
+    ]
     assert len(errors) == 1
     assert "client_connected_cb failed" in errors[0].getMessage()
     assert errors[0].exc_info is not None
@@ -492,7 +500,11 @@ async def test_handler_ending_because_peer_left_is_not_an_error(
         channel = await connect(endpoint, addr)
         assert await channel.send(1) == 1
         await channel.close()
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [
+        r
+        for r in caplog.records
+        if r.name.startswith("aiomas") and r.levelno >= logging.ERROR
+    ]
 
 
 # Flow control.

@@ -521,7 +521,11 @@ async def test_failing_client_connected_cb_is_logged_and_connection_survives(
     await client.close()
     server.close()
     await server.wait_closed()
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    errors = [
+        r
+        for r in caplog.records
+        if r.name.startswith("aiomas") and r.levelno == logging.ERROR
+    ]
     assert len(errors) == 1
     assert "failed for the connection" in errors[0].getMessage()
 
