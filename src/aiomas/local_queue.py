@@ -720,27 +720,28 @@ class LocalQueueTransport(asyncio.Transport):
             self._loop.call_soon(self._lose, None)
 
     def _abort(self, exc: Exception | None) -> None:
-        if self._aborted or self._lost:
+        if not self._drop_everything():
             return
-        self._aborted = True
-        self._closing = True
-        self._buffer_size = 0
-        self._drop_received(notify_peer=False)
         if self._peer is not None:
             self._peer._reset()
         self._loop.call_soon(self._lose, exc)
 
     def _reset(self) -> None:
         """The peer aborted: drop everything and lose the connection."""
+        if self._drop_everything():
+            self._loop.call_soon(
+                self._lose, ConnectionResetError("Connection reset by peer")
+            )
+
+    def _drop_everything(self) -> bool:
+        """Stop the connection's traffic at once; false if that already happened."""
         if self._aborted or self._lost:
-            return
+            return False
         self._aborted = True
         self._closing = True
         self._buffer_size = 0
         self._drop_received(notify_peer=False)
-        self._loop.call_soon(
-            self._lose, ConnectionResetError("Connection reset by peer")
-        )
+        return True
 
     def _fatal_error(self, exc: Exception, message: str) -> None:
         self._loop.call_exception_handler(

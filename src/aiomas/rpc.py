@@ -21,7 +21,6 @@ import asyncio
 import builtins
 import inspect
 import logging
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar
@@ -472,7 +471,7 @@ class RpcClient:
             func = router.resolve(path)
             result = func(*args, **kwargs)
         except Exception as exc:
-            _answer(request, FAILURE, _format_exception(exc))
+            _answer(request, FAILURE, channel_mod._format_exception(exc))
             return
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(_reply_when_done(request, result))
@@ -486,7 +485,7 @@ async def _reply_when_done(request: Request, awaitable: Any) -> None:
     try:
         result = await awaitable
     except Exception as exc:
-        _answer(request, FAILURE, _format_exception(exc))
+        _answer(request, FAILURE, channel_mod._format_exception(exc))
     else:
         _answer(request, RESULT, result)
 
@@ -514,10 +513,6 @@ def _parse_call(content: Any) -> tuple[str, Iterable[Any], Mapping[str, Any]]:
         "An RPC request must be [path, args, kwargs], got "
         f"{channel_mod._abbreviate(content)}"
     )
-
-
-def _format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
