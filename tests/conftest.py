@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,21 @@ class Endpoint:
     server_addr: Any
     server_kwargs: dict[str, Any] = field(default_factory=dict)
     client_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, start_server: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Run ``start_server(server_addr, *args, **kwargs)`` (e.g. of
+        aiomas.channel or aiomas.rpc); yield the address clients connect to."""
+        server = await start_server(
+            self.server_addr, *args, **self.server_kwargs, **kwargs
+        )
+        try:
+            yield self.client_addr(server)
+        finally:
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 5)
 
     def client_addr(self, server: asyncio.AbstractServer) -> Any:
         """The address to connect to, given the started server."""

@@ -23,19 +23,11 @@ from .conftest import Endpoint, TLSFiles
 Handler = Callable[[Channel], Awaitable[Any] | None]
 
 
-@contextlib.asynccontextmanager
-async def serving(
+def serving(
     endpoint: Endpoint, handler: Handler, **kwargs: Any
-) -> AsyncIterator[Any]:
+) -> contextlib.AbstractAsyncContextManager[Any]:
     """Run a channel server with *handler*; yield the address clients use."""
-    server = await aiomas.channel.start_server(
-        endpoint.server_addr, handler, **endpoint.server_kwargs, **kwargs
-    )
-    try:
-        yield endpoint.client_addr(server)
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 5)
+    return endpoint.serve(aiomas.channel.start_server, handler, **kwargs)
 
 
 async def connect(endpoint: Endpoint, addr: Any, **kwargs: Any) -> Channel:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -194,18 +193,11 @@ def test_slotted_service_without_room_for_a_router() -> None:
 # Calls over real connections.
 
 
-@contextlib.asynccontextmanager
-async def rpc_server(
+def rpc_server(
     endpoint: Endpoint, service: Any, cb: Any = None, **kwargs: Any
-) -> AsyncIterator[Any]:
-    server = await aiomas.rpc.start_server(
-        endpoint.server_addr, service, cb, **endpoint.server_kwargs, **kwargs
-    )
-    try:
-        yield endpoint.client_addr(server)
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 5)
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """Run an RPC server for *service*; yield the address clients use."""
+    return endpoint.serve(aiomas.rpc.start_server, service, cb, **kwargs)
 
 
 async def rpc_connect(endpoint: Endpoint, addr: Any, **kwargs: Any) -> RpcClient:
