@@ -16,7 +16,7 @@ import os
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 from aiomas import local_queue
 from aiomas.codecs import JSON, Codec
@@ -196,8 +196,8 @@ class Channel:
         self._loop = loop
         self._encode = codec.encode
         self._decode = codec.decode
-        assert isinstance(transport, asyncio.WriteTransport)
-        self._write = transport.write
+        # Duck typing: uvloop's transports do not subclass asyncio.Transport.
+        self._write = cast(asyncio.WriteTransport, transport).write
         self._peername = transport.get_extra_info("peername")
         self._requests = RequestTable()
         self._incoming: deque[Request] = deque()
@@ -297,8 +297,7 @@ class Channel:
                     _CLOSE_TIMEOUT,
                     extra={"peer": self._peername},
                 )
-                assert isinstance(transport, asyncio.Transport)
-                transport.abort()
+                cast(asyncio.Transport, transport).abort()
                 await closed
 
     # Internal API, used by Request, ChannelProtocol and aiomas.rpc.
@@ -538,10 +537,13 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if channel is not None:
             channel._connection_lost(exc)
         transport = self.transport
-        if isinstance(transport, asyncio.Transport):
-            transport.abort()
-        elif transport is not None:
-            transport.close()
+        if transport is not None:
+            # Cut the connection at once: nothing more from this peer is trusted.
+            abort = getattr(transport, "abort", None)
+            if abort is not None:
+                abort()
+            else:
+                transport.close()
 
     def eof_received(self) -> bool:
         """The peer closed its side: let the transport close the connection."""
@@ -601,8 +603,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     async def write(self, len_bytes: bytes, content: bytes) -> None:
         """Write a frame (header *len_bytes* and payload *content*) and wait until
         the transport can take more data."""
-        transport = self.transport
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = cast(asyncio.WriteTransport, self.transport)
         transport.write(len_bytes + content)
         await self.drain()
 
