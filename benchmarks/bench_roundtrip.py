@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import aiomas
 
@@ -55,8 +55,8 @@ class RawProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports are duck-typed.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -162,9 +162,22 @@ async def measure(
     return count / elapsed
 
 
-def run_round(impl: str, codec: str, in_flight: int, seconds: float) -> float:
+def run_loop(coro: Any, use_uvloop: bool) -> Any:
+    """Run *coro* on a new default asyncio loop or on uvloop."""
+    if not use_uvloop:
+        return asyncio.run(coro)
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def run_round(
+    impl: str, codec: str, in_flight: int, seconds: float, use_uvloop: bool
+) -> float:
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", impl, "--codec", codec],
+        [sys.executable, __file__, "--serve", impl, "--codec", codec]
+        + (["--uvloop"] if use_uvloop else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -172,7 +185,10 @@ def run_round(impl: str, codec: str, in_flight: int, seconds: float) -> float:
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        return asyncio.run(measure(impl, codec, port, in_flight, seconds))
+        result: float = run_loop(
+            measure(impl, codec, port, in_flight, seconds), use_uvloop
+        )
+        return result
     finally:
         assert server.stdin is not None
         server.stdin.close()
@@ -182,6 +198,9 @@ def run_round(impl: str, codec: str, in_flight: int, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run client and server on uvloop"
+    )
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument(
         "--codec", nargs="+", choices=["json", "msgpack"], default=["json", "msgpack"]
@@ -194,11 +213,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.codec[0]))
+        run_loop(serve(args.serve, args.codec[0]), args.uvloop)
         return
 
+    loop_name = "uvloop" if args.uvloop else "default asyncio loop"
     print(
-        f"Python {sys.version.split()[0]}, {args.rounds} rounds of "
+        f"Python {sys.version.split()[0]}, {loop_name}, {args.rounds} rounds of "
         f"{args.seconds:g} s, TCP loopback, client and server in 2 processes"
     )
     print(
@@ -211,7 +231,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for impl in impls:
                     results[impl].append(
-                        run_round(impl, codec, in_flight, args.seconds)
+                        run_round(impl, codec, in_flight, args.seconds, args.uvloop)
                     )
             floor = statistics.median(results["floor"])
             for impl in impls:
