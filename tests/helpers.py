@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from typing import Any
 
+import pytest
 from hypothesis import strategies as st
+
+from aiomas.channel import Channel
 
 # Any value that every codec can encode (JSON, MsgPack, MsgPackBlosc).
 codec_values = st.recursive(
@@ -43,3 +48,26 @@ def close_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.run_until_complete(loop.shutdown_default_executor())
     loop.close()
+
+
+async def echo_forever(channel: Channel) -> None:
+    """Answer every request with its content until the peer goes away (then the
+    ConnectionResetError of recv() ends it, as a handler's normal end)."""
+    while True:
+        request = await channel.recv()
+        await request.reply(request.content)
+
+
+async def echo_until_closed(channel: Channel) -> None:
+    """Like :func:`echo_forever`, but ends quietly when the peer goes away."""
+    with contextlib.suppress(ConnectionError):
+        await echo_forever(channel)
+
+
+def aiomas_records(
+    caplog: pytest.LogCaptureFixture, level: int
+) -> list[logging.LogRecord]:
+    """The log records of aiomas' own loggers at *level* or above."""
+    return [
+        r for r in caplog.records if r.name.startswith("aiomas") and r.levelno >= level
+    ]

@@ -19,6 +19,7 @@ from aiomas.channel import Channel, ChannelProtocol, Request
 from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
 
 from .conftest import Endpoint, TLSFiles
+from .helpers import aiomas_records, echo_forever, echo_until_closed
 
 Handler = Callable[[Channel], Awaitable[Any] | None]
 
@@ -34,18 +35,6 @@ async def connect(endpoint: Endpoint, addr: Any, **kwargs: Any) -> Channel:
     return await aiomas.channel.open_connection(
         addr, **endpoint.client_kwargs, **kwargs
     )
-
-
-async def echo_forever(channel: Channel) -> None:
-    """Answer every request with its content until the peer goes away."""
-    while True:
-        request = await channel.recv()
-        await request.reply(request.content)
-
-
-async def echo_until_closed(channel: Channel) -> None:
-    with contextlib.suppress(ConnectionError):
-        await echo_forever(channel)
 
 
 # The spec's basic example, on every transport.
@@ -250,11 +239,7 @@ async def test_cancelled_request_drops_late_reply_quietly(
         release.set()
         assert await channel.send("fast") == "fast"
         await channel.close()
-    assert not [
-        r
-        for r in caplog.records
-        if r.name.startswith("aiomas") and r.levelno >= logging.WARNING
-    ]
+    assert not aiomas_records(caplog, logging.WARNING)
 
 
 async def test_unserializable_request_leaves_channel_usable(endpoint: Endpoint) -> None:
@@ -474,11 +459,7 @@ async def test_failing_client_connected_cb_closes_only_that_connection(
         assert await working.send("hi") == "hi"
         await broken.close()
         await working.close()
-    errors = [
-        r
-        for r in caplog.records
-        if r.name.startswith("aiomas") and r.levelno == logging.ERROR
-    ]
+    errors = aiomas_records(caplog, logging.ERROR)
     assert len(errors) == 1
     assert "client_connected_cb failed" in errors[0].getMessage()
     assert errors[0].exc_info is not None
@@ -492,11 +473,7 @@ async def test_handler_ending_because_peer_left_is_not_an_error(
         channel = await connect(endpoint, addr)
         assert await channel.send(1) == 1
         await channel.close()
-    assert not [
-        r
-        for r in caplog.records
-        if r.name.startswith("aiomas") and r.levelno >= logging.ERROR
-    ]
+    assert not aiomas_records(caplog, logging.ERROR)
 
 
 # Flow control.

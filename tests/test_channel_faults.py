@@ -18,14 +18,9 @@ from typing import Any
 import pytest
 
 import aiomas
-from aiomas.channel import Channel
 from aiomas.exceptions import ProtocolError
 
-
-async def echo_forever(channel: Channel) -> None:
-    while True:
-        request = await channel.recv()
-        await request.reply(request.content)
+from .helpers import echo_forever
 
 
 @contextlib.asynccontextmanager

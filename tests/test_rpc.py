@@ -15,6 +15,7 @@ from aiomas.exceptions import RemoteException, SerializationError
 from aiomas.rpc import Proxy, Router, RpcClient, Service, ServiceDict, expose
 
 from .conftest import Endpoint
+from .helpers import aiomas_records
 
 # Routers and services, without a network.
 
@@ -513,11 +514,7 @@ async def test_failing_client_connected_cb_is_logged_and_connection_survives(
     await client.close()
     server.close()
     await server.wait_closed()
-    errors = [
-        r
-        for r in caplog.records
-        if r.name.startswith("aiomas") and r.levelno == logging.ERROR
-    ]
+    errors = aiomas_records(caplog, logging.ERROR)
     assert len(errors) == 1
     assert "failed for the connection" in errors[0].getMessage()
 

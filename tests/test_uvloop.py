@@ -12,6 +12,7 @@ import aiomas
 from aiomas.rpc import ServiceDict, expose
 
 from .conftest import TLSFiles
+from .helpers import echo_until_closed
 
 uvloop = pytest.importorskip("uvloop", reason="uvloop is not available here")
 
@@ -75,16 +76,8 @@ def test_channel_over_tls_and_unix_on_uvloop(tls: TLSFiles, tmp_path: Path) -> N
 
 
 def test_bad_input_on_uvloop_closes_only_that_connection() -> None:
-    async def echo_forever(channel: aiomas.channel.Channel) -> None:
-        try:
-            while True:
-                request = await channel.recv()
-                await request.reply(request.content)
-        except ConnectionError:
-            pass
-
     async def main() -> None:
-        server = await aiomas.channel.start_server(("127.0.0.1", 0), echo_forever)
+        server = await aiomas.channel.start_server(("127.0.0.1", 0), echo_until_closed)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"\xff\xff\xff\xff")
