@@ -431,12 +431,13 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.BaseTransport | None = None
         self._reader = FrameReader(max_frame_size)
         self._client_connected_cb = client_connected_cb
-        self._cb_task: asyncio.Task[Any] | None = None
+        # Holds the callback's task while it runs: asyncio keeps only weak
+        # references to tasks.
+        self._cb_task: asyncio.Future[Any] | None = None
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
-        self._eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Create the :class:`Channel` and start the client connected callback."""
@@ -467,7 +468,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self._cb_task = task
             task.add_done_callback(self._cb_done)
 
-    def _cb_done(self, task: asyncio.Task[Any]) -> None:
+    def _cb_done(self, task: asyncio.Future[Any]) -> None:
         self._cb_task = None
         if task.cancelled():
             return
@@ -547,7 +548,6 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         """The peer closed its side: let the transport close the connection."""
-        self._eof = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
