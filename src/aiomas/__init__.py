@@ -4,7 +4,19 @@ This module gives short access to the most used names; everything also lives in
 its own submodule (:mod:`aiomas.channel`, :mod:`aiomas.codecs`, ...).
 """
 
-from aiomas import channel, clocks, codecs, exceptions, local_queue, rpc, util, wire
+from aiomas import (
+    agent,
+    channel,
+    clocks,
+    codecs,
+    exceptions,
+    local_queue,
+    rpc,
+    subproc,
+    util,
+    wire,
+)
+from aiomas.agent import Agent, Container, SSLCerts
 from aiomas.clocks import AsyncioClock, BaseClock, ExternalClock
 from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
 from aiomas.exceptions import (
@@ -26,15 +38,19 @@ __version__ = "2.1.0.dev0"
 
 __all__ = [
     "JSON",
+    "Agent",
     "AiomasError",
     "AsyncioClock",
     "BaseClock",
+    "Container",
     "ExternalClock",
     "MsgPack",
     "MsgPackBlosc",
     "ProtocolError",
     "RemoteException",
+    "SSLCerts",
     "SerializationError",
+    "agent",
     "channel",
     "clocks",
     "codecs",
@@ -48,6 +64,7 @@ __all__ = [
     "rpc",
     "run",
     "serializable",
+    "subproc",
     "util",
     "wire",
 ]

@@ -311,7 +311,8 @@ class Proxy:
         child = children.get(name)
         if child is None:
             path = f"{self._path}/{name}" if self._path else name
-            child = type(self)(self._channel, path)
+            # Sub-paths are plain proxies, whatever subclass this one is.
+            child = Proxy(self._channel, path)
             children[name] = child
         return child
 

@@ -1,0 +1,160 @@
+"""``python -m aiomas.subproc HOST:PORT``: run a container with a Manager agent.
+
+The first line on stdout is the manager's address (``tcp://HOST:PORT/0``, with
+the real port if PORT is 0).  The process ends when the manager's ``stop()`` is
+called, or on SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import arrow
+
+from aiomas import codecs
+from aiomas.agent import SSLCerts
+from aiomas.clocks import ExternalClock
+from aiomas.subproc import serve
+
+CODECS: dict[str, type[codecs.Codec]] = {
+    "json": codecs.JSON,
+    "msgpack": codecs.MsgPack,
+    "msgpack-blosc": codecs.MsgPackBlosc,
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[IPv6]:PORT`` for IPv6 addresses)."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (e.g. 127.0.0.1:5555 or [::1]:5555), got {value!r}"
+        )
+    return host, int(port)
+
+
+def iso_date(value: str) -> str:
+    """Check that *value* is a date that arrow can parse."""
+    try:
+        arrow.get(value)
+    except (arrow.parser.ParserError, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 date (e.g. 2010-03-27T00:00:00+01:00): {value!r} ({exc})"
+        ) from None
+    return value
+
+
+def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """Return the argument parser of the container command line."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Run an aiomas agent container with a Manager agent (id 0) that a "
+            "master process uses to spawn agents, set the clock and stop the "
+            "container.  Prints the manager's address as the first line."
+        ),
+    )
+    parser.add_argument(
+        "addr",
+        metavar="HOST:PORT",
+        type=host_port,
+        help="address to listen on; port 0 picks a free port",
+    )
+    parser.add_argument(
+        "--start-date",
+        type=iso_date,
+        help=(
+            "use an ExternalClock starting at this date (ISO 8601, e.g. "
+            "2010-03-27T00:00:00+01:00) and time --init-time; without it, the "
+            "container runs in real time"
+        ),
+    )
+    parser.add_argument(
+        "--init-time",
+        type=float,
+        default=-1.0,
+        help="initial time of the ExternalClock (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--codec",
+        choices=sorted(CODECS),
+        default="json",
+        help="message codec (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cafile", help="CA certificate for TLS (with --certfile and --keyfile)"
+    )
+    parser.add_argument("--certfile", help="this container's TLS certificate")
+    parser.add_argument("--keyfile", help="the private key of --certfile")
+    parser.add_argument(
+        "--log-level",
+        "-l",
+        choices=LOG_LEVELS,
+        default="info",
+        help="log level (default: %(default)s)",
+    )
+    return parser
+
+
+def container_kwargs(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> dict[str, Any]:
+    """Turn parsed arguments into keyword arguments for Container.create()."""
+    kwargs: dict[str, Any] = {"codec": CODECS[args.codec]}
+    if args.start_date is not None:
+        kwargs["clock"] = ExternalClock(args.start_date, init_time=args.init_time)
+    tls_files = (args.cafile, args.certfile, args.keyfile)
+    if any(tls_files):
+        if not all(tls_files):
+            parser.error("TLS needs all of --cafile, --certfile and --keyfile")
+        kwargs["ssl"] = SSLCerts(*tls_files)
+    return kwargs
+
+
+async def run_container(addr: tuple[str, int], kwargs: dict[str, Any]) -> None:
+    """Run the container until its manager is stopped or SIGTERM arrives."""
+    serving = asyncio.ensure_future(
+        serve(addr, kwargs, lambda manager: print(manager.addr, flush=True))
+    )
+    if sys.platform != "win32":
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, serving.cancel)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # SIGINT cancelled us (asyncio.run): it raises KeyboardInterrupt.
+        # SIGTERM cancelled only the container, which is shut down now.
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = make_parser(prog)
+    args = parser.parse_args(argv)
+    kwargs = container_kwargs(args, parser)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(run_container(args.addr, kwargs))
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m aiomas.subproc"))
