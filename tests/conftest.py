@@ -7,6 +7,7 @@ import contextlib
 import ssl
 import sys
 import tempfile
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import trustme
 
 import aiomas
 from aiomas import local_queue
+
+from .helpers import close_loop
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +118,7 @@ def wrong_host_tls(ca: trustme.CA, tls_dir: Path) -> TLSFiles:
     return _tls_files(ca, tls_dir, "elsewhere", "elsewhere.example")
 
 
-def _ipv6_available() -> bool:
+def ipv6_available() -> bool:
     import socket
 
     if not socket.has_ipv6:
@@ -171,7 +174,7 @@ def endpoint(request: pytest.FixtureRequest, tls: TLSFiles) -> Iterator[Endpoint
     if kind == "tcp4":
         yield Endpoint(kind, ("127.0.0.1", 0))
     elif kind == "tcp6":
-        if not _ipv6_available():
+        if not ipv6_available():
             pytest.skip("IPv6 loopback (::1) is not available on this machine")
         yield Endpoint(kind, ("::1", 0))
     elif kind == "unix":
@@ -190,3 +193,31 @@ def endpoint(request: pytest.FixtureRequest, tls: TLSFiles) -> Iterator[Endpoint
             server_kwargs={"ssl": tls.server_context},
             client_kwargs={"ssl": tls.client_context},
         )
+
+
+def peek_thread_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop set for this thread, if any; never makes one and never warns."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            return asyncio.get_event_loop()
+        except (RuntimeError, DeprecationWarning):
+            return None
+
+
+@pytest.fixture
+def no_thread_loop() -> Iterator[None]:
+    """Run the test with no event loop set for this thread.
+
+    Afterwards, close whatever loop the test left set and restore the previous
+    one, so that run() tests do not leak loops into other tests.
+    """
+    previous = peek_thread_loop()
+    asyncio.set_event_loop(None)
+    try:
+        yield
+    finally:
+        leftover = peek_thread_loop()
+        if leftover is not None and leftover is not previous:
+            close_loop(leftover)
+        asyncio.set_event_loop(previous)

@@ -495,6 +495,39 @@ async def test_connection_loss_fails_all_calls_in_flight(endpoint: Endpoint) -> 
         await client.close()
 
 
+async def test_calls_running_for_a_lost_connection_are_cancelled(
+    endpoint: Endpoint,
+) -> None:
+    """Results for a peer that is gone cannot be delivered: the exposed
+    coroutines computing them are cancelled instead of running on."""
+    started = asyncio.Event()
+    cancelled: list[int] = []
+
+    @expose
+    async def hang(i: int) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+
+    async with rpc_server(endpoint, ServiceDict({"hang": hang})) as addr:
+        client = await rpc_connect(endpoint, addr)
+        calls = [client.remote.hang(i) for i in range(10)]
+        await started.wait()
+        await asyncio.sleep(0.05)
+        await client.close()
+        for call in calls:
+            with pytest.raises(ConnectionResetError):
+                await call
+        for _ in range(100):
+            if len(cancelled) == 10:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(cancelled) == list(range(10))
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_failing_client_connected_cb_is_logged_and_connection_survives(
     kind: str, caplog: pytest.LogCaptureFixture

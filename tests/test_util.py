@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from aiomas import exceptions, util
 
+from .conftest import peek_thread_loop
 from .helpers import close_loop
 
 # Generous bound for things that happen within milliseconds; only a broken test
@@ -39,34 +40,6 @@ WAIT: float = 10.0
 
 
 # --- run() and get_loop() ----------------------------------------------------------
-
-
-def _peek_thread_loop() -> asyncio.AbstractEventLoop | None:
-    """The loop set for this thread, if any; never makes one and never warns."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        try:
-            return asyncio.get_event_loop()
-        except (RuntimeError, DeprecationWarning):
-            return None
-
-
-@pytest.fixture
-def no_thread_loop() -> Iterator[None]:
-    """Run the test with no event loop set for this thread.
-
-    Afterwards, close whatever loop the test left set and restore the previous
-    one, so that run() tests do not leak loops into other tests.
-    """
-    previous = _peek_thread_loop()
-    asyncio.set_event_loop(None)
-    try:
-        yield
-    finally:
-        leftover = _peek_thread_loop()
-        if leftover is not None and leftover is not previous:
-            close_loop(leftover)
-        asyncio.set_event_loop(previous)
 
 
 @pytest.fixture
@@ -84,7 +57,7 @@ def fresh_policy(no_thread_loop: None) -> Iterator[None]:
     try:
         yield
     finally:
-        leftover = _peek_thread_loop()
+        leftover = peek_thread_loop()
         if leftover is not None:
             close_loop(leftover)
         with warnings.catch_warnings():
@@ -129,9 +102,9 @@ class TestRun:
         assert calls == ["ran"]
 
     def test_creates_and_sets_loop(self) -> None:
-        assert _peek_thread_loop() is None
+        assert peek_thread_loop() is None
         loop = util.run(_running_loop())
-        assert _peek_thread_loop() is loop
+        assert peek_thread_loop() is loop
         assert util.get_loop() is loop
         assert not loop.is_closed()
 
@@ -179,7 +152,7 @@ class TestRun:
         loop = util.run(_running_loop())
         assert loop is not closed
         assert not loop.is_closed()
-        assert _peek_thread_loop() is loop
+        assert peek_thread_loop() is loop
 
     def test_respects_loop_set_by_user(self) -> None:
         mine = asyncio.new_event_loop()
@@ -199,7 +172,7 @@ class TestRun:
             except BaseException as exc:  # reported in the main thread
                 errors.append(exc)
             finally:
-                loop = _peek_thread_loop()
+                loop = peek_thread_loop()
                 if loop is not None:
                     close_loop(loop)
                 asyncio.set_event_loop(None)

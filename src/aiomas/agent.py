@@ -370,15 +370,21 @@ class Container:
             ports = {sock.getsockname()[1] for sock in sockets}
             if len(ports) == 1 or port != 0:
                 return server, ports.pop() if port == 0 else port
+            first_port = sockets[0].getsockname()[1]
             server.close()
             await server.wait_closed()
-            first_port = sockets[0].getsockname()[1]
             try:
                 server = await self._serve((host, first_port), kwargs)
             except OSError:
                 continue  # Someone else got that port on another interface.
             return server, first_port
         raise OSError(f"Found no port that is free on every interface of {host!r}")
+
+    @property
+    def base_url(self) -> str:
+        """The address of the container: its agents' addresses without the id,
+        e.g. ``'tcp://localhost:5555/'``."""
+        return self._base_url
 
     @property
     def clock(self) -> BaseClock:

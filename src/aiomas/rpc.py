@@ -348,7 +348,9 @@ class RpcClient:
     def __init__(self, channel: Channel, rpc_service: Any = None) -> None:
         self._channel = channel
         self._router = None if rpc_service is None else _router_of(rpc_service)
+        # Tasks of user callbacks, and of exposed coroutines answering calls.
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._calls: set[asyncio.Future[Any]] = set()
         self._reset_callback: Callable[[BaseException], Any] | None = None
         self._closing = False
         self._remote = Proxy(channel, "")
@@ -401,7 +403,7 @@ class RpcClient:
         """Close the connection and wait for all sub tasks to finish."""
         self._closing = True
         await self._channel.close()
-        tasks: list[asyncio.Future[Any]] = list(self._tasks)
+        tasks: list[asyncio.Future[Any]] = [*self._tasks, *self._calls]
         if self._service is not None:
             tasks.append(self._service)
         # close() may be called by one of our own handlers (e.g. an exposed
@@ -414,6 +416,10 @@ class RpcClient:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _service_done(self, task: asyncio.Task[None]) -> None:
+        # The connection is gone: calls still running over it could never
+        # deliver their results, so they must not run on (maybe forever).
+        for call in self._calls:
+            call.cancel()
         if task.cancelled():
             return
         exc = task.exception()
@@ -476,8 +482,8 @@ class RpcClient:
             return
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(_reply_when_done(request, result))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
             return
         _answer(request, RESULT, result)
 
