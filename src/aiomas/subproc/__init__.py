@@ -151,13 +151,15 @@ class ContainerProcess:
 
     @classmethod
     async def start(
-        cls, *args: str, ready_timeout: float = _READY_TIMEOUT
+        cls, *args: str, ready_timeout: float = _READY_TIMEOUT, **kwargs: Any
     ) -> ContainerProcess:
         """Start ``python -m aiomas.subproc *args`` and wait until it listens.
 
         Args:
             *args: Command line arguments, e.g. ``'127.0.0.1:0'`` and options.
             ready_timeout: Seconds to wait for the child to report its address.
+            **kwargs: Passed to :func:`asyncio.create_subprocess_exec`, e.g.
+                ``cwd`` or ``env`` (so that the child can import your agents).
 
         Raises:
             RuntimeError: if the child exits (e.g. bad arguments) or does not
@@ -169,6 +171,7 @@ class ContainerProcess:
             "aiomas.subproc",
             *args,
             stdout=asyncio.subprocess.PIPE,
+            **kwargs,
         )
         assert process.stdout is not None
         try:
