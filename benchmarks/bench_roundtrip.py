@@ -1,8 +1,9 @@
-"""Request/reply round trips per second over TCP loopback: channel and RPC.
+"""Request/reply round trips per second over TCP loopback: channel, RPC, agents.
 
 Client and server run in separate processes.  Each workload is measured for the
-aiomas channel, for aiomas RPC (a call of an exposed echo function), and for the
-*floor*: a bare :class:`asyncio.Protocol` doing the same framing (4-byte length
+aiomas channel, for aiomas RPC (a call of an exposed echo function), for agents
+(an agent calling an exposed method of an agent in another container), and for
+the *floor*: a bare :class:`asyncio.Protocol` doing the same framing (4-byte length
 header) and the same encoding with nothing around it.  Runs alternate between the
 implementations so that machine noise hits all alike; the table shows median, min
 and max of the rounds and the median as a ratio to the floor.
@@ -10,7 +11,7 @@ and max of the rounds and the median as a ratio to the floor.
 Usage::
 
     python benchmarks/bench_roundtrip.py [--rounds 5] [--seconds 2]
-        [--codec json msgpack] [--impl channel rpc]
+        [--codec json msgpack] [--impl channel rpc agent] [--uvloop]
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def rpc_echo(content: Any) -> Any:
     return content
 
 
+class EchoAgent(aiomas.Agent):
+    @aiomas.expose
+    def echo(self, content: Any) -> Any:
+        return content
+
+
 async def serve(impl: str, codec: str) -> None:
     loop = asyncio.get_running_loop()
     codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
@@ -112,6 +119,15 @@ async def serve(impl: str, codec: str) -> None:
         server = await aiomas.rpc.start_server(
             ("127.0.0.1", 0), service, codec=codec_cls
         )
+    elif impl == "agent":
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), codec=codec_cls, as_coro=True
+        )
+        EchoAgent(container)
+        print(container.base_url.rsplit(":", 1)[1].rstrip("/"), flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+        await container.shutdown(as_coro=True)
+        return
     else:
         server = await aiomas.channel.start_server(
             ("127.0.0.1", 0), echo, codec=codec_cls
@@ -137,6 +153,14 @@ async def measure(
         client = await aiomas.rpc.open_connection(("127.0.0.1", port), codec=codec_cls)
         send = client.remote.echo
         close = client.close
+    elif impl == "agent":
+        codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), codec=codec_cls, as_coro=True
+        )
+        proxy = await container.connect(f"tcp://127.0.0.1:{port}/0")
+        send = proxy.echo
+        close = container.shutdown
     else:
         codec_cls = aiomas.JSON if codec == "json" else aiomas.MsgPack
         channel = await aiomas.channel.open_connection(
@@ -156,7 +180,7 @@ async def measure(
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(in_flight)))
     elapsed = time.perf_counter() - start
-    result = close()
+    result = close(as_coro=True) if impl == "agent" else close()
     if asyncio.iscoroutine(result):
         await result
     return count / elapsed
@@ -206,10 +230,13 @@ def main() -> None:
         "--codec", nargs="+", choices=["json", "msgpack"], default=["json", "msgpack"]
     )
     parser.add_argument(
-        "--impl", nargs="+", choices=["channel", "rpc"], default=["channel", "rpc"]
+        "--impl",
+        nargs="+",
+        choices=["channel", "rpc", "agent"],
+        default=["channel", "rpc", "agent"],
     )
     parser.add_argument(
-        "--serve", choices=["floor", "channel", "rpc"], help=argparse.SUPPRESS
+        "--serve", choices=["floor", "channel", "rpc", "agent"], help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.serve:

@@ -9,6 +9,18 @@ import pytest
 import trustme
 from _pytest.doctest import DoctestItem
 
+DOCS = Path(__file__).parent
+
+# Guides whose doctests start ``python -m aiomas.subproc`` containers that spawn
+# agents from docs/workers.py.  A ``python -m`` child has its working directory
+# on sys.path, so these guides run in docs/.
+_GUIDES_WITH_SUBPROCESSES = ("agents.rst", "clocks.rst")
+
+
+def _doctest_file(request: pytest.FixtureRequest) -> str | None:
+    node = request.node
+    return node.name if isinstance(node, DoctestItem) else None
+
 
 @pytest.fixture(autouse=True)
 def _tls_files_for_tls_guide(
@@ -16,8 +28,8 @@ def _tls_files_for_tls_guide(
 ) -> Iterator[None]:
     """The TLS guide reads ca.pem, device.pem and device.key from the current
     directory, as a deployment would; make them with a throw-away CA."""
-    node = request.node
-    if not (isinstance(node, DoctestItem) and node.name.endswith("tls.rst")):
+    name = _doctest_file(request)
+    if name is None or not name.endswith("tls.rst"):
         yield
         return
     ca = trustme.CA()
@@ -29,3 +41,14 @@ def _tls_files_for_tls_guide(
     )
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _run_subprocess_guides_in_docs(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Let the container processes of the agent and clock guides import
+    docs/workers.py."""
+    name = _doctest_file(request)
+    if name is not None and name.endswith(_GUIDES_WITH_SUBPROCESSES):
+        monkeypatch.chdir(DOCS)

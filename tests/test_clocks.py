@@ -148,3 +148,19 @@ async def test_spec_example_clock_setter() -> None:
     setter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await setter
+
+
+@pytest.mark.usefixtures("no_thread_loop")
+def test_clocks_work_outside_a_running_loop() -> None:
+    """Like aiomas.run(), the clocks use this thread's loop when none runs."""
+    import aiomas
+
+    clock = AsyncioClock()
+    start = clock.time()
+    assert aiomas.run(clock.sleep(0.01, result="done")) == "done"
+    assert clock.time() >= start + 0.01
+    external = ExternalClock("2016-01-01T00:00:00")
+    sleeper = external.sleep(1, result="woke")
+    external.call_in(0, lambda: None)
+    external.set_time(1)
+    assert aiomas.run(sleeper) == "woke"

@@ -133,6 +133,38 @@ def test_unreachable_paths_raise_lookup_error_without_touching_the_object(
     assert not calc.touched
 
 
+def test_instance_attributes_and_exposure() -> None:
+    """An instance attribute hides an exposed method of the class (and is not
+    exposed itself); an exposed function stored on the instance is reachable."""
+
+    class Service_:
+        router = Service()
+
+        @expose
+        def hidden(self) -> int:
+            return 1
+
+        @expose
+        @staticmethod
+        def static() -> int:
+            return 2
+
+        @classmethod
+        @expose
+        def klass(cls) -> int:
+            return 3
+
+    service = Service_()
+    service.hidden = lambda: 4  # type: ignore[method-assign]
+    service.own = expose(lambda: 5)  # type: ignore[attr-defined]
+    with pytest.raises(LookupError):
+        service.router.resolve("hidden")
+    assert service.router.resolve("static")() == 2
+    assert service.router.resolve("klass")() == 3
+    assert service.router.resolve("own")() == 5
+    assert Service_().router.resolve("hidden")() == 1
+
+
 def test_resolve_refuses_non_string_paths() -> None:
     with pytest.raises(LookupError):
         Calculator().router.resolve(["mul"])  # type: ignore[arg-type]

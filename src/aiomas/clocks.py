@@ -19,6 +19,8 @@ from typing import Any, Protocol, TypeAlias
 
 import arrow
 
+from aiomas import util
+
 __all__ = ["AsyncioClock", "BaseClock", "ExternalClock", "TimerHandle"]
 
 Time: TypeAlias = "float | arrow.Arrow"
@@ -96,17 +98,25 @@ class BaseClock:
         return t - now
 
 
+def _loop() -> asyncio.AbstractEventLoop:
+    """The running loop or, outside of one, the loop that aiomas.run() uses."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return util.get_loop()
+
+
 class AsyncioClock(BaseClock):
     """A real-time clock: the time of the running asyncio event loop."""
 
     def time(self) -> float:
-        return asyncio.get_running_loop().time()
+        return _loop().time()
 
     def utcnow(self) -> arrow.Arrow:
         return arrow.utcnow()
 
     def sleep(self, dt: float, result: Any = None) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = _loop()
         future = loop.create_future()
         loop.call_later(dt, _set_result_unless_done, future, result)
         return future
@@ -114,7 +124,7 @@ class AsyncioClock(BaseClock):
     def call_in(
         self, dt: float, func: Callable[..., Any], *args: Any
     ) -> asyncio.TimerHandle:
-        return asyncio.get_running_loop().call_later(dt, func, *args)
+        return _loop().call_later(dt, func, *args)
 
 
 def _set_result_unless_done(future: asyncio.Future[Any], result: Any) -> None:
@@ -197,7 +207,7 @@ class ExternalClock(BaseClock):
                 future.set_result(result)
 
     def sleep(self, dt: float, result: Any = None) -> asyncio.Future[Any]:
-        future = asyncio.get_running_loop().create_future()
+        future = _loop().create_future()
         if dt <= 0:
             future.set_result(result)
             return future
@@ -210,7 +220,7 @@ class ExternalClock(BaseClock):
     ) -> TimerHandle | asyncio.Handle:
         if dt <= 0:
             # Due now: still call it from the loop, never from inside call_in().
-            return asyncio.get_running_loop().call_soon(func, *args)
+            return _loop().call_soon(func, *args)
         future = self.sleep(dt)
 
         def callback(done: asyncio.Future[Any]) -> None:

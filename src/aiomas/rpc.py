@@ -180,15 +180,40 @@ class Router:
         if isinstance(obj, ServiceDict):
             func = obj.dict.get(name)
             return func if callable(func) and _is_exposed(func) else None
-        attr = _static_lookup(obj, name)
+        # Methods live in the class: finding them there is much faster than
+        # inspect.getattr_static(), which also looks at the instance first.
+        attr = _class_lookup(type(obj), name)
+        if attr is _MISSING:
+            attr = _static_lookup(obj, name)
         if attr is _MISSING or not _is_exposed(attr):
             return None
         # Binding an exposed function (or static/class method) runs no user code.
         bound = getattr(obj, name)
+        if getattr(bound, "__func__", bound) is not _underlying(attr):
+            # Something else (e.g. an instance attribute) hides the exposed one.
+            attr = _static_lookup(obj, name)
+            if attr is _MISSING or not _is_exposed(attr):
+                return None
         return bound if callable(bound) else None
 
 
 _MISSING: Final = object()
+
+
+def _class_lookup(cls: type, name: str) -> Any:
+    """Find class attribute *name* along *cls*' MRO without running code."""
+    for klass in cls.__mro__:
+        attr = klass.__dict__.get(name, _MISSING)
+        if attr is not _MISSING:
+            return attr
+    return _MISSING
+
+
+def _underlying(attr: Any) -> Any:
+    """What binding *attr* to an instance refers to (see _function())."""
+    if isinstance(attr, staticmethod | classmethod):
+        return attr.__func__
+    return attr
 
 
 def _static_lookup(obj: Any, name: str) -> Any:
