@@ -535,6 +535,7 @@ async def test_unix_and_local_addresses(tmp_path: Path) -> None:
         finally:
             await ipc.shutdown(as_coro=True)
             await local.shutdown(as_coro=True)
+        assert not Path(path, "sock").exists()
     finally:
         Path(path, "sock").unlink(missing_ok=True)
         Path(path).rmdir()
@@ -715,9 +716,14 @@ async def test_shutdown_with_calls_in_flight_both_ways() -> None:
         calls = [to_a.slow_echo(i, 60) for i in range(20)]
         calls += [to_b.slow_echo(i, 60) for i in range(20)]
         await asyncio.sleep(0.1)
+        channels = [c.channel for c in [*one._incoming, *one._outgoing.values()]]
+        assert len(channels) == 2
         start = time.monotonic()
         await asyncio.wait_for(one.shutdown(as_coro=True), WAIT)
         assert time.monotonic() - start < 2
+        assert one._server is not None
+        assert not one._server.is_serving()
+        assert all(c.protocol._closed.done() for c in channels)
         results = await asyncio.wait_for(
             asyncio.gather(*calls, return_exceptions=True), WAIT
         )

@@ -127,6 +127,24 @@ class AgentProxy(rpc.Proxy):
         return f"{self._type_name}Proxy({self._addr!r})"
 
 
+class _AgentsRouter(rpc.Router):
+    """The ``agents`` sub-service of a container: routes ``<aid>/...`` to the
+    router of the agent with that id, straight from the container's registry."""
+
+    __slots__ = ("_agents",)
+
+    def __init__(self, container: Container, agents: dict[str, Agent]) -> None:
+        super().__init__(container)
+        self._agents = agents
+
+    def _sub_router(self, name: str) -> rpc.Router | None:
+        agent = self._agents.get(name)
+        return None if agent is None else agent.router
+
+    def _function(self, name: str) -> None:
+        return None  # An agent id names an agent, never a function.
+
+
 class _Endpoint(NamedTuple):
     """Where a container listens, as parsed from an agent address."""
 
@@ -227,10 +245,8 @@ class Container:
         self._clock = clock
         self._connect_kwargs = connect_kwargs
         self._agent_ids = itertools.count()
-        self._agents_service = rpc.ServiceDict()
-        # The agent registry is the ServiceDict's own dict (no second copy).
-        self._agents: dict[str, Agent] = self._agents_service.dict
-        self._agents_router = self._agents_service.router
+        self._agents: dict[str, Agent] = {}
+        self._agents_router = _AgentsRouter(self, self._agents)
         self.router.set_sub_router(self._agents_router, "agents")
         self._server: asyncio.AbstractServer | None = None
         # Connections to other containers (by their base URL), those being made
@@ -242,6 +258,8 @@ class Container:
         # Connections that other containers opened to us.
         self._incoming: set[rpc.RpcClient] = set()
         self._shutdown_task: asyncio.Task[None] | None = None
+        # The unix socket file we listen on (path and inode), removed at shutdown.
+        self._socket_file: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._base_url!r})"
@@ -342,8 +360,10 @@ class Container:
             container._server = await container._serve(addr, server_kwargs)
             container._base_url = f"local://{addr.queue_id}/"
         elif isinstance(addr, str | os.PathLike):
-            container._server = await container._serve(addr, server_kwargs)
-            container._base_url = f"ipc://{os.fspath(addr)}/"
+            path = os.fspath(addr)
+            container._server = await container._serve(path, server_kwargs)
+            container._base_url = f"ipc://{path}/"
+            container._socket_file = (path, os.stat(path).st_ino)
         else:
             host, port = addr
             if server_ctx is not None:
@@ -485,6 +505,19 @@ class Container:
         )
         if server is not None:
             await server.wait_closed()
+        self._remove_socket_file()
+
+    def _remove_socket_file(self) -> None:
+        """Remove our unix socket file (Python 3.13 does so itself, older ones
+        leave it behind), unless someone else has replaced it since."""
+        if self._socket_file is None:
+            return
+        path, inode = self._socket_file
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     # Internal API, used by Agent.
 
@@ -493,8 +526,12 @@ class Container:
         address."""
         self._check_running()
         aid = str(next(self._agent_ids))
+        # Attach the agent's router like set_sub_router() would, but without a
+        # second registry: _AgentsRouter finds it in self._agents.
+        router = agent.router
+        router.parent = self._agents_router
+        router.name = aid
         self._agents[aid] = agent
-        self._agents_router.set_sub_router(agent.router, aid)
         return self._base_url + aid
 
     def _check_running(self) -> None:

@@ -92,10 +92,12 @@ class Router:
         """The name of the router (empty for root routers)."""
         self.parent: Router | None = None
         """The parent router or ``None`` for root routers."""
-        self._sub_routers: dict[str, Router] = {}
+        # Both are made on first use: a program may have many routers (one per
+        # agent) and most of them have no sub-routers.
+        self._sub_routers: dict[str, Router] | None = None
         # Sub-services declared by Service(sub_routers) whose attributes did not
         # exist yet when the router was made (e.g. still in __init__).
-        self._declared: list[str] = []
+        self._declared: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Router {self.path!r} of {type(self.obj).__name__}>"
@@ -133,6 +135,8 @@ class Router:
             raise ValueError(f"A sub-router name must not contain '/': {name!r}")
         router.parent = self
         router.name = name
+        if self._sub_routers is None:
+            self._sub_routers = {}
         self._sub_routers[name] = router
 
     def resolve(self, path: str) -> Callable[..., Any]:
@@ -163,17 +167,22 @@ class Router:
         return func
 
     def _sub_router(self, name: str) -> Router | None:
-        router = self._sub_routers.get(name)
+        routers = self._sub_routers
+        router = None if routers is None else routers.get(name)
         if router is None and name in self._declared:
             self._add_declared()
-            router = self._sub_routers.get(name)
+            routers = self._sub_routers
+            router = None if routers is None else routers.get(name)
         return router
 
     def _add_declared(self) -> None:
-        for name in list(self._declared):
-            if _static_lookup(self.obj, name) is not _MISSING:
+        missing = []
+        for name in self._declared:
+            if _static_lookup(self.obj, name) is _MISSING:
+                missing.append(name)
+            else:
                 self.add(name)
-                self._declared.remove(name)
+        self._declared = tuple(missing)
 
     def _function(self, name: str) -> Callable[..., Any] | None:
         obj = self.obj
@@ -253,9 +262,10 @@ class Service:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        try:
-            router: Router = getattr(obj, self._attr)
-        except AttributeError:
+        # A default (instead of catching AttributeError) spares CPython making
+        # an exception for every new instance.
+        router: Router | None = getattr(obj, self._attr, None)
+        if router is None:
             router = Router(obj)
             try:
                 setattr(obj, self._attr, router)
@@ -264,8 +274,9 @@ class Service:
                     f"{type(obj).__qualname__} instances need a __dict__ or a "
                     f"{self._attr!r} slot to hold their RPC router"
                 ) from None
-            router._declared = list(self.sub_routers)
-            router._add_declared()
+            if self.sub_routers:
+                router._declared = self.sub_routers
+                router._add_declared()
         return router
 
     def __set__(self, obj: Any, value: Any) -> None:
