@@ -653,3 +653,82 @@ async def test_plain_client_cannot_talk_to_tls_server(tls: TLSFiles) -> None:
     server, port = await _tls_server(tls)
     await _assert_refused(port)
     await _close_server(server)
+
+
+class RecordingTransport(asyncio.Transport):
+    """Records what the protocol writes; reads nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("fake", 1) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def frames(*messages: Any) -> bytes:
+    codec = aiomas.JSON()
+    return b"".join(wire.frame(codec.encode(m)) for m in messages)
+
+
+async def test_replies_to_requests_that_arrived_together_are_written_at_once() -> None:
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    channel = protocol.channel
+    assert channel is not None
+    channel.set_request_handler(lambda req: req._answer(wire.RESULT, req.content * 2))
+    protocol.data_received(frames(*([0, i, i] for i in range(50))))
+    assert transport.writes == [frames(*([1, i, 2 * i] for i in range(50)))]
+    # One request alone is answered with one write, as always.
+    protocol.data_received(frames([0, 50, 1]))
+    assert transport.writes[1:] == [frames([1, 50, 2])]
+    # Replies sent later (by asynchronous handlers) are not held back.
+    held: list[Request] = []
+    channel.set_request_handler(held.append)
+    protocol.data_received(frames([0, 51, 1], [0, 52, 2]))
+    assert len(transport.writes) == 2
+    held[1]._answer(wire.RESULT, "late")
+    assert transport.writes[2:] == [frames([1, 52, "late"])]
+    protocol.connection_lost(None)
+
+
+async def test_a_protocol_error_in_a_batch_drops_its_held_replies() -> None:
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    channel = protocol.channel
+    assert channel is not None
+    channel.set_request_handler(lambda req: req._answer(wire.RESULT, req.content))
+    with contextlib.suppress(Exception):
+        protocol.data_received(frames([0, 0, "a"], [7, 1, "bad type"], [0, 2, "c"]))
+    assert transport.closed
+    assert transport.writes == []
+    protocol.connection_lost(None)
+
+
+def test_write_joined_keeps_order_and_does_not_copy_big_chunks() -> None:
+    small = [bytes([i % 256]) * 1000 for i in range(300)]  # 300 kB in 1 kB chunks
+    big = b"B" * (channel_mod._JOIN_LIMIT + 1)
+    chunks: list[Any] = [*small[:100], big, *small[100:]]
+    written: list[Any] = []
+    channel_mod._write_joined(written.append, chunks)
+    assert b"".join(written) == b"".join(chunks)
+    assert any(w is big for w in written)
+    assert all(
+        len(w) <= channel_mod._JOINED_WRITE_LIMIT for w in written if w is not big
+    )
+    assert len(written) <= 4

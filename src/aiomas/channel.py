@@ -59,6 +59,9 @@ ClientConnectedCallback: TypeAlias = Callable[["Channel"], Awaitable[Any] | None
 # Payloads above this size are handed to the transport separately from their
 # header, so that they are not copied once more just to prepend four bytes.
 _JOIN_LIMIT: Final = 64 * 1024
+# Replies to requests that arrived together are joined into writes of up to
+# this many bytes.
+_JOINED_WRITE_LIMIT: Final = 256 * 1024
 
 # How long Channel.close() waits for the transport to flush before aborting it.
 _CLOSE_TIMEOUT: Final = 10.0
@@ -197,7 +200,9 @@ class Channel:
         self._encode = codec.encode
         self._decode = codec.decode
         # Duck typing: uvloop's transports do not subclass asyncio.Transport.
-        self._write = cast(asyncio.WriteTransport, transport).write
+        self._write: Callable[[bytes | bytearray | memoryview], None] = cast(
+            asyncio.WriteTransport, transport
+        ).write
         self._peername = transport.get_extra_info("peername")
         self._requests = RequestTable()
         self._incoming: deque[Request] = deque()
@@ -405,6 +410,28 @@ def _abbreviate(obj: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _write_joined(
+    write: Callable[[bytes | bytearray | memoryview], None],
+    chunks: list[bytes | bytearray | memoryview],
+) -> None:
+    """Write *chunks* in order, small ones joined into few writes; big ones
+    (whole frames above _JOIN_LIMIT) are not copied."""
+    group: list[bytes | bytearray | memoryview] = []
+    size = 0
+    for chunk in chunks:
+        if len(chunk) > _JOIN_LIMIT or size + len(chunk) > _JOINED_WRITE_LIMIT:
+            if group:
+                write(b"".join(group))
+                group, size = [], 0
+            if len(chunk) > _JOIN_LIMIT:
+                write(chunk)
+                continue
+        group.append(chunk)
+        size += len(chunk)
+    if group:
+        write(b"".join(group))
+
+
 class ChannelProtocol(asyncio.BufferedProtocol):
     """The asyncio protocol that connects a transport with a :class:`Channel`.
 
@@ -522,12 +549,28 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         channel = self.channel
         assert channel is not None
         handle = channel._payload_received
-        for payload in payloads:
+        if len(payloads) == 1:
             try:
-                handle(payload)
+                handle(payloads[0])
             except ProtocolError as exc:
                 self._fail(exc)
-                return
+            return
+        # Many requests arrived at once: collect the replies that are sent right
+        # away and hand them to the transport in one write (one system call).
+        write = channel._write
+        corked: list[bytes | bytearray | memoryview] = []
+        channel._write = corked.append
+        try:
+            for payload in payloads:
+                try:
+                    handle(payload)
+                except ProtocolError as exc:
+                    self._fail(exc)
+                    return
+        finally:
+            channel._write = write
+            if corked and self._error is None:
+                _write_joined(write, corked)
 
     def _fail(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: log it and cut the connection."""

@@ -21,7 +21,6 @@ import asyncio
 import builtins
 import inspect
 import logging
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -319,6 +318,15 @@ def _router_of(service: Any) -> Router:
     return router
 
 
+# How many child proxies (sub-paths) a proxy keeps for reuse.
+_MAX_CACHED_CHILDREN: Final = 256
+
+# Results of these exact types are never awaitable: no need to ask inspect.
+_PLAIN_TYPES: Final = frozenset(
+    {type(None), bool, int, float, str, bytes, list, tuple, dict}
+)
+
+
 class Proxy:
     """Stands for a remote service or function at *path* on the peer of *channel*.
 
@@ -335,7 +343,9 @@ class Proxy:
     def __init__(self, channel: Channel, path: str) -> None:
         self._channel = channel
         self._path = path
-        self._children: weakref.WeakValueDictionary[str, Proxy] | None = None
+        # Strong references: ``proxy.method(...)`` must not make a new child
+        # proxy per call.  Bounded, for code that makes up names on the fly.
+        self._children: dict[str, Proxy] | None = None
 
     def __getattr__(self, name: str) -> Proxy:
         """Return the proxy for *name* below this proxy's path."""
@@ -343,12 +353,14 @@ class Proxy:
             raise AttributeError(name)
         children = self._children
         if children is None:
-            children = self._children = weakref.WeakValueDictionary()
+            children = self._children = {}
         child = children.get(name)
         if child is None:
             path = f"{self._path}/{name}" if self._path else name
             # Sub-paths are plain proxies, whatever subclass this one is.
             child = Proxy(self._channel, path)
+            if len(children) >= _MAX_CACHED_CHILDREN:
+                children.clear()
             children[name] = child
         return child
 
@@ -516,7 +528,7 @@ class RpcClient:
         except Exception as exc:
             _answer(request, FAILURE, channel_mod._format_exception(exc))
             return
-        if inspect.isawaitable(result):
+        if type(result) not in _PLAIN_TYPES and inspect.isawaitable(result):
             task = asyncio.ensure_future(_reply_when_done(request, result))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
