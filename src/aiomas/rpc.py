@@ -66,6 +66,19 @@ def _is_exposed(attr: Any) -> bool:
     return False
 
 
+def _has_invalid_component(path: str) -> bool:
+    """Whether a component of *path* is empty, ``..`` or starts with ``_`` (the
+    checks of _check_component() for all components at once, in C)."""
+    return (
+        not path
+        or path[0] in "/_"
+        or path[-1] == "/"
+        or "//" in path
+        or "/_" in path
+        or (".." in path and ".." in path.split("/"))
+    )
+
+
 def _check_component(name: str, path: str) -> None:
     if not name or name.startswith("_") or name == "..":
         raise LookupError(f"Invalid component {name!r} in RPC path {path!r}")
@@ -151,15 +164,18 @@ class Router:
         """
         if not isinstance(path, str):
             raise LookupError(f"An RPC path must be a string, not {path!r}")
-        *parents, name = path.split("/")
+        components = path.split("/")
+        if _has_invalid_component(path):
+            # Find the culprit for the error message.
+            for component in components:
+                _check_component(component, path)
+        name = components.pop()
         router = self
-        for component in parents:
-            _check_component(component, path)
+        for component in components:
             sub = router._sub_router(component)
             if sub is None:
                 raise LookupError(f"No RPC service {component!r} in path {path!r}")
             router = sub
-        _check_component(name, path)
         func = router._function(name)
         if func is None:
             raise LookupError(f"No exposed function {name!r} at RPC path {path!r}")
