@@ -63,3 +63,126 @@ def test_contract_net_demo(args: list[str]) -> None:
         if "awarded to" in line:
             assert line.split(" at ")[1].rsplit("/", 1)[0] in containers
     assert "all tasks finished:" in lines[-6]
+
+
+def test_hello_world() -> None:
+    lines = run_example("hello_world.py").splitlines()
+    assert lines[0].startswith("Monty (tcp://127.0.0.1:")
+    assert lines[0].endswith("/0) says:")
+    greetings = [line for line in lines if "Hello, World!" in line]
+    assert len(greetings) == 3
+    assert lines[1:4] == greetings
+    assert lines[-1] == "container shut down"
+
+
+def test_rpc_math() -> None:
+    lines = run_example("rpc_math.py").splitlines()
+    assert lines[0].startswith("server: listening on 127.0.0.1:")
+    port = lines[0].rsplit(":", 1)[1]
+    assert lines[1:5] == [
+        "client: 3 + 4 = 7",
+        "client: 84 / 2 = 42.0",
+        "client: mean of [1, 2, 3, 4, 100] = 22.0",
+        "client: median of [1, 2, 3, 4, 100] = 3",
+    ]
+    origin = f"('127.0.0.1', {port})"
+    assert lines[5] == (
+        f"client: 1 / 0 failed on {origin}: ZeroDivisionError: division by zero"
+    )
+    assert lines[6].startswith(f"client: reset() failed on {origin}: LookupError:")
+    assert "'reset'" in lines[6]
+    assert lines[-1] == "server: answered 3 arithmetic calls, closed"
+
+
+def test_rpc_bidirectional() -> None:
+    lines = run_example("rpc_bidirectional.py").splitlines()
+    assert lines[0].startswith("server: listening on 127.0.0.1:")
+    for name in ("Monty", "Eric"):
+        assert f"server: starting a job of 3 steps for {name}" in lines
+        # The server's callbacks reach the client that called, in order.
+        updates = [line for line in lines if line.startswith(f"{name}: server ")]
+        assert updates == [
+            f"{name}: server reports {i}/3 steps done" for i in (1, 2, 3)
+        ]
+        assert f"{name}: job result: 3 steps done for {name}" in lines
+        assert f"{name} got progress updates [1, 2, 3]" in lines
+
+
+def test_channel_custom_serializer() -> None:
+    lines = run_example("channel_custom_serializer.py").splitlines()
+    assert lines[0] == (
+        'on the wire: ["scale", [{"__type__": [0, {"x": {"__type__": [1, [1, 1]]}, '
+        '"y": {"__type__": [1, [1, 2]]}}]}, {"__type__": [1, [3, 1]]}]]'
+    )
+    assert lines[1].startswith("server: listening on 127.0.0.1:")
+    # The server gets our types, and its replies are our types again.
+    assert lines[2] == (
+        "server: got scale [Point(x=Fraction(1, 1), y=Fraction(2, 1)), Fraction(1, 3)]"
+    )
+    assert "client: scale -> Point(x=Fraction(1, 3), y=Fraction(2, 3)) (Point)" in lines
+    assert (
+        "client: midpoint -> Point(x=Fraction(2, 3), y=Fraction(3, 4)) (Point)" in lines
+    )
+    assert (
+        "client: rotate failed remotely: ValueError: unknown operation 'rotate'"
+        in lines
+    )
+    assert lines[-2:] == ["server: client left", "server: closed"]
+
+
+def test_tls_containers() -> None:
+    pytest.importorskip("trustme")
+    lines = run_example("tls_containers.py").splitlines()
+    tmpdir = lines[0].removeprefix("certificates in ").removesuffix(":")
+    assert lines[1:8] == [
+        f"    {name}.pem"
+        for name in (
+            "alice-cert",
+            "alice-key",
+            "bob-cert",
+            "bob-key",
+            "ca",
+            "mallory-cert",
+            "mallory-key",
+        )
+    ]
+    assert lines[8].startswith("Alice at tcp://127.0.0.1:")
+    assert lines[8].endswith("/0 (TLS)")
+    assert lines[9] == "Alice hears: Hello Alice, I am Bob"
+    assert lines[10] == "Bob hears: Hello Bob, I am Alice"
+    assert lines[11].startswith("Mallory (certificate from another CA) cannot connect:")
+    assert lines[12].startswith("Eve (no TLS) cannot connect:")
+    assert lines[13] == "Alice hears: Hello Alice, I am Bob"
+    assert lines[14] == f"removed {tmpdir}: True"
+    assert not Path(tmpdir).exists()
+
+
+def test_cosimulation() -> None:
+    lines = run_example("cosimulation.py").splitlines()
+    # Four sensors in two container processes, none in this one.
+    spawned = [
+        line for line in lines if line.startswith("simulator: ") and " at " in line
+    ]
+    assert len(spawned) == 4
+    containers = {line.split(" at ")[1].rsplit("/", 1)[0] for line in spawned}
+    assert len(containers) == 2
+    assert "simulator: one day from 2026-06-21 00:00 in 15-minute steps" in lines
+    hourly = [line for line in lines if line.startswith("[")]
+    assert [line[1:17] for line in hourly] == [
+        f"2026-06-21 {h:02}:00" for h in range(1, 24)
+    ] + ["2026-06-22 00:00"]
+    # The readings follow the simulated time of day, not the real one.
+    assert hourly[2].endswith(
+        "temp-A  9.0 C | pv-A 0.00 kW | temp-B  8.0 C | pv-B 0.00 kW"
+    )
+    assert hourly[11].endswith(
+        "temp-A 19.2 C | pv-A 5.00 kW | temp-B 14.8 C | pv-B 3.00 kW"
+    )
+    summary = next(line for line in lines if " steps, " in line)
+    assert summary.startswith("simulator: 96 steps, 264 reports, ")
+    assert lines[-4:] == [
+        "    temp-A: 48 samples, min 9.0, max 21.0",
+        "    pv-A: 96 samples, min 0.0, max 5.0",
+        "    temp-B: 24 samples, min 8.0, max 16.0",
+        "    pv-B: 96 samples, min 0.0, max 3.0",
+    ]

@@ -383,9 +383,13 @@ class Proxy:
     def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         """Call the remote function; await the result to get its return value.
 
+        Raises:
+            SerializationError: if an argument cannot be encoded.
+            ConnectionResetError: if the connection is already closed.
+
         Raises (when awaited):
             RemoteException: if the remote function raised (or does not exist).
-            ConnectionResetError: if the connection closed first.
+            ConnectionResetError: if the connection closes before the reply.
         """
         return self._channel.send([self._path, args, kwargs])
 

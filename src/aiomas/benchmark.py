@@ -1,0 +1,448 @@
+"""The aiomas benchmark suite: ``python -m aiomas bench`` (or ``python -m
+aiomas.benchmark``).
+
+Request/reply round trips over TCP loopback, client and server in separate
+processes, for the channel, RPC (a call of an exposed echo function) and agents
+(an agent calling an agent in another container).  Every workload is also run on
+the *floor*: a bare :class:`asyncio.Protocol` doing the same framing (4-byte length
+header) and the same encoding with nothing around it, the best a naive
+pure-Python implementation gets.  Rounds alternate between the implementations
+so that machine noise hits all alike; the table shows median, min and max of the
+rounds and each median as a ratio to the floor's median of the same run.
+
+The last table is the time and memory to create many agents in one container.
+
+Benchmarks are run on purpose, never as tests: they take minutes (``--quick``
+takes about one) and their figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib
+import json
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import aiomas
+
+__all__ = ["main"]
+
+_HEADER = struct.Struct(">L")
+_SMALL = ["ohai", 42, 3.14]
+_MIB = 2**20
+# About 1 MiB as JSON ("1048576, " is 9 bytes).
+_INTS = list(range(1_000_000, 1_000_000 + _MIB // 9))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One line group of the table: what is sent, how, how many at once."""
+
+    codec: str
+    in_flight: int
+    payload: str  # "small", "bytes" or "ints"
+    impls: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        what = {"small": "", "bytes": "1 MiB bytes, ", "ints": "1 MiB list of ints, "}
+        return f"{what[self.payload]}{self.codec}, {self.in_flight} in flight"
+
+    @property
+    def unit(self) -> str:
+        return "calls/s" if self.payload == "small" else "MiB/s"
+
+    def content(self) -> Any:
+        if self.payload == "bytes":
+            return b"x" * _MIB
+        if self.payload == "ints":
+            return _INTS
+        return _SMALL
+
+    def mib(self) -> float:
+        """Payload size in MiB (for MiB/s figures)."""
+        if self.payload == "small":
+            return 1.0
+        codec = _raw_codec(self.codec)[0]
+        return len(codec(self.content())) / _MIB
+
+
+WORKLOADS = [
+    Workload(codec, in_flight, "small", ("floor", "channel", "rpc", "agent"))
+    for codec in ("json", "msgpack")
+    for in_flight in (1, 100)
+] + [
+    Workload("msgpack", 1, "bytes", ("floor", "channel", "rpc")),
+    Workload("json", 1, "ints", ("floor", "channel", "rpc")),
+]
+
+
+def _raw_codec(name: str) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    if name == "json":
+        return (lambda obj: json.dumps(obj).encode()), json.loads
+    msgpack: Any = importlib.import_module("msgpack")
+    return (
+        lambda obj: cast(bytes, msgpack.packb(obj, use_bin_type=True)),
+        lambda data: msgpack.unpackb(data, raw=False, use_list=False),
+    )
+
+
+def _codec_class(name: str) -> type[aiomas.codecs.Codec]:
+    return aiomas.JSON if name == "json" else aiomas.MsgPack
+
+
+class FloorProtocol(asyncio.Protocol):
+    """The floor: length-prefixed frames of ``[type, id, content]`` messages."""
+
+    def __init__(self, codec: str, serve: bool) -> None:
+        self.encode, self.decode = _raw_codec(codec)
+        self.serve = serve
+        self.buffer = bytearray()
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.next_id = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A cast, not an isinstance check: uvloop's transports are duck-typed.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 4:
+            (size,) = _HEADER.unpack_from(buffer)
+            if len(buffer) < 4 + size:
+                break
+            msg_type, msg_id, content = self.decode(bytes(buffer[4 : 4 + size]))
+            del buffer[: 4 + size]
+            if msg_type == 0 and self.serve:
+                self._write([1, msg_id, content])
+            else:
+                self.pending.pop(msg_id).set_result(content)
+
+    def send(self, content: Any) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        msg_id = self.next_id
+        self.next_id += 1
+        self.pending[msg_id] = future
+        self._write([0, msg_id, content])
+        return future
+
+    def _write(self, message: list[Any]) -> None:
+        payload = self.encode(message)
+        assert self.transport is not None
+        self.transport.write(_HEADER.pack(len(payload)) + payload)
+
+
+class EchoAgent(aiomas.Agent):
+    """The agent called in the agent workloads."""
+
+    @aiomas.expose
+    def echo(self, content: Any) -> Any:
+        return content
+
+
+@aiomas.expose
+def _rpc_echo(content: Any) -> Any:
+    return content
+
+
+async def _channel_echo(channel: aiomas.channel.Channel) -> None:
+    try:
+        while True:
+            request = await channel.recv()
+            await request.reply(request.content)
+    except ConnectionResetError:
+        pass
+
+
+async def _serve(impl: str, codec: str) -> None:
+    """Serve *impl* on a free port, print the port, run until stdin closes."""
+    loop = asyncio.get_running_loop()
+    codec_cls = _codec_class(codec)
+    addr = ("127.0.0.1", 0)
+    close: Callable[[], Awaitable[None]]
+    if impl == "agent":
+        container = await aiomas.Container.create(addr, codec=codec_cls, as_coro=True)
+        EchoAgent(container)
+        port = int(container.base_url.rsplit(":", 1)[1].rstrip("/"))
+
+        async def close() -> None:
+            await container.shutdown(as_coro=True)
+
+    else:
+        server: asyncio.AbstractServer
+        if impl == "floor":
+            server = await loop.create_server(
+                lambda: FloorProtocol(codec, serve=True), *addr
+            )
+        elif impl == "rpc":
+            service = aiomas.rpc.ServiceDict({"echo": _rpc_echo})
+            server = await aiomas.rpc.start_server(addr, service, codec=codec_cls)
+        else:
+            server = await aiomas.channel.start_server(
+                addr, _channel_echo, codec=codec_cls
+            )
+        port = cast(asyncio.Server, server).sockets[0].getsockname()[1]
+
+        async def close() -> None:
+            server.close()
+
+    print(port, flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+    await close()
+
+
+async def _measure(impl: str, workload: Workload, port: int, seconds: float) -> float:
+    """Call the server at *port* for *seconds*; return calls per second."""
+    loop = asyncio.get_running_loop()
+    codec_cls = _codec_class(workload.codec)
+    send: Callable[[Any], Awaitable[Any]]
+    close: Callable[[], Awaitable[Any]]
+    if impl == "floor":
+        transport, protocol = await loop.create_connection(
+            lambda: FloorProtocol(workload.codec, serve=False), "127.0.0.1", port
+        )
+        send = protocol.send
+
+        async def close() -> None:
+            transport.close()
+
+    elif impl == "agent":
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), codec=codec_cls, as_coro=True
+        )
+        send = (await container.connect(f"tcp://127.0.0.1:{port}/0")).echo
+
+        async def close() -> None:
+            await container.shutdown(as_coro=True)
+
+    elif impl == "rpc":
+        client = await aiomas.rpc.open_connection(("127.0.0.1", port), codec=codec_cls)
+        send = client.remote.echo
+        close = client.close
+    else:
+        channel = await aiomas.channel.open_connection(
+            ("127.0.0.1", port), codec=codec_cls
+        )
+        send = channel.send
+        close = channel.close
+    content = workload.content()
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            await send(content)
+            count += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workload.in_flight)))
+    elapsed = time.perf_counter() - start
+    await close()
+    return count / elapsed
+
+
+def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
+    """Run *coro* on a new event loop of the kind *loop_name*."""
+    factory = None
+    if loop_name == "uvloop":
+        factory = importlib.import_module("uvloop").new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def _round(impl: str, workload: Workload, seconds: float, loop_name: str) -> float:
+    """One measurement: a server process and this process as the client."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiomas.benchmark",
+            "--serve",
+            impl,
+            "--codec",
+            workload.codec,
+            "--loop",
+            loop_name,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        rate: float = _run(_measure(impl, workload, port, seconds), loop_name)
+        return rate
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(30)
+
+
+def _table_header() -> str:
+    return (
+        f"{'workload':<48}{'impl':<9}{'median':>10}{'min':>10}{'max':>10}"
+        f"{'vs floor':>10}"
+    )
+
+
+def run_roundtrips(
+    workloads: Sequence[Workload], loop_name: str, rounds: int, seconds: float
+) -> None:
+    """Measure and print *workloads* on *loop_name*."""
+    print(f"\nRound trips, {loop_name}:")
+    print(_table_header())
+    for workload in workloads:
+        results: dict[str, list[float]] = {impl: [] for impl in workload.impls}
+        for _ in range(rounds):
+            for impl in workload.impls:
+                rate = _round(impl, workload, seconds, loop_name)
+                results[impl].append(rate * workload.mib())
+        floor = statistics.median(results["floor"])
+        for impl, values in results.items():
+            median = statistics.median(values)
+            name = f"{workload.name} ({workload.unit})"
+            print(
+                f"{name:<48}{impl:<9}{median:>10,.0f}{min(values):>10,.0f}"
+                f"{max(values):>10,.0f}{median / floor:>10.0%}",
+                flush=True,
+            )
+
+
+class _PlainAgent(aiomas.Agent):
+    """An agent subclass as users write it (with an instance dict)."""
+
+    @aiomas.expose
+    def ping(self) -> str:
+        return "pong"
+
+
+async def _create_agents(number: int) -> tuple[float, int]:
+    """Create *number* agents; return seconds taken and bytes allocated."""
+    container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+    try:
+        gc.collect()
+        tracing = tracemalloc.is_tracing()
+        before = tracemalloc.get_traced_memory()[0] if tracing else 0
+        start = time.perf_counter()
+        agents = [_PlainAgent(container) for _ in range(number)]
+        elapsed = time.perf_counter() - start
+        used = tracemalloc.get_traced_memory()[0] - before if tracing else 0
+        assert agents[-1].addr.endswith(f"/{number - 1}")
+        return elapsed, used
+    finally:
+        await container.shutdown(as_coro=True)
+
+
+def run_agent_creation(number: int, rounds: int) -> None:
+    """Measure and print the time and memory to create *number* agents."""
+    times = [asyncio.run(_create_agents(number))[0] for _ in range(rounds)]
+    tracemalloc.start()
+    try:
+        _, used = asyncio.run(_create_agents(number))
+    finally:
+        tracemalloc.stop()
+    print(f"\nCreating {number:,} agents in one container:")
+    print(
+        f"{'median':>10}{'min':>10}{'max':>10}{'memory':>12}{'per agent':>11}\n"
+        f"{statistics.median(times):>9.3f}s{min(times):>9.3f}s{max(times):>9.3f}s"
+        f"{used / _MIB:>8.1f} MiB{used / number:>9.0f} B"
+    )
+
+
+def _available_loops(wanted: Sequence[str]) -> list[str]:
+    loops = []
+    for name in wanted:
+        if name == "uvloop":
+            try:
+                importlib.import_module("uvloop")
+            except ImportError:
+                print("uvloop is not installed: skipping it (pip install uvloop)")
+                continue
+        loops.append(name)
+    return loops
+
+
+def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """Return the argument parser of the benchmark command line."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=(__doc__ or "").split("\n\n")[0].replace("``", "")
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds per figure (default: 5)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="seconds per measurement (default: 2)",
+    )
+    parser.add_argument(
+        "--loop",
+        nargs="+",
+        choices=["asyncio", "uvloop"],
+        default=["asyncio", "uvloop"],
+        help="event loops to measure on (default: both)",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="only workloads whose name contains TEXT (e.g. 'msgpack', "
+        "'100 in flight', 'agents')",
+    )
+    parser.add_argument(
+        "--agents",
+        type=int,
+        default=100_000,
+        help="agents to create in the creation benchmark (default: 100000)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 round of 0.5 s per figure: a rough look in about a minute",
+    )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--codec", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the benchmark command line; return the exit code."""
+    parser = make_parser(prog)
+    args = parser.parse_args(argv)
+    if args.serve:
+        _run(_serve(args.serve, args.codec), args.loop[0])
+        return 0
+    if args.quick:
+        args.rounds, args.seconds = 1, 0.5
+    if args.rounds < 1 or args.seconds <= 0 or args.agents < 1:
+        parser.error("--rounds, --seconds and --agents must be positive")
+    workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
+    print(
+        f"aiomas {aiomas.__version__}, Python {sys.version.split()[0]}, "
+        f"{args.rounds} round(s) of {args.seconds:g} s per figure, TCP loopback, "
+        "client and server in separate processes"
+    )
+    if workloads:
+        for loop_name in _available_loops(args.loop):
+            run_roundtrips(workloads, loop_name, args.rounds, args.seconds)
+    if not args.only or args.only in "agents":
+        run_agent_creation(args.agents, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m aiomas.benchmark"))

@@ -1,0 +1,114 @@
+"""Tests for the command line: python -m aiomas COMMAND."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import aiomas
+from aiomas.__main__ import COMMANDS, main
+
+
+def run_aiomas(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", "aiomas", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = run_aiomas("--help")
+    assert result.returncode == 0
+    for name in ("container", "demo", "bench", "version"):
+        assert name in result.stdout
+    assert set(COMMANDS) == {"container", "demo", "bench", "version"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["spam"], "invalid choice: 'spam'"),
+        (["container"], "the following arguments are required: HOST:PORT"),
+        (["container", "nowhere"], "expected HOST:PORT"),
+        (["bench", "--rounds", "0"], "must be positive"),
+        (["demo", "--speed", "-1"], "must be positive"),
+        (["version", "--verbose"], "unrecognized arguments: --verbose"),
+    ],
+)
+def test_bad_arguments(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["container", "demo", "bench", "version"])
+def test_each_command_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m aiomas {name}")
+
+
+def test_version() -> None:
+    result = run_aiomas("version")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"aiomas {aiomas.__version__}"
+    assert lines[1].startswith("Python 3.")
+    assert any(line.startswith("arrow ") for line in lines)
+
+
+def test_demo_command() -> None:
+    result = run_aiomas(
+        "demo",
+        "--containers",
+        "1",
+        "--bidders",
+        "2",
+        "--external-clock",
+        "--speed",
+        "200",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 bidders in 1 subprocess containers" in result.stdout
+    assert "all tasks finished:" in result.stdout
+
+
+def test_bench_command_prints_a_table() -> None:
+    result = run_aiomas(
+        "bench",
+        "--rounds",
+        "1",
+        "--seconds",
+        "0.05",
+        "--loop",
+        "asyncio",
+        "--only",
+        "json, 100 in flight",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [
+        line for line in result.stdout.splitlines() if "json, 100 in flight" in line
+    ]
+    assert [row.split()[5] for row in rows] == ["floor", "channel", "rpc", "agent"]
+    assert rows[0].endswith("100%")
+    assert "Creating" not in result.stdout
+
+
+def test_bench_agent_creation() -> None:
+    result = run_aiomas(
+        "bench", "--rounds", "1", "--only", "agents", "--agents", "2000"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Creating 2,000 agents in one container:" in result.stdout
+    assert "Round trips" not in result.stdout
+    assert result.stdout.rstrip().endswith(" B")
