@@ -33,3 +33,5 @@ def _fresh_loop_for_doctests(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         _close_thread_loop()
+        if not loop.is_closed():  # The doctest set a loop of its own.
+            close_loop(loop)

@@ -732,3 +732,26 @@ def test_write_joined_keeps_order_and_does_not_copy_big_chunks() -> None:
         len(w) <= channel_mod._JOINED_WRITE_LIMIT for w in written if w is not big
     )
     assert len(written) <= 4
+
+
+async def test_connections_are_logged_with_the_peer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiomas")
+    lq = aiomas.get_queue("logged")
+    server = await aiomas.channel.start_server(lq, echo_until_closed)
+    channel = await aiomas.channel.open_connection(lq)
+    assert await channel.send("hi") == "hi"
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+    messages = [
+        (r.levelname, r.getMessage(), r.peer) for r in aiomas_records(caplog, 0)
+    ]  # type: ignore[attr-defined]
+    assert ("INFO", "Connection to logged opened", "logged") in messages
+    assert ("INFO", "Connection from logged#1 opened", "logged#1") in messages
+    assert ("INFO", "Connection with logged closed", "logged") in messages
+    with pytest.raises(ConnectionRefusedError):
+        await aiomas.channel.open_connection(lq)
+    failed = aiomas_records(caplog, 0)[-1]
+    assert failed.getMessage().startswith("Connecting to LocalQueue('logged') failed")

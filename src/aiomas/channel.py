@@ -471,9 +471,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.transport = transport
         channel = Channel(self, self.codec, transport, self._loop)
         self.channel = channel
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "Connection made with %s",
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "Connection %s %s opened",
+                "from" if self._client_connected_cb is not None else "to",
                 channel.peername,
                 extra={"peer": channel.peername},
             )
@@ -605,6 +606,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 buffered,
                 extra={"peer": peer},
             )
+        if self._error is None:  # (Protocol errors were logged already.)
+            self._log_close(exc)
         reason: BaseException = self._error or exc or ConnectionResetError()
         if self.channel is not None:
             self.channel._connection_lost(reason)
@@ -614,6 +617,16 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 waiter.set_exception(ConnectionResetError("Connection closed"))
         if not self._closed.done():
             self._closed.set_result(None)
+
+    def _log_close(self, exc: Exception | None) -> None:
+        peer = self.channel.peername if self.channel is not None else None
+        if exc is None:
+            if logger.isEnabledFor(logging.INFO):
+                logger.info("Connection with %s closed", peer, extra={"peer": peer})
+        else:
+            logger.warning(
+                "Connection with %s lost: %s", peer, exc, extra={"peer": peer}
+            )
 
     def pause_writing(self) -> None:
         """Set the *paused* flag: the transport's write buffer is full."""
@@ -746,12 +759,22 @@ async def open_connection(
         try:
             _transport, protocol = await connect()
             break
-        except (ConnectionRefusedError, FileNotFoundError):
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
             if deadline is not None:
                 remaining = deadline - running.time()
                 if remaining <= 0:
+                    logger.info(
+                        "Connecting to %s failed: %s", addr, exc, extra={"peer": addr}
+                    )
                     raise
                 delay = min(delay, remaining)
+            logger.debug(
+                "Connecting to %s failed (%s); retrying in %.2fs",
+                addr,
+                exc,
+                delay,
+                extra={"peer": addr},
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_DELAY_MAX)
     assert isinstance(protocol, ChannelProtocol)
