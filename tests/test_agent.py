@@ -849,3 +849,25 @@ async def test_local_queue_containers_are_deterministic() -> None:
     first = await run_once("first")
     assert sorted(first) == sorted(f"{x}{n}" for x in "abc" for n in range(20))
     assert await run_once("second") == first
+
+
+async def test_container_connections_are_logged(
+    tcp_pair: list[aiomas.Container], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="aiomas.agent")
+    one, two = tcp_pair
+    proxy = await two.connect(Callee(one).addr)
+    for client in list(one._incoming):
+        await client.close()
+    with pytest.raises(ConnectionResetError):
+        await proxy.spam(1)
+    for _ in range(100):
+        if not two._outgoing:
+            break
+        await asyncio.sleep(0.01)
+    records = [r for r in caplog.records if r.name == "aiomas.agent"]
+    assert [r.getMessage() for r in records] == [
+        f"{two!r} connected to the container {one.base_url}",
+        f"{two!r} lost its connection to the container {one.base_url}",
+    ]
+    assert all(r.container == one.base_url for r in records)  # type: ignore[attr-defined]

@@ -577,6 +577,12 @@ class Container:
             await client.close()
             self._check_running()
         base_url = endpoint.base_url
+        logger.info(
+            "%s connected to the container %s",
+            self,
+            base_url,
+            extra={"peer": client.channel.peername, "container": base_url},
+        )
         self._outgoing[base_url] = client
         self._proxies[base_url] = weakref.WeakValueDictionary()
         service = client.service
@@ -591,7 +597,8 @@ class Container:
             del self._proxies[base_url]
             if self._shutdown_task is None:
                 logger.info(
-                    "Lost the connection to %s",
+                    "%s lost its connection to the container %s",
+                    self,
                     base_url,
-                    extra={"peer": client.channel.peername},
+                    extra={"peer": client.channel.peername, "container": base_url},
                 )

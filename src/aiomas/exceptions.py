@@ -1,6 +1,8 @@
 """Exception types used by aiomas.
 
-Every error that aiomas defines derives from :class:`AiomasError`::
+Every error that aiomas defines derives from :class:`AiomasError`:
+
+.. code-block:: text
 
     AiomasError
     ├── RemoteException      the peer raised an error while handling our request

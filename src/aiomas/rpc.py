@@ -572,7 +572,11 @@ def _answer(request: Request, msg_type: int, content: Any) -> None:
         pass  # The caller is gone; nobody waits for this answer any more.
     except (SerializationError, ValueError):
         # The requester already got a failure reply that says what went wrong.
-        logger.debug("Could not encode the reply to request %s", request.message_id)
+        logger.debug(
+            "Could not encode the reply to request %s",
+            request.message_id,
+            extra={"message_id": request.message_id},
+        )
 
 
 def _parse_call(content: Any) -> tuple[str, Iterable[Any], Mapping[str, Any]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,8 @@ from aiomas.clocks import ExternalClock
 from aiomas.rpc import expose
 
 __all__ = ["ContainerProcess", "Manager", "serve", "start"]
+
+logger = logging.getLogger(__name__)
 
 # How long ContainerProcess.start() waits for the child to print its address.
 _READY_TIMEOUT = 30.0
@@ -70,6 +73,7 @@ class Manager(Agent):
             raise TypeError(
                 f"{qualname} returned {agent!r}, not an agent of {self.container!r}"
             )
+        logger.info("Spawned %s", agent, extra={"agent": agent.addr})
         return agent, agent.addr
 
     @expose
