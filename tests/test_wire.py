@@ -213,3 +213,15 @@ async def test_request_table_fail_all_gives_each_future_its_own_error() -> None:
     assert errors[0] is not errors[1]
     # Ids keep counting after a reset: they stay unique for the connection.
     assert table.add(loop.create_future()) == 3
+
+
+def test_receive_buffer_is_made_on_the_first_read() -> None:
+    """Idle connections cost no receive buffer."""
+    reader = FrameReader(buffer_size=4096)
+    assert len(reader._buf) == 0
+    buffer = reader.get_buffer()
+    assert len(buffer) == 4096
+    data = frame(b"spam")
+    buffer[: len(data)] = data
+    assert reader.buffer_updated(len(data)) == [b"spam"]
+    assert reader.get_buffer().obj is reader._buf  # the same buffer, reused

@@ -107,6 +107,7 @@ class FrameReader:
         "_big",
         "_big_filled",
         "_buf",
+        "_buffer_size",
         "_end",
         "_max_frame_size",
         "_start",
@@ -125,7 +126,10 @@ class FrameReader:
         if buffer_size < 2 * HEADER_SIZE:
             raise ValueError(f"buffer_size too small: {buffer_size}")
         self._max_frame_size = max_frame_size
-        self._buf = bytearray(buffer_size)
+        # Made on the first read: a connection that never sends anything (there
+        # may be thousands) costs no buffer.
+        self._buffer_size = buffer_size
+        self._buf = bytearray()
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the received data in _buf
@@ -155,6 +159,9 @@ class FrameReader:
         start, end = self._start, self._end
         if start == end:
             self._start = self._end = 0
+            if not self._buf:
+                self._buf = bytearray(self._buffer_size)
+                self._view = memoryview(self._buf)
             return self._view
         size = len(self._buf)
         if start and size - end < size // 2:
