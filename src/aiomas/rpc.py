@@ -79,9 +79,17 @@ def _has_invalid_component(path: str) -> bool:
     )
 
 
+def _short(value: Any) -> str:
+    """The repr of *value*, shortened: error messages go back to the peer, and
+    a hostile peer must not make us send its 10 kB path back twice."""
+    return channel_mod._abbreviate(value, 200)
+
+
 def _check_component(name: str, path: str) -> None:
     if not name or name.startswith("_") or name == "..":
-        raise LookupError(f"Invalid component {name!r} in RPC path {path!r}")
+        raise LookupError(
+            f"Invalid component {_short(name)} in RPC path {_short(path)}"
+        )
 
 
 class Router:
@@ -163,7 +171,7 @@ class Router:
             LookupError: if there is no exposed function at *path*.
         """
         if not isinstance(path, str):
-            raise LookupError(f"An RPC path must be a string, not {path!r}")
+            raise LookupError(f"An RPC path must be a string, not {_short(path)}")
         components = path.split("/")
         if _has_invalid_component(path):
             # Find the culprit for the error message.
@@ -174,11 +182,15 @@ class Router:
         for component in components:
             sub = router._sub_router(component)
             if sub is None:
-                raise LookupError(f"No RPC service {component!r} in path {path!r}")
+                raise LookupError(
+                    f"No RPC service {_short(component)} in path {_short(path)}"
+                )
             router = sub
         func = router._function(name)
         if func is None:
-            raise LookupError(f"No exposed function {name!r} at RPC path {path!r}")
+            raise LookupError(
+                f"No exposed function {_short(name)} at RPC path {_short(path)}"
+            )
         return func
 
     def _sub_router(self, name: str) -> Router | None:
@@ -612,7 +624,7 @@ def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
 
     def deserialize(path: Any) -> Proxy:
         if not isinstance(path, str):
-            raise SerializationError(f"Invalid RPC proxy path {path!r}")
+            raise SerializationError(f"Invalid RPC proxy path {_short(path)}")
         return Proxy(channel, path)
 
     channel.codec.add_serializer(object, serialize, deserialize)

@@ -1,0 +1,265 @@
+"""Hostile and broken input against every kind of server: a channel server, an
+RPC server and an agent container.
+
+Each case: the server stays up and keeps answering other clients, the offending
+connection is closed with a logged reason that names the peer (or, where the
+request id can be read, gets a failure reply), and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import struct
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import aiomas
+from aiomas.wire import DEFAULT_MAX_FRAME_SIZE
+
+from .helpers import echo_forever
+from .test_channel_faults import BAD_STREAMS, raw_frame, read_frame
+
+KINDS = ["channel", "rpc", "agent"]
+
+
+class Echo(aiomas.Agent):
+    @aiomas.expose
+    def echo(self, value: Any) -> Any:
+        return value
+
+
+@aiomas.expose
+def echo(value: Any) -> Any:
+    return value
+
+
+@dataclass
+class Server:
+    """A running server, the path of its echo function (for raw RPC requests),
+    its frame size limit, and a check that it still answers promptly."""
+
+    addr: tuple[str, int]
+    echo_path: str | None
+    max_frame_size: int
+    still_serving: Callable[[], Awaitable[float]]
+
+
+@contextlib.asynccontextmanager
+async def serve(kind: str) -> AsyncIterator[Server]:
+    """Run a server of *kind* on 127.0.0.1 (port 0)."""
+    addr: tuple[str, int]
+    if kind == "agent":
+        container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+        Echo(container)
+        port = int(container.base_url.rsplit(":", 1)[1].rstrip("/"))
+        addr = ("127.0.0.1", port)
+        client = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+
+        async def still_serving() -> float:
+            start = time.monotonic()
+            proxy = await client.connect(f"{container.base_url}0")
+            assert await asyncio.wait_for(proxy.echo("still there?"), 5) == (
+                "still there?"
+            )
+            return time.monotonic() - start
+
+        try:
+            yield Server(addr, "agents/0/echo", DEFAULT_MAX_FRAME_SIZE, still_serving)
+        finally:
+            await client.shutdown(as_coro=True)
+            await container.shutdown(as_coro=True)
+        return
+    limit = 2**20
+    server: asyncio.AbstractServer
+    if kind == "rpc":
+        service = aiomas.rpc.ServiceDict({"echo": echo})
+        server = await aiomas.rpc.start_server(
+            ("127.0.0.1", 0), service, max_frame_size=limit
+        )
+    else:
+        server = await aiomas.channel.start_server(
+            ("127.0.0.1", 0), echo_forever, max_frame_size=limit
+        )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+
+    async def still_serving() -> float:
+        start = time.monotonic()
+        if kind == "rpc":
+            rpc_client = await aiomas.rpc.open_connection(addr)
+            result = await asyncio.wait_for(rpc_client.remote.echo("hi"), 5)
+            await rpc_client.close()
+        else:
+            channel = await aiomas.channel.open_connection(addr)
+            result = await asyncio.wait_for(channel.send("hi"), 5)
+            await channel.close()
+        assert result == "hi"
+        return time.monotonic() - start
+
+    try:
+        yield Server(addr, "echo" if kind == "rpc" else None, limit, still_serving)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, port: int) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("aiomas")
+        and r.levelno >= logging.WARNING
+        and str(port) in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", [*BAD_STREAMS, "oversized frame"])
+async def test_bad_streams_close_only_that_connection(
+    kind: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serve(kind) as server:
+        stream = (
+            struct.pack(">L", server.max_frame_size + 1)
+            if name in ("oversized frame", "length above max_frame_size")
+            else BAD_STREAMS[name]
+        )
+        reader, writer = await asyncio.open_connection(*server.addr)
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(stream)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await writer.wait_closed()
+        await server.still_serving()
+    messages = warnings_about(caplog, port)
+    assert len(messages) == 1, caplog.text
+    assert messages[0].startswith(f"Closing connection to ('127.0.0.1', {port})")
+
+
+BAD_CALLS = {
+    "10 kB path": ["x" * 10_000, [], {}],
+    "path is not a string": [42, [], {}],
+    "args are not a list": ["{echo}", "spam", {}],
+    "kwargs are not a map": ["{echo}", [], []],
+    "unknown function": ["{echo}_nope", [], {}],
+    "private name": ["_private", [], {}],
+    "dunder path": ["__class__/__init__", [], {}],
+    "empty path": ["", [], {}],
+    "wrong arguments": ["{echo}", [1, 2, 3], {"spam": 1}],
+    "not a call at all": "hello",
+}
+
+
+@pytest.mark.parametrize("kind", ["rpc", "agent"])
+@pytest.mark.parametrize("name", BAD_CALLS)
+async def test_bad_rpc_calls_get_failure_replies(kind: str, name: str) -> None:
+    async with serve(kind) as server:
+        assert server.echo_path is not None
+        call = json.loads(
+            json.dumps(BAD_CALLS[name]).replace("{echo}", server.echo_path)
+        )
+        reader, writer = await asyncio.open_connection(*server.addr)
+        writer.write(raw_frame(json.dumps([0, 1, call]).encode()))
+        msg_type, msg_id, text = await asyncio.wait_for(read_frame(reader), 5)
+        assert (msg_type, msg_id) == (2, 1)
+        assert "Error" in text
+        assert len(text) < 20_000  # a 10 kB path is not echoed back endlessly
+        # The connection survives and still works.
+        good = [server.echo_path, ["fine"], {}]
+        writer.write(raw_frame(json.dumps([0, 2, good]).encode()))
+        assert await asyncio.wait_for(read_frame(reader), 5) == [1, 2, "fine"]
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("kind", ["rpc", "agent"])
+@pytest.mark.parametrize("msg_id", [-1, 2**70, 0], ids=["negative", "huge", "zero"])
+async def test_odd_and_duplicate_request_ids_are_answered(
+    kind: str, msg_id: int
+) -> None:
+    """The requester chooses the ids; the server answers each request with its
+    id, even if a (broken) requester uses one id twice."""
+    async with serve(kind) as server:
+        reader, writer = await asyncio.open_connection(*server.addr)
+        for value in ("first", "second"):
+            call = [server.echo_path, [value], {}]
+            writer.write(raw_frame(json.dumps([0, msg_id, call]).encode()))
+        replies = [await asyncio.wait_for(read_frame(reader), 5) for _ in range(2)]
+        assert replies == [[1, msg_id, "first"], [1, msg_id, "second"]]
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_truncated_header_then_close(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serve(kind) as server:
+        _reader, writer = await asyncio.open_connection(*server.addr)
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(b"\x00\x00")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        await writer.wait_closed()
+        await server.still_serving()
+        for _ in range(100):
+            if warnings_about(caplog, port):
+                break
+            await asyncio.sleep(0.01)
+    assert "in the middle of a frame" in warnings_about(caplog, port)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_slow_sender_does_not_slow_down_others(kind: str) -> None:
+    """One byte per tick: the connection waits, everybody else is served."""
+    async with serve(kind) as server:
+        reader, writer = await asyncio.open_connection(*server.addr)
+        call: Any = (
+            "slowly" if kind == "channel" else [server.echo_path, ["slowly"], {}]
+        )
+        data = raw_frame(json.dumps([0, 1, call]).encode())
+        for i, byte in enumerate(data):
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.005)
+            if i % 10 == 0:
+                assert await server.still_serving() < 1.0
+        assert await asyncio.wait_for(read_frame(reader), 5) == [1, 1, "slowly"]
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_thousand_idle_connections(kind: str) -> None:
+    """1,000 clients that connect and send nothing: the server still answers
+    others promptly, and idle connections cost little memory."""
+    # Debug mode keeps a traceback for every callback: not what users run.
+    asyncio.get_running_loop().set_debug(False)
+    async with serve(kind) as server:
+        await server.still_serving()  # Warm up (e.g. the agent connection).
+        gc.collect()
+        tracemalloc.start()
+        try:
+            idle = [await asyncio.open_connection(*server.addr) for _ in range(1000)]
+            await asyncio.sleep(0.1)
+            latency = await server.still_serving()
+            used = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert latency < 1.0
+        # Both ends of every connection live in this process; the server side
+        # of an idle connection has no receive buffer yet.
+        assert used / 1000 < 16_000, f"{used / 1000:.0f} bytes per idle connection"
+        for _reader, writer in idle:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for _r, w in idle))
+        await server.still_serving()
