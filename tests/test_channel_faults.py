@@ -76,7 +76,6 @@ BAD_STREAMS = {
     "unknown message type": raw_frame(b"[7, 1, null]"),
     "reply for an id never sent": raw_frame(b"[1, 99, null]"),
     "failure for an id never sent": raw_frame(b'[2, 99, "boom"]'),
-    "unknown __type__ id": raw_frame(b'[0, 1, {"__type__": [5, null]}]'),
     "deeply nested arrays": raw_frame(
         b"[0, 1, " + b"[" * 100_000 + b"]" * 100_000 + b"]"
     ),
@@ -102,6 +101,65 @@ async def test_bad_input_closes_only_the_offending_connection(
     messages = warnings_about(caplog, port)
     assert len(messages) == 1, caplog.text
     assert messages[0].startswith("Closing connection to ")
+
+
+async def test_request_with_undecodable_content_gets_a_failure_reply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unknown custom type id breaks only that message: the requester learns
+    why, and the connection stays open."""
+    async with echo_server() as addr:
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(raw_frame(b'[0, 5, {"__type__": [5, null]}]'))
+        msg_type, msg_id, text = await asyncio.wait_for(read_frame(reader), 5)
+        assert (msg_type, msg_id) == (2, 5)
+        assert text.startswith("SerializationError: Cannot decode the content")
+        assert "Unknown type id 5" in text
+        writer.write(raw_frame(b'[0, 6, "next"]'))
+        assert await asyncio.wait_for(read_frame(reader), 5) == [1, 6, "next"]
+        writer.close()
+        await writer.wait_closed()
+    assert any("Request 5 from" in r.getMessage() for r in caplog.records)
+
+
+class Fragile:
+    """Deserializing it fails on the receiving side."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
+def fragile_serializer() -> tuple[type, Any, Any]:
+    def deserialize(value: str) -> Fragile:
+        if value == "bad":
+            raise ValueError("cannot rebuild a bad Fragile")
+        return Fragile(value)
+
+    return Fragile, lambda obj: obj.value, deserialize
+
+
+async def test_reply_with_undecodable_content_fails_only_that_call() -> None:
+    async def reply_fragile(channel: aiomas.channel.Channel) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                request = await channel.recv()
+                await request.reply(Fragile(request.content))
+
+    server = await aiomas.channel.start_server(
+        ("127.0.0.1", 0), reply_fragile, extra_serializers=[fragile_serializer]
+    )
+    addr = server.sockets[0].getsockname()[:2]
+    channel = await aiomas.channel.open_connection(
+        addr, extra_serializers=[fragile_serializer]
+    )
+    with pytest.raises(aiomas.SerializationError, match="cannot rebuild"):
+        await asyncio.wait_for(channel.send("bad"), 5)
+    good = await asyncio.wait_for(channel.send("good"), 5)
+    assert isinstance(good, Fragile)
+    assert good.value == "good"
+    await channel.close()
+    server.close()
+    await server.wait_closed()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from typing import Any
 
+import arrow
 import blosc
 import msgpack
 import pytest
@@ -839,3 +840,21 @@ def test_random_bytes_never_raise_anything_but_serialization_error(
             codec.decode(data)
         except SerializationError:
             pass
+
+
+@pytest.mark.parametrize("codec_cls", [JSON, MsgPack, MsgPackBlosc])
+def test_decode_plain_leaves_custom_types_as_maps(codec_cls: type[Codec]) -> None:
+    sender = codec_cls()
+    sender.add_serializer(*aiomas.util.arrow_serializer())
+    data = sender.encode([0, 3, arrow.get("2016-01-01T00:00:00+00:00")])
+    receiver = codec_cls()  # knows no custom types
+    with pytest.raises(SerializationError, match="Unknown type id 0"):
+        receiver.decode(data)
+    message = receiver.decode_plain(data)
+    assert list(message[:2]) == [0, 3]
+    assert list(message[2]["__type__"]) == [0, "2016-01-01T00:00:00+00:00"]
+
+
+def test_decode_plain_is_optional_for_codecs() -> None:
+    with pytest.raises(NotImplementedError):
+        Codec().decode_plain(b"[]")

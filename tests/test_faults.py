@@ -155,6 +155,7 @@ BAD_CALLS = {
     "empty path": ["", [], {}],
     "wrong arguments": ["{echo}", [1, 2, 3], {"spam": 1}],
     "not a call at all": "hello",
+    "unknown custom type id": ["{echo}", [{"__type__": [99, None]}], {}],
 }
 
 

@@ -331,6 +331,8 @@ class Channel:
         try:
             message = self._decode(payload)
         except Exception as exc:
+            if self._content_not_decodable(payload, exc):
+                return
             raise ProtocolError(f"Cannot decode message: {exc}") from exc
         if type(message) not in (list, tuple) or len(message) != 3:
             self._invalid_message(message)
@@ -362,6 +364,50 @@ class Channel:
                 )
         else:
             raise ProtocolError(f"Unknown message type {msg_type!r}")
+
+    def _content_not_decodable(
+        self, payload: bytes | bytearray, error: Exception
+    ) -> bool:
+        """A message is well-formed but its content has a custom type that we
+        cannot deserialize (an unknown type id, a failing deserializer): answer
+        that one message with the error and keep the connection.
+
+        Returns:
+            ``False`` if the message is not well-formed after all (the caller
+            then closes the connection).
+
+        Raises:
+            ProtocolError: if it is a reply to a request never sent.
+        """
+        try:
+            message = self.codec.decode_plain(payload)
+        except Exception:  # Malformed after all, or no decode_plain().
+            return False
+        if (
+            type(message) not in (list, tuple)
+            or len(message) != 3
+            or type(message[0]) is not int
+            or type(message[1]) is not int
+        ):
+            return False
+        msg_type, msg_id, _ = message
+        text = f"Cannot decode the content of message {msg_id}: {error}"
+        if msg_type == REQUEST:
+            logger.warning(
+                "Request %s from %s: %s",
+                msg_id,
+                self._peername,
+                error,
+                extra={"peer": self._peername, "message_id": msg_id},
+            )
+            self._send_message(FAILURE, msg_id, f"SerializationError: {text}\n")
+            return True
+        if msg_type in (RESULT, FAILURE):
+            future = self._requests.pop(msg_id)
+            if not future.done():
+                future.set_exception(SerializationError(text))
+            return True
+        return False
 
     def _invalid_message(self, message: Any) -> None:
         # A malformed request whose id we can read still gets an answer, so the

@@ -103,6 +103,21 @@ class Codec:
         """
         raise NotImplementedError
 
+    def decode_plain(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode *data* without deserializers: ``__type__`` maps stay maps.
+
+        Channels use it to find the message type and id of a message whose
+        content :meth:`decode` could not deserialize, so that they can answer
+        that one message with an error instead of closing the connection.
+
+        Raises:
+            NotImplementedError: in codecs that do not support it (the base
+                class); channels then close the connection as for any other
+                undecodable message.
+            Exception: whatever decoding raises for malformed data.
+        """
+        raise NotImplementedError
+
     def add_serializer(
         self, type: type, serialize: Serializer, deserialize: Deserializer
     ) -> None:
@@ -246,6 +261,10 @@ class JSON(Codec):
         except (ValueError, TypeError, RecursionError) as exc:
             raise SerializationError(f"Cannot decode JSON: {exc}") from exc
 
+    def decode_plain(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode *data* without deserializers (see :meth:`Codec.decode_plain`)."""
+        return json.loads(str(data, "utf-8"))
+
 
 class MsgPack(Codec):
     """A :class:`Codec` that uses msgpack.
@@ -333,6 +352,12 @@ class MsgPack(Codec):
         except self._unpack_errors as exc:
             raise SerializationError(f"Cannot decode msgpack: {exc!r}") from exc
 
+    def decode_plain(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode *data* without deserializers (see :meth:`Codec.decode_plain`)."""
+        return self._msgpack.unpackb(
+            data, raw=False, use_list=False, strict_map_key=False
+        )
+
 
 # A Blosc 1 chunk starts with a 16-byte header: version, versionlz, flags and
 # typesize (one byte each), then the little-endian uint32s nbytes (size of the
@@ -393,6 +418,13 @@ class MsgPackBlosc(MsgPack):
                 Blosc chunk or would decompress to more than
                 :attr:`max_decompressed_size` bytes.
         """
+        return super().decode(self._decompress(data))
+
+    def decode_plain(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decode *data* without deserializers (see :meth:`Codec.decode_plain`)."""
+        return super().decode_plain(self._decompress(data))
+
+    def _decompress(self, data: bytes | bytearray | memoryview) -> bytes:
         try:
             view = memoryview(data).cast("B")
         except TypeError as exc:
@@ -413,10 +445,10 @@ class MsgPackBlosc(MsgPack):
                 f"{self.max_decompressed_size})"
             )
         try:
-            packed = self._blosc.decompress(view)
+            packed: bytes = self._blosc.decompress(view)
         except Exception as exc:  # blosc's own error type is not public
             raise SerializationError(f"Cannot decode Blosc: {exc!r}") from exc
-        return super().decode(packed)
+        return packed
 
 
 @overload
