@@ -14,7 +14,7 @@ DOCS = Path(__file__).parent
 # Guides whose doctests start ``python -m aiomas.subproc`` containers that spawn
 # agents from docs/workers.py.  A ``python -m`` child has its working directory
 # on sys.path, so these guides run in docs/.
-_GUIDES_WITH_SUBPROCESSES = ("agents.rst", "clocks.rst")
+_GUIDES_WITH_SUBPROCESSES = ("agents.rst", "clocks.rst", "tutorial.rst")
 
 
 def _doctest_file(request: pytest.FixtureRequest) -> str | None:
