@@ -395,6 +395,11 @@ async def test_bad_arguments() -> None:
         )
     with pytest.raises(ValueError, match=r"\(host, port\)"):
         await aiomas.channel.open_connection(("127.0.0.1", 1, 2))  # type: ignore[arg-type]
+    for bad_limit in (-1, 2**33):
+        with pytest.raises(ValueError, match="max_frame_size"):
+            await aiomas.channel.start_server(
+                ("127.0.0.1", 0), echo_forever, max_frame_size=bad_limit
+            )
 
 
 async def test_loop_argument_may_be_the_running_loop() -> None:

@@ -225,3 +225,37 @@ def test_receive_buffer_is_made_on_the_first_read() -> None:
     buffer[: len(data)] = data
     assert reader.buffer_updated(len(data)) == [b"spam"]
     assert reader.get_buffer().obj is reader._buf  # the same buffer, reused
+
+
+def test_a_lying_header_reserves_little_memory() -> None:
+    """A header that announces 60 MiB and is followed by nothing costs only
+    the first slice of the frame's buffer."""
+    import tracemalloc
+
+    reader = FrameReader()
+    tracemalloc.start()
+    try:
+        reader.feed(frame_header(60 * 2**20) + b"x" * 100)
+        used = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert used < 64 * 2**10 + 512 * 2**10, used
+    assert reader.buffered == 4 + 100
+
+
+@pytest.mark.parametrize("size", [2**18 - 1, 2**18, 2**18 + 1, 3 * 2**20 + 7])
+def test_big_frames_survive_their_buffer_growing(size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    data = frame(payload) + frame(b"next")
+    reader = FrameReader()
+    received: list[bytes | bytearray] = []
+    chunk_sizes = itertools.cycle([1, 7, 4096, 65_536, 300_000])
+    pos = 0
+    while pos < len(data):
+        buffer = reader.get_buffer()
+        n = min(len(buffer), next(chunk_sizes), len(data) - pos)
+        buffer[:n] = data[pos : pos + n]
+        del buffer  # as a transport does: the view is gone before the next read
+        pos += n
+        received.extend(reader.buffer_updated(n))
+    assert [bytes(p) for p in received] == [payload, b"next"]

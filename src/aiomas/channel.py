@@ -865,6 +865,7 @@ async def start_server(
     """
     running = _check_loop(loop)
     make_codec = _codec_factory(codec, extra_serializers)
+    FrameReader(max_frame_size)  # A bad limit fails here, not per connection.
 
     def factory() -> ChannelProtocol:
         return ChannelProtocol(

@@ -163,6 +163,13 @@ class Codec:
         """
         entry = self._serializers.get(type(obj))
         if entry is None:
+            if type(obj) is int:
+                # Only msgpack asks about ints: those outside 64 bits.
+                raise SerializationError(
+                    f"Cannot encode the int {_quote(obj)}: it does not fit into "
+                    "64 bits, the limit of msgpack (add a serializer for int to "
+                    "send such numbers)"
+                )
             entry = self._serializers.get(object)
             if entry is None:
                 raise SerializationError(
@@ -238,8 +245,10 @@ class JSON(Codec):
 
         Raises:
             SerializationError: if *data* contains an object without serializer,
-                a circular reference, a non-string dict key, an int with too many
-                digits or too deep nesting, or if a serializer fails.
+                a circular reference, a dict key that is not a str, int, float,
+                bool or None (those become strings, as with :mod:`json`), an int
+                with too many digits or too deep nesting, or if a serializer
+                fails.
         """
         try:
             # ensure_ascii makes the text pure ASCII, so this never fails.
@@ -299,7 +308,11 @@ class MsgPack(Codec):
         )
 
     def _new_packer(self) -> Any:
-        return self._msgpack.Packer(default=self.serialize_obj, use_bin_type=True)
+        # A small first buffer: every connection has a codec, and most messages
+        # are small (msgpack's default is 256 KiB).  It grows when needed.
+        return self._msgpack.Packer(
+            default=self.serialize_obj, use_bin_type=True, buf_size=_PACKER_BUFFER
+        )
 
     def encode(self, data: Any) -> bytes:
         """Encode *data* with msgpack.
@@ -315,9 +328,14 @@ class MsgPack(Codec):
             return self._pack(self._new_packer(), data)
         self._packing = True
         try:
-            return self._pack(self._packer, data)
+            packed = self._pack(self._packer, data)
         finally:
             self._packing = False
+        if len(packed) > _PACKER_KEEP:
+            # The packer's buffer grew to the size of this message; don't keep
+            # that much for the rest of the connection.
+            self._packer = self._new_packer()
+        return packed
 
     def _pack(self, packer: Any, data: Any) -> bytes:
         try:
@@ -357,6 +375,12 @@ class MsgPack(Codec):
         return self._msgpack.unpackb(
             data, raw=False, use_list=False, strict_map_key=False
         )
+
+
+# The first buffer of a msgpack Packer, and the largest message after which a
+# packer (and its grown buffer) is kept for the next message.
+_PACKER_BUFFER: Final = 16 * 1024
+_PACKER_KEEP: Final = 1024 * 1024
 
 
 # A Blosc 1 chunk starts with a 16-byte header: version, versionlz, flags and

@@ -42,6 +42,9 @@ FAILURE: Final = 2
 """Message type of a failure reply."""
 
 HEADER: Final = struct.Struct(">L")
+# The first buffer of a frame too big for the receive buffer; it doubles as the
+# frame's bytes arrive (so a lying header costs at most this).
+_BIG_FRAME_START: Final = 256 * 1024
 HEADER_SIZE: Final = HEADER.size
 
 MAX_FRAME_SIZE: Final = 2**32 - 1
@@ -106,6 +109,7 @@ class FrameReader:
     __slots__ = (
         "_big",
         "_big_filled",
+        "_big_size",
         "_buf",
         "_buffer_size",
         "_end",
@@ -133,8 +137,12 @@ class FrameReader:
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the received data in _buf
-        self._big: memoryview | None = None  # buffer of a frame too big for _buf
-        self._big_filled = 0
+        # A frame too big for _buf is received into a buffer of its own, which
+        # grows as its bytes arrive: a 4-byte header must not make us reserve
+        # max_frame_size bytes.
+        self._big: bytearray | None = None
+        self._big_filled = 0  # bytes of it received
+        self._big_size = 0  # the size the header announced
 
     @property
     def max_frame_size(self) -> int:
@@ -154,8 +162,16 @@ class FrameReader:
         After writing *n* bytes into it, call :meth:`buffer_updated` with *n*.
         The buffer is never empty.
         """
-        if self._big is not None:
-            return self._big[self._big_filled :]
+        big = self._big
+        if big is not None:
+            filled = self._big_filled
+            if filled == len(big):
+                # A new buffer, not a resize: the transport may still hold a
+                # view of the old one.
+                grown = bytearray(min(self._big_size, 2 * len(big)))
+                grown[:filled] = big
+                self._big = big = grown
+            return memoryview(big)[filled:]
         start, end = self._start, self._end
         if start == end:
             self._start = self._end = 0
@@ -187,13 +203,10 @@ class FrameReader:
         big = self._big
         if big is not None:
             self._big_filled += nbytes
-            if self._big_filled < len(big):
+            if self._big_filled < self._big_size:
                 return []
             self._big = None
-            payload = big.obj
-            big.release()
-            assert isinstance(payload, bytearray)
-            return [payload]
+            return [big]
         self._end += nbytes
         return self._parse()
 
@@ -232,10 +245,10 @@ class FrameReader:
                 start = frame_end
                 continue
             if HEADER_SIZE + size > len(buf):
-                big = memoryview(bytearray(size))
                 have = end - start - HEADER_SIZE
+                big = bytearray(min(size, max(_BIG_FRAME_START, have)))
                 big[:have] = self._view[start + HEADER_SIZE : end]
-                self._big, self._big_filled = big, have
+                self._big, self._big_filled, self._big_size = big, have, size
                 start = end = 0
             break
         self._start, self._end = start, end
