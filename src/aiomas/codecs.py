@@ -378,9 +378,11 @@ class MsgPack(Codec):
 
 
 # The first buffer of a msgpack Packer, and the largest message after which a
-# packer (and its grown buffer) is kept for the next message.
+# packer (and its grown buffer) is kept for the next message.  (Replacing the
+# packer after every big message makes big messages slow, so only really big
+# ones do.)
 _PACKER_BUFFER: Final = 16 * 1024
-_PACKER_KEEP: Final = 1024 * 1024
+_PACKER_KEEP: Final = 8 * 1024 * 1024
 
 
 # A Blosc 1 chunk starts with a 16-byte header: version, versionlz, flags and

@@ -42,8 +42,10 @@ FAILURE: Final = 2
 """Message type of a failure reply."""
 
 HEADER: Final = struct.Struct(">L")
-# The first buffer of a frame too big for the receive buffer; it doubles as the
-# frame's bytes arrive (so a lying header costs at most this).
+# A frame too big for the receive buffer gets a buffer of its exact size if it
+# is at most this big.  A bigger one is received into a reused buffer of this
+# size first, and gets its own buffer only when that is full: so a lying header
+# costs at most this, and a peer must send this much to make us allocate more.
 _BIG_FRAME_START: Final = 256 * 1024
 HEADER_SIZE: Final = HEADER.size
 
@@ -114,6 +116,7 @@ class FrameReader:
         "_buffer_size",
         "_end",
         "_max_frame_size",
+        "_stage",
         "_start",
         "_view",
     )
@@ -138,11 +141,14 @@ class FrameReader:
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the received data in _buf
         # A frame too big for _buf is received into a buffer of its own, which
-        # grows as its bytes arrive: a 4-byte header must not make us reserve
-        # max_frame_size bytes.
+        # starts small: a 4-byte header must not make us reserve max_frame_size
+        # bytes.
         self._big: bytearray | None = None
         self._big_filled = 0  # bytes of it received
         self._big_size = 0  # the size the header announced
+        # Receives the start of frames above _BIG_FRAME_START (made once, when
+        # the first such frame arrives, then reused).
+        self._stage: bytearray | None = None
 
     @property
     def max_frame_size(self) -> int:
@@ -166,11 +172,11 @@ class FrameReader:
         if big is not None:
             filled = self._big_filled
             if filled == len(big):
-                # A new buffer, not a resize: the transport may still hold a
-                # view of the old one.
-                grown = bytearray(min(self._big_size, 2 * len(big)))
-                grown[:filled] = big
-                self._big = big = grown
+                # The peer did send the first part (into the stage): now
+                # allocate the whole frame.
+                whole = bytearray(self._big_size)
+                whole[:filled] = big
+                self._big = big = whole
             return memoryview(big)[filled:]
         start, end = self._start, self._end
         if start == end:
@@ -246,7 +252,12 @@ class FrameReader:
                 continue
             if HEADER_SIZE + size > len(buf):
                 have = end - start - HEADER_SIZE
-                big = bytearray(min(size, max(_BIG_FRAME_START, have)))
+                if size <= _BIG_FRAME_START:
+                    big = bytearray(size)
+                elif self._stage is not None:
+                    big = self._stage
+                else:
+                    big = self._stage = bytearray(_BIG_FRAME_START)
                 big[:have] = self._view[start + HEADER_SIZE : end]
                 self._big, self._big_filled, self._big_size = big, have, size
                 start = end = 0
