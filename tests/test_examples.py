@@ -186,3 +186,51 @@ def test_cosimulation() -> None:
         "    temp-B: 24 samples, min 8.0, max 16.0",
         "    pv-B: 96 samples, min 0.0, max 3.0",
     ]
+
+
+def test_first_program() -> None:
+    assert run_example("first_program.py") == "42\n"
+
+
+def test_container_script(unused_tcp_port: int) -> None:
+    """The script runs a Manager that a master can use and stop."""
+    import asyncio
+
+    import aiomas
+
+    script = subprocess.Popen(
+        [
+            sys.executable,
+            "-W",
+            "error",
+            str(EXAMPLES / "container_script.py"),
+            f"127.0.0.1:{unused_tcp_port}",
+            "2010-03-27T00:00:00+01:00",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    async def master() -> None:
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), codec=aiomas.MsgPackBlosc, as_coro=True
+        )
+        try:
+            manager = await container.connect(
+                f"tcp://127.0.0.1:{unused_tcp_port}/0", timeout=20
+            )
+            _, addr = await manager.spawn("aiomas.demo:Bidder", "b", skill=1)
+            assert addr == f"tcp://127.0.0.1:{unused_tcp_port}/1"
+            await manager.set_time(0)  # init_time is -1
+            await manager.stop()
+        finally:
+            await container.shutdown(as_coro=True)
+
+    try:
+        asyncio.run(master())
+        assert script.wait(20) == 0
+    finally:
+        if script.poll() is None:
+            script.kill()
+        _, stderr = script.communicate(timeout=20)
+    assert stderr == ""
