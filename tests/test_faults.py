@@ -264,3 +264,65 @@ async def test_a_thousand_idle_connections(kind: str) -> None:
             writer.close()
         await asyncio.gather(*(w.wait_closed() for _r, w in idle))
         await server.still_serving()
+
+
+async def test_a_peer_that_does_not_read_its_replies_is_not_buffered_for() -> None:
+    """RPC replies wait while the write buffer is full, and the server stops
+    reading from that peer: memory stays bounded, and everything arrives once
+    the peer reads."""
+    clients: list[aiomas.rpc.RpcClient] = []
+    big = "x" * 100_000
+
+    @aiomas.expose
+    def fetch(i: int) -> list[Any]:
+        return [i, big]
+
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"fetch": fetch}), clients.append
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(*addr)
+    count = 500  # 50 MB of replies
+    for i in range(count):
+        writer.write(raw_frame(json.dumps([0, i, ["fetch", [i], {}]]).encode()))
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    (client,) = clients
+    transport = client.channel.transport
+    assert transport.get_write_buffer_size() < 2**20  # type: ignore[attr-defined]
+    # Others are still served meanwhile.
+    other = await aiomas.rpc.open_connection(addr)
+    assert (await asyncio.wait_for(other.remote.fetch(-1), 5))[0] == -1
+    await other.close()
+    replies = [await asyncio.wait_for(read_frame(reader), 10) for _ in range(count)]
+    assert [(r[0], r[1], r[2][0]) for r in replies] == [(1, i, i) for i in range(count)]
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_two_peers_calling_each_other_with_big_payloads_never_deadlock() -> None:
+    """Both write buffers full at once: each side still reads (it waits for
+    replies itself), so all calls complete."""
+
+    class Peer:
+        router = aiomas.rpc.Service()
+
+        @aiomas.expose
+        def echo(self, value: Any) -> Any:
+            return value
+
+    clients: list[aiomas.rpc.RpcClient] = []
+    server = await aiomas.rpc.start_server(("127.0.0.1", 0), Peer(), clients.append)
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(addr, rpc_service=Peer())
+    (server_side,) = clients
+    payload = "y" * 200_000
+    calls = [client.remote.echo(payload) for _ in range(100)]
+    calls += [server_side.remote.echo(payload) for _ in range(100)]
+    results = await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert results == [payload] * 200
+    await client.close()
+    server.close()
+    await server.wait_closed()

@@ -243,6 +243,10 @@ class Channel:
             raise self._connection_error()
         future = self._loop.create_future()
         msg_id = self._requests.add(future)
+        if self.protocol._reading_paused:
+            # We stopped reading because the peer did not read our replies;
+            # now we wait for a reply of our own and must read again.
+            self.protocol._resume_reading()
         try:
             self._send_message(REQUEST, msg_id, content)
         except BaseException:
@@ -343,9 +347,16 @@ class Channel:
                 f"Invalid message header {_abbreviate([msg_type, msg_id])}"
             )
         if msg_type == REQUEST:
-            request = Request(content, msg_id, self.protocol)
+            protocol = self.protocol
+            request = Request(content, msg_id, protocol)
             handler = self.request_handler
             if handler is not None:
+                if protocol._paused or self._incoming:
+                    # Our write buffer is full (the peer does not read its
+                    # replies): answer later, when it has drained.
+                    self._incoming.append(request)
+                    protocol._maybe_pause_reading()
+                    return
                 handler(request)
                 return
             self._incoming.append(request)
@@ -364,6 +375,15 @@ class Channel:
                 )
         else:
             raise ProtocolError(f"Unknown message type {msg_type!r}")
+
+    def _handle_deferred(self) -> None:
+        """Pass the requests deferred while writing was paused to the request
+        handler, until writing pauses again."""
+        handler = self.request_handler
+        incoming = self._incoming
+        protocol = self.protocol
+        while handler is not None and incoming and not protocol._paused:
+            handler(incoming.popleft())
 
     def _content_not_decodable(
         self, payload: bytes | bytearray, error: Exception
@@ -508,6 +528,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         # references to tasks.
         self._cb_task: asyncio.Future[Any] | None = None
         self._paused = False
+        # Reading is paused while our write buffer is full and we wait for no
+        # reply ourselves (see _maybe_pause_reading()).
+        self._reading_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
@@ -606,7 +629,19 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         # away and hand them to the transport in one write (one system call).
         write = channel._write
         corked: list[bytes | bytearray | memoryview] = []
-        channel._write = corked.append
+        corked_size = 0
+
+        def cork(data: bytes | bytearray | memoryview) -> None:
+            nonlocal corked, corked_size
+            corked.append(data)
+            corked_size += len(data)
+            if corked_size > _JOINED_WRITE_LIMIT:
+                # Hand it over now: the transport may pause writing, and then
+                # the rest of the requests wait (see pause_writing()).
+                _write_joined(write, corked)
+                corked, corked_size = [], 0
+
+        channel._write = cork
         try:
             for payload in payloads:
                 try:
@@ -675,18 +710,55 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             )
 
     def pause_writing(self) -> None:
-        """Set the *paused* flag: the transport's write buffer is full."""
+        """Set the *paused* flag: the transport's write buffer is full.
+
+        Requests for a request handler (RPC) are deferred until writing resumes,
+        and reading stops while this side waits for no reply itself, so that a
+        peer that does not read its replies cannot make us buffer without bound.
+        """
         assert not self._paused
         self._paused = True
+        self._maybe_pause_reading()
 
     def resume_writing(self) -> None:
-        """Clear the *paused* flag and wake everybody waiting in :meth:`drain`."""
+        """Clear the *paused* flag, wake everybody waiting in :meth:`drain`, and
+        go on reading and handling deferred requests."""
         assert self._paused
         self._paused = False
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        if self._reading_paused:
+            self._resume_reading()
+        if self.channel is not None:
+            self.channel._handle_deferred()
+
+    def _maybe_pause_reading(self) -> None:
+        """Stop reading if writing is paused and we wait for no reply: reading
+        on would only bring more requests to answer.  (Waiting for replies, we
+        go on reading, so that two peers can never wait for each other.)"""
+        channel = self.channel
+        transport = self.transport
+        if (
+            self._reading_paused
+            or not self._paused
+            or channel is None
+            or len(channel._requests)
+            or transport is None
+            or transport.is_closing()
+        ):
+            return
+        pause_reading = getattr(transport, "pause_reading", None)
+        if pause_reading is not None:
+            pause_reading()
+            self._reading_paused = True
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            cast(asyncio.ReadTransport, transport).resume_reading()
 
     async def drain(self) -> None:
         """Wait until the transport accepts more data (flow control).
