@@ -326,3 +326,51 @@ async def test_two_peers_calling_each_other_with_big_payloads_never_deadlock() -
     await client.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_flood_from_a_peer_we_wait_for_is_refused_beyond_a_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While we wait for a reply from a peer we keep reading from it; if it
+    floods us with calls and reads nothing, calls beyond 1,024 are refused."""
+    clients: list[aiomas.rpc.RpcClient] = []
+    big = "z" * 100_000
+
+    @aiomas.expose
+    def fetch(i: int) -> list[Any]:
+        return [i, big]
+
+    def connected(client: aiomas.rpc.RpcClient) -> None:
+        clients.append(client)
+        # A call to the peer that it never answers: we must go on reading.
+        client.channel.send(["never/answered", [], {}]).add_done_callback(
+            lambda f: f.cancelled() or f.exception()
+        )
+
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"fetch": fetch}), connected
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(*addr)
+    count = 3000
+    for i in range(count):
+        writer.write(raw_frame(json.dumps([0, i, ["fetch", [i], {}]]).encode()))
+        if i % 100 == 0:
+            await writer.drain()
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    (client,) = clients
+    assert len(client.channel._incoming) <= 1024
+    assert client.channel.transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
+    # Now read: the server's own request first, then an answer for every call.
+    assert (await asyncio.wait_for(read_frame(reader), 10))[0] == 0
+    answers = [await asyncio.wait_for(read_frame(reader), 10) for _ in range(count)]
+    assert sorted(a[1] for a in answers) == list(range(count))
+    refused = [a for a in answers if a[0] == 2]
+    assert refused
+    assert all("overloaded" in a[2] for a in refused)
+    assert sum("Refusing requests from" in r.getMessage() for r in caplog.records) >= 1
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()

@@ -154,7 +154,11 @@ def test_instance_attributes_and_exposure() -> None:
         def klass(cls) -> int:
             return 3
 
+        handler = None  # a class attribute that is not exposed ...
+
     service = Service_()
+    service.handler = expose(lambda: 6)  # type: ignore[assignment]  # ... hidden
+    assert service.router.resolve("handler")() == 6
     service.hidden = lambda: 4  # type: ignore[method-assign]
     service.own = expose(lambda: 5)  # type: ignore[attr-defined]
     with pytest.raises(LookupError):

@@ -259,3 +259,11 @@ def test_big_frames_survive_their_buffer_growing(size: int) -> None:
         pos += n
         received.extend(reader.buffer_updated(n))
     assert [bytes(p) for p in received] == [payload, b"next"]
+
+
+def test_a_big_frame_buffer_stays_within_eight_times_what_arrived() -> None:
+    reader = FrameReader()
+    sent = 256 * 2**10 + 1
+    reader.feed(frame_header(64 * 2**20) + b"x" * sent)
+    assert reader._big is not None
+    assert len(reader._big) <= 8 * sent

@@ -562,7 +562,14 @@ class Container:
             self._connecting[base_url] = attempt
             attempt.add_done_callback(lambda _: self._connecting.pop(base_url, None))
         # One caller giving up (e.g. a timeout) must not cancel the others' attempt.
-        return await asyncio.shield(attempt)
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if attempt.cancelled() and not (current and current.cancelling()):
+                # shutdown() cancelled the attempt, not our caller.
+                self._check_running()
+            raise
 
     async def _open(
         self, endpoint: _Endpoint, retry_for: float | None

@@ -63,6 +63,10 @@ _JOIN_LIMIT: Final = 64 * 1024
 # this many bytes.
 _JOINED_WRITE_LIMIT: Final = 256 * 1024
 
+# Requests for a request handler (RPC) that may wait while our write buffer is
+# full; more are refused with a failure reply.
+_MAX_DEFERRED_REQUESTS: Final = 1024
+
 # How long Channel.close() waits for the transport to flush before aborting it.
 _CLOSE_TIMEOUT: Final = 10.0
 
@@ -176,6 +180,7 @@ class Channel:
         "_loop",
         "_peername",
         "_recv_waiter",
+        "_refusing",
         "_requests",
         "_write",
         "codec",
@@ -206,6 +211,7 @@ class Channel:
         self._peername = transport.get_extra_info("peername")
         self._requests = RequestTable()
         self._incoming: deque[Request] = deque()
+        self._refusing = False  # (see _refuse())
         self._recv_waiter: asyncio.Future[None] | None = None
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
@@ -354,6 +360,9 @@ class Channel:
                 if protocol._paused or self._incoming:
                     # Our write buffer is full (the peer does not read its
                     # replies): answer later, when it has drained.
+                    if len(self._incoming) >= _MAX_DEFERRED_REQUESTS:
+                        self._refuse(msg_id)
+                        return
                     self._incoming.append(request)
                     protocol._maybe_pause_reading()
                     return
@@ -382,8 +391,35 @@ class Channel:
         handler = self.request_handler
         incoming = self._incoming
         protocol = self.protocol
-        while handler is not None and incoming and not protocol._paused:
+        while (
+            handler is not None
+            and incoming
+            and not protocol._paused
+            and self._closed_error is None
+        ):
             handler(incoming.popleft())
+        if not incoming:
+            self._refusing = False
+
+    def _refuse(self, msg_id: int) -> None:
+        """Answer a request with a failure: too many wait already, because the
+        peer sends requests but does not read the replies (while we wait for a
+        reply from it, so we cannot stop reading)."""
+        if not self._refusing:  # Log once per flood, not per request.
+            self._refusing = True
+            logger.warning(
+                "Refusing requests from %s: %s requests wait for the peer to "
+                "read its replies",
+                self._peername,
+                len(self._incoming),
+                extra={"peer": self._peername, "message_id": msg_id},
+            )
+        self._send_message(
+            FAILURE,
+            msg_id,
+            f"RuntimeError: overloaded: {len(self._incoming)} requests wait "
+            "until you read the replies to earlier ones\n",
+        )
 
     def _content_not_decodable(
         self, payload: bytes | bytearray, error: Exception
@@ -637,9 +673,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             corked_size += len(data)
             if corked_size > _JOINED_WRITE_LIMIT:
                 # Hand it over now: the transport may pause writing, and then
-                # the rest of the requests wait (see pause_writing()).
-                _write_joined(write, corked)
-                corked, corked_size = [], 0
+                # the rest of the requests wait (see pause_writing()).  Take
+                # the list first, in case writing calls back into us.
+                chunks, corked, corked_size = corked, [], 0
+                _write_joined(write, chunks)
 
         channel._write = cork
         try:
@@ -652,7 +689,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         finally:
             channel._write = write
             if corked and self._error is None:
-                _write_joined(write, corked)
+                chunks, corked = corked, []
+                _write_joined(write, chunks)
 
     def _fail(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: log it and cut the connection."""
@@ -731,8 +769,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 waiter.set_result(None)
         if self._reading_paused:
             self._resume_reading()
-        if self.channel is not None:
-            self.channel._handle_deferred()
+        channel = self.channel
+        if channel is not None and channel._incoming:
+            # Not right here: a transport may call us from inside write().
+            self._loop.call_soon(channel._handle_deferred)
 
     def _maybe_pause_reading(self) -> None:
         """Stop reading if writing is paused and we wait for no reply: reading

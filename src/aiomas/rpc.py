@@ -219,7 +219,8 @@ class Router:
         # Methods live in the class: finding them there is much faster than
         # inspect.getattr_static(), which also looks at the instance first.
         attr = _class_lookup(type(obj), name)
-        if attr is _MISSING:
+        if attr is _MISSING or not _is_exposed(attr):
+            # Maybe an exposed function stored on the instance.
             attr = _static_lookup(obj, name)
         if attr is _MISSING or not _is_exposed(attr):
             return None

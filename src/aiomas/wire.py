@@ -44,9 +44,11 @@ FAILURE: Final = 2
 HEADER: Final = struct.Struct(">L")
 # A frame too big for the receive buffer gets a buffer of its exact size if it
 # is at most this big.  A bigger one is received into a reused buffer of this
-# size first, and gets its own buffer only when that is full: so a lying header
-# costs at most this, and a peer must send this much to make us allocate more.
+# size first, then into buffers that grow by _BIG_FRAME_GROWTH: so a lying
+# header costs at most this, and we never hold more than _BIG_FRAME_GROWTH
+# times what the peer really sent.
 _BIG_FRAME_START: Final = 256 * 1024
+_BIG_FRAME_GROWTH: Final = 8
 HEADER_SIZE: Final = HEADER.size
 
 MAX_FRAME_SIZE: Final = 2**32 - 1
@@ -172,11 +174,13 @@ class FrameReader:
         if big is not None:
             filled = self._big_filled
             if filled == len(big):
-                # The peer did send the first part (into the stage): now
-                # allocate the whole frame.
-                whole = bytearray(self._big_size)
-                whole[:filled] = big
-                self._big = big = whole
+                # Grow by a factor of 8 (not to the announced size at once), so
+                # that we never hold more than 8 times what the peer really
+                # sent; most frames need one step.  A new buffer, not a resize:
+                # the transport may still hold a view of the old one.
+                grown = bytearray(min(self._big_size, _BIG_FRAME_GROWTH * filled))
+                grown[:filled] = big
+                self._big = big = grown
             return memoryview(big)[filled:]
         start, end = self._start, self._end
         if start == end:

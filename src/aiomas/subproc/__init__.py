@@ -187,6 +187,10 @@ class ContainerProcess:
                 "The container process did not report its address within "
                 f"{ready_timeout}s"
             ) from None
+        except BaseException:  # e.g. we were cancelled: leave no orphan behind
+            process.kill()
+            await asyncio.shield(process.wait())
+            raise
         if not line:
             code = await process.wait()
             raise RuntimeError(
