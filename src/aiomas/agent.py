@@ -33,7 +33,14 @@ from aiomas.channel import Address, Channel, SerializerFactory
 from aiomas.clocks import AsyncioClock, BaseClock
 from aiomas.codecs import JSON, Codec
 
-__all__ = ["Agent", "AgentProxy", "Container", "SSLCerts"]
+__all__ = [
+    "Agent",
+    "AgentProxy",
+    "Container",
+    "SSLCerts",
+    "parse_url",
+    "split_host_port",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -177,18 +184,34 @@ def parse_url(url: str) -> tuple[_Endpoint, str]:
     return _Endpoint(f"{scheme}://{location}/", addr), aid
 
 
-def _parse_host_port(location: str, url: str) -> tuple[str, int]:
-    host, sep, port = location.rpartition(":")
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[IPv6 address]:port``) into host and port.
+
+    Raises:
+        ValueError: if *text* is not of that form or the port is not in
+            0...65535.
+    """
+    host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
         host = ""  # An IPv6 address must be in brackets.
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host, int(port)
+
+
+def _parse_host_port(location: str, url: str) -> tuple[str, int]:
+    try:
+        host, port = split_host_port(location)
+    except ValueError:
+        port = 0
+    if port == 0:  # (Port 0 is for listening, not for connecting.)
         raise ValueError(
             f"Invalid agent address {url!r}: expected 'tcp://host:port/id' "
             "(with an IPv6 host in brackets, like 'tcp://[::1]:5555/0')"
         )
-    return host, int(port)
+    return host, port
 
 
 def _tcp_base_url(host: Any, port: int) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import arrow
 
 from aiomas import codecs
-from aiomas.agent import SSLCerts
+from aiomas.agent import SSLCerts, split_host_port
 from aiomas.clocks import ExternalClock
 from aiomas.subproc import serve
 
@@ -33,14 +33,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 def host_port(value: str) -> tuple[str, int]:
     """Parse ``HOST:PORT`` (``[IPv6]:PORT`` for IPv6 addresses)."""
-    host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    try:
+        return split_host_port(value)
+    except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected HOST:PORT (e.g. 127.0.0.1:5555 or [::1]:5555), got {value!r}"
-        )
-    return host, int(port)
+        ) from None
 
 
 def iso_date(value: str) -> str:
