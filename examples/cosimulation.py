@@ -200,10 +200,7 @@ async def main() -> None:
     finally:
         await container.shutdown(as_coro=True)
         for process in processes:
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:  # Not stopped (we failed): don't leave it behind.
-                await process.kill()
+            await process.wait_or_kill()
 
 
 if __name__ == "__main__":

@@ -124,6 +124,21 @@ async def tcp_pair() -> AsyncIterator[list[aiomas.Container]]:
         yield containers
 
 
+async def cut_connections(
+    container: aiomas.Container, caller: aiomas.Container, proxy: Any
+) -> None:
+    """Close *container*'s end of its incoming connections; wait until
+    *caller* (whose *proxy* used one) has noticed and forgotten it."""
+    for client in list(container._incoming):
+        await client.close()
+    with pytest.raises(ConnectionResetError):
+        await proxy.spam(1)
+    for _ in range(100):
+        if not caller._outgoing:
+            break
+        await asyncio.sleep(0.01)
+
+
 def incoming(container: aiomas.Container) -> int:
     """How many connections other containers have open to *container*."""
     return len(container._incoming)
@@ -754,14 +769,7 @@ async def test_lost_connections_are_forgotten(tcp_pair: list[aiomas.Container]) 
     one, two = tcp_pair
     proxy = await two.connect(Callee(one).addr)
     assert len(two._outgoing) == 1
-    for client in list(one._incoming):
-        await client.close()
-    with pytest.raises(ConnectionResetError):
-        await proxy.spam(1)
-    for _ in range(100):
-        if not two._outgoing:
-            break
-        await asyncio.sleep(0.01)
+    await cut_connections(one, two, proxy)
     assert two._outgoing == {}
     assert await (await two.connect(proxy.addr)).spam(1) == "spam"
 
@@ -858,14 +866,7 @@ async def test_container_connections_are_logged(
     caplog.set_level("INFO", logger="aiomas.agent")
     one, two = tcp_pair
     proxy = await two.connect(Callee(one).addr)
-    for client in list(one._incoming):
-        await client.close()
-    with pytest.raises(ConnectionResetError):
-        await proxy.spam(1)
-    for _ in range(100):
-        if not two._outgoing:
-            break
-        await asyncio.sleep(0.01)
+    await cut_connections(one, two, proxy)
     records = [r for r in caplog.records if r.name == "aiomas.agent"]
     assert [r.getMessage() for r in records] == [
         f"{two!r} connected to the container {one.base_url}",

@@ -352,3 +352,12 @@ async def test_sigint_ends_the_process() -> None:
     process = await start_process()
     process.process.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(process.wait(), WAIT) == 130
+
+
+async def test_wait_or_kill() -> None:
+    process = await start_process()
+    start_time = time.monotonic()
+    code = await process.wait_or_kill(0.2)  # nobody stopped it: killed
+    assert code == -signal.SIGKILL if sys.platform != "win32" else code != 0
+    assert time.monotonic() - start_time < WAIT
+    assert await process.wait_or_kill() == code  # already gone

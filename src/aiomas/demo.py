@@ -219,10 +219,7 @@ async def run(
         await stop_ticker(ticker)
         await container.shutdown(as_coro=True)
         for process in processes:
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:  # Not stopped (we failed): don't leave it behind.
-                await process.kill()
+            await process.wait_or_kill()
 
 
 async def stop_ticker(ticker: asyncio.Future[None] | None) -> None:

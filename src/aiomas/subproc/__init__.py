@@ -211,6 +211,15 @@ class ContainerProcess:
             self.process.kill()
         return await self.wait()
 
+    async def wait_or_kill(self, timeout: float = 5.0) -> int:  # noqa: ASYNC109
+        """Wait up to *timeout* seconds for the process to exit (e.g. after
+        ``Manager.stop()``), then kill it; return its exit code.  For
+        ``finally`` blocks: no process is left behind, whatever happened."""
+        try:
+            return await asyncio.wait_for(self.wait(), timeout)
+        except TimeoutError:
+            return await self.kill()
+
 
 async def _forward(stream: asyncio.StreamReader) -> None:
     while line := await stream.readline():
