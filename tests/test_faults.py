@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import logging
+import ssl
 import struct
 import time
 import tracemalloc
@@ -372,5 +373,116 @@ async def test_a_flood_from_a_peer_we_wait_for_is_refused_beyond_a_limit(
     assert sum("Refusing requests from" in r.getMessage() for r in caplog.records) >= 1
     writer.close()
     await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+# --- TLS refusals beyond those in test_channel.py ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def expired_tls(ca: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A certificate of the right CA that expired yesterday."""
+    import datetime
+
+    from .conftest import TLSFiles
+
+    now = datetime.datetime.now(datetime.UTC)
+    cert = ca.issue_cert(
+        "127.0.0.1",
+        "localhost",
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    directory = tmp_path_factory.mktemp("expired")
+    files = TLSFiles(
+        str(directory / "ca.pem"),
+        str(directory / "cert.pem"),
+        str(directory / "key.pem"),
+    )
+    ca.cert_pem.write_to_path(files.cafile)
+    cert.private_key_pem.write_to_path(files.keyfile)
+    with open(files.certfile, "wb") as f:
+        f.write(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    return files
+
+
+async def _refused(server_ctx: Any, client_ctx: Any) -> None:
+    """A client with *client_ctx* cannot talk to a server with *server_ctx*."""
+    server = await aiomas.channel.start_server(
+        ("127.0.0.1", 0), echo_forever, ssl=server_ctx
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+
+    async def talk() -> None:
+        channel = await asyncio.wait_for(
+            aiomas.channel.open_connection(addr, ssl=client_ctx), 5
+        )
+        try:
+            await asyncio.wait_for(channel.send("hi"), 5)
+        finally:
+            await channel.close()
+
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await talk()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_server_with_an_expired_certificate_is_refused(
+    tls: Any, expired_tls: Any
+) -> None:
+    await _refused(expired_tls.server_context, tls.client_context)
+
+
+async def test_a_client_with_an_expired_certificate_is_refused(
+    tls: Any, expired_tls: Any
+) -> None:
+    await _refused(tls.server_context, expired_tls.client_context)
+
+
+async def test_a_tls_client_cannot_talk_to_a_plain_server(tls: Any) -> None:
+    await _refused(None, tls.client_context)
+
+
+async def test_ten_thousand_cancelled_calls_leave_nothing_behind() -> None:
+    """Calls given up by their callers (wait_for timeouts): the late replies are
+    dropped quietly, the connection stays usable, and memory comes back."""
+    asyncio.get_running_loop().set_debug(False)  # (debug mode keeps tracebacks)
+
+    @aiomas.expose
+    async def slow(i: int) -> int:
+        await asyncio.sleep(0.01)
+        return i
+
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"slow": slow})
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(addr)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in range(10):
+            calls = [client.remote.slow(batch * 1000 + i) for i in range(1000)]
+            _done, pending = await asyncio.wait(calls, timeout=0.001)
+            for call in pending:
+                call.cancel()
+        # Wait until every late reply has arrived and been dropped.
+        for _ in range(500):
+            if len(client.channel._requests) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(client.channel._requests) == 0
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000, f"{grown} bytes left after 10,000 cancelled calls"
+    assert await asyncio.wait_for(client.remote.slow(-1), 5) == -1
+    await client.close()
     server.close()
     await server.wait_closed()
