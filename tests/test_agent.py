@@ -360,7 +360,7 @@ async def test_reconnect_after_the_peer_container_restarts() -> None:
     place = Place("tcp4")
     async with place.containers(1) as (caller_side,):
         server = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
-        port = int(server.base_url.rsplit(":", 1)[1].rstrip("/"))
+        _, port = agent_mod.split_host_port(server.base_url[len("tcp://") : -1])
         addr = f"{Callee(server).addr}"
         proxy = await caller_side.connect(addr)
         assert await proxy.spam(1) == "spam"

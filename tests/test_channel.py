@@ -684,17 +684,22 @@ class RecordingTransport(asyncio.Transport):
         self.closed = True
 
 
+def recording_protocol() -> tuple[ChannelProtocol, RecordingTransport, Channel]:
+    """A JSON channel protocol connected to a RecordingTransport."""
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    assert protocol.channel is not None
+    return protocol, transport, protocol.channel
+
+
 def frames(*messages: Any) -> bytes:
     codec = aiomas.JSON()
     return b"".join(wire.frame(codec.encode(m)) for m in messages)
 
 
 async def test_replies_to_requests_that_arrived_together_are_written_at_once() -> None:
-    protocol = ChannelProtocol(aiomas.JSON())
-    transport = RecordingTransport()
-    protocol.connection_made(transport)
-    channel = protocol.channel
-    assert channel is not None
+    protocol, transport, channel = recording_protocol()
     channel.set_request_handler(lambda req: req._answer(wire.RESULT, req.content * 2))
     protocol.data_received(frames(*([0, i, i] for i in range(50))))
     assert transport.writes == [frames(*([1, i, 2 * i] for i in range(50)))]
@@ -712,11 +717,7 @@ async def test_replies_to_requests_that_arrived_together_are_written_at_once() -
 
 
 async def test_a_protocol_error_in_a_batch_drops_its_held_replies() -> None:
-    protocol = ChannelProtocol(aiomas.JSON())
-    transport = RecordingTransport()
-    protocol.connection_made(transport)
-    channel = protocol.channel
-    assert channel is not None
+    protocol, transport, channel = recording_protocol()
     channel.set_request_handler(lambda req: req._answer(wire.RESULT, req.content))
     with contextlib.suppress(Exception):
         protocol.data_received(frames([0, 0, "a"], [7, 1, "bad type"], [0, 2, "c"]))

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import aiomas
+from aiomas.agent import split_host_port
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE
 
 from .helpers import echo_forever
@@ -61,7 +62,7 @@ async def serve(kind: str) -> AsyncIterator[Server]:
     if kind == "agent":
         container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
         Echo(container)
-        port = int(container.base_url.rsplit(":", 1)[1].rstrip("/"))
+        _, port = split_host_port(container.base_url[len("tcp://") : -1])
         addr = ("127.0.0.1", port)
         client = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import aiomas
+from aiomas.agent import split_host_port
 from aiomas.subproc import ContainerProcess, Manager, serve, start
 from aiomas.subproc.__main__ import host_port, iso_date, main
 
@@ -340,7 +341,7 @@ async def test_bad_arguments_make_start_fail() -> None:
 async def test_taken_port_makes_start_fail() -> None:
     container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
     try:
-        port = container.base_url.rsplit(":", 1)[1].rstrip("/")
+        _, port = split_host_port(container.base_url[len("tcp://") : -1])
         with pytest.raises(RuntimeError, match="exited with code 1"):
             await ContainerProcess.start(f"127.0.0.1:{port}")
     finally:

@@ -175,7 +175,7 @@ async def _serve(impl: str, codec: str) -> None:
     if impl == "agent":
         container = await aiomas.Container.create(addr, codec=codec_cls, as_coro=True)
         EchoAgent(container)
-        port = int(container.base_url.rsplit(":", 1)[1].rstrip("/"))
+        _, port = aiomas.agent.split_host_port(container.base_url[len("tcp://") : -1])
 
         async def close() -> None:
             await container.shutdown(as_coro=True)
