@@ -10,6 +10,15 @@ from _pytest.doctest import DoctestItem
 from tests.helpers import close_loop
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--aiomas-long",
+        action="store_true",
+        default=False,
+        help="run the load, fuzz and multi-host tests at full size (minutes)",
+    )
+
+
 def _close_thread_loop() -> None:
     """Close the loop that aiomas.run() set for this thread, cleanly."""
     policy = asyncio.get_event_loop_policy()

@@ -22,6 +22,13 @@ from aiomas import local_queue
 from .helpers import close_loop
 
 
+@pytest.fixture(scope="session")
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """True with ``--aiomas-long``: tests then use their full sizes (the issue's
+    figures) instead of the bounded ones that CI runs."""
+    return bool(request.config.getoption("--aiomas-long"))
+
+
 @pytest.fixture(autouse=True)
 async def _asyncio_hygiene() -> AsyncIterator[None]:
     """Run every async test in debug mode and fail it if it leaks a task."""
