@@ -377,6 +377,38 @@ async def test_reconnect_after_the_peer_container_restarts() -> None:
             await server.shutdown(as_coro=True)
 
 
+async def test_max_frame_size_limits_messages_in_both_directions(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A container with a small max_frame_size cuts off a container that sends
+    it a larger message, whether that is a call or a reply; smaller ones pass,
+    and the next connect() makes a new connection."""
+    place = Place("tcp4")
+    async with (
+        place.containers(1, max_frame_size=1000) as (small,),
+        place.containers(1) as (large,),
+    ):
+        small_callee, large_callee = Callee(small), Callee(large)
+        to_small = await large.connect(small_callee.addr)
+        assert await to_small.slow_echo("x" * 500) == "x" * 500
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(to_small.slow_echo("x" * 2000), WAIT)
+        assert any("exceeds" in r.getMessage() for r in caplog.records)
+        to_small = await large.connect(small_callee.addr)
+        assert await to_small.spam(1) == "spam"
+        # The reply to small's call is too big for small.
+        to_large = await small.connect(large_callee.addr)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(to_large.spam(500), WAIT)
+        assert await (await small.connect(large_callee.addr)).spam(2) == "spamspam"
+
+
+@pytest.mark.parametrize("size", [-1, 2**32])
+def test_a_bad_max_frame_size_is_refused_at_once(size: int) -> None:
+    with pytest.raises(ValueError, match="max_frame_size"):
+        aiomas.Container.create(("127.0.0.1", 0), max_frame_size=size)
+
+
 # --- connect() errors ----------------------------------------------------------------
 
 

@@ -378,6 +378,73 @@ async def test_a_flood_from_a_peer_we_wait_for_is_refused_beyond_a_limit(
     await server.wait_closed()
 
 
+@pytest.mark.parametrize("waiting_for_the_peer", [False, True])
+async def test_malformed_requests_from_a_peer_that_does_not_read_are_bounded(
+    waiting_for_the_peer: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Failure replies to malformed requests are subject to flow control too:
+    while the peer reads nothing, the server stops reading from it, or (when it
+    waits for a reply from that peer and must go on reading) cuts it off after
+    1 MiB of unread failure replies.  Other clients are served throughout."""
+    clients: list[aiomas.rpc.RpcClient] = []
+    big = "x" * 100_000
+
+    @aiomas.expose
+    def fetch(i: int) -> list[Any]:
+        return [i, big]
+
+    def connected(client: aiomas.rpc.RpcClient) -> None:
+        clients.append(client)
+        if waiting_for_the_peer:
+            client.channel.send(["never/answered", [], {}]).add_done_callback(
+                lambda f: f.cancelled() or f.exception()
+            )
+
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"fetch": fetch}), connected
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    _reader, writer = await asyncio.open_connection(*addr)
+    # Fill the server's write buffer with replies that we do not read ...
+    for i in range(300):
+        writer.write(raw_frame(json.dumps([0, i, ["fetch", [i], {}]]).encode()))
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    (client,) = clients
+    assert client.channel.protocol._paused
+    # ... then send requests without content (each gets a failure reply).
+    malformed = raw_frame(b"[0, 1]")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(40):
+            writer.write(malformed * 500)
+            await asyncio.wait_for(writer.drain(), 5)
+    await asyncio.sleep(0.2)
+    transport = client.channel.transport
+    if waiting_for_the_peer:
+        deadline = time.monotonic() + 5
+        while not transport.is_closing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert transport.is_closing()
+        assert any(
+            "does not read the replies" in r.getMessage()
+            and str(addr[0]) in r.getMessage()
+            for r in caplog.records
+        )
+    else:
+        assert not transport.is_closing()
+        assert client.channel.protocol._reading_paused
+        assert client.channel._unread_failure_bytes <= 2**20
+    assert transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
+    other = await aiomas.rpc.open_connection(addr)
+    assert (await asyncio.wait_for(other.remote.fetch(-1), 5))[0] == -1
+    await other.close()
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
 # --- TLS refusals beyond those in test_channel.py ---------------------------------
 
 

@@ -32,6 +32,7 @@ from aiomas import local_queue, rpc, util
 from aiomas.channel import Address, Channel, SerializerFactory
 from aiomas.clocks import AsyncioClock, BaseClock
 from aiomas.codecs import JSON, Codec
+from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
 
 __all__ = [
     "Agent",
@@ -297,6 +298,7 @@ class Container:
         codec: type[Codec] | None = None,
         extra_serializers: Iterable[SerializerFactory] | None = None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         as_coro: Literal[False] = False,
     ) -> _ContainerT: ...
 
@@ -310,6 +312,7 @@ class Container:
         codec: type[Codec] | None = None,
         extra_serializers: Iterable[SerializerFactory] | None = None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         as_coro: Literal[True],
     ) -> Coroutine[Any, Any, _ContainerT]: ...
 
@@ -322,6 +325,7 @@ class Container:
         codec: type[Codec] | None = None,
         extra_serializers: Iterable[SerializerFactory] | None = None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         as_coro: bool = False,
     ) -> _ContainerT | Coroutine[Any, Any, _ContainerT]:
         """Make a container with a server socket listening on *addr*.
@@ -341,6 +345,9 @@ class Container:
                 them.
             ssl: An :class:`SSLCerts` or a ``(server_context, client_context)``
                 tuple: TLS for all incoming and outgoing TCP connections.
+            max_frame_size: The largest message (payload bytes) accepted from
+                another container, on incoming and outgoing connections; a
+                peer that sends a larger one is disconnected.
             as_coro: ``True`` returns a coroutine to ``await`` (for use inside
                 a running event loop); ``False`` runs the event loop until the
                 server listens.
@@ -351,8 +358,11 @@ class Container:
         Raises:
             OSError: if the server socket cannot be bound.
             TypeError: if *ssl* has the wrong type.
+            ValueError: if *max_frame_size* is not a positive number below
+                2**32.
         """
-        coro = cls._create(addr, clock, codec, extra_serializers, ssl)
+        FrameReader(max_frame_size)  # A bad limit fails here, not later.
+        coro = cls._create(addr, clock, codec, extra_serializers, ssl, max_frame_size)
         if as_coro:
             return coro
         return util.run(coro)
@@ -365,12 +375,14 @@ class Container:
         codec: type[Codec] | None,
         extra_serializers: Iterable[SerializerFactory] | None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None,
+        max_frame_size: int,
     ) -> _ContainerT:
         server_ctx, client_ctx = _ssl_contexts(ssl)
         serializers = [*(extra_serializers or ()), util.arrow_serializer]
         connect_kwargs: dict[str, Any] = {
             "codec": JSON if codec is None else codec,
             "extra_serializers": serializers,
+            "max_frame_size": max_frame_size,
         }
         if client_ctx is not None:
             connect_kwargs["ssl"] = client_ctx
@@ -378,6 +390,7 @@ class Container:
         server_kwargs = {
             "codec": connect_kwargs["codec"],
             "extra_serializers": serializers,
+            "max_frame_size": max_frame_size,
         }
         if isinstance(addr, local_queue.LocalQueue):
             container._server = await container._serve(addr, server_kwargs)
@@ -466,10 +479,10 @@ class Container:
         """
         endpoint, aid = parse_url(url)
         self._check_running()
-        proxies = self._proxies.get(endpoint.base_url)
-        proxy = None if proxies is None else proxies.get(aid)
-        if proxy is not None:
-            return proxy
+        if self._open_client(endpoint.base_url) is not None:
+            proxy = self._proxies[endpoint.base_url].get(aid)
+            if proxy is not None:
+                return proxy
         client = await self._client_for(endpoint, timeout)
         type_name = await client.remote.validate_aid(aid)
         if type_name is None:
@@ -576,7 +589,7 @@ class Container:
         """Return the connection to the container at *endpoint*, opening it (or
         joining an attempt in progress) if needed."""
         base_url = endpoint.base_url
-        client = self._outgoing.get(base_url)
+        client = self._open_client(base_url)
         if client is not None:
             return client
         attempt = self._connecting.get(base_url)
@@ -618,6 +631,16 @@ class Container:
         service = client.service
         assert service is not None  # We serve the container to the peer.
         service.add_done_callback(lambda _: self._forget(base_url, client))
+        return client
+
+    def _open_client(self, base_url: str) -> rpc.RpcClient | None:
+        """Our connection to the container at *base_url*, if there is one that
+        is open.  One that is closing is forgotten now: a caller that has just
+        seen its calls fail may connect again before it is forgotten anyway."""
+        client = self._outgoing.get(base_url)
+        if client is not None and client.channel.transport.is_closing():
+            self._forget(base_url, client)
+            return None
         return client
 
     def _forget(self, base_url: str, client: rpc.RpcClient) -> None:

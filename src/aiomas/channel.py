@@ -66,6 +66,10 @@ _JOINED_WRITE_LIMIT: Final = 256 * 1024
 # Requests for a request handler (RPC) that may wait while our write buffer is
 # full; more are refused with a failure reply.
 _MAX_DEFERRED_REQUESTS: Final = 1024
+# Failure replies that the channel itself sends (to malformed, undecodable or
+# refused requests) while the peer does not read: beyond this many bytes, the
+# peer is cut off.
+_MAX_UNREAD_FAILURE_BYTES: Final = 2**20
 
 # How long Channel.close() waits for the transport to flush before aborting it.
 _CLOSE_TIMEOUT: Final = 10.0
@@ -182,6 +186,7 @@ class Channel:
         "_recv_waiter",
         "_refusing",
         "_requests",
+        "_unread_failure_bytes",
         "_write",
         "codec",
         "protocol",
@@ -212,6 +217,7 @@ class Channel:
         self._requests = RequestTable()
         self._incoming: deque[Request] = deque()
         self._refusing = False  # (see _refuse())
+        self._unread_failure_bytes = 0  # (see _send_failure())
         self._recv_waiter: asyncio.Future[None] | None = None
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
@@ -414,12 +420,33 @@ class Channel:
                 len(self._incoming),
                 extra={"peer": self._peername, "message_id": msg_id},
             )
-        self._send_message(
-            FAILURE,
+        self._send_failure(
             msg_id,
             f"RuntimeError: overloaded: {len(self._incoming)} requests wait "
             "until you read the replies to earlier ones\n",
         )
+
+    def _send_failure(self, msg_id: int, text: str) -> None:
+        """Answer request *msg_id* with a failure the channel itself found.
+
+        These replies skip the request handler and so its flow control; while
+        writing is paused they are counted instead, and reading stops if it
+        can (see :meth:`ChannelProtocol._maybe_pause_reading`).
+
+        Raises:
+            ProtocolError: if the peer left too many of them unread (the caller
+                closes the connection).
+        """
+        protocol = self.protocol
+        if protocol._paused:
+            self._unread_failure_bytes += len(text)
+            if self._unread_failure_bytes > _MAX_UNREAD_FAILURE_BYTES:
+                raise ProtocolError(
+                    "the peer sends requests that we must refuse but does not "
+                    f"read the replies ({self._unread_failure_bytes} bytes wait)"
+                )
+            protocol._maybe_pause_reading()
+        self._send_message(FAILURE, msg_id, text)
 
     def _content_not_decodable(
         self, payload: bytes | bytearray, error: Exception
@@ -456,7 +483,7 @@ class Channel:
                 error,
                 extra={"peer": self._peername, "message_id": msg_id},
             )
-            self._send_message(FAILURE, msg_id, f"SerializationError: {text}\n")
+            self._send_failure(msg_id, f"SerializationError: {text}\n")
             return True
         if msg_type in (RESULT, FAILURE):
             future = self._requests.pop(msg_id)
@@ -474,8 +501,7 @@ class Channel:
             and message[0] == REQUEST
             and type(message[1]) is int
         ):
-            self._send_message(
-                FAILURE,
+            self._send_failure(
                 message[1],
                 "ProtocolError: a request must be a list [0, message_id, content], "
                 f"got a {type(message).__name__} of {len(message)} elements\n",
@@ -763,13 +789,15 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         go on reading and handling deferred requests."""
         assert self._paused
         self._paused = False
+        channel = self.channel
+        if channel is not None:
+            channel._unread_failure_bytes = 0
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
         if self._reading_paused:
             self._resume_reading()
-        channel = self.channel
         if channel is not None and channel._incoming:
             # Not right here: a transport may call us from inside write().
             self._loop.call_soon(channel._handle_deferred)
