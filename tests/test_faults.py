@@ -31,6 +31,7 @@ from .helpers import echo_forever
 from .test_channel_faults import BAD_STREAMS, raw_frame, read_frame
 
 KINDS = ["channel", "rpc", "agent"]
+WAIT = 5  # seconds: an upper bound for anything that should be prompt
 
 
 class Echo(aiomas.Agent):
@@ -443,6 +444,129 @@ async def test_malformed_requests_from_a_peer_that_does_not_read_are_bounded(
         await writer.wait_closed()
     server.close()
     await server.wait_closed()
+
+
+# --- a server closed while clients are mid-call ---------------------------------
+
+
+async def test_a_server_closed_mid_call_finishes_its_calls_and_ends_bounded() -> None:
+    """``server.close()`` stops listening; calls in flight on open connections
+    still get their results (nothing is lost); once the server closes those
+    connections, calls still running fail with ConnectionResetError at once,
+    and ``wait_closed()`` returns promptly."""
+    clients: list[aiomas.rpc.RpcClient] = []
+    release = asyncio.Event()
+
+    @aiomas.expose
+    async def wait(i: int) -> int:
+        await release.wait()
+        return i
+
+    @aiomas.expose
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0),
+        aiomas.rpc.ServiceDict({"wait": wait, "hang": hang}),
+        clients.append,
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(addr)
+    try:
+        waiting = [asyncio.ensure_future(client.remote.wait(i)) for i in range(50)]
+        hanging = [asyncio.ensure_future(client.remote.hang()) for _ in range(50)]
+        await asyncio.sleep(0.1)
+        server.close()
+        with pytest.raises(OSError):
+            await aiomas.rpc.open_connection(addr)
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*waiting), WAIT) == list(
+            range(50)
+        )
+        start = time.monotonic()
+        await asyncio.gather(*(c.close() for c in clients))
+        results = await asyncio.wait_for(
+            asyncio.gather(*hanging, return_exceptions=True), WAIT
+        )
+        assert all(isinstance(r, ConnectionResetError) for r in results), results
+        await asyncio.wait_for(server.wait_closed(), WAIT)
+        assert time.monotonic() - start < 1
+    finally:
+        await client.close()
+
+
+# --- exceptions inside serializers ----------------------------------------------
+
+
+class Fragile:
+    """Its serializer fails for mode "encode", its deserializer for "decode"."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+
+def _serialize_fragile(obj: Fragile) -> str:
+    if obj.mode == "encode":
+        raise ValueError("this one cannot be encoded")
+    return obj.mode
+
+
+def _deserialize_fragile(mode: str) -> Fragile:
+    if mode == "decode":
+        raise ValueError("this one cannot be decoded")
+    return Fragile(mode)
+
+
+def fragile_serializer() -> tuple[type, Any, Any]:
+    return Fragile, _serialize_fragile, _deserialize_fragile
+
+
+@pytest.mark.parametrize("codec", [aiomas.JSON, aiomas.MsgPack])
+async def test_exceptions_inside_serializers_fail_only_that_call(
+    codec: type[aiomas.codecs.Codec],
+) -> None:
+    """A serializer or deserializer that raises, on either side: the caller
+    gets a clear error naming the cause, and the connection goes on working."""
+
+    @aiomas.expose
+    def echo(value: Any) -> Any:
+        return value
+
+    @aiomas.expose
+    def make(mode: str) -> Fragile:
+        return Fragile(mode)
+
+    kwargs: dict[str, Any] = {
+        "codec": codec,
+        "extra_serializers": [fragile_serializer],
+    }
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"echo": echo, "make": make}), **kwargs
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(addr, **kwargs)
+    remote = client.remote
+    try:
+        # Our serializer fails: nothing is sent.
+        with pytest.raises(aiomas.SerializationError, match="cannot be encoded"):
+            await asyncio.wait_for(remote.echo(Fragile("encode")), WAIT)
+        # The server's deserializer fails on our argument.
+        with pytest.raises(aiomas.RemoteException, match="cannot be decoded"):
+            await asyncio.wait_for(remote.echo(Fragile("decode")), WAIT)
+        # The server's serializer fails on its result.
+        with pytest.raises(aiomas.RemoteException, match="cannot be encoded"):
+            await asyncio.wait_for(remote.make("encode"), WAIT)
+        # Our deserializer fails on the result.
+        with pytest.raises(aiomas.SerializationError, match="cannot be decoded"):
+            await asyncio.wait_for(remote.make("decode"), WAIT)
+        # The connection survived all of it.
+        assert (await asyncio.wait_for(remote.echo(Fragile("ok")), WAIT)).mode == "ok"
+        assert not client.channel.transport.is_closing()
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
 
 
 # --- TLS refusals beyond those in test_channel.py ---------------------------------
