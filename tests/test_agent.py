@@ -29,6 +29,9 @@ from .conftest import TLSFiles, ipv6_available
 WAIT: float = 10.0
 
 
+HIDDEN_CALLS: list[Any] = []  # Callee.hidden() must never run from remote
+
+
 class Callee(aiomas.Agent):
     @aiomas.expose
     def spam(self, times: int) -> str:
@@ -44,6 +47,7 @@ class Callee(aiomas.Agent):
         raise ValueError("no spam today")
 
     def hidden(self) -> str:
+        HIDDEN_CALLS.append(self)
         return "not exposed"
 
 
@@ -257,7 +261,14 @@ async def test_only_exposed_methods_can_be_called(
             "router",
             "__init__",
             "__class__",
+            "__dict__",
             "",
+            "spam/__func__",
+            "spam/__globals__",
+            "spam/__self__/hidden",
+            "router/__dict__",
+            "hidden/",
+            "./hidden",
         )
     ]
     root_paths = [
@@ -269,10 +280,19 @@ async def test_only_exposed_methods_can_be_called(
         "agents/0",
         "agents/9/spam",
         "_agents",
+        "agents/../agents/0/hidden",
+        "agents//0/hidden",
+        "agents/0//hidden",
+        "agents/00/hidden",
+        "agents/ 0/hidden",
+        "validate_aid/__globals__",
+        "router/hidden",
+        "__class__/__subclasses__",
     ]
     for path in agent_paths + root_paths:
         with pytest.raises(aiomas.RemoteException, match="LookupError"):
             await rpc.Proxy(channel, path)()
+    assert HIDDEN_CALLS == []
 
 
 async def test_wire_layout_seen_by_a_plain_rpc_client(

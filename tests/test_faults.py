@@ -8,6 +8,7 @@ request id can be read, gets a failure reply), and memory stays bounded.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import gc
@@ -19,6 +20,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -481,9 +483,7 @@ async def test_a_server_closed_mid_call_finishes_its_calls_and_ends_bounded() ->
         with pytest.raises(OSError):
             await aiomas.rpc.open_connection(addr)
         release.set()
-        assert await asyncio.wait_for(asyncio.gather(*waiting), WAIT) == list(
-            range(50)
-        )
+        assert await asyncio.wait_for(asyncio.gather(*waiting), WAIT) == list(range(50))
         start = time.monotonic()
         await asyncio.gather(*(c.close() for c in clients))
         results = await asyncio.wait_for(
@@ -678,3 +678,49 @@ async def test_ten_thousand_cancelled_calls_leave_nothing_behind() -> None:
     await client.close()
     server.close()
     await server.wait_closed()
+
+
+# --- nothing received is unpickled or evaluated ----------------------------------
+
+SRC = Path(aiomas.__file__).parent
+# Modules that turn bytes or strings into code or arbitrary objects.
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill"}
+UNSAFE_BUILTINS = {"eval", "exec", "compile", "__import__"}
+# The only places that import a module by name, and why that is safe.
+IMPORT_BY_NAME = {
+    # obj_from_str() serves Manager.spawn("module:Class"): documented as code
+    # execution by design, for trusted managers only (docs/reliability.rst).
+    "util.py",
+    # Optional dependencies of the benchmark, names fixed in the code.
+    "benchmark.py",
+}
+
+
+def test_no_code_path_unpickles_or_evaluates_received_data() -> None:
+    """A static check of the whole package: no pickle (or marshal, shelve, ...)
+    and no eval/exec/compile; import by name only where listed above."""
+    findings = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(SRC)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                names = {alias.name.split(".")[0] for alias in node.names}
+                findings += [f"{where} imports {n}" for n in names & UNSAFE_MODULES]
+            elif isinstance(node, ast.ImportFrom):
+                if (node.module or "").split(".")[0] in UNSAFE_MODULES:
+                    findings.append(f"{where} imports from {node.module}")
+            elif isinstance(node, ast.Call):
+                func = node.func
+                name = (
+                    func.id
+                    if isinstance(func, ast.Name)
+                    else func.attr
+                    if isinstance(func, ast.Attribute)
+                    else ""
+                )
+                if name in UNSAFE_BUILTINS:
+                    findings.append(f"{where} calls {name}()")
+                if name == "import_module" and path.name not in IMPORT_BY_NAME:
+                    findings.append(f"{where} imports a module by name")
+    assert findings == []
