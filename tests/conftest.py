@@ -30,10 +30,15 @@ def long_run(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture(autouse=True)
-async def _asyncio_hygiene() -> AsyncIterator[None]:
-    """Run every async test in debug mode and fail it if it leaks a task."""
+async def _asyncio_hygiene(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Run every async test in debug mode and fail it if it leaks a task.
+
+    Tests marked ``heavy`` (tens of thousands of calls or connections) run
+    without debug mode: it records a traceback for every future and callback,
+    which makes them ten times slower and adds nothing at that scale.
+    """
     loop = asyncio.get_running_loop()
-    loop.set_debug(True)
+    loop.set_debug(request.node.get_closest_marker("heavy") is None)
     # Debug mode logs callbacks slower than 0.1 s; on a busy CI machine that is
     # noise, not a finding.
     loop.slow_callback_duration = 1.0

@@ -859,6 +859,7 @@ async def test_external_clock_drives_agent_sleeps() -> None:
 # --- many agents ---------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 async def test_ten_thousand_agents_each_called_once() -> None:
     async with Place("tcp4").containers(2) as (one, two):
         agents = [Echo(one) for _ in range(10_000)]

@@ -244,6 +244,7 @@ async def test_a_slow_sender_does_not_slow_down_others(kind: str) -> None:
         await writer.wait_closed()
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_thousand_idle_connections(kind: str) -> None:
     """1,000 clients that connect and send nothing: the server still answers
@@ -271,6 +272,7 @@ async def test_a_thousand_idle_connections(kind: str) -> None:
         await server.still_serving()
 
 
+@pytest.mark.heavy
 async def test_a_peer_that_does_not_read_its_replies_is_not_buffered_for() -> None:
     """RPC replies wait while the write buffer is full, and the server stops
     reading from that peer: memory stays bounded, and everything arrives once
@@ -333,6 +335,7 @@ async def test_two_peers_calling_each_other_with_big_payloads_never_deadlock() -
     await server.wait_closed()
 
 
+@pytest.mark.heavy
 async def test_a_flood_from_a_peer_we_wait_for_is_refused_beyond_a_limit(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -639,6 +642,7 @@ async def test_a_tls_client_cannot_talk_to_a_plain_server(tls: Any) -> None:
     await _refused(None, tls.client_context)
 
 
+@pytest.mark.heavy
 async def test_ten_thousand_cancelled_calls_leave_nothing_behind() -> None:
     """Calls given up by their callers (wait_for timeouts): the late replies are
     dropped quietly, the connection stays usable, and memory comes back."""

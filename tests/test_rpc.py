@@ -320,6 +320,7 @@ async def test_malformed_rpc_requests_get_failure_replies() -> None:
     await server.wait_closed()
 
 
+@pytest.mark.heavy
 async def test_a_thousand_concurrent_calls_with_random_delays(
     endpoint: Endpoint,
 ) -> None:
