@@ -314,11 +314,17 @@ async def test_sigterm_shuts_the_container_down() -> None:
 
 
 async def test_killed_process_fails_calls_in_flight_promptly() -> None:
+    """SIGKILL with 100 calls in flight: all fail with ConnectionResetError
+    within a second, on_connection_reset fires, no socket is left open, and a
+    peer restarted at the same address is reached with a new connection."""
     process = await start_process()
     master = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
     try:
         manager = await master.connect(process.manager_addr)
         worker, _ = await manager.spawn(f"{__name__}:Worker", "k")
+        (client,) = master._outgoing.values()
+        resets: list[BaseException] = []
+        client.on_connection_reset(resets.append)
         calls = [asyncio.ensure_future(worker.hang()) for _ in range(100)]
         await asyncio.sleep(0.1)
         start_time = time.monotonic()
@@ -328,6 +334,18 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
         )
         assert time.monotonic() - start_time < 1
         assert all(isinstance(r, ConnectionResetError) for r in results)
+        await asyncio.sleep(0.05)  # the reset callback runs in the service task
+        assert len(resets) == 1
+        assert client.channel.protocol._closed.done()
+        assert master._outgoing == {}
+        # The same address again, served by a new process.
+        host_port = process.manager_addr[len("tcp://") :].rsplit("/", 1)[0]
+        process = await ContainerProcess.start(
+            host_port, "--log-level", "warning", env=CHILD_ENV, cwd=str(ROOT)
+        )
+        manager = await master.connect(process.manager_addr, timeout=WAIT)
+        worker, _ = await manager.spawn(f"{__name__}:Worker", "again")
+        assert await worker.work(2) == "again: 2"
     finally:
         await process.kill()
         await master.shutdown(as_coro=True)
