@@ -17,7 +17,14 @@ import pytest
 import aiomas
 from aiomas.agent import split_host_port
 from aiomas.subproc import ContainerProcess, Manager, serve, start
-from aiomas.subproc.__main__ import host_port, iso_date, main
+from aiomas.subproc.__main__ import (
+    container_kwargs,
+    host_port,
+    iso_date,
+    main,
+    make_parser,
+)
+from aiomas.wire import DEFAULT_MAX_FRAME_SIZE
 
 WAIT: float = 10.0
 
@@ -194,6 +201,9 @@ def test_host_port(value: str, expected: tuple[str, int]) -> None:
         ["localhost:5555", "--codec", "pickle"],
         ["localhost:5555", "--log-level", "loud"],
         ["localhost:5555", "--cafile", "ca.pem"],
+        ["localhost:5555", "--max-frame-size", "-1"],
+        ["localhost:5555", "--max-frame-size", "lots"],
+        ["localhost:5555", "--max-frame-size", str(2**32)],
         [],
     ],
 )
@@ -205,6 +215,14 @@ def test_bad_arguments_exit_with_a_message(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "aiomas-test: error:" in err
+
+
+def test_max_frame_size_option() -> None:
+    parser = make_parser()
+    args = parser.parse_args(["localhost:5555", "--max-frame-size", "1000"])
+    assert container_kwargs(args, parser)["max_frame_size"] == 1000
+    args = parser.parse_args(["localhost:5555"])
+    assert container_kwargs(args, parser)["max_frame_size"] == DEFAULT_MAX_FRAME_SIZE
 
 
 def test_iso_date_accepts_iso_dates() -> None:

@@ -21,6 +21,7 @@ from aiomas import codecs
 from aiomas.agent import SSLCerts, split_host_port
 from aiomas.clocks import ExternalClock
 from aiomas.subproc import serve
+from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
 
 CODECS: dict[str, type[codecs.Codec]] = {
     "json": codecs.JSON,
@@ -50,6 +51,18 @@ def iso_date(value: str) -> str:
             f"not an ISO 8601 date (e.g. 2010-03-27T00:00:00+01:00): {value!r} ({exc})"
         ) from None
     return value
+
+
+def frame_size(value: str) -> int:
+    """Parse a frame size limit: an integer from 0 to 2**32 - 1."""
+    try:
+        size = int(value)
+        FrameReader(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of bytes from 0 to {2**32 - 1}, got {value!r}"
+        ) from None
+    return size
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -95,6 +108,14 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--certfile", help="this container's TLS certificate")
     parser.add_argument("--keyfile", help="the private key of --certfile")
     parser.add_argument(
+        "--max-frame-size",
+        type=frame_size,
+        default=DEFAULT_MAX_FRAME_SIZE,
+        metavar="BYTES",
+        help="the largest message accepted from another container "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         "-l",
         choices=LOG_LEVELS,
@@ -108,7 +129,10 @@ def container_kwargs(
     args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> dict[str, Any]:
     """Turn parsed arguments into keyword arguments for Container.create()."""
-    kwargs: dict[str, Any] = {"codec": CODECS[args.codec]}
+    kwargs: dict[str, Any] = {
+        "codec": CODECS[args.codec],
+        "max_frame_size": args.max_frame_size,
+    }
     if args.start_date is not None:
         kwargs["clock"] = ExternalClock(args.start_date, init_time=args.init_time)
     tls_files = (args.cafile, args.certfile, args.keyfile)
