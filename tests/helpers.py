@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -71,3 +73,25 @@ def aiomas_records(
     return [
         r for r in caplog.records if r.name.startswith("aiomas") and r.levelno >= level
     ]
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[tuple[str, int]]:
+    """A TCP address on 127.0.0.1 where connecting hangs: the listener's
+    accept queue is full, so the kernel ignores further connection requests."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        addr = listener.getsockname()
+        with socket.create_connection(addr):
+            yield addr
+
+
+def tcp_socket_options(channel: Channel) -> tuple[int, int, int]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE and TCP_USER_TIMEOUT of *channel*'s socket."""
+    sock = channel.get_extra_info("socket")
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+    )

@@ -23,6 +23,7 @@ from aiomas import agent as agent_mod
 from aiomas import rpc
 
 from .conftest import TLSFiles, ipv6_available
+from .helpers import black_hole, tcp_socket_options
 
 # Generous bound for things that happen within milliseconds; only a broken test
 # waits this long.
@@ -374,6 +375,51 @@ async def test_a_cancelled_connect_does_not_cancel_the_others(
     assert await proxy.spam(1) == "spam"
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_an_attempt_given_up_by_every_caller_is_stopped(
+    tcp_pair: list[aiomas.Container],
+) -> None:
+    """A connection attempt that hangs (a host that does not answer) ends when
+    the last caller waiting for it gives up: the next connect() starts afresh
+    instead of joining an attempt that may hang for minutes."""
+    _, two = tcp_pair
+    with black_hole() as (host, port):
+        url = f"tcp://{host}:{port}/0"
+        waiting = [asyncio.ensure_future(two.connect(url)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        (attempt,) = two._connecting.values()
+        waiting[0].cancel()
+        await asyncio.sleep(0.05)
+        assert not attempt.task.done()  # somebody still waits for it
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(waiting[1], 0.1)
+        await asyncio.sleep(0)
+        assert attempt.task.cancelled()
+        assert two._connecting == {}
+        with pytest.raises(asyncio.CancelledError):
+            await waiting[0]
+        # A new call makes a new attempt.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(two.connect(url), 0.1)
+        assert two._connecting == {}
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+async def test_dead_peer_timeout_applies_to_both_directions() -> None:
+    async with Place("tcp4").containers(2, dead_peer_timeout=3) as (one, two):
+        proxy = await two.connect(Callee(one).addr)
+        assert await proxy.spam(1) == "spam"
+        (incoming_client,) = one._incoming
+        (outgoing_client,) = two._outgoing.values()
+        for client in (incoming_client, outgoing_client):
+            assert tcp_socket_options(client.channel) == (1, 2, 3000)
+
+
+@pytest.mark.parametrize("timeout", [0, -5])
+def test_a_bad_dead_peer_timeout_is_refused_at_once(timeout: float) -> None:
+    with pytest.raises(ValueError, match="dead_peer_timeout"):
+        aiomas.Container.create(("127.0.0.1", 0), dead_peer_timeout=timeout)
 
 
 async def test_reconnect_after_the_peer_container_restarts() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,7 +21,13 @@ from aiomas.channel import Channel, ChannelProtocol, Request
 from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
 
 from .conftest import Endpoint, TLSFiles
-from .helpers import aiomas_records, echo_forever, echo_until_closed
+from .helpers import (
+    aiomas_records,
+    black_hole,
+    echo_forever,
+    echo_until_closed,
+    tcp_socket_options,
+)
 
 Handler = Callable[[Channel], Awaitable[Any] | None]
 
@@ -349,6 +357,82 @@ async def test_connecting_to_nobody(endpoint: Endpoint) -> None:
     with pytest.raises(expected):
         await connect(endpoint, addr, timeout=0.2)
     assert loop.time() - start >= 0.2
+
+
+async def test_a_hanging_connect_attempt_is_bounded_by_the_timeout() -> None:
+    loop = asyncio.get_running_loop()
+    with black_hole() as addr:
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await aiomas.channel.open_connection(addr, timeout=0.3)
+        assert 0.3 <= loop.time() - start < 2
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (ConnectionRefusedError(), True),
+        (FileNotFoundError(), True),
+        (TimeoutError(), True),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), True),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), True),
+        (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"), False),
+        (PermissionError(), False),
+    ],
+)
+def test_which_connect_errors_are_retried(error: OSError, retried: bool) -> None:
+    """Within open_connection(timeout=...): nobody listening yet, and networks
+    or hosts that are not reachable yet (hosts start in any order)."""
+    assert channel_mod._should_retry(error) is retried
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+@pytest.mark.parametrize("kind", ["tcp4", "tls"])
+async def test_dead_peer_timeout_sets_keepalive_and_user_timeout(
+    kind: str, tls: TLSFiles
+) -> None:
+    server_ssl = {"ssl": tls.server_context} if kind == "tls" else {}
+    client_ssl = {"ssl": tls.client_context} if kind == "tls" else {}
+    accepted: list[Channel] = []
+    server = await aiomas.channel.start_server(
+        ("127.0.0.1", 0), accepted.append, dead_peer_timeout=4, **server_ssl
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    plain = await aiomas.channel.open_connection(addr, **client_ssl)
+    watched = await aiomas.channel.open_connection(
+        addr, dead_peer_timeout=0.5, **client_ssl
+    )
+    try:
+        assert tcp_socket_options(watched) == (1, 1, 500)
+        assert tcp_socket_options(accepted[0]) == (1, 2, 4000)
+        assert tcp_socket_options(plain)[0] == 0
+    finally:
+        await plain.close()
+        await watched.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_dead_peer_timeout_is_harmless_on_unix_sockets(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    server = await aiomas.channel.start_server(path, echo_forever, dead_peer_timeout=1)
+    channel = await aiomas.channel.open_connection(path, dead_peer_timeout=1)
+    assert await channel.send("hi") == "hi"
+    await channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0])
+async def test_dead_peer_timeout_must_be_positive(timeout: float) -> None:
+    with pytest.raises(ValueError, match="dead_peer_timeout"):
+        await aiomas.channel.open_connection(
+            ("127.0.0.1", 1), dead_peer_timeout=timeout
+        )
+    with pytest.raises(ValueError, match="dead_peer_timeout"):
+        await aiomas.channel.start_server(
+            ("127.0.0.1", 0), echo_forever, dead_peer_timeout=timeout
+        )
 
 
 async def test_connect_retries_until_the_server_starts(tmp_path: Any) -> None:

@@ -204,6 +204,9 @@ def test_host_port(value: str, expected: tuple[str, int]) -> None:
         ["localhost:5555", "--max-frame-size", "-1"],
         ["localhost:5555", "--max-frame-size", "lots"],
         ["localhost:5555", "--max-frame-size", str(2**32)],
+        ["localhost:5555", "--dead-peer-timeout", "0"],
+        ["localhost:5555", "--dead-peer-timeout", "soon"],
+        ["localhost:5555", "--dead-peer-timeout", "nan"],
         [],
     ],
 )
@@ -217,12 +220,16 @@ def test_bad_arguments_exit_with_a_message(
     assert "aiomas-test: error:" in err
 
 
-def test_max_frame_size_option() -> None:
+def test_limit_options() -> None:
     parser = make_parser()
-    args = parser.parse_args(["localhost:5555", "--max-frame-size", "1000"])
-    assert container_kwargs(args, parser)["max_frame_size"] == 1000
-    args = parser.parse_args(["localhost:5555"])
-    assert container_kwargs(args, parser)["max_frame_size"] == DEFAULT_MAX_FRAME_SIZE
+    args = parser.parse_args(
+        ["localhost:5555", "--max-frame-size", "1000", "--dead-peer-timeout", "2.5"]
+    )
+    kwargs = container_kwargs(args, parser)
+    assert (kwargs["max_frame_size"], kwargs["dead_peer_timeout"]) == (1000, 2.5)
+    kwargs = container_kwargs(parser.parse_args(["localhost:5555"]), parser)
+    assert kwargs["max_frame_size"] == DEFAULT_MAX_FRAME_SIZE
+    assert kwargs["dead_peer_timeout"] is None
 
 
 def test_iso_date_accepts_iso_dates() -> None:

@@ -29,7 +29,12 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, cast, overload
 
 from aiomas import local_queue, rpc, util
-from aiomas.channel import Address, Channel, SerializerFactory
+from aiomas.channel import (
+    Address,
+    Channel,
+    SerializerFactory,
+    _check_dead_peer_timeout,
+)
 from aiomas.clocks import AsyncioClock, BaseClock
 from aiomas.codecs import JSON, Codec
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
@@ -245,6 +250,16 @@ def _ssl_contexts(
     )
 
 
+class _Attempt:
+    """A connection attempt and how many connect() calls wait for it."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task[rpc.RpcClient]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
 class Container:
     """Container for agents.
 
@@ -277,7 +292,7 @@ class Container:
         # right now (shared by concurrent connect() calls), and the cached agent
         # proxies of each connection.
         self._outgoing: dict[str, rpc.RpcClient] = {}
-        self._connecting: dict[str, asyncio.Task[rpc.RpcClient]] = {}
+        self._connecting: dict[str, _Attempt] = {}
         self._proxies: dict[str, weakref.WeakValueDictionary[str, AgentProxy]] = {}
         # Connections that other containers opened to us.
         self._incoming: set[rpc.RpcClient] = set()
@@ -299,6 +314,7 @@ class Container:
         extra_serializers: Iterable[SerializerFactory] | None = None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        dead_peer_timeout: float | None = None,
         as_coro: Literal[False] = False,
     ) -> _ContainerT: ...
 
@@ -313,6 +329,7 @@ class Container:
         extra_serializers: Iterable[SerializerFactory] | None = None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        dead_peer_timeout: float | None = None,
         as_coro: Literal[True],
     ) -> Coroutine[Any, Any, _ContainerT]: ...
 
@@ -326,6 +343,7 @@ class Container:
         extra_serializers: Iterable[SerializerFactory] | None = None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        dead_peer_timeout: float | None = None,
         as_coro: bool = False,
     ) -> _ContainerT | Coroutine[Any, Any, _ContainerT]:
         """Make a container with a server socket listening on *addr*.
@@ -348,6 +366,13 @@ class Container:
             max_frame_size: The largest message (payload bytes) accepted from
                 another container, on incoming and outgoing connections; a
                 peer that sends a larger one is disconnected.
+            dead_peer_timeout: Seconds after which a TCP connection to a
+                container that stopped acknowledging data (a vanished host, a
+                cut link) is closed, on incoming and outgoing connections;
+                calls over it then fail with :class:`ConnectionResetError`
+                and the next :meth:`connect` opens a new one (see
+                :func:`aiomas.channel.open_connection`).  ``None`` leaves it
+                to the operating system (15 minutes, or never while idle).
             as_coro: ``True`` returns a coroutine to ``await`` (for use inside
                 a running event loop); ``False`` runs the event loop until the
                 server listens.
@@ -358,11 +383,17 @@ class Container:
         Raises:
             OSError: if the server socket cannot be bound.
             TypeError: if *ssl* has the wrong type.
-            ValueError: if *max_frame_size* is not a positive number below
-                2**32.
+            ValueError: if *max_frame_size* is not a number from 0 to
+                2**32 - 1, or *dead_peer_timeout* is not positive.
         """
-        FrameReader(max_frame_size)  # A bad limit fails here, not later.
-        coro = cls._create(addr, clock, codec, extra_serializers, ssl, max_frame_size)
+        # Bad limits fail here, not later.
+        FrameReader(max_frame_size)
+        _check_dead_peer_timeout(dead_peer_timeout)
+        limits = {
+            "max_frame_size": max_frame_size,
+            "dead_peer_timeout": dead_peer_timeout,
+        }
+        coro = cls._create(addr, clock, codec, extra_serializers, ssl, limits)
         if as_coro:
             return coro
         return util.run(coro)
@@ -375,14 +406,14 @@ class Container:
         codec: type[Codec] | None,
         extra_serializers: Iterable[SerializerFactory] | None,
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None,
-        max_frame_size: int,
+        limits: dict[str, Any],
     ) -> _ContainerT:
         server_ctx, client_ctx = _ssl_contexts(ssl)
         serializers = [*(extra_serializers or ()), util.arrow_serializer]
         connect_kwargs: dict[str, Any] = {
             "codec": JSON if codec is None else codec,
             "extra_serializers": serializers,
-            "max_frame_size": max_frame_size,
+            **limits,
         }
         if client_ctx is not None:
             connect_kwargs["ssl"] = client_ctx
@@ -390,7 +421,7 @@ class Container:
         server_kwargs = {
             "codec": connect_kwargs["codec"],
             "extra_serializers": serializers,
-            "max_frame_size": max_frame_size,
+            **limits,
         }
         if isinstance(addr, local_queue.LocalQueue):
             container._server = await container._serve(addr, server_kwargs)
@@ -528,7 +559,7 @@ class Container:
         server = self._server
         if server is not None:
             server.close()
-        connecting = list(self._connecting.values())
+        connecting = [attempt.task for attempt in self._connecting.values()]
         for task in connecting:
             task.cancel()
         clients = [*self._outgoing.values(), *self._incoming]
@@ -594,18 +625,30 @@ class Container:
             return client
         attempt = self._connecting.get(base_url)
         if attempt is None:
-            attempt = asyncio.ensure_future(self._open(endpoint, retry_for))
+            attempt = _Attempt(asyncio.ensure_future(self._open(endpoint, retry_for)))
             self._connecting[base_url] = attempt
-            attempt.add_done_callback(lambda _: self._connecting.pop(base_url, None))
+            attempt.task.add_done_callback(lambda _: self._drop(base_url, attempt))
         # One caller giving up (e.g. a timeout) must not cancel the others' attempt.
+        attempt.waiters += 1
         try:
-            return await asyncio.shield(attempt)
+            return await asyncio.shield(attempt.task)
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if attempt.cancelled() and not (current and current.cancelling()):
+            if attempt.task.cancelled() and not (current and current.cancelling()):
                 # shutdown() cancelled the attempt, not our caller.
                 self._check_running()
             raise
+        finally:
+            attempt.waiters -= 1
+            if not attempt.waiters and not attempt.task.done():
+                # Everybody gave up: stop it, so that the next connect() starts
+                # afresh instead of joining an attempt that may hang for minutes.
+                self._drop(base_url, attempt)
+                attempt.task.cancel()
+
+    def _drop(self, base_url: str, attempt: _Attempt) -> None:
+        if self._connecting.get(base_url) is attempt:
+            del self._connecting[base_url]
 
     async def _open(
         self, endpoint: _Endpoint, retry_for: float | None

@@ -10,9 +10,11 @@ socket, TLS or :mod:`~aiomas.local_queue`) and the channel.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 import os
+import socket
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -77,6 +79,48 @@ _CLOSE_TIMEOUT: Final = 10.0
 # Bounds for the pause between two attempts of open_connection(timeout=...).
 _RETRY_DELAY_MIN: Final = 0.005
 _RETRY_DELAY_MAX: Final = 0.25
+# Errors after which open_connection(timeout=...) tries again: nobody listens
+# (yet), or the network or host cannot be reached (yet).
+_RETRY_ERRNOS: Final = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
+
+
+def _should_retry(exc: OSError) -> bool:
+    return isinstance(
+        exc, ConnectionRefusedError | FileNotFoundError | TimeoutError
+    ) or (exc.errno in _RETRY_ERRNOS)
+
+
+def _check_dead_peer_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"dead_peer_timeout must be positive or None, got {timeout!r}")
+
+
+def _detect_dead_peer(transport: asyncio.BaseTransport, timeout: float) -> None:
+    """Make the kernel close this TCP connection when the peer has not
+    acknowledged sent data for *timeout* seconds, or, on an idle connection,
+    has not answered keepalive probes for about that long."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # unix sockets and LocalQueues have no peer that can vanish
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    # Not every system has every option (macOS lacks TCP_USER_TIMEOUT).
+    for name, value in (
+        ("TCP_KEEPIDLE", max(1, round(timeout / 2))),
+        ("TCP_KEEPINTVL", max(1, round(timeout / 6))),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", max(1, round(timeout * 1000))),
+    ):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    try:
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
+    except OSError as exc:
+        logger.warning(
+            "Cannot set up dead peer detection for %s: %s",
+            transport.get_extra_info("peername"),
+            exc,
+        )
 
 
 def _format_exception(exc: BaseException) -> str:
@@ -570,6 +614,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             function, which then runs as a task.
         loop: Accepted for compatibility; must be ``None`` or the running loop.
         max_frame_size: The largest payload accepted from the peer.
+        dead_peer_timeout: See :func:`open_connection`.
     """
 
     def __init__(
@@ -579,8 +624,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        dead_peer_timeout: float | None = None,
     ) -> None:
         self._loop = _check_loop(loop)
+        _check_dead_peer_timeout(dead_peer_timeout)
+        self._dead_peer_timeout = dead_peer_timeout
         self.codec = codec
         self.channel: Channel | None = None
         self.transport: asyncio.BaseTransport | None = None
@@ -600,6 +648,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Create the :class:`Channel` and start the client connected callback."""
         self.transport = transport
+        if self._dead_peer_timeout is not None:
+            _detect_dead_peer(transport, self._dead_peer_timeout)
         channel = Channel(self, self.codec, transport, self._loop)
         self.channel = channel
         if logger.isEnabledFor(logging.INFO):
@@ -889,6 +939,7 @@ async def open_connection(
     extra_serializers: Iterable[SerializerFactory] = (),
     timeout: float | None = 0,  # noqa: ASYNC109 (the spec's retry timeout)
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    dead_peer_timeout: float | None = None,
     **kwds: Any,
 ) -> Channel:
     """Connect to *addr* and return a :class:`Channel`.
@@ -901,9 +952,17 @@ async def open_connection(
             :data:`DEFAULT_CODEC`).
         extra_serializers: Callables that return ``(type, serialize,
             deserialize)`` tuples for :meth:`~aiomas.codecs.Codec.add_serializer`.
-        timeout: ``0`` tries once; a number of seconds keeps retrying refused
-            connections for that long; ``None`` retries forever.
+        timeout: ``0`` tries once; a number of seconds keeps trying for that
+            long (while nobody listens, or the network or host cannot be
+            reached) and also bounds each attempt; ``None`` tries forever.
         max_frame_size: The largest payload accepted from the peer.
+        dead_peer_timeout: For TCP (and TLS): close the connection when the
+            peer has not acknowledged data sent to it for this many seconds,
+            or, while nothing is sent, has not answered keepalive probes for
+            about this long (so a vanished host or a cut link ends calls with
+            :class:`ConnectionResetError` instead of letting them wait for
+            the operating system's 15 minutes or forever).  ``None`` (the
+            default) leaves it to the operating system.
         **kwds: Passed to :meth:`asyncio.loop.create_connection` or
             :meth:`~asyncio.loop.create_unix_connection` (e.g. ``ssl``).
 
@@ -911,12 +970,21 @@ async def open_connection(
         ConnectionRefusedError: if nobody listens at a TCP address or LocalQueue
             (after *timeout*).
         FileNotFoundError: if the unix socket does not exist (after *timeout*).
+        TimeoutError: if the last attempt did not finish within *timeout*.
+        OSError: for other errors, e.g. an unreachable network (after
+            *timeout*).
+        ValueError: if *dead_peer_timeout* is not positive.
     """
     running = _check_loop(loop)
     make_codec = _codec_factory(codec, extra_serializers)
+    _check_dead_peer_timeout(dead_peer_timeout)
 
     def factory() -> ChannelProtocol:
-        return ChannelProtocol(make_codec(), max_frame_size=max_frame_size)
+        return ChannelProtocol(
+            make_codec(),
+            max_frame_size=max_frame_size,
+            dead_peer_timeout=dead_peer_timeout,
+        )
 
     connect: Callable[[], Awaitable[tuple[asyncio.BaseTransport, Any]]]
     if isinstance(addr, local_queue.LocalQueue):
@@ -943,17 +1011,21 @@ async def open_connection(
     delay = _RETRY_DELAY_MIN
     while True:
         try:
-            _transport, protocol = await connect()
+            if deadline is None or timeout == 0:
+                _transport, protocol = await connect()
+            else:
+                attempt_time = max(deadline - running.time(), _RETRY_DELAY_MIN)
+                _transport, protocol = await asyncio.wait_for(connect(), attempt_time)
             break
-        except (ConnectionRefusedError, FileNotFoundError) as exc:
-            if deadline is not None:
-                remaining = deadline - running.time()
-                if remaining <= 0:
-                    logger.info(
-                        "Connecting to %s failed: %s", addr, exc, extra={"peer": addr}
-                    )
-                    raise
-                delay = min(delay, remaining)
+        except OSError as exc:
+            left = None if deadline is None else deadline - running.time()
+            if not _should_retry(exc) or (left is not None and left <= 0):
+                logger.info(
+                    "Connecting to %s failed: %s", addr, exc, extra={"peer": addr}
+                )
+                raise
+            if left is not None:
+                delay = min(delay, left)
             logger.debug(
                 "Connecting to %s failed (%s); retrying in %.2fs",
                 addr,
@@ -976,6 +1048,7 @@ async def start_server(
     codec: type[Codec] | None = None,
     extra_serializers: Iterable[SerializerFactory] = (),
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    dead_peer_timeout: float | None = None,
     **kwds: Any,
 ) -> asyncio.AbstractServer:
     """Start a server listening on *addr*; call *client_connected_cb* for every
@@ -996,6 +1069,8 @@ async def start_server(
         extra_serializers: Callables that return ``(type, serialize,
             deserialize)`` tuples for :meth:`~aiomas.codecs.Codec.add_serializer`.
         max_frame_size: The largest payload accepted from a client.
+        dead_peer_timeout: Close a client's TCP connection when the client
+            stays silent this long (see :func:`open_connection`).
         **kwds: Passed to :meth:`asyncio.loop.create_server` or
             :meth:`~asyncio.loop.create_unix_server` (e.g. ``ssl``).
 
@@ -1006,10 +1081,14 @@ async def start_server(
     running = _check_loop(loop)
     make_codec = _codec_factory(codec, extra_serializers)
     FrameReader(max_frame_size)  # A bad limit fails here, not per connection.
+    _check_dead_peer_timeout(dead_peer_timeout)
 
     def factory() -> ChannelProtocol:
         return ChannelProtocol(
-            make_codec(), client_connected_cb, max_frame_size=max_frame_size
+            make_codec(),
+            client_connected_cb,
+            max_frame_size=max_frame_size,
+            dead_peer_timeout=dead_peer_timeout,
         )
 
     if isinstance(addr, local_queue.LocalQueue):

@@ -65,6 +65,19 @@ def frame_size(value: str) -> int:
     return size
 
 
+def seconds(value: str) -> float:
+    """Parse a positive number of seconds."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds, got {value!r}"
+        )
+    return number
+
+
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """Return the argument parser of the container command line."""
     parser = argparse.ArgumentParser(
@@ -116,6 +129,13 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--dead-peer-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="close TCP connections to containers that stop acknowledging data "
+        "for this long (default: the operating system's timeouts)",
+    )
+    parser.add_argument(
         "--log-level",
         "-l",
         choices=LOG_LEVELS,
@@ -132,6 +152,7 @@ def container_kwargs(
     kwargs: dict[str, Any] = {
         "codec": CODECS[args.codec],
         "max_frame_size": args.max_frame_size,
+        "dead_peer_timeout": args.dead_peer_timeout,
     }
     if args.start_date is not None:
         kwargs["clock"] = ExternalClock(args.start_date, init_time=args.init_time)
