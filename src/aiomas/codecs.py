@@ -27,6 +27,7 @@ import inspect
 import json
 import reprlib
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, TypeAlias, TypeVar, overload
 
@@ -297,9 +298,6 @@ class MsgPack(Codec):
                 f"pip install 'aiomas[{self._extra}]'"
             ) from exc
         self._msgpack = msgpack
-        # One Packer per codec reuses its buffer from message to message.
-        self._packer = self._new_packer()
-        self._packing = False
         self._unpack_errors = (
             msgpack.UnpackException,
             ValueError,
@@ -307,11 +305,11 @@ class MsgPack(Codec):
             RecursionError,
         )
 
-    def _new_packer(self) -> Any:
-        # A small first buffer: every connection has a codec, and most messages
-        # are small (msgpack's default is 256 KiB).  It grows when needed.
+    def _new_packer(self, default: Callable[[Any], Any] | None = None) -> Any:
         return self._msgpack.Packer(
-            default=self.serialize_obj, use_bin_type=True, buf_size=_PACKER_BUFFER
+            default=self.serialize_obj if default is None else default,
+            use_bin_type=True,
+            buf_size=_PACKER_BUFFER,
         )
 
     def encode(self, data: Any) -> bytes:
@@ -322,19 +320,23 @@ class MsgPack(Codec):
                 an int outside the 64-bit range, too deep nesting, or if a
                 serializer fails.
         """
-        if self._packing:
+        shared = _thread_state.shared_packer
+        if shared.codec is not None:
             # A serializer called encode() while the shared packer is in the
             # middle of a message; packing into it would splice the two messages.
             return self._pack(self._new_packer(), data)
-        self._packing = True
+        packer = shared.packer
+        if packer is None:
+            packer = shared.packer = self._new_packer(shared.serialize)
+        shared.codec = self
         try:
-            packed = self._pack(self._packer, data)
+            packed = self._pack(packer, data)
         finally:
-            self._packing = False
+            shared.codec = None
         if len(packed) > _PACKER_KEEP:
             # The packer's buffer grew to the size of this message; don't keep
-            # that much for the rest of the connection.
-            self._packer = self._new_packer()
+            # that much.
+            shared.packer = None
         return packed
 
     def _pack(self, packer: Any, data: Any) -> bytes:
@@ -383,6 +385,35 @@ class MsgPack(Codec):
 # ones do.)
 _PACKER_BUFFER: Final = 16 * 1024
 _PACKER_KEEP: Final = 8 * 1024 * 1024
+
+
+class _SharedPacker:
+    """The msgpack Packer of a thread, shared by all its MsgPack codecs.
+
+    A Packer's buffer grows to the largest message it packed and never
+    shrinks; shared, that costs up to twice the largest message per thread,
+    not per connection.  (Encoding never waits, so the codecs of one thread
+    take turns.)
+    """
+
+    __slots__ = ("codec", "packer")
+
+    def __init__(self) -> None:
+        self.packer: Any = None
+        self.codec: MsgPack | None = None  # the codec whose encode() runs
+
+    def serialize(self, obj: Any) -> Any:
+        """The packer's ``default``: the running codec's serializers."""
+        assert self.codec is not None  # (only called from within encode())
+        return self.codec.serialize_obj(obj)
+
+
+class _ThreadState(threading.local):
+    def __init__(self) -> None:
+        self.shared_packer = _SharedPacker()
+
+
+_thread_state = _ThreadState()
 
 
 # A Blosc 1 chunk starts with a 16-byte header: version, versionlz, flags and
