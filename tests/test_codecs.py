@@ -302,6 +302,32 @@ def test_msgpack_codecs_in_several_threads() -> None:
             assert reader.decode(data) == (i, f"{tag}{i}", b"y" * (i % 7) * 50_000)
 
 
+def test_serializable_classes_accept_only_a_dict_of_attributes() -> None:
+    """Found by fuzzing: a peer sent a proxy where the attributes of a Point
+    belong, and ``Point(**proxy)`` called ``proxy.keys()``: a request to the
+    peer, made while decoding."""
+
+    @serializable
+    class Point:
+        def __init__(self, x: int, y: int) -> None:
+            self.x, self.y = x, y
+
+    called: list[str] = []
+
+    class Greedy:
+        def __getattr__(self, name: str) -> Any:
+            called.append(name)
+            return lambda *args: []
+
+    codec = JSON()
+    codec.add_serializer(*Point.__serializer__())
+    codec.add_serializer(Greedy, lambda g: None, lambda data: Greedy())
+    with pytest.raises(SerializationError, match="expects a map of attributes"):
+        codec.decode(b'{"__type__": [0, {"__type__": [1, null]}]}')
+    assert called == []
+    assert codec.decode(b'{"__type__": [0, {"x": 1, "y": 2}]}').y == 2
+
+
 @pytest.mark.parametrize("codec_cls", ALL_CODECS)
 def test_serializers_may_use_the_codec_themselves(codec_cls: type[Codec]) -> None:
     """A serializer that encodes a part of the message itself (with the same

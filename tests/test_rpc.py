@@ -169,6 +169,34 @@ def test_instance_attributes_and_exposure() -> None:
     assert Service_().router.resolve("hidden")() == 1
 
 
+def test_resolving_never_runs_code_of_unexposed_values() -> None:
+    """Found by fuzzing: looking for the expose marker on an attribute value
+    (or on one that hides an exposed method) ran that value's __getattr__."""
+    looked_up: list[str] = []
+
+    class Lazy:
+        def __getattr__(self, name: str) -> Any:
+            looked_up.append(name)
+            raise AttributeError(name)
+
+    class Holder:
+        router = Service()
+
+        def __init__(self) -> None:
+            self.lazy_object = Lazy()
+            self.shadowed = Lazy()
+
+        @expose
+        def shadowed(self) -> None:  # type: ignore[no-redef]
+            pass
+
+    holder = Holder()
+    for path in ("lazy_object", "shadowed"):
+        with pytest.raises(LookupError):
+            holder.router.resolve(path)
+    assert looked_up == []
+
+
 def test_resolve_refuses_non_string_paths() -> None:
     with pytest.raises(LookupError):
         Calculator().router.resolve(["mul"])  # type: ignore[arg-type]
@@ -185,6 +213,40 @@ def test_declared_sub_services_may_be_set_after_the_router_exists() -> None:
     late = Late()
     assert late.router.resolve("child/add")(1, 2) == 3
     assert late.child.router.path == "child"
+
+
+async def test_a_declared_sub_service_can_be_sent_before_any_call_reached_it() -> None:
+    """Found by fuzzing: a sub-service set after its router was made could be
+    returned as a proxy only after a call had gone through it once."""
+
+    class Helper:
+        router = Service()
+
+        @expose
+        def ping(self) -> str:
+            return "pong"
+
+    class Late:
+        router = Service(["helper"])
+
+        def __init__(self) -> None:
+            assert self.router.path == ""  # router made before the helper exists
+            self.helper = Helper()
+
+        @expose
+        def get_helper(self) -> Helper:
+            return self.helper
+
+    queue = aiomas.get_queue("rpc-late-helper")
+    server = await aiomas.rpc.start_server(queue, Late())
+    client = await aiomas.rpc.open_connection(queue)
+    try:
+        helper = await asyncio.wait_for(client.remote.get_helper(), 5)
+        assert await asyncio.wait_for(helper.ping(), 5) == "pong"
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
 
 
 def test_router_add_and_set_sub_router() -> None:

@@ -157,6 +157,9 @@ class _AgentsRouter(rpc.Router):
     def _function(self, name: str) -> None:
         return None  # An agent id names an agent, never a function.
 
+    def _children(self) -> list[rpc.Router]:
+        return [agent.router for agent in self._agents.values()]
+
 
 class _Endpoint(NamedTuple):
     """Where a container listens, as parsed from an agent address."""

@@ -559,7 +559,17 @@ def serializable(
             return {name: getattr(self, name) for name in names}
 
         def __fromdict__(klass: type, attrs: Mapping[str, Any]) -> Any:
-            """Create an instance from a dict made by ``__asdict__()``."""
+            """Create an instance from a dict made by ``__asdict__()``.
+
+            Raises:
+                TypeError: if *attrs* is not a dict (a peer may send anything;
+                    ``cls(**attrs)`` would call methods of, e.g., a proxy).
+            """
+            if type(attrs) is not dict:
+                raise TypeError(
+                    f"{klass.__qualname__} expects a map of attributes, "
+                    f"got {type(attrs).__qualname__}"
+                )
             if not positional:
                 return klass(**attrs)
             kwargs = dict(attrs)

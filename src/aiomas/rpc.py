@@ -22,6 +22,7 @@ import builtins
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from types import FunctionType
 from typing import Any, Final, TypeVar
 
 from aiomas import channel as channel_mod
@@ -58,12 +59,20 @@ def expose(func: F) -> F:
 
 
 def _is_exposed(attr: Any) -> bool:
-    if getattr(attr, _RPC_MARKER, False) is True:
+    """Whether :func:`expose` marked *attr*, found without running its code (a
+    peer must not make us call ``__getattr__`` of whatever an agent holds)."""
+    if type(attr) is FunctionType:  # the common case, quickly
+        return attr.__dict__.get(_RPC_MARKER) is True
+    if _marked(attr):
         return True
     # @expose may sit inside or outside of @staticmethod / @classmethod.
     if isinstance(attr, staticmethod | classmethod):
-        return getattr(attr.__func__, _RPC_MARKER, False) is True
+        return _marked(attr.__func__)
     return False
+
+
+def _marked(obj: Any) -> bool:
+    return inspect.getattr_static(obj, _RPC_MARKER, False) is True
 
 
 def _has_invalid_component(path: str) -> bool:
@@ -202,6 +211,25 @@ class Router:
             router = None if routers is None else routers.get(name)
         return router
 
+    def _attach_declared(self) -> None:
+        """Attach the declared sub-services that did not exist yet when their
+        routers were made, in this router's whole tree (calls attach them on
+        their way; this is for services sent before any call reached them)."""
+        pending = [self]
+        seen: set[int] = set()
+        while pending:
+            router = pending.pop()
+            if id(router) in seen:
+                continue
+            seen.add(id(router))
+            if router._declared:
+                router._add_declared()
+            pending.extend(router._children())
+
+    def _children(self) -> Iterable[Router]:
+        routers = self._sub_routers
+        return () if routers is None else list(routers.values())
+
     def _add_declared(self) -> None:
         missing = []
         for name in self._declared:
@@ -216,21 +244,18 @@ class Router:
         if isinstance(obj, ServiceDict):
             func = obj.dict.get(name)
             return func if callable(func) and _is_exposed(func) else None
+        own = _instance_lookup(obj, name)
+        if own is not _MISSING:
+            # An attribute of the instance hides the class' one: only an
+            # exposed function stored there counts.
+            return own if _is_exposed(own) and callable(own) else None
         # Methods live in the class: finding them there is much faster than
-        # inspect.getattr_static(), which also looks at the instance first.
+        # inspect.getattr_static().
         attr = _class_lookup(type(obj), name)
-        if attr is _MISSING or not _is_exposed(attr):
-            # Maybe an exposed function stored on the instance.
-            attr = _static_lookup(obj, name)
         if attr is _MISSING or not _is_exposed(attr):
             return None
         # Binding an exposed function (or static/class method) runs no user code.
         bound = getattr(obj, name)
-        if getattr(bound, "__func__", bound) is not _underlying(attr):
-            # Something else (e.g. an instance attribute) hides the exposed one.
-            attr = _static_lookup(obj, name)
-            if attr is _MISSING or not _is_exposed(attr):
-                return None
         return bound if callable(bound) else None
 
 
@@ -246,11 +271,14 @@ def _class_lookup(cls: type, name: str) -> Any:
     return _MISSING
 
 
-def _underlying(attr: Any) -> Any:
-    """What binding *attr* to an instance refers to (see _function())."""
-    if isinstance(attr, staticmethod | classmethod):
-        return attr.__func__
-    return attr
+def _instance_lookup(obj: Any, name: str) -> Any:
+    """Find *name* in the ``__dict__`` of *obj* (if it has one) without running
+    descriptors or ``__getattr__``."""
+    try:
+        attrs = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return _MISSING
+    return attrs.get(name, _MISSING) if type(attrs) is dict else _MISSING
 
 
 def _static_lookup(obj: Any, name: str) -> Any:
@@ -617,6 +645,8 @@ def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
                 f"No serializer found for type {type(obj).__module__}."
                 f"{type(obj).__qualname__}"
             )
+        if router is not None and obj_router.root is not router:
+            router._attach_declared()
         if router is None or obj_router.root is not router:
             raise SerializationError(
                 f"{obj!r} is not part of the RPC service of this connection"
