@@ -101,8 +101,8 @@ def selected_targets(session: pytest.Session) -> set[str]:
     return {
         target.name
         for item in session.items
-        if isinstance(item, pytest.Function)
-        and isinstance(target := item.callspec.params.get("target"), Target)
+        if (callspec := getattr(item, "callspec", None)) is not None
+        and isinstance(target := callspec.params.get("target"), Target)
     }
 
 
