@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from _pytest.doctest import DoctestItem
 from tests.helpers import close_loop
+
+try:
+    import fcntl
+except ImportError:  # Windows: no xdist port clashes handled there
+    fcntl = None  # type: ignore[assignment]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,6 +35,26 @@ def _close_thread_loop() -> None:
         return
     close_loop(loop)
     policy.set_event_loop(None)
+
+
+# Held while a docs example runs (see _one_docs_example_at_a_time()).
+_DOCS_LOCK = Path(tempfile.gettempdir()) / "aiomas-docs-examples.lock"
+
+
+@pytest.fixture(autouse=True)
+def _one_docs_example_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The docs examples bind fixed ports (5555 and 5556, as in the original
+    docs).  With pytest-xdist, they may run in several workers at once (or in
+    several test runs on one machine): a lock file makes them take turns."""
+    node = request.node
+    if fcntl is None or not (
+        isinstance(node, DoctestItem) or node.nodeid.startswith("docs/")
+    ):
+        yield
+        return
+    with _DOCS_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 @pytest.fixture(autouse=True)
