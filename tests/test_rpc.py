@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from typing import Any
@@ -195,6 +196,29 @@ def test_resolving_never_runs_code_of_unexposed_values() -> None:
         with pytest.raises(LookupError):
             holder.router.resolve(path)
     assert looked_up == []
+
+
+def test_exposed_bound_methods_and_partials_in_a_service_dict() -> None:
+    class Counter:
+        @expose
+        def add(self, a: int, b: int) -> int:
+            return a + b
+
+        def hidden(self) -> None:
+            pass
+
+    counter = Counter()
+    service = ServiceDict(
+        {
+            "add": counter.add,
+            "hidden": counter.hidden,
+            "twice": expose(functools.partial(counter.add, 2)),
+        }
+    )
+    assert service.router.resolve("add")(1, 2) == 3
+    assert service.router.resolve("twice")(5) == 7
+    with pytest.raises(LookupError):
+        service.router.resolve("hidden")
 
 
 def test_resolve_refuses_non_string_paths() -> None:

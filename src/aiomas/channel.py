@@ -116,10 +116,12 @@ def _detect_dead_peer(transport: asyncio.BaseTransport, timeout: float) -> None:
         for level, option, value in options:
             sock.setsockopt(level, option, value)
     except OSError as exc:
+        peer = transport.get_extra_info("peername")
         logger.warning(
             "Cannot set up dead peer detection for %s: %s",
-            transport.get_extra_info("peername"),
+            peer,
             exc,
+            extra={"peer": peer},
         )
 
 

@@ -22,7 +22,7 @@ import builtins
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from types import FunctionType
+from types import FunctionType, MethodType
 from typing import Any, Final, TypeVar
 
 from aiomas import channel as channel_mod
@@ -63,6 +63,8 @@ def _is_exposed(attr: Any) -> bool:
     peer must not make us call ``__getattr__`` of whatever an agent holds)."""
     if type(attr) is FunctionType:  # the common case, quickly
         return attr.__dict__.get(_RPC_MARKER) is True
+    if type(attr) is MethodType:  # e.g. obj.method in a ServiceDict
+        return _is_exposed(attr.__func__)
     if _marked(attr):
         return True
     # @expose may sit inside or outside of @staticmethod / @classmethod.
