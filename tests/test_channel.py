@@ -368,6 +368,27 @@ async def test_a_hanging_connect_attempt_is_bounded_by_the_timeout() -> None:
         assert 0.3 <= loop.time() - start < 2
 
 
+async def test_the_deadline_cutting_the_last_attempt_reports_the_error_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the deadline cuts the last attempt short, the caller learns what
+    the attempts before met (nobody listens), not a bare TimeoutError."""
+    attempts = 0
+
+    async def refuse_then_hang(*args: Any, **kwargs: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionRefusedError("nobody listens")
+        await asyncio.sleep(10)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "create_connection", refuse_then_hang)
+    with pytest.raises(ConnectionRefusedError, match="nobody listens"):
+        await aiomas.channel.open_connection(("127.0.0.1", 1), timeout=0.2)
+    assert attempts == 2
+
+
 @pytest.mark.parametrize(
     ("error", "retried"),
     [

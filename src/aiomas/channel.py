@@ -1011,6 +1011,7 @@ async def open_connection(
 
     deadline = None if timeout is None else running.time() + timeout
     delay = _RETRY_DELAY_MIN
+    previous: OSError | None = None  # what the last attempt but one met
     while True:
         try:
             if deadline is None or timeout == 0:
@@ -1022,10 +1023,15 @@ async def open_connection(
         except OSError as exc:
             left = None if deadline is None else deadline - running.time()
             if not _should_retry(exc) or (left is not None and left <= 0):
+                if isinstance(exc, TimeoutError) and previous is not None:
+                    # The deadline cut the last attempt short: what the ones
+                    # before met says more (e.g. that nobody listens).
+                    exc = previous
                 logger.info(
                     "Connecting to %s failed: %s", addr, exc, extra={"peer": addr}
                 )
-                raise
+                raise exc
+            previous = exc
             if left is not None:
                 delay = min(delay, left)
             logger.debug(
