@@ -272,11 +272,23 @@ async def test_a_thousand_idle_connections(kind: str) -> None:
         await server.still_serving()
 
 
-@pytest.mark.heavy
-async def test_a_peer_that_does_not_read_its_replies_is_not_buffered_for() -> None:
-    """RPC replies wait while the write buffer is full, and the server stops
-    reading from that peer: memory stays bounded, and everything arrives once
-    the peer reads."""
+@dataclass
+class BigReplyServer:
+    """An RPC server whose ``fetch(i)`` returns ``[i, <100 kB>]``, and the
+    clients that connected to it."""
+
+    server: asyncio.AbstractServer
+    addr: tuple[str, int]
+    clients: list[aiomas.rpc.RpcClient]
+
+
+@contextlib.asynccontextmanager
+async def big_reply_server(
+    *, waiting_for_the_peer: bool = False
+) -> AsyncIterator[BigReplyServer]:
+    """Serve ``fetch``; with *waiting_for_the_peer*, the server also sends each
+    client a request that the client never answers (so it must go on reading
+    from it)."""
     clients: list[aiomas.rpc.RpcClient] = []
     big = "x" * 100_000
 
@@ -284,29 +296,52 @@ async def test_a_peer_that_does_not_read_its_replies_is_not_buffered_for() -> No
     def fetch(i: int) -> list[Any]:
         return [i, big]
 
+    def connected(client: aiomas.rpc.RpcClient) -> None:
+        clients.append(client)
+        if waiting_for_the_peer:
+            client.channel.send(["never/answered", [], {}]).add_done_callback(
+                lambda f: f.cancelled() or f.exception()
+            )
+
     server = await aiomas.rpc.start_server(
-        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"fetch": fetch}), clients.append
+        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"fetch": fetch}), connected
     )
     addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
-    reader, writer = await asyncio.open_connection(*addr)
-    count = 500  # 50 MB of replies
-    for i in range(count):
-        writer.write(raw_frame(json.dumps([0, i, ["fetch", [i], {}]]).encode()))
-    await writer.drain()
-    await asyncio.sleep(0.5)
-    (client,) = clients
-    transport = client.channel.transport
-    assert transport.get_write_buffer_size() < 2**20  # type: ignore[attr-defined]
-    # Others are still served meanwhile.
-    other = await aiomas.rpc.open_connection(addr)
-    assert (await asyncio.wait_for(other.remote.fetch(-1), 5))[0] == -1
-    await other.close()
-    replies = [await asyncio.wait_for(read_frame(reader), 10) for _ in range(count)]
-    assert [(r[0], r[1], r[2][0]) for r in replies] == [(1, i, i) for i in range(count)]
-    writer.close()
-    await writer.wait_closed()
-    server.close()
-    await server.wait_closed()
+    try:
+        yield BigReplyServer(server, addr, clients)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def fetch_frame(i: int) -> bytes:
+    return raw_frame(json.dumps([0, i, ["fetch", [i], {}]]).encode())
+
+
+@pytest.mark.heavy
+async def test_a_peer_that_does_not_read_its_replies_is_not_buffered_for() -> None:
+    """RPC replies wait while the write buffer is full, and the server stops
+    reading from that peer: memory stays bounded, and everything arrives once
+    the peer reads."""
+    async with big_reply_server() as served:
+        reader, writer = await asyncio.open_connection(*served.addr)
+        count = 500  # 50 MB of replies
+        for i in range(count):
+            writer.write(fetch_frame(i))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        (client,) = served.clients
+        transport = client.channel.transport
+        assert transport.get_write_buffer_size() < 2**20  # type: ignore[attr-defined]
+        # Others are still served meanwhile.
+        other = await aiomas.rpc.open_connection(served.addr)
+        assert (await asyncio.wait_for(other.remote.fetch(-1), 5))[0] == -1
+        await other.close()
+        replies = [await asyncio.wait_for(read_frame(reader), 10) for _ in range(count)]
+        expected = [(1, i, i) for i in range(count)]
+        assert [(r[0], r[1], r[2][0]) for r in replies] == expected
+        writer.close()
+        await writer.wait_closed()
 
 
 async def test_two_peers_calling_each_other_with_big_payloads_never_deadlock() -> None:
@@ -341,47 +376,30 @@ async def test_a_flood_from_a_peer_we_wait_for_is_refused_beyond_a_limit(
 ) -> None:
     """While we wait for a reply from a peer we keep reading from it; if it
     floods us with calls and reads nothing, calls beyond 1,024 are refused."""
-    clients: list[aiomas.rpc.RpcClient] = []
-    big = "z" * 100_000
-
-    @aiomas.expose
-    def fetch(i: int) -> list[Any]:
-        return [i, big]
-
-    def connected(client: aiomas.rpc.RpcClient) -> None:
-        clients.append(client)
-        # A call to the peer that it never answers: we must go on reading.
-        client.channel.send(["never/answered", [], {}]).add_done_callback(
-            lambda f: f.cancelled() or f.exception()
-        )
-
-    server = await aiomas.rpc.start_server(
-        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"fetch": fetch}), connected
-    )
-    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
-    reader, writer = await asyncio.open_connection(*addr)
-    count = 3000
-    for i in range(count):
-        writer.write(raw_frame(json.dumps([0, i, ["fetch", [i], {}]]).encode()))
-        if i % 100 == 0:
-            await writer.drain()
-    await writer.drain()
-    await asyncio.sleep(0.5)
-    (client,) = clients
-    assert len(client.channel._incoming) <= 1024
-    assert client.channel.transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
-    # Now read: the server's own request first, then an answer for every call.
-    assert (await asyncio.wait_for(read_frame(reader), 10))[0] == 0
-    answers = [await asyncio.wait_for(read_frame(reader), 10) for _ in range(count)]
-    assert sorted(a[1] for a in answers) == list(range(count))
-    refused = [a for a in answers if a[0] == 2]
-    assert refused
-    assert all("overloaded" in a[2] for a in refused)
-    assert sum("Refusing requests from" in r.getMessage() for r in caplog.records) >= 1
-    writer.close()
-    await writer.wait_closed()
-    server.close()
-    await server.wait_closed()
+    async with big_reply_server(waiting_for_the_peer=True) as served:
+        reader, writer = await asyncio.open_connection(*served.addr)
+        count = 3000
+        for i in range(count):
+            writer.write(fetch_frame(i))
+            if i % 100 == 0:
+                await writer.drain()
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        (client,) = served.clients
+        assert len(client.channel._incoming) <= 1024
+        transport = client.channel.transport
+        assert transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
+        # Now read: the server's own request first, then an answer for every call.
+        assert (await asyncio.wait_for(read_frame(reader), 10))[0] == 0
+        answers = [await asyncio.wait_for(read_frame(reader), 10) for _ in range(count)]
+        assert sorted(a[1] for a in answers) == list(range(count))
+        refused = [a for a in answers if a[0] == 2]
+        assert refused
+        assert all("overloaded" in a[2] for a in refused)
+        refusals = [r for r in caplog.records if "Refusing requests" in r.getMessage()]
+        assert refusals
+        writer.close()
+        await writer.wait_closed()
 
 
 @pytest.mark.parametrize("waiting_for_the_peer", [False, True])
@@ -392,63 +410,44 @@ async def test_malformed_requests_from_a_peer_that_does_not_read_are_bounded(
     while the peer reads nothing, the server stops reading from it, or (when it
     waits for a reply from that peer and must go on reading) cuts it off after
     1 MiB of unread failure replies.  Other clients are served throughout."""
-    clients: list[aiomas.rpc.RpcClient] = []
-    big = "x" * 100_000
-
-    @aiomas.expose
-    def fetch(i: int) -> list[Any]:
-        return [i, big]
-
-    def connected(client: aiomas.rpc.RpcClient) -> None:
-        clients.append(client)
+    async with big_reply_server(waiting_for_the_peer=waiting_for_the_peer) as served:
+        _reader, writer = await asyncio.open_connection(*served.addr)
+        # Fill the server's write buffer with replies that we do not read ...
+        for i in range(300):
+            writer.write(fetch_frame(i))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        (client,) = served.clients
+        assert client.channel.protocol._paused
+        # ... then send requests without content (each gets a failure reply).
+        malformed = raw_frame(b"[0, 1]")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):
+                writer.write(malformed * 500)
+                await asyncio.wait_for(writer.drain(), 5)
+        await asyncio.sleep(0.2)
+        transport = client.channel.transport
         if waiting_for_the_peer:
-            client.channel.send(["never/answered", [], {}]).add_done_callback(
-                lambda f: f.cancelled() or f.exception()
+            deadline = time.monotonic() + 5
+            while not transport.is_closing() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert transport.is_closing()
+            assert any(
+                "does not read the replies" in r.getMessage()
+                and str(served.addr[0]) in r.getMessage()
+                for r in caplog.records
             )
-
-    server = await aiomas.rpc.start_server(
-        ("127.0.0.1", 0), aiomas.rpc.ServiceDict({"fetch": fetch}), connected
-    )
-    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
-    _reader, writer = await asyncio.open_connection(*addr)
-    # Fill the server's write buffer with replies that we do not read ...
-    for i in range(300):
-        writer.write(raw_frame(json.dumps([0, i, ["fetch", [i], {}]]).encode()))
-    await writer.drain()
-    await asyncio.sleep(0.2)
-    (client,) = clients
-    assert client.channel.protocol._paused
-    # ... then send requests without content (each gets a failure reply).
-    malformed = raw_frame(b"[0, 1]")
-    with contextlib.suppress(ConnectionError):
-        for _ in range(40):
-            writer.write(malformed * 500)
-            await asyncio.wait_for(writer.drain(), 5)
-    await asyncio.sleep(0.2)
-    transport = client.channel.transport
-    if waiting_for_the_peer:
-        deadline = time.monotonic() + 5
-        while not transport.is_closing() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert transport.is_closing()
-        assert any(
-            "does not read the replies" in r.getMessage()
-            and str(addr[0]) in r.getMessage()
-            for r in caplog.records
-        )
-    else:
-        assert not transport.is_closing()
-        assert client.channel.protocol._reading_paused
-        assert client.channel._unread_failure_bytes <= 2**20
-    assert transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
-    other = await aiomas.rpc.open_connection(addr)
-    assert (await asyncio.wait_for(other.remote.fetch(-1), 5))[0] == -1
-    await other.close()
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
-    server.close()
-    await server.wait_closed()
+        else:
+            assert not transport.is_closing()
+            assert client.channel.protocol._reading_paused
+            assert client.channel._unread_failure_bytes <= 2**20
+        assert transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
+        other = await aiomas.rpc.open_connection(served.addr)
+        assert (await asyncio.wait_for(other.remote.fetch(-1), 5))[0] == -1
+        await other.close()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 # --- a server closed while clients are mid-call ---------------------------------
