@@ -160,8 +160,9 @@ def rpc_memory_limit(connections: int, in_flight: int, max_size: int) -> int:
     """A generous bound for the peak memory of either end of the RPC load.
 
     Beyond the interpreter (128 MiB), a connection keeps receive buffers (320
-    KiB, see docs/limits.rst) and a MsgPack packer of up to twice the largest
-    message; a call in flight holds a few copies of its payload.
+    KiB, see docs/limits.rst), and a call in flight holds a few copies of its
+    payload.  (Connections used to keep a MsgPack packer of up to twice the
+    largest message each; the bound still allows for that.)
     """
     per_connection = 512 * KIB + 2 * max_size + 2 * in_flight * max_size
     return 128 * MIB + connections * per_connection
