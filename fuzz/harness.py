@@ -9,7 +9,8 @@
 - :class:`HiddenErrors`: errors that aiomas does not raise but reports to the
   event loop's exception handler or logs at ERROR level (a task that failed
   unseen, a callback that raised); a target fails on them as on an exception;
-- :func:`fuzz`: runs a target with atheris.
+- :func:`fuzz`: runs a target with atheris;
+- :class:`Point`: the user class whose serializer the targets add.
 
 Import it after ``atheris.instrument_imports()`` has imported aiomas, or inside
 that block, so that aiomas is instrumented.
