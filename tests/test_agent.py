@@ -405,6 +405,22 @@ async def test_an_attempt_given_up_by_every_caller_is_stopped(
         assert two._connecting == {}
 
 
+async def test_a_late_second_connection_to_a_container_is_closed(
+    tcp_pair: list[aiomas.Container],
+) -> None:
+    """If an attempt that was given up still connects after a newer one did,
+    the container keeps one connection and closes the other."""
+    one, two = tcp_pair
+    endpoint, _ = agent_mod.parse_url(Callee(one).addr)
+    first = await two._open(endpoint, 0)
+    assert await two._open(endpoint, 0) is first
+    for _ in range(100):
+        if incoming(one) == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert incoming(one) == 1
+
+
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
 async def test_dead_peer_timeout_applies_to_both_directions() -> None:
     async with Place("tcp4").containers(2, dead_peer_timeout=3) as (one, two):

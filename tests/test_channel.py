@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import random
 import socket
 import ssl
@@ -434,6 +435,20 @@ async def test_dead_peer_timeout_sets_keepalive_and_user_timeout(
         await server.wait_closed()
 
 
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+async def test_a_huge_dead_peer_timeout_is_clamped_to_what_the_kernel_takes() -> None:
+    server = await aiomas.channel.start_server(("127.0.0.1", 0), echo_forever)
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    channel = await aiomas.channel.open_connection(addr, dead_peer_timeout=1e300)
+    try:
+        assert tcp_socket_options(channel) == (1, 32767, 2**31 - 1)
+        assert await channel.send("hi") == "hi"
+    finally:
+        await channel.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_dead_peer_timeout_is_harmless_on_unix_sockets(tmp_path: Any) -> None:
     path = str(tmp_path / "s")
     server = await aiomas.channel.start_server(path, echo_forever, dead_peer_timeout=1)
@@ -444,7 +459,7 @@ async def test_dead_peer_timeout_is_harmless_on_unix_sockets(tmp_path: Any) -> N
     await server.wait_closed()
 
 
-@pytest.mark.parametrize("timeout", [0, -1.0])
+@pytest.mark.parametrize("timeout", [0, -1.0, math.inf, math.nan])
 async def test_dead_peer_timeout_must_be_positive(timeout: float) -> None:
     with pytest.raises(ValueError, match="dead_peer_timeout"):
         await aiomas.channel.open_connection(

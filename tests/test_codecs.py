@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import doctest
@@ -279,6 +280,21 @@ def test_msgpack_codecs_do_not_keep_big_buffers_each() -> None:
     assert held < 4 * 2**20
 
 
+def test_a_msgpack_subclass_with_other_packer_options_keeps_its_own_packer() -> None:
+    class SingleFloat(MsgPack):
+        def _new_packer(self, default: Any = None) -> Any:
+            return msgpack.Packer(
+                default=self.serialize_obj if default is None else default,
+                use_bin_type=True,
+                use_single_float=True,
+            )
+
+    single, double = SingleFloat(), MsgPack()
+    assert len(single.encode(1.5)) == 5  # float32
+    assert len(double.encode(1.5)) == 9  # float64, not the subclass' packer
+    assert len(single.encode(1.5)) == 5
+
+
 def test_msgpack_codecs_in_several_threads() -> None:
     """Each thread packs with its own packer and its own codecs' serializers."""
 
@@ -326,6 +342,7 @@ def test_serializable_classes_accept_only_a_dict_of_attributes() -> None:
         codec.decode(b'{"__type__": [0, {"__type__": [1, null]}]}')
     assert called == []
     assert codec.decode(b'{"__type__": [0, {"x": 1, "y": 2}]}').y == 2
+    assert Point.__fromdict__(collections.OrderedDict(x=3, y=4)).x == 3  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("codec_cls", ALL_CODECS)

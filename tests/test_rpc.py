@@ -221,6 +221,59 @@ def test_exposed_bound_methods_and_partials_in_a_service_dict() -> None:
         service.router.resolve("hidden")
 
 
+def test_a_class_can_be_the_service() -> None:
+    class Klass:
+        router = Service()
+
+        @expose
+        @staticmethod
+        def static() -> int:
+            return 1
+
+        @classmethod
+        @expose
+        def klass(cls) -> str:
+            return cls.__name__
+
+        @staticmethod
+        def hidden() -> None:
+            pass
+
+    router = Router(Klass)
+    assert router.resolve("static")() == 1
+    assert router.resolve("klass")() == "Klass"
+    with pytest.raises(LookupError):
+        router.resolve("hidden")
+
+
+def test_a_half_built_service_elsewhere_does_not_stop_sending_another() -> None:
+    """Before refusing to send a service, the proxy serializer attaches late
+    sub-services in the whole tree; one that is not a service (yet) is skipped."""
+
+    class Helper:
+        router = Service()
+
+    class Half:
+        router = Service(["sub"])
+
+        def __init__(self) -> None:
+            self.router  # noqa: B018 (made before "sub" is filled in)
+            self.sub = None
+
+    class Root:
+        router = Service(["half", "helper"])
+
+        def __init__(self) -> None:
+            self.router  # noqa: B018 (made before the sub-services exist)
+            self.half = Half()
+            self.helper = Helper()
+
+    root = Root()
+    root.router._attach_declared()
+    assert root.helper.router.path == "helper"
+    assert root.half.router.path == "half"
+
+
 def test_resolve_refuses_non_string_paths() -> None:
     with pytest.raises(LookupError):
         Calculator().router.resolve(["mul"])  # type: ignore[arg-type]

@@ -509,6 +509,9 @@ class Container:
             ConnectionRefusedError: if nobody listens at a TCP address or
                 LocalQueue.
             FileNotFoundError: if the unix domain socket does not exist.
+            TimeoutError: if an attempt hangs beyond a non-zero *timeout*.
+            OSError: for other connection errors, e.g. an unreachable
+                network.
             RuntimeError: if this container has been shut down.
         """
         endpoint, aid = parse_url(url)
@@ -666,6 +669,13 @@ class Container:
             await client.close()
             self._check_running()
         base_url = endpoint.base_url
+        existing = self._open_client(base_url)
+        if existing is not None:
+            # An attempt that was given up finished after all while a new one
+            # succeeded (Python 3.11's wait_for() may swallow the cancel):
+            # keep one connection.
+            await client.close()
+            return existing
         logger.info(
             "%s connected to the container %s",
             self,

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import inspect
 import logging
+import math
 import os
 import socket
 import traceback
@@ -91,8 +92,14 @@ def _should_retry(exc: OSError) -> bool:
 
 
 def _check_dead_peer_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"dead_peer_timeout must be positive or None, got {timeout!r}")
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(
+            f"dead_peer_timeout must be a positive number or None, got {timeout!r}"
+        )
+
+
+# Linux refuses keepalive times above this many seconds.
+_MAX_KEEPALIVE_SECONDS: Final = 32767
 
 
 def _detect_dead_peer(transport: asyncio.BaseTransport, timeout: float) -> None:
@@ -105,24 +112,24 @@ def _detect_dead_peer(transport: asyncio.BaseTransport, timeout: float) -> None:
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
     # Not every system has every option (macOS lacks TCP_USER_TIMEOUT).
     for name, value in (
-        ("TCP_KEEPIDLE", max(1, round(timeout / 2))),
-        ("TCP_KEEPINTVL", max(1, round(timeout / 6))),
+        ("TCP_KEEPIDLE", min(max(1, round(timeout / 2)), _MAX_KEEPALIVE_SECONDS)),
+        ("TCP_KEEPINTVL", min(max(1, round(timeout / 6)), _MAX_KEEPALIVE_SECONDS)),
         ("TCP_KEEPCNT", 3),
-        ("TCP_USER_TIMEOUT", max(1, round(timeout * 1000))),
+        ("TCP_USER_TIMEOUT", min(max(1, round(timeout * 1000)), 2**31 - 1)),
     ):
         if hasattr(socket, name):
             options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    try:
-        for level, option, value in options:
+    for level, option, value in options:
+        try:
             sock.setsockopt(level, option, value)
-    except OSError as exc:
-        peer = transport.get_extra_info("peername")
-        logger.warning(
-            "Cannot set up dead peer detection for %s: %s",
-            peer,
-            exc,
-            extra={"peer": peer},
-        )
+        except OSError as exc:  # Set what can be set.
+            peer = transport.get_extra_info("peername")
+            logger.warning(
+                "Cannot set up dead peer detection for %s fully: %s",
+                peer,
+                exc,
+                extra={"peer": peer},
+            )
 
 
 def _format_exception(exc: BaseException) -> str:
@@ -972,10 +979,11 @@ async def open_connection(
         ConnectionRefusedError: if nobody listens at a TCP address or LocalQueue
             (after *timeout*).
         FileNotFoundError: if the unix socket does not exist (after *timeout*).
-        TimeoutError: if the last attempt did not finish within *timeout*.
+        TimeoutError: if an attempt did not finish within *timeout* (and no
+            attempt before it failed otherwise).
         OSError: for other errors, e.g. an unreachable network (after
             *timeout*).
-        ValueError: if *dead_peer_timeout* is not positive.
+        ValueError: if *dead_peer_timeout* is not a positive finite number.
     """
     running = _check_loop(loop)
     make_codec = _codec_factory(codec, extra_serializers)
@@ -1077,8 +1085,9 @@ async def start_server(
         extra_serializers: Callables that return ``(type, serialize,
             deserialize)`` tuples for :meth:`~aiomas.codecs.Codec.add_serializer`.
         max_frame_size: The largest payload accepted from a client.
-        dead_peer_timeout: Close a client's TCP connection when the client
-            stays silent this long (see :func:`open_connection`).
+        dead_peer_timeout: Close a client's TCP connection when the client's
+            host stops acknowledging data (or keepalive probes) for about
+            this long (see :func:`open_connection`).
         **kwds: Passed to :meth:`asyncio.loop.create_server` or
             :meth:`~asyncio.loop.create_unix_server` (e.g. ``ssl``).
 

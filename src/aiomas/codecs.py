@@ -298,6 +298,11 @@ class MsgPack(Codec):
                 f"pip install 'aiomas[{self._extra}]'"
             ) from exc
         self._msgpack = msgpack
+        # Codecs whose packer differs (a subclass' own _new_packer()) keep it
+        # to themselves; all others share their thread's (see _SharedPacker).
+        self._own_packer = (
+            None if type(self)._new_packer is MsgPack._new_packer else _SharedPacker()
+        )
         self._unpack_errors = (
             msgpack.UnpackException,
             ValueError,
@@ -320,7 +325,7 @@ class MsgPack(Codec):
                 an int outside the 64-bit range, too deep nesting, or if a
                 serializer fails.
         """
-        shared = _thread_state.shared_packer
+        shared = self._own_packer or _thread_state.shared_packer
         if shared.codec is not None:
             # A serializer called encode() while the shared packer is in the
             # middle of a message; packing into it would splice the two messages.
@@ -562,10 +567,11 @@ def serializable(
             """Create an instance from a dict made by ``__asdict__()``.
 
             Raises:
-                TypeError: if *attrs* is not a dict (a peer may send anything;
-                    ``cls(**attrs)`` would call methods of, e.g., a proxy).
+                TypeError: if *attrs* is not a :class:`dict` (a peer may send
+                    anything; ``cls(**attrs)`` would call methods of, e.g., a
+                    proxy).
             """
-            if type(attrs) is not dict:
+            if not isinstance(attrs, dict):
                 raise TypeError(
                     f"{klass.__qualname__} expects a map of attributes, "
                     f"got {type(attrs).__qualname__}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -61,16 +62,15 @@ def expose(func: F) -> F:
 def _is_exposed(attr: Any) -> bool:
     """Whether :func:`expose` marked *attr*, found without running its code (a
     peer must not make us call ``__getattr__`` of whatever an agent holds)."""
-    if type(attr) is FunctionType:  # the common case, quickly
+    kind = type(attr)
+    if kind is FunctionType:  # the common case, quickly
         return attr.__dict__.get(_RPC_MARKER) is True
-    if type(attr) is MethodType:  # e.g. obj.method in a ServiceDict
+    if kind is MethodType:  # e.g. obj.method in a ServiceDict
         return _is_exposed(attr.__func__)
-    if _marked(attr):
-        return True
-    # @expose may sit inside or outside of @staticmethod / @classmethod.
-    if isinstance(attr, staticmethod | classmethod):
-        return _marked(attr.__func__)
-    return False
+    if issubclass(kind, staticmethod | classmethod):
+        # @expose may sit inside or outside of @staticmethod / @classmethod.
+        return attr.__dict__.get(_RPC_MARKER) is True or _is_exposed(attr.__func__)
+    return _marked(attr)
 
 
 def _marked(obj: Any) -> bool:
@@ -225,7 +225,10 @@ class Router:
                 continue
             seen.add(id(router))
             if router._declared:
-                router._add_declared()
+                with contextlib.suppress(ValueError, AttributeError):
+                    # Not a service (yet): some other part of the tree, which
+                    # must not keep this one from being sent.
+                    router._add_declared()
             pending.extend(router._children())
 
     def _children(self) -> Iterable[Router]:
@@ -246,6 +249,12 @@ class Router:
         if isinstance(obj, ServiceDict):
             func = obj.dict.get(name)
             return func if callable(func) and _is_exposed(func) else None
+        if isinstance(obj, type):  # a class as the service: its own attributes
+            attr = _class_lookup(obj, name)
+            if attr is _MISSING or not _is_exposed(attr):
+                return None
+            bound = getattr(obj, name)
+            return bound if callable(bound) else None
         own = _instance_lookup(obj, name)
         if own is not _MISSING:
             # An attribute of the instance hides the class' one: only an

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -71,7 +72,7 @@ def seconds(value: str) -> float:
         number = float(value)
     except ValueError:
         number = 0.0
-    if not number > 0:
+    if not (number > 0 and math.isfinite(number)):
         raise argparse.ArgumentTypeError(
             f"expected a positive number of seconds, got {value!r}"
         )
