@@ -387,7 +387,8 @@ class Container:
             OSError: if the server socket cannot be bound.
             TypeError: if *ssl* has the wrong type.
             ValueError: if *max_frame_size* is not a number from 0 to
-                2**32 - 1, or *dead_peer_timeout* is not positive.
+                2**32 - 1, or *dead_peer_timeout* is not a positive finite
+                number.
         """
         # Bad limits fail here, not later.
         FrameReader(max_frame_size)
