@@ -54,11 +54,17 @@ async def test_times_in_the_past_are_refused() -> None:
 
 
 def test_external_clock_dates() -> None:
+    # The start date is the date at time 0, whatever the initial time.
     clock = ExternalClock("2016-01-01T00:00:00", init_time=-1)
     assert clock.time() == -1
+    assert clock.utcnow() == arrow.get("2015-12-31T23:59:59")
+    clock.set_time(0)
     assert clock.utcnow() == arrow.get("2016-01-01T00:00:00")
-    clock.set_time(59)
+    clock.set_time(60)
     assert clock.utcnow() == arrow.get("2016-01-01T00:01:00")
+    assert ExternalClock("2016-01-01", init_time=3600).utcnow() == arrow.get(
+        "2016-01-01T01:00:00"
+    )
     start = arrow.get("2020-06-01T12:00:00+02:00")
     assert ExternalClock(start).utcnow() == arrow.get("2020-06-01T10:00:00Z")
     assert "ExternalClock(time=0" in repr(ExternalClock(start))
@@ -164,3 +170,19 @@ def test_clocks_work_outside_a_running_loop() -> None:
     external.call_in(0, lambda: None)
     external.set_time(1)
     assert aiomas.run(sleeper) == "woke"
+
+
+async def test_the_start_date_waits_for_set_time_0_with_init_time_minus_1() -> None:
+    start = arrow.get("2016-01-01T00:00:00")
+    clock = ExternalClock(start, init_time=-1)
+    slept = clock.sleep_until(start, "slept")
+    called: list[float] = []
+    clock.call_at(start, lambda: called.append(clock.time()))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not slept.done()
+    assert not called
+    clock.set_time(0)
+    assert await slept == "slept"
+    await asyncio.sleep(0)
+    assert called == [0]

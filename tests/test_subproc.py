@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import arrow
 import pytest
 
 import aiomas
@@ -285,6 +286,39 @@ async def test_subprocess_containers_driven_by_a_master() -> None:
     finally:
         for process in processes:
             await process.kill()
+        await master.shutdown(as_coro=True)
+
+
+class DateSleeper(aiomas.Agent):
+    @aiomas.expose
+    async def sleep_until(self, date: str) -> str:
+        clock = self.container.clock
+        await clock.sleep_until(arrow.get(date))
+        return f"{clock.time()} {clock.utcnow()}"
+
+    @aiomas.expose
+    def now(self) -> str:
+        return str(self.container.clock.utcnow())
+
+
+async def test_a_subprocess_start_date_is_reached_at_set_time_0() -> None:
+    """--start-date is the date at time 0; the default --init-time -1 starts a
+    second earlier, so waiting for the start date waits for set_time(0)."""
+    process = await start_process("--start-date", "2020-01-01T00:00:00")
+    master = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+    try:
+        manager = await master.connect(process.manager_addr)
+        sleeper, _ = await manager.spawn(f"{__name__}:DateSleeper")
+        assert await sleeper.now() == "2019-12-31T23:59:59+00:00"
+        woken = asyncio.ensure_future(sleeper.sleep_until("2020-01-01T00:00:00"))
+        await asyncio.sleep(0.2)
+        assert not woken.done()
+        await manager.set_time(0)
+        assert await asyncio.wait_for(woken, WAIT) == "0 2020-01-01T00:00:00+00:00"
+        await manager.stop()
+        assert await asyncio.wait_for(process.wait(), WAIT) == 0
+    finally:
+        await process.kill()
         await master.shutdown(as_coro=True)
 
 

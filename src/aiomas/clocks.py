@@ -167,15 +167,19 @@ class ExternalClock(BaseClock):
     whose time has come are then released in time order (and in the order they
     were scheduled, for equal times).
 
+    The date is tied to the time, not to the start: :meth:`utcnow` is always
+    *utc_start* plus :meth:`time` seconds, as in the original aiomas.  With
+    ``init_time=-1`` the clock starts one second before *utc_start*, so that
+    ``sleep_until(utc_start)`` waits until the master calls ``set_time(0)``.
+
     Args:
-        utc_start: The date at *init_time*: an Arrow date or anything
+        utc_start: The date at time ``0``: an Arrow date or anything
             :func:`arrow.get` can parse (e.g. ``'2016-01-01T00:00:00'``).
         init_time: The initial value of :meth:`time`.
     """
 
     def __init__(self, utc_start: Any, init_time: float = 0) -> None:
         self._utc_start = arrow.get(utc_start).to("utc")
-        self._init_time = init_time
         self._time = init_time
         self._counter = itertools.count()
         self._queue: list[tuple[float, int, asyncio.Future[Any], Any]] = []
@@ -187,7 +191,7 @@ class ExternalClock(BaseClock):
         return self._time
 
     def utcnow(self) -> arrow.Arrow:
-        return self._utc_start.shift(seconds=self._time - self._init_time)
+        return self._utc_start.shift(seconds=self._time)
 
     def set_time(self, t: float) -> None:
         """Advance the clock to *t* and release everything due by then.

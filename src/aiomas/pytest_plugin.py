@@ -75,7 +75,7 @@ class SteppingClock(ExternalClock):
     :meth:`advance` also lets the released tasks run, one deadline at a time.
 
     Args:
-        utc_start: The date at *init_time*: an Arrow date or anything
+        utc_start: The date at time ``0``: an Arrow date or anything
             :func:`arrow.get` can parse.
         init_time: The initial value of :meth:`time`.
     """

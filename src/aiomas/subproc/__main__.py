@@ -99,16 +99,17 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--start-date",
         type=iso_date,
         help=(
-            "use an ExternalClock starting at this date (ISO 8601, e.g. "
-            "2010-03-27T00:00:00+01:00) and time --init-time; without it, the "
-            "container runs in real time"
+            "use an ExternalClock whose date at time 0 is this date (ISO 8601, "
+            "e.g. 2010-03-27T00:00:00+01:00); without it, the container runs "
+            "in real time"
         ),
     )
     parser.add_argument(
         "--init-time",
         type=float,
         default=-1.0,
-        help="initial time of the ExternalClock (default: %(default)s)",
+        help="initial time of the ExternalClock; the default %(default)s starts "
+        "one second before --start-date",
     )
     parser.add_argument(
         "--codec",
