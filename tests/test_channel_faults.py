@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import aiomas
-from aiomas.exceptions import ProtocolError
+from aiomas.exceptions import ProtocolError, ProtocolResetError
 
 from .helpers import echo_forever
 
@@ -242,6 +242,41 @@ async def test_client_fails_pending_requests_when_server_sends_garbage(
     server.close()
     await server.wait_closed()
     assert "unknown message id 12345" in caplog.text
+
+
+async def test_an_invalid_message_type_is_a_runtime_and_a_connection_error() -> None:
+    """The 1.0.3 docs: send() and recv() raise RuntimeError "if an invalid
+    message type was received"; code also catches ConnectionError for it."""
+
+    async def bad_type_server(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_frame(reader)
+        writer.write(raw_frame(b"[7, 0, null]"))
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(bad_type_server, "127.0.0.1", 0)
+    addr = server.sockets[0].getsockname()[:2]
+    channel = await aiomas.channel.open_connection(addr)
+    receiving = asyncio.ensure_future(channel.recv())
+    pending = channel.send("a")
+    errors = []
+    for call in (pending, receiving, channel.recv()):
+        with pytest.raises(RuntimeError, match="Unknown message type 7") as info:
+            await asyncio.wait_for(call, 5)
+        errors.append(info.value)
+    with pytest.raises(ProtocolResetError):
+        channel.send("b")
+    for error in errors:
+        assert isinstance(error, ConnectionResetError)
+        assert isinstance(error, ProtocolResetError)
+        assert isinstance(error.__cause__, ProtocolError)
+    await channel.close()
+    server.close()
+    await server.wait_closed()
 
 
 async def test_max_frame_size_option_on_the_client() -> None:

@@ -22,6 +22,7 @@ from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
 from aiomas.exceptions import (
     AiomasError,
     ProtocolError,
+    ProtocolResetError,
     RemoteException,
     SerializationError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "MsgPack",
     "MsgPackBlosc",
     "ProtocolError",
+    "ProtocolResetError",
     "RemoteException",
     "SSLCerts",
     "SerializationError",

@@ -23,7 +23,12 @@ from typing import Any, Final, TypeAlias, cast
 
 from aiomas import local_queue
 from aiomas.codecs import JSON, Codec
-from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
+from aiomas.exceptions import (
+    ProtocolError,
+    ProtocolResetError,
+    RemoteException,
+    SerializationError,
+)
 from aiomas.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     FAILURE,
@@ -567,11 +572,11 @@ class Channel:
 
     def _connection_error(self) -> ConnectionResetError:
         cause = self._closed_error
+        error: ConnectionResetError
         if isinstance(cause, ProtocolError):
-            text = f"Connection to {self._peername} closed: {cause}"
+            error = ProtocolResetError(f"Connection to {self._peername} closed: {cause}")
         else:
-            text = f"Connection to {self._peername} closed"
-        error = ConnectionResetError(text)
+            error = ConnectionResetError(f"Connection to {self._peername} closed")
         if cause is not None and not isinstance(cause, ConnectionResetError):
             error.__cause__ = cause
         return error

@@ -8,18 +8,29 @@ Every error that aiomas defines derives from :class:`AiomasError`:
     ├── RemoteException      the peer raised an error while handling our request
     ├── SerializationError   we were asked to encode something the codec cannot
     └── ProtocolError        the peer sent bytes that break the wire protocol
-                             (also a RuntimeError, as aiomas 1.x raised for it)
+        │                    (also a RuntimeError, as aiomas 1.x raised for it)
+        └── ProtocolResetError  the connection was closed for that: also a
+                                ConnectionResetError
 
 A connection that ends while requests are in flight fails them with the built-in
-:class:`ConnectionResetError`; when a :class:`ProtocolError` ended it, that error is
-the ``__cause__``.
+:class:`ConnectionResetError`.  When a :class:`ProtocolError` ended it, they (and
+every later ``send()`` or ``recv()``) get a :class:`ProtocolResetError`, which
+``except ConnectionError`` and ``except RuntimeError`` (what the 1.0.3
+documentation promises for "an invalid message type was received") both catch;
+the :class:`ProtocolError` is its ``__cause__``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AiomasError", "ProtocolError", "RemoteException", "SerializationError"]
+__all__ = [
+    "AiomasError",
+    "ProtocolError",
+    "ProtocolResetError",
+    "RemoteException",
+    "SerializationError",
+]
 
 
 class AiomasError(Exception):
@@ -57,4 +68,15 @@ class ProtocolError(AiomasError, RuntimeError):
     """The peer violated the wire protocol (bad frame, bad message, unknown id).
 
     The connection on which it happened is closed; other connections are unaffected.
+    """
+
+
+class ProtocolResetError(ProtocolError, ConnectionResetError):
+    """The connection was closed because the peer violated the wire protocol.
+
+    Raised by calls in flight on that connection and by every later
+    ``send()`` and ``recv()`` on it.  It is a :class:`ConnectionResetError` (so
+    code that handles lost connections handles it) and a :class:`ProtocolError`
+    (so also a :class:`RuntimeError`, as the 1.0.3 documentation promises).  The
+    :class:`ProtocolError` that ended the connection is its ``__cause__``.
     """
