@@ -1,8 +1,8 @@
 """Fuzz target: decoding arbitrary bytes with the codecs and their serializers.
 
-The codecs are set up as a container's connections have them: a user class
-(``harness.Point``, made serializable with :func:`aiomas.codecs.serializable`), Arrow
-dates (:func:`aiomas.util.arrow_serializer`) and RPC proxies (installed by an
+The codecs are set up as a container's connections have them: Arrow dates
+(:func:`aiomas.util.arrow_serializer`), a user class (``harness.Point``, made
+serializable with :func:`aiomas.codecs.serializable`) and RPC proxies (installed by an
 :class:`aiomas.rpc.RpcClient` on a connection without a socket), in that order.
 The first input byte picks the codec: JSON, MsgPack, MsgPackBlosc, or
 MsgPackBlosc with the chunk size in the Blosc header set to the input's length
@@ -68,7 +68,7 @@ class Service:
 SERVICE = Service()
 
 # Type ids, in the order a container adds the serializers.
-POINT_ID, ARROW_ID, PROXY_ID = 0, 1, 2
+ARROW_ID, POINT_ID, PROXY_ID = 0, 1, 2
 
 # Small, so that inputs that fill it up are quick to run; Blosc headers may
 # announce anything up to 4 GiB.
@@ -105,12 +105,12 @@ ALLOWED_TYPES[aiomas.MsgPackBlosc] = ALLOWED_TYPES[aiomas.MsgPack]
 
 def make_codec(codec_class: type[Codec]) -> Codec:
     """Return a *codec_class* instance with the serializers of a container's
-    connection: harness.Point, Arrow dates, and the RPC proxy serializer of a
+    connection: Arrow dates, harness.Point, and the RPC proxy serializer of a
     connection that serves :data:`SERVICE` (on a fake transport, which is
     then in :data:`TRANSPORTS`)."""
     codec = codec_class()
-    codec.add_serializer(*harness.Point.__serializer__())  # type: ignore[attr-defined]
     codec.add_serializer(*aiomas.util.arrow_serializer())
+    codec.add_serializer(*harness.Point.__serializer__())  # type: ignore[attr-defined]
     transport = harness.FakeTransport()
 
     async def connect() -> RpcClient:

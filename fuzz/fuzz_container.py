@@ -238,15 +238,15 @@ class Served:
         # The factory that the container's (LocalQueue) server makes the
         # protocol of every new connection with: the codec with the container's
         # serializers, and the RpcClient serving the container.
-        server = self.container._server
+        server = self.container._tcp_server
         assert isinstance(server, aiomas.local_queue.LocalQueueServer)
         self.protocol_factory: Callable[[], ChannelProtocol] = cast(
             Callable[[], ChannelProtocol], server._protocol_factory
         )
         # The peer's codec: the same serializers, and proxies decoded to text.
         self.peer_codec = codec_class()
-        self.peer_codec.add_serializer(*serializer())
         self.peer_codec.add_serializer(*aiomas.util.arrow_serializer())
+        self.peer_codec.add_serializer(*serializer())
         self.peer_codec.add_serializer(
             object, self._no_proxies, lambda path: f"<proxy {path}>"
         )
@@ -498,10 +498,10 @@ async def serve_one_connection(served: Served, data: bytes) -> None:
     protocol.connection_lost(None)
     container = served.container
     for _ in range(20):
-        if not container._incoming:
+        if not container._aiomas.incoming:
             break
         await asyncio.sleep(0)
-    assert not container._incoming, "the container did not forget the connection"
+    assert not container._aiomas.incoming, "the container did not forget the connection"
 
 
 def test_one_input(data: bytes) -> None:
@@ -510,7 +510,9 @@ def test_one_input(data: bytes) -> None:
     served = SERVED[data[0] % len(CODEC_CLASSES)]
     harness.LOOP.run_until_complete(serve_one_connection(served, data))
     assert not FORBIDDEN_CALLS, f"unexposed code ran: {FORBIDDEN_CALLS}"
-    assert served.container._agents == dict(zip(AGENT_IDS, served.agents, strict=True))
+    assert served.container.agents.dict == dict(
+        zip(AGENT_IDS, served.agents, strict=True)
+    )
     harness.HIDDEN_ERRORS.check()
 
 

@@ -156,7 +156,8 @@ def fuzz(test_one_input: Callable[[bytes], None]) -> None:
 
 @aiomas.codecs.serializable
 class Point:
-    """A user class that travels as ``{"__type__": [0, {"x": x, "y": y}]}``."""
+    """A user class that travels as ``{"__type__": [1, {"x": x, "y": y}]}`` in a
+    container (Arrow dates are type id 0)."""
 
     def __init__(self, x: Any, y: Any) -> None:
         self.x = x

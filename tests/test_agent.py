@@ -7,6 +7,7 @@ import contextlib
 import gc
 import socket
 import ssl
+import struct
 import sys
 import tempfile
 import time
@@ -134,19 +135,19 @@ async def cut_connections(
 ) -> None:
     """Close *container*'s end of its incoming connections; wait until
     *caller* (whose *proxy* used one) has noticed and forgotten it."""
-    for client in list(container._incoming):
+    for client in list(container._aiomas.incoming):
         await client.close()
     with pytest.raises(ConnectionResetError):
         await proxy.spam(1)
     for _ in range(100):
-        if not caller._outgoing:
+        if not caller._aiomas.outgoing:
             break
         await asyncio.sleep(0.01)
 
 
 def incoming(container: aiomas.Container) -> int:
     """How many connections other containers have open to *container*."""
-    return len(container._incoming)
+    return len(container._aiomas.incoming)
 
 
 # --- agents and their addresses -----------------------------------------------------
@@ -356,7 +357,7 @@ async def test_proxies_are_cached(tcp_pair: list[aiomas.Container]) -> None:
     assert await two.connect(callee.addr) is proxy
     del proxy
     gc.collect()
-    assert len(two._proxies[one.base_url]) == 0
+    assert len(two._aiomas.proxies[one.base_url]) == 0
     again = await two.connect(callee.addr)
     assert await again.spam(1) == "spam"
     assert await two.connect(callee.addr) is again
@@ -388,7 +389,7 @@ async def test_an_attempt_given_up_by_every_caller_is_stopped(
         url = f"tcp://{host}:{port}/0"
         waiting = [asyncio.ensure_future(two.connect(url)) for _ in range(2)]
         await asyncio.sleep(0.05)
-        (attempt,) = two._connecting.values()
+        (attempt,) = two._aiomas.connecting.values()
         waiting[0].cancel()
         await asyncio.sleep(0.05)
         assert not attempt.task.done()  # somebody still waits for it
@@ -396,13 +397,13 @@ async def test_an_attempt_given_up_by_every_caller_is_stopped(
             await asyncio.wait_for(waiting[1], 0.1)
         await asyncio.sleep(0)
         assert attempt.task.cancelled()
-        assert two._connecting == {}
+        assert two._aiomas.connecting == {}
         with pytest.raises(asyncio.CancelledError):
             await waiting[0]
         # A new call makes a new attempt.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(two.connect(url), 0.1)
-        assert two._connecting == {}
+        assert two._aiomas.connecting == {}
 
 
 async def test_a_late_second_connection_to_a_container_is_closed(
@@ -412,8 +413,8 @@ async def test_a_late_second_connection_to_a_container_is_closed(
     the container keeps one connection and closes the other."""
     one, two = tcp_pair
     endpoint, _ = agent_mod.parse_url(Callee(one).addr)
-    first = await two._open(endpoint, 0)
-    assert await two._open(endpoint, 0) is first
+    first = await two._aiomas.open(endpoint, 0)
+    assert await two._aiomas.open(endpoint, 0) is first
     for _ in range(100):
         if incoming(one) == 1:
             break
@@ -426,8 +427,8 @@ async def test_dead_peer_timeout_applies_to_both_directions() -> None:
     async with Place("tcp4").containers(2, dead_peer_timeout=3) as (one, two):
         proxy = await two.connect(Callee(one).addr)
         assert await proxy.spam(1) == "spam"
-        (incoming_client,) = one._incoming
-        (outgoing_client,) = two._outgoing.values()
+        (incoming_client,) = one._aiomas.incoming
+        (outgoing_client,) = two._aiomas.outgoing.values()
         for client in (incoming_client, outgoing_client):
             assert tcp_socket_options(client.channel) == (1, 2, 3000)
 
@@ -507,7 +508,6 @@ def test_a_bad_max_frame_size_is_refused_at_once(size: int) -> None:
         "tcp://127.0.0.1:port/0",
         "tcp://127.0.0.1:0/0",
         "tcp://127.0.0.1:70000/0",
-        "tcp://::1:5555/0",
         "tcp://[::1]/0",
         "http://127.0.0.1:5555/0",
         "ipc:///0",
@@ -535,8 +535,12 @@ async def test_non_string_url_raises_value_error(
     [
         ("tcp://localhost:5555/0", "tcp://localhost:5555/", ("localhost", 5555), "0"),
         ("tcp://[::1]:5555/12", "tcp://[::1]:5555/", ("::1", 5555), "12"),
-        ("ipc:///tmp/x/sock/3", "ipc:///tmp/x/sock/", "/tmp/x/sock", "3"),
-        ("ipc://rel/sock/3", "ipc://rel/sock/", "rel/sock", "3"),
+        ("tcp://::1:5555/12", "tcp://[::1]:5555/", ("::1", 5555), "12"),
+        ("tcp://fe80::1:5555/1", "tcp://[fe80::1]:5555/", ("fe80::1", 5555), "1"),
+        ("ipc:///tmp/x/sock/3", "ipc://[/tmp/x/sock]/", "/tmp/x/sock", "3"),
+        ("ipc://[/tmp/x/sock]/3", "ipc://[/tmp/x/sock]/", "/tmp/x/sock", "3"),
+        ("ipc://rel/sock/3", "ipc://[rel/sock]/", "rel/sock", "3"),
+        ("ipc://[rel/sock]/3", "ipc://[rel/sock]/", "rel/sock", "3"),
     ],
 )
 def test_parse_url(url: str, base_url: str, addr: Any, aid: str) -> None:
@@ -608,7 +612,7 @@ async def test_connect_timeout_expires(unused_tcp_port: int) -> None:
 async def test_port_zero_gives_the_real_port() -> None:
     container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
     try:
-        port = container._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = container._aiomas.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         assert repr(container) == f"Container('tcp://127.0.0.1:{port}/')"
     finally:
         await container.shutdown(as_coro=True)
@@ -617,7 +621,7 @@ async def test_port_zero_gives_the_real_port() -> None:
 async def test_localhost_with_port_zero_listens_on_one_port_everywhere() -> None:
     container = await aiomas.Container.create(("localhost", 0), as_coro=True)
     try:
-        ports = {s.getsockname()[1] for s in container._server.sockets}  # type: ignore[union-attr]
+        ports = {s.getsockname()[1] for s in container._aiomas.server.sockets}  # type: ignore[union-attr]
         assert len(ports) == 1
         callee = Callee(container)
         assert callee.addr == f"tcp://localhost:{ports.pop()}/0"
@@ -656,7 +660,7 @@ async def test_unix_and_local_addresses(tmp_path: Path) -> None:
             aiomas.get_queue("spam-queue"), as_coro=True
         )
         try:
-            assert Callee(ipc).addr == f"ipc://{path}/sock/0"
+            assert Callee(ipc).addr == f"ipc://[{path}/sock]/0"
             assert Callee(local).addr == "local://spam-queue/0"
             # Containers on different transports talk to each other.
             assert await (await ipc.connect("local://spam-queue/0")).spam(1) == "spam"
@@ -702,9 +706,59 @@ async def test_arrow_dates_and_extra_serializers(
         assert list(await proxy.echo([Point(1, 2), date])) == [Point(1, 2), date]
 
 
-async def test_serializer_order_is_extra_serializers_then_arrow() -> None:
-    """The type ids on the wire: the user's serializers first, then Arrow; a
-    plain RPC peer configured in that order understands the container."""
+class Pinned(aiomas.Agent):
+    """Returns an Arrow date, a serializable object and an agent proxy."""
+
+    @aiomas.expose
+    def things(self) -> list[Any]:
+        return [arrow.get("2016-01-01T12:30:00+00:00"), Point(3, 4), self]
+
+
+@pytest.mark.parametrize("codec", [aiomas.JSON, aiomas.MsgPack])
+async def test_serializer_order_is_arrow_then_extra_serializers_then_proxies(
+    codec: type[aiomas.codecs.Codec],
+) -> None:
+    """The type ids on the wire are those of the originals: Arrow dates 0, the
+    container's extra serializers from 1, agent proxies after them.  Pinned as
+    the exact bytes of a reply, read from a plain socket."""
+    async with Place("tcp4").containers(
+        1, codec=codec, extra_serializers=[Point.__serializer__]
+    ) as (container,):
+        Pinned(container)
+        endpoint, _ = agent_mod.parse_url(f"{container.base_url}0")
+        host, port = endpoint.addr
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            request = codec().encode([0, 7, ["agents/0/things", [], {}]])
+            writer.write(struct.pack(">L", len(request)) + request)
+            (size,) = struct.unpack(">L", await reader.readexactly(4))
+            reply = await asyncio.wait_for(reader.readexactly(size), WAIT)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    if codec is aiomas.JSON:
+        assert reply == (
+            b'[1, 7, [{"__type__": [0, "2016-01-01T12:30:00+00:00"]}, '
+            b'{"__type__": [1, {"x": 3, "y": 4}]}, '
+            b'{"__type__": [2, "agents/0"]}]]'
+        )
+    else:
+        assert reply == bytes.fromhex(
+            "930107"  # [1, 7,
+            "93"  # [
+            "81a85f5f747970655f5f92"  # {"__type__": [
+            "00b9323031362d30312d30315431323a33303a30302b30303a3030"
+            "81a85f5f747970655f5f92"
+            "0182a178"
+            "03"
+            "a179"
+            "04"  # 1, {"x": 3, "y": 4}
+            "81a85f5f747970655f5f92"
+            "02a86167656e74732f30"  # 2, "agents/0"
+        )
+
+
+async def test_a_plain_rpc_peer_in_that_order_understands_a_container() -> None:
     date = arrow.get("2016-01-01T12:30:00+00:00")
     async with Place("tcp4").containers(
         1, extra_serializers=[Point.__serializer__]
@@ -713,16 +767,12 @@ async def test_serializer_order_is_extra_serializers_then_arrow() -> None:
         endpoint, _ = agent_mod.parse_url(f"{container.base_url}0")
         client = await rpc.open_connection(
             endpoint.addr,
-            extra_serializers=[Point.__serializer__, aiomas.util.arrow_serializer],
+            extra_serializers=[aiomas.util.arrow_serializer, Point.__serializer__],
         )
         try:
             echo = getattr(client.remote.agents, "0").echo
             assert await echo(date) == date
             assert await echo(Point(3, 4)) == Point(3, 4)
-            codec = client.channel.codec
-            assert codec.encode(date) == (
-                b'{"__type__": [1, "2016-01-01T12:30:00+00:00"]}'
-            )
         finally:
             await client.close()
 
@@ -803,8 +853,8 @@ def test_create_and_shutdown_without_a_running_loop() -> None:
 
     assert aiomas.run(call()) == "spamspam"
     container.shutdown()
-    assert container._server is not None
-    assert not container._server.is_serving()
+    assert container._aiomas.server is not None
+    assert not container._aiomas.server.is_serving()
 
 
 async def test_sync_create_inside_a_running_loop_fails_clearly() -> None:
@@ -814,7 +864,7 @@ async def test_sync_create_inside_a_running_loop_fails_clearly() -> None:
 
 async def test_create_fails_when_the_address_is_taken() -> None:
     async with Place("tcp4").containers(1) as (container,):
-        port = container._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = container._aiomas.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         with pytest.raises(OSError):
             await aiomas.Container.create(("127.0.0.1", port), as_coro=True)
 
@@ -845,20 +895,22 @@ async def test_shutdown_with_calls_in_flight_both_ways() -> None:
         calls = [to_a.slow_echo(i, 60) for i in range(20)]
         calls += [to_b.slow_echo(i, 60) for i in range(20)]
         await asyncio.sleep(0.1)
-        channels = [c.channel for c in [*one._incoming, *one._outgoing.values()]]
+        channels = [
+            c.channel for c in [*one._aiomas.incoming, *one._aiomas.outgoing.values()]
+        ]
         assert len(channels) == 2
         start = time.monotonic()
         await asyncio.wait_for(one.shutdown(as_coro=True), WAIT)
         assert time.monotonic() - start < 2
-        assert one._server is not None
-        assert not one._server.is_serving()
+        assert one._aiomas.server is not None
+        assert not one._aiomas.server.is_serving()
         assert all(c.protocol._closed.done() for c in channels)
         results = await asyncio.wait_for(
             asyncio.gather(*calls, return_exceptions=True), WAIT
         )
         assert all(isinstance(r, ConnectionResetError) for r in results), results
         assert incoming(one) == 0
-        assert one._outgoing == {}
+        assert one._aiomas.outgoing == {}
         # The other container noticed and works with new partners.
         c = Callee(two)
         assert await (await two.connect(c.addr)).spam(1) == "spam"
@@ -882,9 +934,9 @@ async def test_shutdown_while_connecting(unused_tcp_port: int) -> None:
 async def test_lost_connections_are_forgotten(tcp_pair: list[aiomas.Container]) -> None:
     one, two = tcp_pair
     proxy = await two.connect(Callee(one).addr)
-    assert len(two._outgoing) == 1
+    assert len(two._aiomas.outgoing) == 1
     await cut_connections(one, two, proxy)
-    assert two._outgoing == {}
+    assert two._aiomas.outgoing == {}
     assert await (await two.connect(proxy.addr)).spam(1) == "spam"
 
 

@@ -96,9 +96,48 @@ def test_a_type_gets_one_serializer_only() -> None:
     assert codec.encode(SubPoint(1, 2)) == b'{"__type__": [1, null]}'
 
 
-def test_serializers_are_registered_for_classes() -> None:
-    with pytest.raises(TypeError, match="classes"):
-        JSON().add_serializer("Point", str, str)  # type: ignore[arg-type]
+@pytest.mark.parametrize("codec_cls", ALL_CODECS)
+def test_any_hashable_key_takes_a_type_id_but_matches_no_object(
+    codec_cls: type[Codec],
+) -> None:
+    """Code written for the original registers numpy.array (a function) beside
+    numpy.ndarray: the entry takes a type id and is never used for encoding."""
+    import numpy
+
+    def from_list(data: Any) -> Any:
+        return numpy.array(data)
+
+    codec = codec_cls()
+    codec.add_serializer(numpy.ndarray, lambda a: a.tolist(), from_list)
+    codec.add_serializer(numpy.array, lambda a: a.tolist(), from_list)
+    codec.add_serializer("a name", str, str)
+    codec.add_serializer(*point_serializer())
+    assert codec.serialize_obj(Point(1, 2)) == {"__type__": [3, [1, 2]]}
+    assert codec.serialize_obj(numpy.arange(3))["__type__"][0] == 0
+    # The function key's id still decodes (with its deserializer).
+    decoded = codec.deserialize_obj({"__type__": [1, [4, 5]]})
+    assert isinstance(decoded, numpy.ndarray)
+    assert decoded.tolist() == [4, 5]
+    assert codec.deserialize_obj({"__type__": [2, "x"]}) == "x"
+    with pytest.raises(SerializationError, match="No serializer"):
+        codec.serialize_obj(lambda: None)  # a function is no instance of the key
+    with pytest.raises(ValueError, match=r"already a serializer.*numpy.*array"):
+        codec.add_serializer(numpy.array, str, str)
+    assert "array" in repr(codec)
+    assert "'a name'" in repr(codec)
+
+
+def test_serializer_keys_must_be_hashable_and_functions_callable() -> None:
+    codec = JSON()
+    with pytest.raises(TypeError, match="unhashable"):
+        codec.add_serializer([Point], str, str)
+    with pytest.raises(TypeError, match=r"serialize function.*not callable"):
+        codec.add_serializer(Point, None, str)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"deserialize function.*not callable"):
+        codec.add_serializer(Point, str, "str")  # type: ignore[arg-type]
+    # Failed calls used up no type id.
+    codec.add_serializer(*point_serializer())
+    assert codec.serialize_obj(Point(1, 2)) == {"__type__": [0, [1, 2]]}
 
 
 def test_type_ids_follow_registration_order() -> None:

@@ -381,7 +381,7 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
     try:
         manager = await master.connect(process.manager_addr)
         worker, _ = await manager.spawn(f"{__name__}:Worker", "k")
-        (client,) = master._outgoing.values()
+        (client,) = master._aiomas.outgoing.values()
         resets: list[BaseException] = []
         client.on_connection_reset(resets.append)
         calls = [asyncio.ensure_future(worker.hang()) for _ in range(100)]
@@ -396,7 +396,7 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
         await asyncio.sleep(0.05)  # the reset callback runs in the service task
         assert len(resets) == 1
         assert client.channel.protocol._closed.done()
-        assert master._outgoing == {}
+        assert master._aiomas.outgoing == {}
         # The same address again, served by a new process.
         host_port = process.manager_addr[len("tcp://") :].rsplit("/", 1)[0]
         process = await ContainerProcess.start(

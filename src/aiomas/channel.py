@@ -574,7 +574,9 @@ class Channel:
         cause = self._closed_error
         error: ConnectionResetError
         if isinstance(cause, ProtocolError):
-            error = ProtocolResetError(f"Connection to {self._peername} closed: {cause}")
+            error = ProtocolResetError(
+                f"Connection to {self._peername} closed: {cause}"
+            )
         else:
             error = ConnectionResetError(f"Connection to {self._peername} closed")
         if cause is not None and not isinstance(cause, ConnectionResetError):
@@ -935,6 +937,10 @@ def _codec_factory(
             instance.add_serializer(*get_serializer())
         return instance
 
+    # A bad serializer (an unhashable key, a duplicate, a factory that raises or
+    # returns no triple) fails here, when the server or connection is set up,
+    # not at the first connection.
+    make_codec()
     return make_codec
 
 

@@ -22,7 +22,6 @@ are not a valid message.  No other exception escapes from bad input.
 
 from __future__ import annotations
 
-import builtins
 import inspect
 import json
 import reprlib
@@ -65,8 +64,13 @@ def _quote(obj: Any) -> str:
         return f"<{type(obj).__qualname__} object>"
 
 
-def _type_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+def _type_name(cls: Any) -> str:
+    """``module.qualname`` of a class (or other key of a serializer)."""
+    module = getattr(cls, "__module__", None)
+    qualname = getattr(cls, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str):
+        return f"{module}.{qualname}"
+    return _quote(cls)
 
 
 class Codec:
@@ -79,11 +83,16 @@ class Codec:
     """
 
     def __init__(self) -> None:
-        self._serializers: dict[type, tuple[int, Serializer]] = {}
+        # Keyed by the exact type of the objects a serializer handles; other
+        # (hashable) keys take a type id, but no object ever matches them.
+        self._serializers: dict[Any, tuple[int, Serializer]] = {}
         self._deserializers: list[Deserializer] = []
 
     def __repr__(self) -> str:
-        types = ", ".join(t.__qualname__ for t in self._serializers)
+        types = ", ".join(
+            getattr(key, "__qualname__", None) or _quote(key)
+            for key in self._serializers
+        )
         return f"<{type(self).__name__} codec ({types or 'no extra types'})>"
 
     def encode(self, data: Any) -> bytes:
@@ -120,7 +129,7 @@ class Codec:
         raise NotImplementedError
 
     def add_serializer(
-        self, type: type, serialize: Serializer, deserialize: Deserializer
+        self, type: Any, serialize: Serializer, deserialize: Deserializer
     ) -> None:
         """Teach the codec to encode objects of exactly *type* (not subclasses).
 
@@ -129,8 +138,15 @@ class Codec:
         A serializer for :class:`object` is the fall-back for objects of any type
         without a serializer of its own.
 
+        *type* may also be any other hashable key (code written for the original
+        aiomas registers ``numpy.array``, a function, beside ``numpy.ndarray``):
+        such an entry takes its type id like any other, so the ids of the
+        serializers after it match the peer's, but no object is ever encoded
+        with it.  Only its deserializer is used, for that type id.
+
         Args:
-            type: The class whose direct instances *serialize* handles.
+            type: The class whose direct instances *serialize* handles (or
+                another hashable key, see above).
             serialize: Gets such an object and returns something the codec can
                 encode (this may contain objects of other added types).
             deserialize: Gets what *serialize* returned (after a trip through the
@@ -138,11 +154,23 @@ class Codec:
                 object.
 
         Raises:
-            TypeError: if *type* is not a class.
+            TypeError: if *type* is not hashable, or *serialize* or
+                *deserialize* is not callable.
             ValueError: if *type* already has a serializer.
         """
-        if not isinstance(type, builtins.type):
-            raise TypeError(f"Serializers are registered for classes, not {type!r}")
+        try:
+            hash(type)
+        except TypeError:
+            raise TypeError(
+                f"A serializer's key must be a class or another hashable object, "
+                f"not the unhashable {_quote(type)}"
+            ) from None
+        for name, func in (("serialize", serialize), ("deserialize", deserialize)):
+            if not callable(func):
+                raise TypeError(
+                    f'The {name} function for "{_type_name(type)}" is not '
+                    f"callable: {_quote(func)}"
+                )
         if type in self._serializers:
             raise ValueError(
                 f'There is already a serializer for type "{_type_name(type)}"'
