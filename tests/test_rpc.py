@@ -221,6 +221,36 @@ def test_exposed_bound_methods_and_partials_in_a_service_dict() -> None:
         service.router.resolve("hidden")
 
 
+def test_services_put_into_a_service_dict_later_are_reachable() -> None:
+    class Leaf:
+        router = Service()
+
+        @expose
+        def ping(self) -> str:
+            return "pong"
+
+        @property
+        def trap(self) -> None:
+            raise AssertionError("no code of the value runs")
+
+    class Plain:
+        router = "not a router"
+
+    service = ServiceDict()
+    leaf, inner = Leaf(), ServiceDict({"add": expose(lambda a, b: a + b)})
+    service.dict.update({"leaf": leaf, "inner": inner, "plain": Plain()})
+    leaf.router.parent, leaf.router.name = service.router, "leaf"
+    assert service.router.resolve("leaf/ping")() == "pong"
+    assert service.router.resolve("inner/add")(1, 2) == 3
+    assert leaf.router.path == "leaf"
+    for path in ("plain/x", "nothing/ping", "leaf/trap"):
+        with pytest.raises(LookupError):
+            service.router.resolve(path)
+    children = list(service.router._children())
+    assert leaf.router in children
+    assert inner.router in children
+
+
 def test_a_class_can_be_the_service() -> None:
     class Klass:
         router = Service()

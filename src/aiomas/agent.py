@@ -480,7 +480,7 @@ class Container:
         there is no such agent."""
         if type(aid) is int:
             aid = str(aid)
-        agent = self._aiomas.agents.get(aid) if isinstance(aid, str) else None
+        agent = self._aiomas.agents.dict.get(aid) if isinstance(aid, str) else None
         return None if agent is None else type(agent).__name__
 
     async def connect(self, url: str, timeout: float | None = 0) -> AgentProxy:  # noqa: ASYNC109
@@ -737,7 +737,7 @@ class _ContainerState:
         self.clock = clock
         self.connect_kwargs = connect_kwargs
         self.agent_ids = itertools.count()
-        self.agents: dict[str, Any] = agents.dict
+        self.agents = agents
         self.server: asyncio.AbstractServer | None = None
         # Connections to other containers (by their base URL), those being made
         # right now (shared by concurrent connect() calls), and the cached agent
@@ -756,9 +756,13 @@ class _ContainerState:
         address."""
         self.check_running()
         aid = str(next(self.agent_ids))
-        agents = self.container.agents
+        agents = self.agents
         agents.dict[aid] = agent
-        agents.router.set_sub_router(agent.router, aid)
+        # The ServiceDict finds the agent's router in its dict; what it needs
+        # besides is the router's place in the tree, for the agent's RPC path.
+        router = agent.router
+        router.parent = agents.router
+        router.name = aid
         return self.base_url + aid
 
     def check_running(self) -> None:

@@ -207,10 +207,14 @@ class Router:
     def _sub_router(self, name: str) -> Router | None:
         routers = self._sub_routers
         router = None if routers is None else routers.get(name)
-        if router is None and name in self._declared:
-            self._add_declared()
-            routers = self._sub_routers
-            router = None if routers is None else routers.get(name)
+        if router is None:
+            if name in self._declared:
+                self._add_declared()
+                routers = self._sub_routers
+                router = None if routers is None else routers.get(name)
+            elif isinstance(self.obj, ServiceDict):
+                # A service added to the dict after the ServiceDict was made.
+                router = _router_in(self.obj.dict.get(name))
         return router
 
     def _attach_declared(self) -> None:
@@ -233,7 +237,14 @@ class Router:
 
     def _children(self) -> Iterable[Router]:
         routers = self._sub_routers
-        return () if routers is None else list(routers.values())
+        children = [] if routers is None else list(routers.values())
+        if isinstance(self.obj, ServiceDict):
+            for name, value in self.obj.dict.items():
+                if routers is None or name not in routers:
+                    router = _router_in(value)
+                    if router is not None:
+                        children.append(router)
+        return children
 
     def _add_declared(self) -> None:
         missing = []
@@ -354,7 +365,10 @@ class ServiceDict:
     """Wraps a dict of exposed functions and sub-services as an RPC service.
 
     Values that have a ``router`` (service instances and other ServiceDicts) become
-    sub-services under their key.
+    sub-services under their key.  Services put into :attr:`dict` later are
+    reachable too; set their router's ``parent`` (to this router) and ``name``
+    (to the key) so that their :attr:`Router.path` is right when they are sent
+    to a peer.
 
     Args:
         dict: The functions and sub-services by name.
@@ -374,6 +388,19 @@ class ServiceDict:
 
     def __repr__(self) -> str:
         return f"ServiceDict({self.dict!r})"
+
+
+def _router_in(value: Any) -> Router | None:
+    """The router of a service stored in a :class:`ServiceDict`, found without
+    running any code of the value's class but our own :class:`Service`."""
+    if isinstance(value, ServiceDict):
+        return value.router
+    attr = _class_lookup(type(value), "router")
+    if isinstance(attr, Service):
+        router: Router = attr.__get__(value, type(value))
+        return router
+    own = _instance_lookup(value, "router")
+    return own if isinstance(own, Router) else None
 
 
 def _router_of(service: Any) -> Router:
