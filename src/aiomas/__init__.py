@@ -11,6 +11,7 @@ from aiomas import (
     codecs,
     exceptions,
     local_queue,
+    protocol,
     rpc,
     subproc,
     util,
@@ -21,6 +22,7 @@ from aiomas.clocks import AsyncioClock, BaseClock, ExternalClock
 from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
 from aiomas.exceptions import (
     AiomasError,
+    DecodeError,
     ProtocolError,
     ProtocolResetError,
     RemoteException,
@@ -44,6 +46,7 @@ __all__ = [
     "AsyncioClock",
     "BaseClock",
     "Container",
+    "DecodeError",
     "ExternalClock",
     "MsgPack",
     "MsgPackBlosc",
@@ -63,6 +66,7 @@ __all__ = [
     "local_queue",
     "make_ssl_client_context",
     "make_ssl_server_context",
+    "protocol",
     "rpc",
     "run",
     "serializable",

@@ -7,6 +7,7 @@ Every error that aiomas defines derives from :class:`AiomasError`:
     AiomasError
     ├── RemoteException      the peer raised an error while handling our request
     ├── SerializationError   we were asked to encode something the codec cannot
+    │   └── DecodeError      what the peer sent cannot be decoded (its error)
     └── ProtocolError        the peer sent bytes that break the wire protocol
         │                    (also a RuntimeError, as aiomas 1.x raised for it)
         └── ProtocolResetError  the connection was closed for that: also a
@@ -26,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "AiomasError",
+    "DecodeError",
     "ProtocolError",
     "ProtocolResetError",
     "RemoteException",
@@ -62,6 +64,11 @@ class RemoteException(AiomasError):
 
 class SerializationError(AiomasError):
     """Raised when an object cannot be serialized (or bytes cannot be decoded)."""
+
+
+class DecodeError(SerializationError):
+    """What the peer sent cannot be decoded, e.g. a reply whose content has a
+    custom type this side does not know (the peer's error, not the caller's)."""
 
 
 class ProtocolError(AiomasError, RuntimeError):

@@ -1,0 +1,536 @@
+"""The aiomas message protocol as a state machine, free of I/O.
+
+A :class:`Connection` is one end of a connection.  Push the bytes that arrive
+into it (:meth:`Connection.receive_data`, or the zero-copy pair
+:meth:`~Connection.get_buffer` / :meth:`~Connection.buffer_updated`) and it
+returns what they mean as events (frozen dataclasses).  Tell it what to send
+(:meth:`~Connection.send_request`, :meth:`~Connection.send_result`,
+:meth:`~Connection.send_failure`) and take the bytes from
+:meth:`~Connection.data_to_send`.  It never touches a socket, an event loop or
+a clock, so it can be tested and fuzzed byte by byte.
+
+It owns everything about messages: message ids and which of ours wait for a
+reply, decoding and validating ``[msg_type, msg_id, content]``, answering
+malformed and undecodable requests itself, holding requests back while the
+peer does not read its replies (and refusing them beyond a limit), the budget
+of unread failure replies, and the text of every failure reply.  Framing is
+:mod:`aiomas.wire`'s.
+
+A protocol violation by the peer ends the connection: the core returns a
+:class:`ProtocolViolation` event and ignores everything it receives afterwards.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+from aiomas.codecs import Codec
+from aiomas.exceptions import DecodeError, ProtocolError, SerializationError
+from aiomas.wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FAILURE,
+    REQUEST,
+    RESULT,
+    FrameReader,
+    frame_header,
+)
+
+__all__ = [
+    "MAX_HELD_REQUESTS",
+    "MAX_UNREAD_FAILURE_BYTES",
+    "Connection",
+    "Event",
+    "FailureReceived",
+    "ProtocolViolation",
+    "ReplyUndecodable",
+    "RequestReceived",
+    "RequestRejected",
+    "ResultReceived",
+    "abbreviate",
+    "failure_text",
+    "format_exception",
+]
+
+MAX_HELD_REQUESTS: Final = 1024
+"""Requests held back while the peer does not read its replies; more are
+refused with a failure reply."""
+
+MAX_UNREAD_FAILURE_BYTES: Final = 2**20
+"""Failure replies that the core itself sends (to malformed, undecodable or
+refused requests) while writing is paused: beyond this many bytes the peer is
+cut off."""
+
+# Payloads above this size are handed out separately from their header, so
+# that they are not copied once more just to prepend four bytes.
+JOIN_LIMIT: Final = 64 * 1024
+# Small frames are joined into chunks of up to this many bytes.
+JOINED_WRITE_LIMIT: Final = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """The peer sent a request; answer it with :meth:`Connection.send_result`
+    or :meth:`Connection.send_failure`."""
+
+    message_id: int
+    content: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ResultReceived:
+    """The peer answered our request *message_id* with *content*."""
+
+    message_id: int
+    content: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FailureReceived:
+    """The peer answered our request *message_id* with a failure; *text* is
+    its description (a traceback, for aiomas peers)."""
+
+    message_id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyUndecodable:
+    """The reply to our request *message_id* is well-formed, but its content
+    cannot be deserialized (e.g. an unknown custom type id)."""
+
+    message_id: int
+    error: DecodeError
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """The core answered request *message_id* with a failure itself.
+
+    *reason* is ``"undecodable"`` (its content cannot be deserialized),
+    ``"malformed"`` (not ``[0, id, content]``) or ``"refused"`` (too many
+    requests wait while the peer does not read its replies; reported once per
+    such flood).
+    """
+
+    message_id: int
+    reason: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The peer broke the protocol: close the connection.  Nothing received
+    afterwards is looked at."""
+
+    error: ProtocolError
+
+
+Event: TypeAlias = (
+    RequestReceived
+    | ResultReceived
+    | FailureReceived
+    | ReplyUndecodable
+    | RequestRejected
+    | ProtocolViolation
+)
+"""What :meth:`Connection.receive_data` returns."""
+
+_Chunk: TypeAlias = "bytes | bytearray | memoryview"
+
+
+def format_exception(exc: BaseException) -> str:
+    """The text of a failure reply for *exc*: its traceback (if it was raised)
+    and the error."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def failure_text(content: Any) -> str:
+    """Turn the content of a received failure reply into readable text.
+
+    aiomas peers send a string.  Other peers (e.g. mosaik 3) send a list such as
+    ``[type, message, *traceback_lines]``; anything else is shown by its repr.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list | tuple) and all(isinstance(c, str) for c in content):
+        return "\n".join(content)
+    return repr(content)
+
+
+def abbreviate(obj: Any, limit: int = 80) -> str:
+    """``repr(obj)``, cut to *limit* characters."""
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Connection:
+    """One end of an aiomas connection, as a state machine.
+
+    Args:
+        codec: The codec instance of this connection.
+        max_frame_size: The largest payload accepted from the peer; a larger
+            frame is a protocol violation, found before anything is allocated
+            for it.
+
+    Raises:
+        ValueError: if *max_frame_size* is not in 0...2**32 - 1.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_decode",
+        "_encode",
+        "_held",
+        "_next_id",
+        "_out",
+        "_out_size",
+        "_pending",
+        "_reader",
+        "_refusing",
+        "_unread_failure_bytes",
+        "_writing_paused",
+        "codec",
+        "hold_requests",
+    )
+
+    def __init__(
+        self, codec: Codec, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> None:
+        self.codec = codec
+        """The codec that encodes and decodes this connection's messages."""
+        self._encode = codec.encode
+        self._decode = codec.decode
+        self._reader = FrameReader(max_frame_size)
+        self._next_id = 0
+        # Ids of our requests that wait for a reply.  An id stays here until its
+        # reply arrives or the connection ends, even if the caller gave up on
+        # it, so that a late reply is told from a reply to a request never sent.
+        self._pending: set[int] = set()
+        self._out: list[_Chunk] = []
+        self._out_size = 0
+        self._writing_paused = False
+        self.hold_requests = False
+        """Hold requests back while writing is paused (see
+        :meth:`next_held_request`); for a user of the connection that answers
+        every request as it arrives, as RPC does.  Otherwise requests are
+        always passed on, and whoever reads them controls the pace."""
+        self._held: deque[RequestReceived] = deque()
+        self._refusing = False
+        self._unread_failure_bytes = 0
+        self._closed = False
+
+    # --- State ---------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended (:meth:`connection_lost`, or a
+        protocol violation)."""
+        return self._closed
+
+    @property
+    def waiting_for_replies(self) -> int:
+        """How many of our requests wait for their reply."""
+        return len(self._pending)
+
+    @property
+    def held_requests(self) -> int:
+        """How many received requests are held back (see
+        :attr:`hold_requests`)."""
+        return len(self._held)
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes of a frame that is not complete yet."""
+        return self._reader.buffered
+
+    @property
+    def bytes_to_send(self) -> int:
+        """Bytes waiting in :meth:`data_to_send`."""
+        return self._out_size
+
+    @property
+    def reading_wanted(self) -> bool:
+        """Whether to go on reading.
+
+        ``False`` while writing is paused and we wait for no reply ourselves:
+        reading on would only bring more requests to answer.  Waiting for
+        replies, we go on reading, so that two peers never wait for each other.
+        """
+        return not (self._writing_paused and not self._pending and not self._closed)
+
+    # --- Receiving -----------------------------------------------------------
+
+    def receive_data(self, data: _Chunk) -> list[Event]:
+        """Take bytes from the peer and return the events they complete."""
+        if self._closed:
+            return []
+        try:
+            payloads = self._reader.feed(data)
+        except ProtocolError as exc:
+            return [self._violation(exc)]
+        return self._handle_payloads(payloads)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Return a buffer to read the next bytes into; then call
+        :meth:`buffer_updated` (the :class:`asyncio.BufferedProtocol` way)."""
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """Account for *nbytes* read into the last :meth:`get_buffer` buffer
+        and return the events they complete."""
+        if self._closed:
+            return []
+        try:
+            payloads = self._reader.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            return [self._violation(exc)]
+        return self._handle_payloads(payloads)
+
+    def _handle_payloads(self, payloads: list[bytes | bytearray]) -> list[Event]:
+        events: list[Event] = []
+        for payload in payloads:
+            try:
+                self._handle_payload(payload, events)
+            except ProtocolError as exc:
+                events.append(self._violation(exc))
+                break
+        return events
+
+    def _handle_payload(self, payload: bytes | bytearray, events: list[Event]) -> None:
+        try:
+            message = self._decode(payload)
+        except Exception as exc:
+            self._content_not_decodable(payload, exc, events)
+            return
+        if type(message) not in (list, tuple) or len(message) != 3:
+            self._invalid_message(message, events)
+            return
+        msg_type, msg_id, content = message
+        if type(msg_id) is not int or type(msg_type) is not int:
+            raise ProtocolError(
+                f"Invalid message header {abbreviate([msg_type, msg_id])}"
+            )
+        if msg_type == REQUEST:
+            request = RequestReceived(msg_id, content)
+            if self.hold_requests and (self._writing_paused or self._held):
+                self._hold(request, events)
+            else:
+                events.append(request)
+        elif msg_type == RESULT:
+            self._reply_arrived(msg_id)
+            events.append(ResultReceived(msg_id, content))
+        elif msg_type == FAILURE:
+            self._reply_arrived(msg_id)
+            events.append(FailureReceived(msg_id, failure_text(content)))
+        else:
+            raise ProtocolError(f"Unknown message type {msg_type!r}")
+
+    def _reply_arrived(self, msg_id: int) -> None:
+        try:
+            self._pending.remove(msg_id)
+        except KeyError:
+            raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
+
+    def _hold(self, request: RequestReceived, events: list[Event]) -> None:
+        """Our write buffer is full (the peer does not read its replies): hold
+        the request back, or refuse it if too many wait already."""
+        if len(self._held) < MAX_HELD_REQUESTS:
+            self._held.append(request)
+            return
+        text = (
+            f"RuntimeError: overloaded: {len(self._held)} requests wait "
+            "until you read the replies to earlier ones\n"
+        )
+        self._send_own_failure(request.message_id, text)
+        if not self._refusing:  # Reported once per flood, not per request.
+            self._refusing = True
+            events.append(RequestRejected(request.message_id, "refused", text))
+
+    def _content_not_decodable(
+        self, payload: bytes | bytearray, error: Exception, events: list[Event]
+    ) -> None:
+        """A message whose content has a custom type that cannot be
+        deserialized (an unknown type id, a failing deserializer) is answered
+        (a request) or reported (a reply) on its own; anything else that does
+        not decode breaks the protocol."""
+        try:
+            message = self.codec.decode_plain(payload)
+        except Exception:  # Malformed after all, or no decode_plain().
+            message = None
+        if (
+            type(message) not in (list, tuple)
+            or len(message) != 3
+            or type(message[0]) is not int
+            or type(message[1]) is not int
+            or message[0] not in (REQUEST, RESULT, FAILURE)
+        ):
+            raise ProtocolError(f"Cannot decode message: {error}") from error
+        msg_type, msg_id, _ = message
+        text = f"Cannot decode the content of message {msg_id}: {error}"
+        if msg_type == REQUEST:
+            failure = f"SerializationError: {text}\n"
+            self._send_own_failure(msg_id, failure)
+            events.append(RequestRejected(msg_id, "undecodable", failure))
+            return
+        self._reply_arrived(msg_id)
+        decode_error = DecodeError(text)
+        decode_error.__cause__ = error
+        events.append(ReplyUndecodable(msg_id, decode_error))
+
+    def _invalid_message(self, message: Any, events: list[Event]) -> None:
+        # A malformed request whose id we can read still gets an answer, so the
+        # peer learns what is wrong instead of waiting forever.
+        if (
+            type(message) in (list, tuple)
+            and len(message) >= 2
+            and message[0] == REQUEST
+            and type(message[1]) is int
+        ):
+            text = (
+                "ProtocolError: a request must be a list [0, message_id, content], "
+                f"got a {type(message).__name__} of {len(message)} elements\n"
+            )
+            self._send_own_failure(message[1], text)
+            events.append(RequestRejected(message[1], "malformed", text))
+            return
+        raise ProtocolError(
+            "A message must be a list [msg_type, msg_id, content], "
+            f"got {abbreviate(message)}"
+        )
+
+    def _violation(self, error: ProtocolError) -> ProtocolViolation:
+        self._closed = True
+        self._held.clear()
+        return ProtocolViolation(error)
+
+    # --- Sending -------------------------------------------------------------
+
+    def send_request(self, content: Any) -> int:
+        """Send a request with *content*; return its message id.
+
+        Raises:
+            SerializationError: if *content* cannot be encoded (nothing is
+                sent).
+            ValueError: if the encoded message is too long for a frame.
+        """
+        msg_id = self._next_id
+        self._next_id = msg_id + 1
+        self._send(REQUEST, msg_id, content)
+        self._pending.add(msg_id)
+        return msg_id
+
+    def send_result(self, message_id: int, content: Any) -> None:
+        """Answer request *message_id* with *content*.
+
+        Raises:
+            SerializationError: if *content* cannot be encoded, or ValueError
+                if it is too long for a frame; the peer then gets a failure
+                reply that says so, so it never waits for an answer that
+                cannot be sent.
+        """
+        try:
+            self._send(RESULT, message_id, content)
+        except (SerializationError, ValueError) as exc:
+            self._send(FAILURE, message_id, format_exception(exc))
+            raise
+
+    def send_failure(self, message_id: int, text: str) -> None:
+        """Answer request *message_id* with a failure described by *text*
+        (see :func:`format_exception`)."""
+        self._send(FAILURE, message_id, text)
+
+    def _send_own_failure(self, msg_id: int, text: str) -> None:
+        """Answer a request with a failure the core itself found.
+
+        While writing is paused these replies are counted: the peer sends us
+        requests to refuse but does not read the replies.
+
+        Raises:
+            ProtocolError: if the peer left too many of them unread.
+        """
+        if self._writing_paused:
+            self._unread_failure_bytes += len(text)
+            if self._unread_failure_bytes > MAX_UNREAD_FAILURE_BYTES:
+                raise ProtocolError(
+                    "the peer sends requests that we must refuse but does not "
+                    f"read the replies ({self._unread_failure_bytes} bytes wait)"
+                )
+        self._send(FAILURE, msg_id, text)
+
+    def _send(self, msg_type: int, msg_id: int, content: Any) -> None:
+        payload = self._encode([msg_type, msg_id, content])
+        header = frame_header(len(payload))
+        if len(payload) <= JOIN_LIMIT:
+            self._out.append(header + payload)
+        else:
+            self._out.append(header)
+            self._out.append(payload)
+        self._out_size += len(header) + len(payload)
+
+    def data_to_send(self) -> list[_Chunk]:
+        """Return (and forget) the bytes to write, in order.
+
+        Small frames are joined into chunks of up to 256 KiB; a big payload is
+        a chunk of its own, never copied.  Write each chunk with one
+        ``transport.write()``.
+        """
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        self._out_size = 0
+        if len(out) == 1:
+            return out
+        chunks: list[_Chunk] = []
+        group: list[_Chunk] = []
+        size = 0
+        for chunk in out:
+            big = len(chunk) > JOIN_LIMIT
+            if group and (big or size + len(chunk) > JOINED_WRITE_LIMIT):
+                chunks.append(group[0] if len(group) == 1 else b"".join(group))
+                group, size = [], 0
+            if big:
+                chunks.append(chunk)
+                continue
+            group.append(chunk)
+            size += len(chunk)
+        if group:
+            chunks.append(group[0] if len(group) == 1 else b"".join(group))
+        return chunks
+
+    # --- Flow control and the end ---------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is full: hold requests back (see
+        :attr:`hold_requests`) and stop reading if we can (see
+        :attr:`reading_wanted`)."""
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        """The transport takes data again: the unread-failure budget starts
+        afresh, and held requests may be taken with :meth:`next_held_request`."""
+        self._writing_paused = False
+        self._unread_failure_bytes = 0
+
+    def next_held_request(self) -> RequestReceived | None:
+        """Return the oldest held request, unless writing is paused (again)."""
+        held = self._held
+        if self._writing_paused or not held:
+            if not held:
+                self._refusing = False
+            return None
+        request = held.popleft()
+        if not held:
+            self._refusing = False
+        return request
+
+    def connection_lost(self) -> list[int]:
+        """The connection has ended: return the ids of our requests that will
+        never get a reply (and forget them)."""
+        self._closed = True
+        self._held.clear()
+        pending, self._pending = self._pending, set()
+        return sorted(pending)

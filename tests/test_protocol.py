@@ -1,0 +1,460 @@
+"""Tests for aiomas.protocol: the sans-I/O message core, byte by byte, with no
+event loop and no transport."""
+
+from __future__ import annotations
+
+import ast
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aiomas
+from aiomas import protocol
+from aiomas.codecs import JSON, MsgPack, serializable
+from aiomas.exceptions import DecodeError, SerializationError
+from aiomas.protocol import (
+    Connection,
+    Event,
+    FailureReceived,
+    ProtocolViolation,
+    ReplyUndecodable,
+    RequestReceived,
+    RequestRejected,
+    ResultReceived,
+)
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack(">L", len(payload)) + payload
+
+
+def jframe(message: Any) -> bytes:
+    return frame(json.dumps(message).encode())
+
+
+def sent(conn: Connection) -> list[Any]:
+    """Decode what *conn* wants to send into messages."""
+    data = b"".join(bytes(chunk) for chunk in conn.data_to_send())
+    messages = []
+    while data:
+        (size,) = struct.unpack(">L", data[:4])
+        messages.append(json.loads(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return messages
+
+
+def connection_pair(
+    codec: type[aiomas.codecs.Codec] = JSON,
+) -> tuple[Connection, Connection]:
+    """Two cores, joined by :func:`transfer`."""
+    return Connection(codec()), Connection(codec())
+
+
+def transfer(source: Connection, target: Connection) -> list[Event]:
+    """Move what *source* has to send into *target*; return target's events."""
+    events: list[Event] = []
+    for chunk in source.data_to_send():
+        events.extend(target.receive_data(chunk))
+    return events
+
+
+def test_the_core_imports_nothing_of_asyncio_or_sockets() -> None:
+    tree = ast.parse(Path(protocol.__file__).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        (node.module or "").split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+    }
+    assert not imported & {"asyncio", "socket", "ssl", "selectors", "threading"}
+
+
+def test_a_request_and_its_reply() -> None:
+    client, server = connection_pair()
+    assert client.send_request(["ohai"]) == 0
+    assert client.send_request("again") == 1
+    assert client.waiting_for_replies == 2
+    events = transfer(client, server)
+    assert events == [RequestReceived(0, ["ohai"]), RequestReceived(1, "again")]
+    server.send_result(1, "second")
+    server.send_failure(0, "Traceback: nope\n")
+    assert transfer(server, client) == [
+        ResultReceived(1, "second"),
+        FailureReceived(0, "Traceback: nope\n"),
+    ]
+    assert client.waiting_for_replies == 0
+    assert client.bytes_to_send == server.bytes_to_send == 0
+
+
+def test_the_bytes_on_the_wire() -> None:
+    client = Connection(JSON())
+    client.send_request(["agents/0/spam", [2], {}])
+    assert b"".join(client.data_to_send()) == jframe([0, 0, ["agents/0/spam", [2], {}]])
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ("a traceback\n", "a traceback\n"),
+        (["ValueError", "no", "line 1"], "ValueError\nno\nline 1"),
+        ({"not": "text"}, "{'not': 'text'}"),
+    ],
+)
+def test_failure_texts_from_any_peer(content: Any, text: str) -> None:
+    client = Connection(JSON())
+    client.send_request(None)
+    assert client.receive_data(jframe([2, 0, content])) == [FailureReceived(0, text)]
+
+
+def test_a_reply_for_a_request_never_sent_is_a_violation() -> None:
+    client = Connection(JSON())
+    client.send_request(None)
+    events = client.receive_data(jframe([1, 5, "x"]) + jframe([1, 0, "ok"]))
+    assert len(events) == 1
+    assert isinstance(events[0], ProtocolViolation)
+    assert "unknown message id 5" in str(events[0].error)
+    assert client.closed
+    # Nothing received afterwards is looked at.
+    assert client.receive_data(jframe([1, 0, "ok"])) == []
+    assert client.buffer_updated(0) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (frame(b"not json"), "Cannot decode message"),
+        (jframe([7, 0, None]), "Unknown message type 7"),
+        (jframe([0, "id", None]), "Invalid message header"),
+        (jframe({"a": 1}), "must be a list"),
+        (jframe([1, 2]), "must be a list"),
+        (struct.pack(">L", 2**31), "exceeds max_frame_size"),
+    ],
+)
+def test_protocol_violations(data: bytes, reason: str) -> None:
+    (event,) = Connection(JSON()).receive_data(data)
+    assert isinstance(event, ProtocolViolation)
+    assert reason in str(event.error)
+
+
+def test_a_malformed_request_with_an_id_is_answered() -> None:
+    server = Connection(JSON())
+    events = server.receive_data(jframe([0, 3]) + jframe([0, 4, "fine"]))
+    assert events[0] == RequestRejected(
+        3,
+        "malformed",
+        "ProtocolError: a request must be a list [0, message_id, content], "
+        "got a list of 2 elements\n",
+    )
+    assert events[1] == RequestReceived(4, "fine")
+    assert sent(server) == [[2, 3, events[0].text]]  # type: ignore[union-attr]
+
+
+@serializable
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x = x
+        self.y = y
+
+
+def test_undecodable_content_fails_only_that_message() -> None:
+    server = Connection(JSON())
+    unknown = {"__type__": [9, None]}
+    events = server.receive_data(jframe([0, 1, unknown]) + jframe([0, 2, "ok"]))
+    assert isinstance(events[0], RequestRejected)
+    assert events[0].reason == "undecodable"
+    assert events[0].text.startswith(
+        "SerializationError: Cannot decode the content of message 1: "
+    )
+    assert events[1] == RequestReceived(2, "ok")
+    assert [m[:2] for m in sent(server)] == [[2, 1]]
+
+    client = Connection(JSON())
+    client.send_request(None)
+    (event,) = client.receive_data(jframe([1, 0, unknown]))
+    assert isinstance(event, ReplyUndecodable)
+    assert event.message_id == 0
+    assert isinstance(event.error, DecodeError)
+    assert isinstance(event.error, SerializationError)
+    assert "Cannot decode the content of message 0" in str(event.error)
+    assert client.waiting_for_replies == 0
+
+
+def test_undecodable_replies_for_unknown_ids_are_violations() -> None:
+    (event,) = Connection(JSON()).receive_data(jframe([1, 0, {"__type__": [9, 1]}]))
+    assert isinstance(event, ProtocolViolation)
+    (event,) = Connection(JSON()).receive_data(jframe([5, 0, {"__type__": [9, 1]}]))
+    assert isinstance(event, ProtocolViolation)
+    assert "Cannot decode message" in str(event.error)
+
+
+def test_custom_types_travel() -> None:
+    client, server = Connection(MsgPack()), Connection(MsgPack())
+    for conn in (client, server):
+        conn.codec.add_serializer(*Point.__serializer__())  # type: ignore[attr-defined]
+    client.send_request(Point(1, 2))
+    (event,) = transfer(client, server)
+    assert isinstance(event, RequestReceived)
+    assert (event.content.x, event.content.y) == (1, 2)
+
+
+def test_an_unencodable_result_still_answers_the_request() -> None:
+    server = Connection(JSON())
+    server.receive_data(jframe([0, 0, None]))
+    with pytest.raises(SerializationError):
+        server.send_result(0, object())
+    ((msg_type, msg_id, text),) = sent(server)
+    assert (msg_type, msg_id) == (2, 0)
+    assert "SerializationError" in text
+
+
+def test_an_unencodable_request_sends_nothing() -> None:
+    client = Connection(JSON())
+    with pytest.raises(SerializationError):
+        client.send_request(object())
+    assert client.waiting_for_replies == 0
+    assert client.data_to_send() == []
+    assert client.send_request(1) == 1  # the id was used up
+
+
+def test_small_frames_are_joined_and_big_payloads_are_chunks_of_their_own() -> None:
+    conn = Connection(JSON())
+    for i in range(3):
+        conn.receive_data(jframe([0, i, None]))
+        conn.send_result(i, i)
+    big = "x" * (protocol.JOIN_LIMIT + 10)
+    conn.receive_data(jframe([0, 3, None]))
+    conn.send_result(3, big)
+    conn.receive_data(jframe([0, 4, None]))
+    conn.send_result(4, "small")
+    chunks = conn.data_to_send()
+    big_frame = jframe([1, 3, big])
+    assert chunks == [
+        b"".join(jframe([1, i, i]) for i in range(3)) + big_frame[:4],
+        big_frame[4:],
+        jframe([1, 4, "small"]),
+    ]
+
+
+def test_joined_chunks_stay_below_the_write_limit() -> None:
+    conn = Connection(JSON())
+    text = "y" * 60_000
+    for i in range(10):
+        conn.receive_data(jframe([0, i, None]))
+        conn.send_result(i, text)
+    chunks = conn.data_to_send()
+    assert all(len(chunk) <= protocol.JOINED_WRITE_LIMIT for chunk in chunks)
+    assert len(chunks) == 3
+
+
+def test_requests_are_held_while_writing_is_paused() -> None:
+    server = Connection(JSON())
+    server.hold_requests = True
+    assert server.reading_wanted
+    server.pause_writing()
+    assert not server.reading_wanted
+    assert server.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"])) == []
+    assert server.held_requests == 2
+    assert server.next_held_request() is None  # still paused
+    server.resume_writing()
+    # A request that arrives now still waits behind the held ones.
+    assert server.receive_data(jframe([0, 2, "c"])) == []
+    assert server.next_held_request() == RequestReceived(0, "a")
+    server.pause_writing()
+    assert server.next_held_request() is None
+    server.resume_writing()
+    assert server.next_held_request() == RequestReceived(1, "b")
+    assert server.next_held_request() == RequestReceived(2, "c")
+    assert server.next_held_request() is None
+    assert server.receive_data(jframe([0, 3, "d"])) == [RequestReceived(3, "d")]
+
+
+def test_without_hold_requests_every_request_is_passed_on() -> None:
+    server = Connection(JSON())
+    server.pause_writing()
+    assert server.receive_data(jframe([0, 0, "a"])) == [RequestReceived(0, "a")]
+
+
+def test_waiting_for_a_reply_keeps_reading() -> None:
+    conn = Connection(JSON())
+    conn.send_request(None)
+    conn.pause_writing()
+    assert conn.reading_wanted
+    conn.receive_data(jframe([1, 0, None]))
+    assert not conn.reading_wanted
+
+
+def test_too_many_held_requests_are_refused_once_reported() -> None:
+    server = Connection(JSON())
+    server.hold_requests = True
+    server.pause_writing()
+    data = b"".join(jframe([0, i, None]) for i in range(protocol.MAX_HELD_REQUESTS + 3))
+    events = server.receive_data(data)
+    assert len(events) == 1
+    assert isinstance(events[0], RequestRejected)
+    assert events[0].reason == "refused"
+    assert events[0].message_id == protocol.MAX_HELD_REQUESTS
+    refused = sent(server)
+    assert [m[1] for m in refused] == [protocol.MAX_HELD_REQUESTS + i for i in range(3)]
+    assert all("overloaded: 1024 requests wait" in m[2] for m in refused)
+    server.resume_writing()
+    while server.next_held_request() is not None:
+        pass
+    # A new flood is reported again.
+    server.pause_writing()
+    events = server.receive_data(data)
+    assert any(isinstance(e, RequestRejected) for e in events)
+
+
+def test_unread_failure_replies_have_a_budget() -> None:
+    server = Connection(JSON())
+    server.pause_writing()
+    malformed = jframe([0, 1])
+    count = protocol.MAX_UNREAD_FAILURE_BYTES // 60 + 10
+    events = server.receive_data(malformed * count)
+    assert isinstance(events[-1], ProtocolViolation)
+    assert "does not read the replies" in str(events[-1].error)
+    assert all(isinstance(e, RequestRejected) for e in events[:-1])
+    # Reading the replies (writing resumes) resets the budget.
+    other = Connection(JSON())
+    other.pause_writing()
+    other.receive_data(malformed * (count // 2))
+    other.resume_writing()
+    other.data_to_send()
+    other.pause_writing()
+    events = other.receive_data(malformed * (count // 2))
+    assert not any(isinstance(e, ProtocolViolation) for e in events)
+
+
+def test_connection_lost_returns_the_requests_left_waiting() -> None:
+    conn = Connection(JSON())
+    for _ in range(3):
+        conn.send_request(None)
+    conn.receive_data(jframe([1, 1, None]))
+    assert conn.connection_lost() == [0, 2]
+    assert conn.closed
+    assert conn.waiting_for_replies == 0
+    assert conn.receive_data(jframe([1, 0, None])) == []
+
+
+def test_buffered_counts_a_partial_frame() -> None:
+    conn = Connection(JSON())
+    conn.receive_data(jframe([0, 0, None])[:7])
+    assert conn.buffered == 7
+
+
+def test_bad_max_frame_size() -> None:
+    with pytest.raises(ValueError, match="max_frame_size"):
+        Connection(JSON(), max_frame_size=-1)
+
+
+def test_helpers() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        text = protocol.format_exception(exc)
+    assert text.startswith("Traceback (most recent call last):")
+    assert text.endswith("ValueError: boom\n")
+    assert protocol.format_exception(KeyError("k")) == "KeyError: 'k'\n"
+    assert protocol.abbreviate("x" * 100, 10) == "'xxxxxx..."
+    assert protocol.abbreviate("x") == "'x'"
+
+
+# --- Any chunking of any stream gives the same events -----------------------------
+
+
+def normalized(events: Sequence[Event]) -> list[Any]:
+    out: list[Any] = []
+    for event in events:
+        if isinstance(event, ReplyUndecodable):
+            out.append(("undecodable", event.message_id, str(event.error)))
+        elif isinstance(event, ProtocolViolation):
+            out.append(("violation", str(event.error)))
+        else:
+            out.append(event)
+    return out
+
+
+messages = st.one_of(
+    st.builds(lambda i, c: [0, i, c], st.integers(0, 5), st.text(max_size=5)),
+    st.builds(lambda i, c: [1, i, c], st.integers(0, 5), st.integers()),
+    st.builds(lambda i, c: [2, i, c], st.integers(0, 5), st.text(max_size=5)),
+    st.builds(lambda i: [0, i, {"__type__": [9, 1]}], st.integers(0, 5)),
+    st.builds(lambda i: [1, i, {"__type__": [9, 1]}], st.integers(0, 5)),
+    st.builds(lambda i: [0, i], st.integers(0, 5)),
+    st.just([3, 0, None]),
+    st.just({"no": "list"}),
+)
+frames = st.one_of(
+    messages.map(jframe),
+    st.binary(max_size=8).map(frame),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=st.lists(frames, max_size=12).map(b"".join),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+    pending=st.integers(0, 6),
+    paused=st.booleans(),
+    hold=st.booleans(),
+)
+def test_any_chunking_gives_the_same_events(
+    stream: bytes, cuts: list[int], pending: int, paused: bool, hold: bool
+) -> None:
+    def run(chunks: list[bytes], zero_copy: bool) -> tuple[list[Any], list[Any]]:
+        conn = Connection(JSON(), max_frame_size=300)
+        conn.hold_requests = hold
+        for _ in range(pending):
+            conn.send_request(None)
+        conn.data_to_send()
+        if paused:
+            conn.pause_writing()
+        events: list[Event] = []
+        for chunk in chunks:
+            if zero_copy:
+                view = memoryview(chunk)
+                while view:
+                    buffer = conn.get_buffer()
+                    n = min(len(buffer), len(view))
+                    buffer[:n] = view[:n]
+                    events.extend(conn.buffer_updated(n))
+                    view = view[n:]
+            else:
+                events.extend(conn.receive_data(chunk))
+        return normalized(events), sent(conn)
+
+    whole = run([stream], zero_copy=False)
+    points = sorted({min(cut, len(stream)) for cut in cuts})
+    pieces = [
+        stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)
+    ]
+    assert run(pieces, zero_copy=False) == whole
+    assert run(pieces, zero_copy=True) == whole
+    assert run([bytes([b]) for b in stream], zero_copy=False) == whole
+
+
+def test_a_violation_on_the_zero_copy_path() -> None:
+    conn = Connection(JSON(), max_frame_size=10)
+    buffer = conn.get_buffer()
+    buffer[:4] = struct.pack(">L", 11)
+    (event,) = conn.buffer_updated(4)
+    assert isinstance(event, ProtocolViolation)
+    assert "exceeds max_frame_size" in str(event.error)
+
+
+def test_a_big_payload_last() -> None:
+    conn = Connection(JSON())
+    conn.receive_data(jframe([0, 0, None]))
+    conn.send_result(0, "z" * (protocol.JOIN_LIMIT + 1))
+    chunks = conn.data_to_send()
+    assert [len(chunk) for chunk in chunks] == [4, protocol.JOIN_LIMIT + 11]
