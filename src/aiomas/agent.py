@@ -62,6 +62,13 @@ _SCHEMES = ("tcp", "ipc", "local")
 # host name (like "localhost") when asked for port 0.
 _SAME_PORT_ATTEMPTS = 5
 
+# How long Container.connect() without a timeout waits for the answer to the
+# agent lookup: as long as asyncio waits for a TLS handshake.
+_LOOKUP_TIMEOUT = 60.0
+# What Container.connect(timeout=T) may take beyond T: its connect attempts end
+# by T with their own error; this bounds whatever comes after them.
+_TIMEOUT_SLACK = 0.1
+
 
 class SSLCerts(NamedTuple):
     """File names of a CA certificate, a certificate and its private key.
@@ -502,7 +509,12 @@ class Container:
             url: The agent's address (:attr:`Agent.addr`).
             timeout: ``0`` tries to connect once; a number of seconds keeps
                 trying for that long, ``None`` forever (for containers that may
-                not be up yet).
+                not be up yet).  A number bounds the whole call (TCP connect,
+                TLS handshake and the agent lookup) to *timeout* plus 0.1 s.
+                With ``0`` or ``None``, the container's *dead_peer_timeout*
+                (else the operating system and asyncio's 60 s TLS handshake
+                timeout) bounds each connect attempt, and the lookup on a new
+                connection is given up after 60 s.
 
         Raises:
             ValueError: if *url* is no valid agent address.
@@ -510,19 +522,39 @@ class Container:
             ConnectionRefusedError: if nobody listens at a TCP address or
                 LocalQueue.
             FileNotFoundError: if the unix domain socket does not exist.
-            TimeoutError: if an attempt hangs beyond a non-zero *timeout*.
+            TimeoutError: if connecting or the lookup takes longer than
+                allowed (see *timeout*).
             OSError: for other connection errors, e.g. an unreachable
                 network.
             RuntimeError: if this container has been shut down.
         """
         endpoint, aid = parse_url(url)
         self._check_running()
-        if self._open_client(endpoint.base_url) is not None:
+        reused = self._open_client(endpoint.base_url) is not None
+        if reused:
             proxy = self._proxies[endpoint.base_url].get(aid)
             if proxy is not None:
                 return proxy
-        client = await self._client_for(endpoint, timeout)
-        type_name = await client.remote.validate_aid(aid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout + _TIMEOUT_SLACK if timeout else None
+        client: rpc.RpcClient | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                client = await self._client_for(endpoint, timeout)
+                lookup = client.remote.validate_aid(aid)
+                bound = None if deadline else _LOOKUP_TIMEOUT
+                type_name = await asyncio.wait_for(lookup, bound)
+        except TimeoutError as exc:
+            if client is None:
+                raise
+            if not reused:
+                # A peer that does not answer the first call on a new
+                # connection is not worth keeping it open for.
+                cast(asyncio.Transport, client.channel.transport).abort()
+                await client.close()
+            raise TimeoutError(
+                f"{endpoint.base_url} did not answer the lookup of agent {aid!r}"
+            ) from exc
         if type_name is None:
             raise LookupError(f"There is no agent {aid!r} at {endpoint.base_url}")
         proxies = self._proxies.get(endpoint.base_url)
