@@ -65,6 +65,13 @@ _SCHEMES = ("tcp", "ipc", "local")
 # host name (like "localhost") when asked for port 0.
 _SAME_PORT_ATTEMPTS = 5
 
+# How long Container.connect() without a timeout waits for the answer to the
+# agent lookup: as long as asyncio waits for a TLS handshake.
+_LOOKUP_TIMEOUT = 60.0
+# What Container.connect(timeout=T) may take beyond T: its connect attempts end
+# by T with their own error; this bounds whatever comes after them.
+_TIMEOUT_SLACK = 0.1
+
 
 class SSLCerts(NamedTuple):
     """File names of a CA certificate, a certificate and its private key.
@@ -494,7 +501,12 @@ class Container:
             url: The agent's address (:attr:`Agent.addr`).
             timeout: ``0`` tries to connect once; a number of seconds keeps
                 trying for that long, ``None`` forever (for containers that may
-                not be up yet).
+                not be up yet).  A number bounds the whole call (TCP connect,
+                TLS handshake and the agent lookup) to *timeout* plus 0.1 s.
+                With ``0`` or ``None``, the container's *dead_peer_timeout*
+                (else the operating system and asyncio's 60 s TLS handshake
+                timeout) bounds each connect attempt, and the lookup on a new
+                connection is given up after 60 s.
 
         Raises:
             ValueError: if *url* is no valid agent address.
@@ -502,7 +514,8 @@ class Container:
             ConnectionRefusedError: if nobody listens at a TCP address or
                 LocalQueue.
             FileNotFoundError: if the unix domain socket does not exist.
-            TimeoutError: if an attempt hangs beyond a non-zero *timeout*.
+            TimeoutError: if connecting or the lookup takes longer than
+                allowed (see *timeout*).
             OSError: for other connection errors, e.g. an unreachable
                 network.
             RuntimeError: if this container has been shut down.
@@ -788,25 +801,46 @@ class _ContainerState:
             proxy = self.proxies[base_url].get(aid)
             if proxy is not None:
                 return proxy
-            try:
-                return await self.proxy_for(client, endpoint, aid)
-            except ConnectionResetError as exc:
-                if exc.__cause__ is not None:
-                    raise  # It died of a timeout or a protocol error: report that.
-                # The peer closed or reset it, as a container that has just
-                # exited does: a new attempt tells the caller what it meets now
-                # (e.g. ConnectionRefusedError), at once.
-                self.forget(base_url, client)
-        client = await self.client_for(endpoint, retry_for)
-        return await self.proxy_for(client, endpoint, aid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_for + _TIMEOUT_SLACK if retry_for else None
+        bounded = deadline is not None
+        new_client: rpc.RpcClient | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                if client is not None:
+                    try:
+                        return await self.proxy_for(client, endpoint, aid, bounded)
+                    except ConnectionResetError as exc:
+                        if exc.__cause__ is not None:
+                            raise  # It died of a timeout or a protocol error.
+                        # The peer closed or reset it, as a container that has
+                        # just exited does: a new attempt tells the caller what
+                        # it meets now (e.g. ConnectionRefusedError), at once.
+                        self.forget(base_url, client)
+                        client = None
+                client = new_client = await self.client_for(endpoint, retry_for)
+                return await self.proxy_for(client, endpoint, aid, bounded)
+        except TimeoutError as exc:
+            if client is None:
+                raise  # Connecting timed out.
+            if new_client is not None:
+                # A peer that does not answer the first call on a new
+                # connection is not worth keeping it open for.
+                cast(asyncio.Transport, new_client.channel.transport).abort()
+                await new_client.close()
+            raise TimeoutError(
+                f"{base_url} did not answer the lookup of agent {aid!r}"
+            ) from exc
 
     async def proxy_for(
-        self, client: rpc.RpcClient, endpoint: _Endpoint, aid: str
+        self, client: rpc.RpcClient, endpoint: _Endpoint, aid: str, bounded: bool
     ) -> AgentProxy:
         """Check that the agent *aid* exists at *client*'s peer; return its
-        (cached) proxy."""
+        (cached) proxy.  Unless the caller *bounded* the time, the lookup is
+        given up after _LOOKUP_TIMEOUT."""
         base_url = endpoint.base_url
-        type_name = await client.remote.validate_aid(aid)
+        lookup = client.remote.validate_aid(aid)
+        type_name = await asyncio.wait_for(lookup, None if bounded else _LOOKUP_TIMEOUT)
         if type_name is None:
             raise LookupError(f"There is no agent {aid!r} at {base_url}")
         proxies = self.proxies.get(base_url)

@@ -974,15 +974,22 @@ async def open_connection(
             deserialize)`` tuples for :meth:`~aiomas.codecs.Codec.add_serializer`.
         timeout: ``0`` tries once; a number of seconds keeps trying for that
             long (while nobody listens, or the network or host cannot be
-            reached) and also bounds each attempt; ``None`` tries forever.
+            reached) and bounds the whole of it, TCP connect and TLS
+            handshake included; ``None`` tries forever.  With ``0`` or
+            ``None``, an attempt is bounded only by *dead_peer_timeout*, or
+            else by the operating system (unanswered TCP connection requests,
+            about 2 minutes on Linux) and by asyncio's ``ssl_handshake_timeout``
+            (60 s by default) -- a peer that accepts and then says nothing can
+            hold the caller that long.
         max_frame_size: The largest payload accepted from the peer.
         dead_peer_timeout: For TCP (and TLS): close the connection when the
             peer has not acknowledged data sent to it for this many seconds,
             or, while nothing is sent, has not answered keepalive probes for
             about this long (so a vanished host or a cut link ends calls with
             :class:`ConnectionResetError` instead of letting them wait for
-            the operating system's 15 minutes or forever).  ``None`` (the
-            default) leaves it to the operating system.
+            the operating system's 15 minutes or forever).  It also bounds
+            each connection attempt (TCP connect and TLS handshake).
+            ``None`` (the default) leaves it to the operating system.
         **kwds: Passed to :meth:`asyncio.loop.create_connection` or
             :meth:`~asyncio.loop.create_unix_connection` (e.g. ``ssl``).
 
@@ -990,8 +997,8 @@ async def open_connection(
         ConnectionRefusedError: if nobody listens at a TCP address or LocalQueue
             (after *timeout*).
         FileNotFoundError: if the unix socket does not exist (after *timeout*).
-        TimeoutError: if an attempt did not finish within *timeout* (and no
-            attempt before it failed otherwise).
+        TimeoutError: if an attempt did not finish within *timeout* or
+            *dead_peer_timeout* (and no attempt before it failed otherwise).
         OSError: for other errors, e.g. an unreachable network (after
             *timeout*).
         ValueError: if *dead_peer_timeout* is not a positive finite number.
@@ -1032,12 +1039,18 @@ async def open_connection(
     delay = _RETRY_DELAY_MIN
     previous: OSError | None = None  # what the last attempt but one met
     while True:
+        # The socket options of dead peer detection come only with the
+        # connection (for TLS, after the handshake): until then, the same
+        # bound holds for the whole attempt.
+        bound = dead_peer_timeout
+        if deadline is not None and timeout != 0:
+            remaining = max(deadline - running.time(), _RETRY_DELAY_MIN)
+            bound = remaining if bound is None else min(bound, remaining)
         try:
-            if deadline is None or timeout == 0:
+            if bound is None:
                 _transport, protocol = await connect()
             else:
-                attempt_time = max(deadline - running.time(), _RETRY_DELAY_MIN)
-                _transport, protocol = await asyncio.wait_for(connect(), attempt_time)
+                _transport, protocol = await _bounded(connect(), bound, addr)
             break
         except OSError as exc:
             left = None if deadline is None else deadline - running.time()
@@ -1065,6 +1078,24 @@ async def open_connection(
     assert isinstance(protocol, ChannelProtocol)
     assert protocol.channel is not None
     return protocol.channel
+
+
+async def _bounded(
+    attempt: Awaitable[tuple[asyncio.BaseTransport, Any]], bound: float, addr: Any
+) -> tuple[asyncio.BaseTransport, Any]:
+    """Run a connection *attempt* for at most *bound* seconds.
+
+    Raises:
+        TimeoutError: if it takes longer (what is left of it is closed).
+    """
+    try:
+        return await asyncio.wait_for(attempt, bound)
+    except TimeoutError as exc:
+        if exc.errno is not None:
+            raise  # The kernel's ETIMEDOUT: it says enough.
+        raise TimeoutError(
+            f"Connecting to {addr!r} did not finish within {bound:.3g} s"
+        ) from None
 
 
 async def start_server(
