@@ -186,3 +186,16 @@ async def test_the_start_date_waits_for_set_time_0_with_init_time_minus_1() -> N
     assert await slept == "slept"
     await asyncio.sleep(0)
     assert called == [0]
+
+
+async def test_external_clock_next_deadline() -> None:
+    clock = ExternalClock("2016-01-01")
+    assert clock.next_deadline() is None
+    later = clock.sleep(5)
+    handle = clock.call_in(2, print)
+    assert clock.next_deadline() == 2
+    handle.cancel()  # a cancelled call is nothing to wait for
+    assert clock.next_deadline() == 5
+    clock.set_time(5)
+    assert later.done()
+    assert clock.next_deadline() is None

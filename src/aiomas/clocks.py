@@ -210,6 +210,15 @@ class ExternalClock(BaseClock):
             if not future.done():
                 future.set_result(result)
 
+    def next_deadline(self) -> float | None:
+        """The earliest time that a sleep or scheduled call waits for, or
+        ``None`` if nothing waits.  (What a driver of the clock, such as a test,
+        advances to next.)"""
+        queue = self._queue
+        while queue and queue[0][2].done():
+            heapq.heappop(queue)  # cancelled: nobody waits for it any more
+        return queue[0][0] if queue else None
+
     def sleep(self, dt: float, result: Any = None) -> asyncio.Future[Any]:
         future = _loop().create_future()
         if dt <= 0:

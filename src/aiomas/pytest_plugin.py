@@ -103,12 +103,13 @@ class SteppingClock(ExternalClock):
         if dt < 0:
             raise ValueError(f"The clock cannot go backwards (dt={dt})")
         target = self.time() + dt
-        # Deadlines in the queue always lie in the future: set_time() releases
-        # everything up to the new time, and sleep() never queues dt <= 0.
-        queue = self._queue
-        while queue and queue[0][0] < target:
-            self.set_time(queue[0][0])
+        # Deadlines always lie in the future: set_time() releases everything
+        # up to the new time, and sleep() never queues dt <= 0.
+        deadline = self.next_deadline()
+        while deadline is not None and deadline < target:
+            self.set_time(deadline)
             await asyncio.sleep(0)
+            deadline = self.next_deadline()
         self.set_time(target)
         await asyncio.sleep(0)
 
