@@ -683,12 +683,12 @@ async def test_protocol_write_coroutine() -> None:
 
 
 def test_failure_text_of_foreign_peers() -> None:
-    assert channel_mod._failure_text("plain") == "plain"
+    assert aiomas.protocol.failure_text("plain") == "plain"
     assert (
-        channel_mod._failure_text(["ValueError", "bad", "Traceback..."])
+        aiomas.protocol.failure_text(["ValueError", "bad", "Traceback..."])
         == "ValueError\nbad\nTraceback..."
     )
-    assert channel_mod._failure_text({"error": 1}) == "{'error': 1}"
+    assert aiomas.protocol.failure_text({"error": 1}) == "{'error': 1}"
 
 
 async def test_request_repr_and_aliases() -> None:

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import socket
-import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeAlias, cast
@@ -29,6 +28,9 @@ from aiomas.exceptions import (
     RemoteException,
     SerializationError,
 )
+from aiomas.protocol import abbreviate as _abbreviate
+from aiomas.protocol import failure_text as _failure_text
+from aiomas.protocol import format_exception as _format_exception
 from aiomas.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     FAILURE,
@@ -135,24 +137,6 @@ def _detect_dead_peer(transport: asyncio.BaseTransport, timeout: float) -> None:
                 exc,
                 extra={"peer": peer},
             )
-
-
-def _format_exception(exc: BaseException) -> str:
-    """The text sent in a failure reply: the traceback (if any) and the error."""
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-
-
-def _failure_text(content: Any) -> str:
-    """Turn the content of a received failure reply into readable text.
-
-    aiomas peers send a string.  Other peers (e.g. mosaik 3) send a list such as
-    ``[type, message, *traceback_lines]``; anything else is shown by its repr.
-    """
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list | tuple) and all(isinstance(c, str) for c in content):
-        return "\n".join(content)
-    return repr(content)
 
 
 class Request:
@@ -591,11 +575,6 @@ class Channel:
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-
-def _abbreviate(obj: Any, limit: int = 80) -> str:
-    text = repr(obj)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_joined(

@@ -30,6 +30,7 @@ from types import FunctionType, MethodType
 from typing import Any, Final, TypeVar
 
 from aiomas import channel as channel_mod
+from aiomas import protocol
 from aiomas.channel import Address, Channel, Request
 from aiomas.exceptions import SerializationError
 from aiomas.wire import FAILURE, RESULT
@@ -96,7 +97,7 @@ def _has_invalid_component(path: str) -> bool:
 def _short(value: Any) -> str:
     """The repr of *value*, shortened: error messages go back to the peer, and
     a hostile peer must not make us send its 10 kB path back twice."""
-    return channel_mod._abbreviate(value, 200)
+    return protocol.abbreviate(value, 200)
 
 
 def _check_component(name: str, path: str) -> None:
@@ -678,7 +679,7 @@ def _fail_call(request: Request, exc: BaseException, peer: Any) -> None:
             exc_info=exc,
             extra={"peer": peer, "message_id": request.message_id},
         )
-    _answer(request, FAILURE, channel_mod._format_exception(exc))
+    _answer(request, FAILURE, protocol.format_exception(exc))
 
 
 def _stops_the_process(exc: BaseException) -> bool:
@@ -767,7 +768,7 @@ def _parse_call(content: Any) -> tuple[str, Iterable[Any], Mapping[str, Any]]:
         return content[0], content[1], content[2]
     raise ValueError(
         "An RPC request must be [path, args, kwargs], got "
-        f"{channel_mod._abbreviate(content)}"
+        f"{protocol.abbreviate(content)}"
     )
 
 
