@@ -4,8 +4,12 @@ Every input is a byte stream that a peer could send.  It is cut into chunks (the
 first input byte picks the chunk size) and fed to
 
 1. a :class:`aiomas.wire.FrameReader`, which must either return payloads that
-   re-frame to a prefix of the stream or raise ``ProtocolError``, and
-2. a server-side :class:`aiomas.channel.ChannelProtocol` with an RPC service on
+   re-frame to a prefix of the stream or raise ``ProtocolError``,
+2. the sans-I/O core, a :class:`aiomas.protocol.Connection` (no event loop, no
+   transport), which must return the same events whether it gets the stream at
+   once or in chunks, raise nothing, and send only well-formed frames (it
+   echoes every request it passes on), and
+3. a server-side :class:`aiomas.channel.ChannelProtocol` with an RPC service on
    a fake transport, which must never raise, nor fail unseen (an error passed to
    the loop's exception handler or logged at ERROR level): bad input closes the
    connection (with a logged reason), anything else is answered.
@@ -33,6 +37,7 @@ with atheris.instrument_imports(include=["aiomas"]):
     import harness
 
     import aiomas
+    from aiomas import protocol as core
     from aiomas import wire
     from aiomas.channel import ChannelProtocol
     from aiomas.exceptions import ProtocolError
@@ -70,6 +75,41 @@ def check_reader(data: bytes) -> None:
     assert stream.startswith(framed), "payloads do not re-frame to the stream"
 
 
+def run_core(codec_cls: type[aiomas.codecs.Codec], chunks: list[bytes]) -> list[str]:
+    """Feed *chunks* to a core that waits for two replies of its own; return
+    its events (as text) and check what it sends."""
+    conn = core.Connection(codec_cls(), max_frame_size=2**16)
+    conn.hold_requests = True
+    conn.send_request("first")
+    conn.send_request("second")
+    events: list[str] = []
+    for chunk in chunks:
+        for event in conn.receive_data(chunk):
+            if isinstance(event, core.RequestReceived):
+                try:
+                    conn.send_result(event.message_id, event.content)
+                except aiomas.SerializationError:
+                    pass  # (answered with a failure by the core)
+            events.append(repr(event))
+    reader = wire.FrameReader()
+    sent = b"".join(bytes(chunk) for chunk in conn.data_to_send())
+    for payload in reader.feed(sent):
+        message = conn.codec.decode(payload)
+        assert type(message) in (list, tuple), message
+        assert len(message) == 3, message
+    assert reader.buffered == 0, "the core sent a partial frame"
+    return events
+
+
+def check_core(data: bytes) -> None:
+    codec_cls = aiomas.MsgPack if data and data[0] & 0x80 else aiomas.JSON
+    stream = data[1:]
+    whole = run_core(codec_cls, [stream])
+    assert run_core(codec_cls, harness.split_stream(data)) == whole, (
+        "chunking changed the events"
+    )
+
+
 async def check_protocol(data: bytes) -> None:
     codec = aiomas.MsgPack if data and data[0] & 0x80 else aiomas.JSON
     protocol = ChannelProtocol(codec(), max_frame_size=2**16)
@@ -85,6 +125,7 @@ async def check_protocol(data: bytes) -> None:
 
 def test_one_input(data: bytes) -> None:
     check_reader(data)
+    check_core(data)
     harness.LOOP.run_until_complete(check_protocol(data))
     harness.HIDDEN_ERRORS.check()
 

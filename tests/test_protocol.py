@@ -458,3 +458,11 @@ def test_a_big_payload_last() -> None:
     conn.send_result(0, "z" * (protocol.JOIN_LIMIT + 1))
     chunks = conn.data_to_send()
     assert [len(chunk) for chunk in chunks] == [4, protocol.JOIN_LIMIT + 11]
+
+
+def test_frames_before_a_bad_header_come_first() -> None:
+    conn = Connection(JSON(), max_frame_size=100)
+    events = conn.receive_data(jframe([0, 0, "a"]) + struct.pack(">L", 101))
+    assert events[0] == RequestReceived(0, "a")
+    assert isinstance(events[1], ProtocolViolation)
+    assert conn.closed

@@ -267,3 +267,23 @@ def test_a_big_frame_buffer_stays_within_eight_times_what_arrived() -> None:
     reader.feed(frame_header(64 * 2**20) + b"x" * sent)
     assert reader._big is not None
     assert len(reader._big) <= 8 * sent
+
+
+def test_frames_before_a_bad_header_are_returned_first() -> None:
+    """The frames that precede a too-large header in the stream count, however
+    the stream is cut; the error comes after them."""
+    stream = frame(b"one") + frame(b"two") + struct.pack(">L", 1000) + b"x"
+    reader = FrameReader(max_frame_size=100)
+    assert reader.feed(stream) == [b"one", b"two"]
+    assert isinstance(reader.error, ProtocolError)
+    assert "exceeds max_frame_size" in str(reader.error)
+    with pytest.raises(ProtocolError):
+        reader.feed(b"more")
+    with pytest.raises(ProtocolError):
+        reader.buffer_updated(0)
+    # Cut before the bad header, the same frames, then the error.
+    reader = FrameReader(max_frame_size=100)
+    assert reader.feed(stream[:14]) == [b"one", b"two"]
+    assert reader.error is None
+    with pytest.raises(ProtocolError):
+        reader.feed(stream[14:])

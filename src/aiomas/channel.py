@@ -704,6 +704,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self._fail(exc)
             return
         self._dispatch(payloads)
+        self._check_reader()
 
     def data_received(self, data: bytes) -> None:
         """Buffer incoming data until a message is complete, then dispatch it.
@@ -721,6 +722,13 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self._fail(exc)
             return
         self._dispatch(payloads)
+        self._check_reader()
+
+    def _check_reader(self) -> None:
+        """A bad header after the frames just dispatched ends the connection."""
+        error = self._reader.error
+        if error is not None and self._error is None:
+            self._fail(error)
 
     def _dispatch(self, payloads: list[bytes | bytearray]) -> None:
         channel = self.channel

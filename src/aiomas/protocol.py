@@ -296,7 +296,10 @@ class Connection:
                 self._handle_payload(payload, events)
             except ProtocolError as exc:
                 events.append(self._violation(exc))
-                break
+                return events
+        error = self._reader.error  # A bad header after these frames.
+        if error is not None:
+            events.append(self._violation(error))
         return events
 
     def _handle_payload(self, payload: bytes | bytearray, events: list[Event]) -> None:

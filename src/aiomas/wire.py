@@ -117,6 +117,7 @@ class FrameReader:
         "_buf",
         "_buffer_size",
         "_end",
+        "_error",
         "_max_frame_size",
         "_stage",
         "_start",
@@ -151,6 +152,14 @@ class FrameReader:
         # Receives the start of frames above _BIG_FRAME_START (made once, when
         # the first such frame arrives, then reused).
         self._stage: bytearray | None = None
+        self._error: ProtocolError | None = None
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The protocol error found right after the frames that the last call
+        returned (they came before it in the stream); every later call raises
+        it.  ``None`` while the stream is fine."""
+        return self._error
 
     @property
     def max_frame_size(self) -> int:
@@ -204,12 +213,17 @@ class FrameReader:
         """Account for *nbytes* written into the last :meth:`get_buffer` buffer.
 
         Returns:
-            The payloads of all frames completed by these bytes, in order.
+            The payloads of all frames completed by these bytes, in order.  If
+            a bad header follows them, :attr:`error` tells.
 
         Raises:
             ProtocolError: if a frame header announces more than
-                ``max_frame_size`` bytes.  The reader is unusable afterwards.
+                ``max_frame_size`` bytes (and no complete frame comes before
+                it), or an earlier call found one.  The reader is unusable
+                afterwards.
         """
+        if self._error is not None:
+            raise self._error
         big = self._big
         if big is not None:
             self._big_filled += nbytes
@@ -226,15 +240,22 @@ class FrameReader:
         Raises:
             ProtocolError: see :meth:`buffer_updated`.
         """
+        if self._error is not None:
+            raise self._error
         payloads: list[bytes | bytearray] = []
         source = memoryview(data).cast("B")
         pos, total = 0, len(source)
-        while pos < total:
+        while pos < total and self._error is None:
             target = self.get_buffer()
             n = min(len(target), total - pos)
             target[:n] = source[pos : pos + n]
             pos += n
-            payloads.extend(self.buffer_updated(n))
+            try:
+                payloads.extend(self.buffer_updated(n))
+            except ProtocolError:
+                if not payloads:
+                    raise
+                break  # (self._error tells the caller, after these payloads)
         return payloads
 
     def _parse(self) -> list[bytes | bytearray]:
@@ -245,10 +266,13 @@ class FrameReader:
             (size,) = _unpack_header(buf, start)
             if size > self._max_frame_size:
                 self._start = self._end = 0
-                raise ProtocolError(
+                self._error = ProtocolError(
                     f"Frame of {size} bytes exceeds max_frame_size "
                     f"({self._max_frame_size} bytes)"
                 )
+                if payloads:
+                    return payloads  # The frames before it count.
+                raise self._error
             frame_end = start + HEADER_SIZE + size
             if frame_end <= end:
                 payloads.append(bytes(self._view[start + HEADER_SIZE : frame_end]))
