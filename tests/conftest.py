@@ -233,21 +233,3 @@ def no_thread_loop() -> Iterator[None]:
         if leftover is not None and leftover is not previous:
             close_loop(leftover)
         asyncio.set_event_loop(previous)
-
-
-def pytest_asyncio_loop_factories(
-    config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
-    """Run the transport conformance suite (test_transports.py) on the
-    default loop and on uvloop, if it can be imported (not on Windows)."""
-    if item.path.name != "test_transports.py":
-        return None
-    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-        "asyncio": asyncio.new_event_loop
-    }
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return factories
-    factories["uvloop"] = uvloop.new_event_loop
-    return factories

@@ -904,7 +904,7 @@ async def test_shutdown_with_calls_in_flight_both_ways() -> None:
         assert time.monotonic() - start < 2
         assert one._aiomas.server is not None
         assert not one._aiomas.server.is_serving()
-        assert all(c.protocol._closed.done() for c in channels)
+        assert all(c.protocol.is_closed() for c in channels)
         results = await asyncio.wait_for(
             asyncio.gather(*calls, return_exceptions=True), WAIT
         )

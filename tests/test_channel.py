@@ -182,7 +182,7 @@ async def test_every_server_connection_gets_its_own_codec(endpoint: Endpoint) ->
     async with serving(endpoint, handler) as addr:
         for _ in range(2):
             channel = await connect(endpoint, addr)
-            await channel.protocol._closed
+            await channel.wait_closed()
             await channel.close()
     assert len(codecs_seen) == 2
     assert codecs_seen[0] is not codecs_seen[1]
@@ -820,7 +820,7 @@ def frames(*messages: Any) -> bytes:
 
 async def test_replies_to_requests_that_arrived_together_are_written_at_once() -> None:
     protocol, transport, channel = recording_protocol()
-    channel.set_request_handler(lambda req: req._answer(wire.RESULT, req.content * 2))
+    channel.set_request_handler(lambda req: req.reply_nowait(req.content * 2))
     protocol.data_received(frames(*([0, i, i] for i in range(50))))
     assert transport.writes == [frames(*([1, i, 2 * i] for i in range(50)))]
     # One request alone is answered with one write, as always.
@@ -831,33 +831,19 @@ async def test_replies_to_requests_that_arrived_together_are_written_at_once() -
     channel.set_request_handler(held.append)
     protocol.data_received(frames([0, 51, 1], [0, 52, 2]))
     assert len(transport.writes) == 2
-    held[1]._answer(wire.RESULT, "late")
+    held[1].reply_nowait("late")
     assert transport.writes[2:] == [frames([1, 52, "late"])]
     protocol.connection_lost(None)
 
 
 async def test_a_protocol_error_in_a_batch_drops_its_held_replies() -> None:
     protocol, transport, channel = recording_protocol()
-    channel.set_request_handler(lambda req: req._answer(wire.RESULT, req.content))
+    channel.set_request_handler(lambda req: req.reply_nowait(req.content))
     with contextlib.suppress(Exception):
         protocol.data_received(frames([0, 0, "a"], [7, 1, "bad type"], [0, 2, "c"]))
     assert transport.closed
     assert transport.writes == []
     protocol.connection_lost(None)
-
-
-def test_write_joined_keeps_order_and_does_not_copy_big_chunks() -> None:
-    small = [bytes([i % 256]) * 1000 for i in range(300)]  # 300 kB in 1 kB chunks
-    big = b"B" * (channel_mod._JOIN_LIMIT + 1)
-    chunks: list[Any] = [*small[:100], big, *small[100:]]
-    written: list[Any] = []
-    channel_mod._write_joined(written.append, chunks)
-    assert b"".join(written) == b"".join(chunks)
-    assert any(w is big for w in written)
-    assert all(
-        len(w) <= channel_mod._JOINED_WRITE_LIMIT for w in written if w is not big
-    )
-    assert len(written) <= 4
 
 
 async def test_connections_are_logged_with_the_peer(

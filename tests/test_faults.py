@@ -386,7 +386,7 @@ async def test_a_flood_from_a_peer_we_wait_for_is_refused_beyond_a_limit(
         await writer.drain()
         await asyncio.sleep(0.5)
         (client,) = served.clients
-        assert len(client.channel._incoming) <= 1024
+        assert client.channel.protocol.core.held_requests <= 1024
         transport = client.channel.transport
         assert transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
         # Now read: the server's own request first, then an answer for every call.
@@ -418,7 +418,7 @@ async def test_malformed_requests_from_a_peer_that_does_not_read_are_bounded(
         await writer.drain()
         await asyncio.sleep(0.2)
         (client,) = served.clients
-        assert client.channel.protocol._paused
+        assert client.channel.protocol.writing_paused
         # ... then send requests without content (each gets a failure reply).
         malformed = raw_frame(b"[0, 1]")
         with contextlib.suppress(ConnectionError):
@@ -439,8 +439,8 @@ async def test_malformed_requests_from_a_peer_that_does_not_read_are_bounded(
             )
         else:
             assert not transport.is_closing()
-            assert client.channel.protocol._reading_paused
-            assert client.channel._unread_failure_bytes <= 2**20
+            assert client.channel.protocol.reading_paused
+            assert client.channel.protocol.core.unread_failure_bytes <= 2**20
         assert transport.get_write_buffer_size() < 4 * 2**20  # type: ignore[attr-defined]
         other = await aiomas.rpc.open_connection(served.addr)
         assert (await asyncio.wait_for(other.remote.fetch(-1), 5))[0] == -1
@@ -668,10 +668,10 @@ async def test_ten_thousand_cancelled_calls_leave_nothing_behind() -> None:
                 call.cancel()
         # Wait until every late reply has arrived and been dropped.
         for _ in range(500):
-            if len(client.channel._requests) == 0:
+            if client.channel.waiting_for_replies == 0:
                 break
             await asyncio.sleep(0.01)
-        assert len(client.channel._requests) == 0
+        assert client.channel.waiting_for_replies == 0
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:

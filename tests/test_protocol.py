@@ -60,7 +60,7 @@ def transfer(source: Connection, target: Connection) -> list[Event]:
     """Move what *source* has to send into *target*; return target's events."""
     events: list[Event] = []
     for chunk in source.data_to_send():
-        events.extend(target.receive_data(chunk))
+        events.extend(list(target.receive_data(chunk)))
     return events
 
 
@@ -113,20 +113,22 @@ def test_the_bytes_on_the_wire() -> None:
 def test_failure_texts_from_any_peer(content: Any, text: str) -> None:
     client = Connection(JSON())
     client.send_request(None)
-    assert client.receive_data(jframe([2, 0, content])) == [FailureReceived(0, text)]
+    assert list(client.receive_data(jframe([2, 0, content]))) == [
+        FailureReceived(0, text)
+    ]
 
 
 def test_a_reply_for_a_request_never_sent_is_a_violation() -> None:
     client = Connection(JSON())
     client.send_request(None)
-    events = client.receive_data(jframe([1, 5, "x"]) + jframe([1, 0, "ok"]))
+    events = list(client.receive_data(jframe([1, 5, "x"]) + jframe([1, 0, "ok"])))
     assert len(events) == 1
     assert isinstance(events[0], ProtocolViolation)
     assert "unknown message id 5" in str(events[0].error)
     assert client.closed
     # Nothing received afterwards is looked at.
-    assert client.receive_data(jframe([1, 0, "ok"])) == []
-    assert client.buffer_updated(0) == []
+    assert list(client.receive_data(jframe([1, 0, "ok"]))) == []
+    assert list(client.buffer_updated(0)) == []
 
 
 @pytest.mark.parametrize(
@@ -148,7 +150,7 @@ def test_protocol_violations(data: bytes, reason: str) -> None:
 
 def test_a_malformed_request_with_an_id_is_answered() -> None:
     server = Connection(JSON())
-    events = server.receive_data(jframe([0, 3]) + jframe([0, 4, "fine"]))
+    events = list(server.receive_data(jframe([0, 3]) + jframe([0, 4, "fine"])))
     assert events[0] == RequestRejected(
         3,
         "malformed",
@@ -169,7 +171,7 @@ class Point:
 def test_undecodable_content_fails_only_that_message() -> None:
     server = Connection(JSON())
     unknown = {"__type__": [9, None]}
-    events = server.receive_data(jframe([0, 1, unknown]) + jframe([0, 2, "ok"]))
+    events = list(server.receive_data(jframe([0, 1, unknown]) + jframe([0, 2, "ok"])))
     assert isinstance(events[0], RequestRejected)
     assert events[0].reason == "undecodable"
     assert events[0].text.startswith(
@@ -180,7 +182,7 @@ def test_undecodable_content_fails_only_that_message() -> None:
 
     client = Connection(JSON())
     client.send_request(None)
-    (event,) = client.receive_data(jframe([1, 0, unknown]))
+    (event,) = list(client.receive_data(jframe([1, 0, unknown])))
     assert isinstance(event, ReplyUndecodable)
     assert event.message_id == 0
     assert isinstance(event.error, DecodeError)
@@ -209,7 +211,7 @@ def test_custom_types_travel() -> None:
 
 def test_an_unencodable_result_still_answers_the_request() -> None:
     server = Connection(JSON())
-    server.receive_data(jframe([0, 0, None]))
+    list(server.receive_data(jframe([0, 0, None])))
     with pytest.raises(SerializationError):
         server.send_result(0, object())
     ((msg_type, msg_id, text),) = sent(server)
@@ -229,12 +231,12 @@ def test_an_unencodable_request_sends_nothing() -> None:
 def test_small_frames_are_joined_and_big_payloads_are_chunks_of_their_own() -> None:
     conn = Connection(JSON())
     for i in range(3):
-        conn.receive_data(jframe([0, i, None]))
+        list(conn.receive_data(jframe([0, i, None])))
         conn.send_result(i, i)
     big = "x" * (protocol.JOIN_LIMIT + 10)
-    conn.receive_data(jframe([0, 3, None]))
+    list(conn.receive_data(jframe([0, 3, None])))
     conn.send_result(3, big)
-    conn.receive_data(jframe([0, 4, None]))
+    list(conn.receive_data(jframe([0, 4, None])))
     conn.send_result(4, "small")
     chunks = conn.data_to_send()
     big_frame = jframe([1, 3, big])
@@ -249,7 +251,7 @@ def test_joined_chunks_stay_below_the_write_limit() -> None:
     conn = Connection(JSON())
     text = "y" * 60_000
     for i in range(10):
-        conn.receive_data(jframe([0, i, None]))
+        list(conn.receive_data(jframe([0, i, None])))
         conn.send_result(i, text)
     chunks = conn.data_to_send()
     assert all(len(chunk) <= protocol.JOINED_WRITE_LIMIT for chunk in chunks)
@@ -262,12 +264,12 @@ def test_requests_are_held_while_writing_is_paused() -> None:
     assert server.reading_wanted
     server.pause_writing()
     assert not server.reading_wanted
-    assert server.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"])) == []
+    assert list(server.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"]))) == []
     assert server.held_requests == 2
     assert server.next_held_request() is None  # still paused
     server.resume_writing()
     # A request that arrives now still waits behind the held ones.
-    assert server.receive_data(jframe([0, 2, "c"])) == []
+    assert list(server.receive_data(jframe([0, 2, "c"]))) == []
     assert server.next_held_request() == RequestReceived(0, "a")
     server.pause_writing()
     assert server.next_held_request() is None
@@ -275,13 +277,13 @@ def test_requests_are_held_while_writing_is_paused() -> None:
     assert server.next_held_request() == RequestReceived(1, "b")
     assert server.next_held_request() == RequestReceived(2, "c")
     assert server.next_held_request() is None
-    assert server.receive_data(jframe([0, 3, "d"])) == [RequestReceived(3, "d")]
+    assert list(server.receive_data(jframe([0, 3, "d"]))) == [RequestReceived(3, "d")]
 
 
 def test_without_hold_requests_every_request_is_passed_on() -> None:
     server = Connection(JSON())
     server.pause_writing()
-    assert server.receive_data(jframe([0, 0, "a"])) == [RequestReceived(0, "a")]
+    assert list(server.receive_data(jframe([0, 0, "a"]))) == [RequestReceived(0, "a")]
 
 
 def test_waiting_for_a_reply_keeps_reading() -> None:
@@ -289,7 +291,7 @@ def test_waiting_for_a_reply_keeps_reading() -> None:
     conn.send_request(None)
     conn.pause_writing()
     assert conn.reading_wanted
-    conn.receive_data(jframe([1, 0, None]))
+    list(conn.receive_data(jframe([1, 0, None])))
     assert not conn.reading_wanted
 
 
@@ -298,7 +300,7 @@ def test_too_many_held_requests_are_refused_once_reported() -> None:
     server.hold_requests = True
     server.pause_writing()
     data = b"".join(jframe([0, i, None]) for i in range(protocol.MAX_HELD_REQUESTS + 3))
-    events = server.receive_data(data)
+    events = list(server.receive_data(data))
     assert len(events) == 1
     assert isinstance(events[0], RequestRejected)
     assert events[0].reason == "refused"
@@ -311,7 +313,7 @@ def test_too_many_held_requests_are_refused_once_reported() -> None:
         pass
     # A new flood is reported again.
     server.pause_writing()
-    events = server.receive_data(data)
+    events = list(server.receive_data(data))
     assert any(isinstance(e, RequestRejected) for e in events)
 
 
@@ -320,18 +322,18 @@ def test_unread_failure_replies_have_a_budget() -> None:
     server.pause_writing()
     malformed = jframe([0, 1])
     count = protocol.MAX_UNREAD_FAILURE_BYTES // 60 + 10
-    events = server.receive_data(malformed * count)
+    events = list(server.receive_data(malformed * count))
     assert isinstance(events[-1], ProtocolViolation)
     assert "does not read the replies" in str(events[-1].error)
     assert all(isinstance(e, RequestRejected) for e in events[:-1])
     # Reading the replies (writing resumes) resets the budget.
     other = Connection(JSON())
     other.pause_writing()
-    other.receive_data(malformed * (count // 2))
+    list(other.receive_data(malformed * (count // 2)))
     other.resume_writing()
     other.data_to_send()
     other.pause_writing()
-    events = other.receive_data(malformed * (count // 2))
+    events = list(other.receive_data(malformed * (count // 2)))
     assert not any(isinstance(e, ProtocolViolation) for e in events)
 
 
@@ -339,16 +341,16 @@ def test_connection_lost_returns_the_requests_left_waiting() -> None:
     conn = Connection(JSON())
     for _ in range(3):
         conn.send_request(None)
-    conn.receive_data(jframe([1, 1, None]))
+    list(conn.receive_data(jframe([1, 1, None])))
     assert conn.connection_lost() == [0, 2]
     assert conn.closed
     assert conn.waiting_for_replies == 0
-    assert conn.receive_data(jframe([1, 0, None])) == []
+    assert list(conn.receive_data(jframe([1, 0, None]))) == []
 
 
 def test_buffered_counts_a_partial_frame() -> None:
     conn = Connection(JSON())
-    conn.receive_data(jframe([0, 0, None])[:7])
+    list(conn.receive_data(jframe([0, 0, None])[:7]))
     assert conn.buffered == 7
 
 
@@ -427,10 +429,10 @@ def test_any_chunking_gives_the_same_events(
                     buffer = conn.get_buffer()
                     n = min(len(buffer), len(view))
                     buffer[:n] = view[:n]
-                    events.extend(conn.buffer_updated(n))
+                    events.extend(list(conn.buffer_updated(n)))
                     view = view[n:]
             else:
-                events.extend(conn.receive_data(chunk))
+                events.extend(list(conn.receive_data(chunk)))
         return normalized(events), sent(conn)
 
     whole = run([stream], zero_copy=False)
@@ -447,14 +449,14 @@ def test_a_violation_on_the_zero_copy_path() -> None:
     conn = Connection(JSON(), max_frame_size=10)
     buffer = conn.get_buffer()
     buffer[:4] = struct.pack(">L", 11)
-    (event,) = conn.buffer_updated(4)
+    (event,) = list(conn.buffer_updated(4))
     assert isinstance(event, ProtocolViolation)
     assert "exceeds max_frame_size" in str(event.error)
 
 
 def test_a_big_payload_last() -> None:
     conn = Connection(JSON())
-    conn.receive_data(jframe([0, 0, None]))
+    list(conn.receive_data(jframe([0, 0, None])))
     conn.send_result(0, "z" * (protocol.JOIN_LIMIT + 1))
     chunks = conn.data_to_send()
     assert [len(chunk) for chunk in chunks] == [4, protocol.JOIN_LIMIT + 11]
@@ -462,7 +464,55 @@ def test_a_big_payload_last() -> None:
 
 def test_frames_before_a_bad_header_come_first() -> None:
     conn = Connection(JSON(), max_frame_size=100)
-    events = conn.receive_data(jframe([0, 0, "a"]) + struct.pack(">L", 101))
+    events = list(conn.receive_data(jframe([0, 0, "a"]) + struct.pack(">L", 101)))
     assert events[0] == RequestReceived(0, "a")
     assert isinstance(events[1], ProtocolViolation)
     assert conn.closed
+
+
+def test_events_are_made_as_they_are_asked_for() -> None:
+    """Answering one request may pause writing: the requests after it in the
+    same read are then held back, not passed on."""
+    server = Connection(JSON())
+    server.hold_requests = True
+    events = server.receive_data(b"".join(jframe([0, i, i]) for i in range(4)))
+    first = next(events)
+    assert first == RequestReceived(0, 0)
+    server.pause_writing()  # (as the transport would, while we answer)
+    assert list(events) == []
+    assert server.held_requests == 3
+    server.resume_writing()
+    assert server.next_held_request() == RequestReceived(1, 1)
+
+
+def test_frames_not_asked_for_are_kept() -> None:
+    conn = Connection(JSON())
+    events = conn.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"]))
+    assert next(events) == RequestReceived(0, "a")
+    del events
+    assert list(conn.receive_data(jframe([0, 2, "c"]))) == [
+        RequestReceived(1, "b"),
+        RequestReceived(2, "c"),
+    ]
+
+
+class Verbatim(aiomas.codecs.Codec):
+    """Sends the content of a message as its payload, as it is."""
+
+    def encode(self, data: Any) -> bytes:
+        content: bytes = data[2]
+        return content
+
+
+def test_order_is_kept_and_big_payloads_are_not_copied() -> None:
+    conn = Connection(Verbatim())
+    small = [bytes([i % 256]) * 1000 for i in range(300)]  # 300 kB in 1 kB frames
+    big = b"B" * (protocol.JOIN_LIMIT + 1)
+    payloads = [*small[:100], big, *small[100:]]
+    for i, payload in enumerate(payloads):
+        conn.send_result(i, payload)
+    chunks = conn.data_to_send()
+    assert b"".join(chunks) == b"".join(frame(p) for p in payloads)
+    assert any(chunk is big for chunk in chunks)
+    assert all(len(c) <= protocol.JOINED_WRITE_LIMIT for c in chunks if c is not big)
+    assert len(chunks) <= 5

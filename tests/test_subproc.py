@@ -395,7 +395,7 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
         assert all(isinstance(r, ConnectionResetError) for r in results)
         await asyncio.sleep(0.05)  # the reset callback runs in the service task
         assert len(resets) == 1
-        assert client.channel.protocol._closed.done()
+        assert client.channel.protocol.is_closed()
         assert master._aiomas.outgoing == {}
         # The same address again, served by a new process.
         host_port = process.manager_addr[len("tcp://") :].rsplit("/", 1)[0]

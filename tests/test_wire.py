@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import struct
 from typing import Any
@@ -17,7 +16,6 @@ from aiomas.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_FRAME_SIZE,
     FrameReader,
-    RequestTable,
     frame,
     frame_header,
 )
@@ -178,41 +176,6 @@ def test_header_is_big_endian_uint32() -> None:
     reader = FrameReader()
     data = struct.pack(">L", 3) + b"abc"
     assert reader.feed(data) == [b"abc"]
-
-
-async def test_request_table_ids_and_pop() -> None:
-    loop = asyncio.get_running_loop()
-    table = RequestTable()
-    futures = [loop.create_future() for _ in range(3)]
-    ids = [table.add(f) for f in futures]
-    assert ids == [0, 1, 2]
-    assert len(table) == 3
-    assert table.pop(1) is futures[1]
-    with pytest.raises(ProtocolError, match="unknown message id 1"):
-        table.pop(1)
-    with pytest.raises(ProtocolError, match="unknown message id 'x'"):
-        table.pop("x")  # type: ignore[arg-type]
-    table.discard(0)
-    table.discard(0)
-    assert len(table) == 1
-    table.pop(2)
-
-
-async def test_request_table_fail_all_gives_each_future_its_own_error() -> None:
-    loop = asyncio.get_running_loop()
-    table = RequestTable()
-    futures = [loop.create_future() for _ in range(3)]
-    for f in futures:
-        table.add(f)
-    futures[0].cancel()
-    table.fail_all(lambda: ConnectionResetError("gone"))
-    assert len(table) == 0
-    assert futures[0].cancelled()
-    errors = [f.exception() for f in futures[1:]]
-    assert all(isinstance(e, ConnectionResetError) for e in errors)
-    assert errors[0] is not errors[1]
-    # Ids keep counting after a reset: they stay unique for the connection.
-    assert table.add(loop.create_future()) == 3
 
 
 def test_receive_buffer_is_made_on_the_first_read() -> None:

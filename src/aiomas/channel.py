@@ -17,7 +17,7 @@ import math
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeAlias, cast
 
 from aiomas import local_queue
@@ -26,20 +26,20 @@ from aiomas.exceptions import (
     ProtocolError,
     ProtocolResetError,
     RemoteException,
-    SerializationError,
 )
-from aiomas.protocol import abbreviate as _abbreviate
-from aiomas.protocol import failure_text as _failure_text
-from aiomas.protocol import format_exception as _format_exception
-from aiomas.wire import (
-    DEFAULT_MAX_FRAME_SIZE,
-    FAILURE,
-    REQUEST,
-    RESULT,
-    FrameReader,
-    RequestTable,
-    frame_header,
+from aiomas.protocol import (
+    JOINED_WRITE_LIMIT,
+    Connection,
+    Event,
+    FailureReceived,
+    ProtocolViolation,
+    ReplyUndecodable,
+    RequestReceived,
+    RequestRejected,
+    ResultReceived,
+    format_exception,
 )
+from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
 
 __all__ = [
     "DEFAULT_CODEC",
@@ -167,7 +167,8 @@ class Request:
         return f"<Request {self.message_id}: {self.content!r}>"
 
     async def reply(self, result: Any) -> None:
-        """Reply to the request with *result*.
+        """Reply to the request with *result*, and wait while the transport's
+        write buffer is full (flow control).
 
         Raises:
             RuntimeError: if the request was already answered.
@@ -175,11 +176,12 @@ class Request:
                 gets a failure reply that says so.
             ConnectionResetError: if the connection is closed.
         """
-        self._answer(RESULT, result)
+        self.reply_nowait(result)
         await self._protocol.drain()
 
     async def fail(self, exception: BaseException) -> None:
-        """Answer the request with a failure described by *exception*.
+        """Answer the request with a failure described by *exception*, and
+        wait while the transport's write buffer is full (flow control).
 
         The requester gets a :class:`~aiomas.exceptions.RemoteException` whose
         traceback is the text of *exception* (and its traceback, if it was raised).
@@ -188,21 +190,46 @@ class Request:
             RuntimeError: if the request was already answered.
             ConnectionResetError: if the connection is closed.
         """
-        self._answer(FAILURE, _format_exception(exception))
+        self.fail_nowait(exception)
         await self._protocol.drain()
 
-    def _answer(self, msg_type: int, content: Any) -> None:
+    def reply_nowait(self, result: Any) -> None:
+        """Reply with *result* now, without waiting for flow control (what
+        :mod:`aiomas.rpc` does: it holds requests back instead).
+
+        Raises:
+            RuntimeError: if the request was already answered.
+            SerializationError: if *result* cannot be encoded (or ValueError if
+                it is too long for a frame); the requester then gets a failure
+                reply that says so.
+            ConnectionResetError: if the connection is closed.
+        """
+        core = self._start_answer()
+        try:
+            core.send_result(self.message_id, result)
+        finally:
+            self._protocol.flush()
+
+    def fail_nowait(self, exception: BaseException) -> None:
+        """Answer with a failure described by *exception* now (see
+        :meth:`reply_nowait` and :meth:`fail`).
+
+        Raises:
+            RuntimeError: if the request was already answered.
+            ConnectionResetError: if the connection is closed.
+        """
+        core = self._start_answer()
+        core.send_failure(self.message_id, format_exception(exception))
+        self._protocol.flush()
+
+    def _start_answer(self) -> Connection:
         if self._answered:
             raise RuntimeError(f"Request {self.message_id} was already answered")
-        channel = self._protocol.channel
-        assert channel is not None
+        protocol = self._protocol
+        if protocol.core.closed:
+            raise ConnectionResetError("Connection closed")
         self._answered = True
-        try:
-            channel._send_message(msg_type, self.message_id, content)
-        except (SerializationError, ValueError) as exc:
-            # The requester must not wait forever for an answer that cannot be sent.
-            channel._send_message(FAILURE, self.message_id, _format_exception(exc))
-            raise
+        return protocol.core
 
 
 class Channel:
@@ -210,6 +237,11 @@ class Channel:
 
     Returned by :func:`open_connection` and passed to the callback of
     :func:`start_server`.  Don't create channels yourself.
+
+    The messages themselves are made and read by the connection's sans-I/O
+    core (:class:`aiomas.protocol.Connection`, ``protocol.core``); the channel
+    keeps the futures of its requests and the requests waiting for
+    :meth:`recv`.
 
     Args:
         protocol: The :class:`ChannelProtocol` of the connection.
@@ -219,17 +251,14 @@ class Channel:
     """
 
     __slots__ = (
+        "__weakref__",
         "_closed_error",
-        "_decode",
-        "_encode",
+        "_core",
+        "_futures",
         "_incoming",
         "_loop",
         "_peername",
         "_recv_waiter",
-        "_refusing",
-        "_requests",
-        "_unread_failure_bytes",
-        "_write",
         "codec",
         "protocol",
         "request_handler",
@@ -249,17 +278,13 @@ class Channel:
         self.transport = transport
         """The transport of this channel."""
         self._loop = loop
-        self._encode = codec.encode
-        self._decode = codec.decode
-        # Duck typing: uvloop's transports do not subclass asyncio.Transport.
-        self._write: Callable[[bytes | bytearray | memoryview], None] = cast(
-            asyncio.WriteTransport, transport
-        ).write
+        self._core = protocol.core
         self._peername = transport.get_extra_info("peername")
-        self._requests = RequestTable()
-        self._incoming: deque[Request] = deque()
-        self._refusing = False  # (see _refuse())
-        self._unread_failure_bytes = 0  # (see _send_failure())
+        # The futures of our requests by message id.  A cancelled one stays
+        # until its reply arrives (and is dropped quietly) or the connection
+        # ends.
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._incoming: deque[Request] = deque()  # for recv()
         self._recv_waiter: asyncio.Future[None] | None = None
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
@@ -273,6 +298,17 @@ class Channel:
     def peername(self) -> Any:
         """The address of the peer, as the transport reports it."""
         return self._peername
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended."""
+        return self._closed_error is not None
+
+    @property
+    def waiting_for_replies(self) -> int:
+        """How many of our requests wait for their reply (including cancelled
+        ones whose reply has not arrived)."""
+        return len(self._futures)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """Return transport information *name* (see
@@ -294,18 +330,15 @@ class Channel:
             ConnectionResetError: if the channel is already closed.
         """
         if self._closed_error is not None:
-            raise self._connection_error()
+            raise self.connection_error()
+        msg_id = self._core.send_request(content)
         future = self._loop.create_future()
-        msg_id = self._requests.add(future)
-        if self.protocol._reading_paused:
-            # We stopped reading because the peer did not read our replies;
-            # now we wait for a reply of our own and must read again.
-            self.protocol._resume_reading()
-        try:
-            self._send_message(REQUEST, msg_id, content)
-        except BaseException:
-            self._requests.discard(msg_id)
-            raise
+        self._futures[msg_id] = future
+        protocol = self.protocol
+        protocol.flush()
+        # We stopped reading because the peer did not read our replies; now
+        # we wait for a reply of our own and must read again.
+        protocol.update_reading()
         return future
 
     def set_request_handler(self, handler: Callable[[Request], None]) -> None:
@@ -313,9 +346,14 @@ class Channel:
         queueing it for :meth:`recv` (this is how :mod:`aiomas.rpc` serves).
 
         Requests already queued are passed to it at once.  *handler* must not
-        raise; it answers each request (now or later).
+        raise; it answers each request (now or later).  While the transport's
+        write buffer is full, requests are held back (up to
+        :data:`aiomas.protocol.MAX_HELD_REQUESTS`, then refused) and passed on
+        when it has drained.
         """
-        self.request_handler = handler
+        if self._closed_error is None:
+            self.request_handler = handler
+        self._core.hold_requests = True
         incoming = self._incoming
         while incoming:
             handler(incoming.popleft())
@@ -330,7 +368,7 @@ class Channel:
         """
         while not self._incoming:
             if self._closed_error is not None:
-                raise self._connection_error()
+                raise self.connection_error()
             if self._recv_waiter is not None:
                 raise RuntimeError("Another task is already waiting in recv()")
             waiter = self._loop.create_future()
@@ -347,214 +385,30 @@ class Channel:
         Requests still waiting for a reply fail with :class:`ConnectionResetError`.
         """
         transport = self.transport
-        closed = self.protocol._closed
         if not transport.is_closing():
             transport.close()
-        if not closed.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(closed), _CLOSE_TIMEOUT)
-            except TimeoutError:
-                logger.warning(
-                    "Aborting connection to %s: it did not close within %ss",
-                    self._peername,
-                    _CLOSE_TIMEOUT,
-                    extra={"peer": self._peername},
-                )
-                cast(asyncio.Transport, transport).abort()
-                await closed
-
-    # Internal API, used by Request, ChannelProtocol and aiomas.rpc.
-
-    def _send_message(self, msg_type: int, msg_id: int, content: Any) -> None:
-        if self._closed_error is not None:
-            raise self._connection_error()
-        payload = self._encode([msg_type, msg_id, content])
-        header = frame_header(len(payload))
-        if len(payload) <= _JOIN_LIMIT:
-            self._write(header + payload)
-        else:
-            # Two writes rather than writelines(): Python 3.12's writelines()
-            # does not pause the protocol when the buffer fills (flow control).
-            write = self._write
-            write(header)
-            write(payload)
-
-    def _payload_received(self, payload: bytes | bytearray) -> None:
-        """Handle one received frame.
-
-        Raises:
-            ProtocolError: if the payload breaks the protocol; the caller closes
-                the connection.
-        """
-        try:
-            message = self._decode(payload)
-        except Exception as exc:
-            if self._content_not_decodable(payload, exc):
-                return
-            raise ProtocolError(f"Cannot decode message: {exc}") from exc
-        if type(message) not in (list, tuple) or len(message) != 3:
-            self._invalid_message(message)
+        if self.protocol.is_closed():
             return
-        msg_type, msg_id, content = message
-        if type(msg_id) is not int or type(msg_type) is not int:
-            raise ProtocolError(
-                f"Invalid message header {_abbreviate([msg_type, msg_id])}"
-            )
-        if msg_type == REQUEST:
-            protocol = self.protocol
-            request = Request(content, msg_id, protocol)
-            handler = self.request_handler
-            if handler is not None:
-                if protocol._paused or self._incoming:
-                    # Our write buffer is full (the peer does not read its
-                    # replies): answer later, when it has drained.
-                    if len(self._incoming) >= _MAX_DEFERRED_REQUESTS:
-                        self._refuse(msg_id)
-                        return
-                    self._incoming.append(request)
-                    protocol._maybe_pause_reading()
-                    return
-                handler(request)
-                return
-            self._incoming.append(request)
-            waiter = self._recv_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        elif msg_type == RESULT:
-            future = self._requests.pop(msg_id)
-            if not future.done():
-                future.set_result(content)
-        elif msg_type == FAILURE:
-            future = self._requests.pop(msg_id)
-            if not future.done():
-                future.set_exception(
-                    RemoteException(self._peername, _failure_text(content))
-                )
-        else:
-            raise ProtocolError(f"Unknown message type {msg_type!r}")
-
-    def _handle_deferred(self) -> None:
-        """Pass the requests deferred while writing was paused to the request
-        handler, until writing pauses again."""
-        handler = self.request_handler
-        incoming = self._incoming
-        protocol = self.protocol
-        while (
-            handler is not None
-            and incoming
-            and not protocol._paused
-            and self._closed_error is None
-        ):
-            handler(incoming.popleft())
-        if not incoming:
-            self._refusing = False
-
-    def _refuse(self, msg_id: int) -> None:
-        """Answer a request with a failure: too many wait already, because the
-        peer sends requests but does not read the replies (while we wait for a
-        reply from it, so we cannot stop reading)."""
-        if not self._refusing:  # Log once per flood, not per request.
-            self._refusing = True
-            logger.warning(
-                "Refusing requests from %s: %s requests wait for the peer to "
-                "read its replies",
-                self._peername,
-                len(self._incoming),
-                extra={"peer": self._peername, "message_id": msg_id},
-            )
-        self._send_failure(
-            msg_id,
-            f"RuntimeError: overloaded: {len(self._incoming)} requests wait "
-            "until you read the replies to earlier ones\n",
-        )
-
-    def _send_failure(self, msg_id: int, text: str) -> None:
-        """Answer request *msg_id* with a failure the channel itself found.
-
-        These replies skip the request handler and so its flow control; while
-        writing is paused they are counted instead, and reading stops if it
-        can (see :meth:`ChannelProtocol._maybe_pause_reading`).
-
-        Raises:
-            ProtocolError: if the peer left too many of them unread (the caller
-                closes the connection).
-        """
-        protocol = self.protocol
-        if protocol._paused:
-            self._unread_failure_bytes += len(text)
-            if self._unread_failure_bytes > _MAX_UNREAD_FAILURE_BYTES:
-                raise ProtocolError(
-                    "the peer sends requests that we must refuse but does not "
-                    f"read the replies ({self._unread_failure_bytes} bytes wait)"
-                )
-            protocol._maybe_pause_reading()
-        self._send_message(FAILURE, msg_id, text)
-
-    def _content_not_decodable(
-        self, payload: bytes | bytearray, error: Exception
-    ) -> bool:
-        """A message is well-formed but its content has a custom type that we
-        cannot deserialize (an unknown type id, a failing deserializer): answer
-        that one message with the error and keep the connection.
-
-        Returns:
-            ``False`` if the message is not well-formed after all (the caller
-            then closes the connection).
-
-        Raises:
-            ProtocolError: if it is a reply to a request never sent.
-        """
         try:
-            message = self.codec.decode_plain(payload)
-        except Exception:  # Malformed after all, or no decode_plain().
-            return False
-        if (
-            type(message) not in (list, tuple)
-            or len(message) != 3
-            or type(message[0]) is not int
-            or type(message[1]) is not int
-        ):
-            return False
-        msg_type, msg_id, _ = message
-        text = f"Cannot decode the content of message {msg_id}: {error}"
-        if msg_type == REQUEST:
+            await asyncio.wait_for(self.protocol.wait_closed(), _CLOSE_TIMEOUT)
+        except TimeoutError:
             logger.warning(
-                "Request %s from %s: %s",
-                msg_id,
+                "Aborting connection to %s: it did not close within %ss",
                 self._peername,
-                error,
-                extra={"peer": self._peername, "message_id": msg_id},
+                _CLOSE_TIMEOUT,
+                extra={"peer": self._peername},
             )
-            self._send_failure(msg_id, f"SerializationError: {text}\n")
-            return True
-        if msg_type in (RESULT, FAILURE):
-            future = self._requests.pop(msg_id)
-            if not future.done():
-                future.set_exception(SerializationError(text))
-            return True
-        return False
+            cast(asyncio.Transport, transport).abort()
+            await self.protocol.wait_closed()
 
-    def _invalid_message(self, message: Any) -> None:
-        # A malformed request whose id we can read still gets an answer, so the
-        # peer learns what is wrong instead of waiting forever.
-        if (
-            type(message) in (list, tuple)
-            and len(message) >= 2
-            and message[0] == REQUEST
-            and type(message[1]) is int
-        ):
-            self._send_failure(
-                message[1],
-                "ProtocolError: a request must be a list [0, message_id, content], "
-                f"got a {type(message).__name__} of {len(message)} elements\n",
-            )
-            return
-        raise ProtocolError(
-            "A message must be a list [msg_type, msg_id, content], "
-            f"got {_abbreviate(message)}"
-        )
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended (without closing it)."""
+        await self.protocol.wait_closed()
 
-    def _connection_error(self) -> ConnectionResetError:
+    def connection_error(self) -> ConnectionResetError:
+        """The error that calls on this channel raise once it is closed: a
+        :class:`~aiomas.exceptions.ProtocolResetError` if a protocol error
+        ended it (its ``__cause__``), else a :class:`ConnectionResetError`."""
         cause = self._closed_error
         error: ConnectionResetError
         if isinstance(cause, ProtocolError):
@@ -567,40 +421,101 @@ class Channel:
             error.__cause__ = cause
         return error
 
-    def _connection_lost(self, reason: BaseException) -> None:
+    # What ChannelProtocol tells the channel.
+
+    def event_received(self, event: Event) -> None:
+        """Handle an event of the core (called by :class:`ChannelProtocol`;
+        not for users).  A :class:`~aiomas.protocol.ProtocolViolation` never
+        gets here."""
+        if type(event) is RequestReceived:
+            request = Request(event.content, event.message_id, self.protocol)
+            handler = self.request_handler
+            if handler is not None:
+                handler(request)
+                return
+            self._incoming.append(request)
+            waiter = self._recv_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif type(event) is ResultReceived:
+            future = self._futures.pop(event.message_id, None)
+            if future is not None and not future.done():
+                future.set_result(event.content)
+        elif type(event) is FailureReceived:
+            future = self._futures.pop(event.message_id, None)
+            if future is not None and not future.done():
+                future.set_exception(RemoteException(self._peername, event.text))
+        elif type(event) is ReplyUndecodable:
+            future = self._futures.pop(event.message_id, None)
+            if future is not None and not future.done():
+                future.set_exception(event.error)
+        elif type(event) is RequestRejected:
+            self._log_rejected(event)
+
+    def _log_rejected(self, event: RequestRejected) -> None:
+        peer = self._peername
+        extra = {"peer": peer, "message_id": event.message_id}
+        if event.reason == "refused":
+            logger.warning(
+                "Refusing requests from %s: %s requests wait for the peer to "
+                "read its replies",
+                peer,
+                self._core.held_requests,
+                extra=extra,
+            )
+        elif event.reason == "undecodable":
+            logger.warning(
+                "Request %s from %s: %s",
+                event.message_id,
+                peer,
+                event.text.removeprefix("SerializationError: ").rstrip("\n"),
+                extra=extra,
+            )
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "Request %s from %s is malformed", event.message_id, peer, extra=extra
+            )
+
+    def deliver_held_requests(self) -> None:
+        """Pass requests held back while writing was paused to the request
+        handler, until writing pauses again (called by
+        :class:`ChannelProtocol`)."""
+        handler = self.request_handler
+        core = self._core
+        while handler is not None and self._closed_error is None:
+            held = core.next_held_request()
+            if held is None:
+                break
+            handler(Request(held.content, held.message_id, self.protocol))
+
+    def connection_lost(self, reason: BaseException) -> None:
+        """The connection has ended for *reason*: fail the requests waiting
+        for replies and wake :meth:`recv` (called by :class:`ChannelProtocol`)."""
         if self._closed_error is not None:
             return
         self._closed_error = reason
-        self._requests.fail_all(self._connection_error)
+        self._core.connection_lost()
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                # Each its own instance: tracebacks added while one caller
+                # handles it must not leak into another caller's.
+                future.set_exception(self.connection_error())
+        # No request comes any more; the handler (e.g. an RpcClient that holds
+        # this channel) must not keep a reference cycle alive.
+        self.request_handler = None
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
 
-def _write_joined(
-    write: Callable[[bytes | bytearray | memoryview], None],
-    chunks: list[bytes | bytearray | memoryview],
-) -> None:
-    """Write *chunks* in order, small ones joined into few writes; big ones
-    (whole frames above _JOIN_LIMIT) are not copied."""
-    group: list[bytes | bytearray | memoryview] = []
-    size = 0
-    for chunk in chunks:
-        if len(chunk) > _JOIN_LIMIT or size + len(chunk) > _JOINED_WRITE_LIMIT:
-            if group:
-                write(b"".join(group))
-                group, size = [], 0
-            if len(chunk) > _JOIN_LIMIT:
-                write(chunk)
-                continue
-        group.append(chunk)
-        size += len(chunk)
-    if group:
-        write(b"".join(group))
-
-
 class ChannelProtocol(asyncio.BufferedProtocol):
     """The asyncio protocol that connects a transport with a :class:`Channel`.
+
+    It feeds the bytes it reads into the connection's sans-I/O core
+    (:attr:`core`), hands the core's events to the channel, and writes what the
+    core has to send once per read (so replies to requests that arrived
+    together leave in one write).
 
     Args:
         codec: The codec instance for this connection (a :class:`Codec`).
@@ -625,24 +540,48 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         _check_dead_peer_timeout(dead_peer_timeout)
         self._dead_peer_timeout = dead_peer_timeout
         self.codec = codec
+        self.core = Connection(codec, max_frame_size=max_frame_size)
+        """The sans-I/O core of the connection
+        (:class:`aiomas.protocol.Connection`)."""
         self.channel: Channel | None = None
         self.transport: asyncio.BaseTransport | None = None
-        self._reader = FrameReader(max_frame_size)
+        self._write: Callable[[bytes | bytearray | memoryview], None] | None = None
         self._client_connected_cb = client_connected_cb
         # Holds the callback's task while it runs: asyncio keeps only weak
         # references to tasks.
         self._cb_task: asyncio.Future[Any] | None = None
-        self._paused = False
+        self._writing_paused = False
         # Reading is paused while our write buffer is full and we wait for no
-        # reply ourselves (see _maybe_pause_reading()).
+        # reply ourselves (see update_reading()).
         self._reading_paused = False
+        self._dispatching = False  # handling the events of one read
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
 
+    @property
+    def writing_paused(self) -> bool:
+        """Whether the transport's write buffer is full."""
+        return self._writing_paused
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether we stopped reading (see :meth:`update_reading`)."""
+        return self._reading_paused
+
+    def is_closed(self) -> bool:
+        """Whether the connection has been lost."""
+        return self._closed.done()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has been lost."""
+        await asyncio.shield(self._closed)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Create the :class:`Channel` and start the client connected callback."""
         self.transport = transport
+        # Duck typing: uvloop's transports do not subclass asyncio.Transport.
+        self._write = cast(asyncio.WriteTransport, transport).write
         if self._dead_peer_timeout is not None:
             _detect_dead_peer(transport, self._dead_peer_timeout)
         channel = Channel(self, self.codec, transport, self._loop)
@@ -692,84 +631,57 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Return the buffer the transport reads into (BufferedProtocol API)."""
-        return self._reader.get_buffer(sizehint)
+        return self.core.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        """Parse the bytes just read and dispatch complete messages."""
-        if self._error is not None:
-            return
-        try:
-            payloads = self._reader.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self._fail(exc)
-            return
-        self._dispatch(payloads)
-        self._check_reader()
+        """Hand the bytes just read to the core and dispatch its events."""
+        if self._error is None:
+            self._handle(self.core.buffer_updated(nbytes))
 
     def data_received(self, data: bytes) -> None:
-        """Buffer incoming data until a message is complete, then dispatch it.
+        """Hand *data* to the core and dispatch its events.
 
         Messages are framed by a 4-byte big-endian length header; the payload is
         ``[msg_type, msg_id, content]`` encoded with the codec.  Transports that
         support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
         instead.
         """
-        if self._error is not None:
-            return
-        try:
-            payloads = self._reader.feed(data)
-        except ProtocolError as exc:
-            self._fail(exc)
-            return
-        self._dispatch(payloads)
-        self._check_reader()
+        if self._error is None:
+            self._handle(self.core.receive_data(data))
 
-    def _check_reader(self) -> None:
-        """A bad header after the frames just dispatched ends the connection."""
-        error = self._reader.error
-        if error is not None and self._error is None:
-            self._fail(error)
-
-    def _dispatch(self, payloads: list[bytes | bytearray]) -> None:
+    def _handle(self, events: Iterator[Event]) -> None:
         channel = self.channel
         assert channel is not None
-        handle = channel._payload_received
-        if len(payloads) == 1:
-            try:
-                handle(payloads[0])
-            except ProtocolError as exc:
-                self._fail(exc)
-            return
-        # Many requests arrived at once: collect the replies that are sent right
-        # away and hand them to the transport in one write (one system call).
-        write = channel._write
-        corked: list[bytes | bytearray | memoryview] = []
-        corked_size = 0
-
-        def cork(data: bytes | bytearray | memoryview) -> None:
-            nonlocal corked, corked_size
-            corked.append(data)
-            corked_size += len(data)
-            if corked_size > _JOINED_WRITE_LIMIT:
-                # Hand it over now: the transport may pause writing, and then
-                # the rest of the requests wait (see pause_writing()).  Take
-                # the list first, in case writing calls back into us.
-                chunks, corked, corked_size = corked, [], 0
-                _write_joined(write, chunks)
-
-        channel._write = cork
+        core = self.core
+        self._dispatching = True
         try:
-            for payload in payloads:
-                try:
-                    handle(payload)
-                except ProtocolError as exc:
-                    self._fail(exc)
+            for event in events:
+                if type(event) is ProtocolViolation:
+                    self._fail(event.error)
                     return
+                channel.event_received(event)
+                if core.bytes_to_send > JOINED_WRITE_LIMIT:
+                    # Hand it over now: the transport may pause writing, and
+                    # then the rest of the requests are held back.
+                    self._write_out()
         finally:
-            channel._write = write
-            if corked and self._error is None:
-                chunks, corked = corked, []
-                _write_joined(write, chunks)
+            self._dispatching = False
+            if self._error is None:
+                self._write_out()
+        self.update_reading()
+
+    def flush(self) -> None:
+        """Write what the core has to send, unless the events of a read are
+        being handled (then it leaves with the rest, in one write)."""
+        if not self._dispatching:
+            self._write_out()
+
+    def _write_out(self) -> None:
+        write = self._write
+        if write is None or self._error is not None:
+            return
+        for chunk in self.core.data_to_send():
+            write(chunk)
 
     def _fail(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: log it and cut the connection."""
@@ -778,7 +690,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         logger.warning("Closing connection to %s: %s", peer, exc, extra={"peer": peer})
         self._error = exc
         if channel is not None:
-            channel._connection_lost(exc)
+            channel.connection_lost(exc)
         transport = self.transport
         if transport is not None:
             # Cut the connection at once: nothing more from this peer is trusted.
@@ -794,7 +706,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail pending requests and waiters with :class:`ConnectionResetError`."""
-        buffered = self._reader.buffered
+        buffered = self.core.buffered
         if buffered and self._error is None:
             peer = self.channel.peername if self.channel is not None else None
             logger.warning(
@@ -808,7 +720,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self._log_close(exc)
         reason: BaseException = self._error or exc or ConnectionResetError()
         if self.channel is not None:
-            self.channel._connection_lost(reason)
+            self.channel.connection_lost(reason)
+        else:
+            self.core.connection_lost()
+        self._write = None
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -827,59 +742,52 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             )
 
     def pause_writing(self) -> None:
-        """Set the *paused* flag: the transport's write buffer is full.
+        """The transport's write buffer is full.
 
-        Requests for a request handler (RPC) are deferred until writing resumes,
-        and reading stops while this side waits for no reply itself, so that a
-        peer that does not read its replies cannot make us buffer without bound.
+        Requests for a request handler (RPC) are held back until writing
+        resumes, and reading stops while this side waits for no reply itself,
+        so that a peer that does not read its replies cannot make us buffer
+        without bound.
         """
-        assert not self._paused
-        self._paused = True
-        self._maybe_pause_reading()
+        assert not self._writing_paused
+        self._writing_paused = True
+        self.core.pause_writing()
+        if not self._dispatching:
+            self.update_reading()
 
     def resume_writing(self) -> None:
-        """Clear the *paused* flag, wake everybody waiting in :meth:`drain`, and
-        go on reading and handling deferred requests."""
-        assert self._paused
-        self._paused = False
-        channel = self.channel
-        if channel is not None:
-            channel._unread_failure_bytes = 0
+        """Wake everybody waiting in :meth:`drain`, and go on reading and
+        handling the requests held back."""
+        assert self._writing_paused
+        self._writing_paused = False
+        self.core.resume_writing()
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if self._reading_paused:
-            self._resume_reading()
-        if channel is not None and channel._incoming:
-            # Not right here: a transport may call us from inside write().
-            self._loop.call_soon(channel._handle_deferred)
-
-    def _maybe_pause_reading(self) -> None:
-        """Stop reading if writing is paused and we wait for no reply: reading
-        on would only bring more requests to answer.  (Waiting for replies, we
-        go on reading, so that two peers can never wait for each other.)"""
+        self.update_reading()
         channel = self.channel
-        transport = self.transport
-        if (
-            self._reading_paused
-            or not self._paused
-            or channel is None
-            or len(channel._requests)
-            or transport is None
-            or transport.is_closing()
-        ):
-            return
-        pause_reading = getattr(transport, "pause_reading", None)
-        if pause_reading is not None:
-            pause_reading()
-            self._reading_paused = True
+        if channel is not None and self.core.held_requests:
+            # Not right here: a transport may call us from inside write().
+            self._loop.call_soon(channel.deliver_held_requests)
 
-    def _resume_reading(self) -> None:
-        self._reading_paused = False
+    def update_reading(self) -> None:
+        """Pause or resume reading as the core wants: reading stops while
+        writing is paused and we wait for no reply (reading on would only bring
+        more requests to answer); waiting for replies, we go on reading, so
+        that two peers can never wait for each other."""
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is None or transport.is_closing():
+            return
+        wanted = self.core.reading_wanted
+        if wanted and self._reading_paused:
+            self._reading_paused = False
             cast(asyncio.ReadTransport, transport).resume_reading()
+        elif not wanted and not self._reading_paused:
+            pause_reading = getattr(transport, "pause_reading", None)
+            if pause_reading is not None:
+                pause_reading()
+                self._reading_paused = True
 
     async def drain(self) -> None:
         """Wait until the transport accepts more data (flow control).
@@ -889,7 +797,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         """
         if self._closed.done():
             raise ConnectionResetError("Connection closed")
-        if not self._paused:
+        if not self._writing_paused:
             return
         waiter = self._loop.create_future()
         self._drain_waiters.append(waiter)
@@ -898,8 +806,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     async def write(self, len_bytes: bytes, content: bytes) -> None:
         """Write a frame (header *len_bytes* and payload *content*) and wait until
         the transport can take more data."""
-        transport = cast(asyncio.WriteTransport, self.transport)
-        transport.write(len_bytes + content)
+        if self._write is None:
+            raise ConnectionResetError("Connection closed")
+        self._write(len_bytes + content)
         await self.drain()
 
 

@@ -16,14 +16,19 @@ peer does not read its replies (and refusing them beyond a limit), the budget
 of unread failure replies, and the text of every failure reply.  Framing is
 :mod:`aiomas.wire`'s.
 
-A protocol violation by the peer ends the connection: the core returns a
-:class:`ProtocolViolation` event and ignores everything it receives afterwards.
+Events are made one at a time, as they are asked for (h11's ``next_event()``
+pattern, as an iterator): what the consumer does with one event (answering a
+request may fill the write buffer) counts for the next.  A protocol violation
+by the peer ends the connection: the core yields a :class:`ProtocolViolation`
+event and ignores everything it receives afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -136,7 +141,7 @@ Event: TypeAlias = (
     | RequestRejected
     | ProtocolViolation
 )
-"""What :meth:`Connection.receive_data` returns."""
+"""What :meth:`Connection.events` yields."""
 
 _Chunk: TypeAlias = "bytes | bytearray | memoryview"
 
@@ -187,6 +192,7 @@ class Connection:
         "_next_id",
         "_out",
         "_out_size",
+        "_payloads",
         "_pending",
         "_reader",
         "_refusing",
@@ -204,6 +210,8 @@ class Connection:
         self._encode = codec.encode
         self._decode = codec.decode
         self._reader = FrameReader(max_frame_size)
+        # Received frames whose events nobody asked for yet (see events()).
+        self._payloads: deque[bytes | bytearray] = deque()
         self._next_id = 0
         # Ids of our requests that wait for a reply.  An id stays here until its
         # reply arrives or the connection ends, even if the caller gave up on
@@ -242,6 +250,12 @@ class Connection:
         return len(self._held)
 
     @property
+    def unread_failure_bytes(self) -> int:
+        """Bytes of failure replies that the core itself sent while writing
+        was paused (see :data:`MAX_UNREAD_FAILURE_BYTES`)."""
+        return self._unread_failure_bytes
+
+    @property
     def buffered(self) -> int:
         """Received bytes of a frame that is not complete yet."""
         return self._reader.buffered
@@ -263,44 +277,47 @@ class Connection:
 
     # --- Receiving -----------------------------------------------------------
 
-    def receive_data(self, data: _Chunk) -> list[Event]:
-        """Take bytes from the peer and return the events they complete."""
-        if self._closed:
-            return []
-        try:
-            payloads = self._reader.feed(data)
-        except ProtocolError as exc:
-            return [self._violation(exc)]
-        return self._handle_payloads(payloads)
+    def receive_data(self, data: _Chunk) -> Iterator[Event]:
+        """Take bytes from the peer; return an iterator over the events they
+        complete (see :meth:`events`)."""
+        if not self._closed:
+            with contextlib.suppress(ProtocolError):  # (the reader keeps it)
+                self._payloads.extend(self._reader.feed(data))
+        return self.events()
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Return a buffer to read the next bytes into; then call
         :meth:`buffer_updated` (the :class:`asyncio.BufferedProtocol` way)."""
         return self._reader.get_buffer(sizehint)
 
-    def buffer_updated(self, nbytes: int) -> list[Event]:
-        """Account for *nbytes* read into the last :meth:`get_buffer` buffer
-        and return the events they complete."""
-        if self._closed:
-            return []
-        try:
-            payloads = self._reader.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            return [self._violation(exc)]
-        return self._handle_payloads(payloads)
+    def buffer_updated(self, nbytes: int) -> Iterator[Event]:
+        """Account for *nbytes* read into the last :meth:`get_buffer` buffer;
+        return an iterator over the events they complete (see :meth:`events`)."""
+        if not self._closed:
+            with contextlib.suppress(ProtocolError):  # (the reader keeps it)
+                self._payloads.extend(self._reader.buffer_updated(nbytes))
+        return self.events()
 
-    def _handle_payloads(self, payloads: list[bytes | bytearray]) -> list[Event]:
-        events: list[Event] = []
-        for payload in payloads:
+    def events(self) -> Iterator[Event]:
+        """Yield the events of the frames received so far, one at a time.
+
+        Each frame is looked at only when its event is asked for, so what the
+        consumer did with the events before (answering requests, which may
+        pause writing) counts for the next: a request that comes after writing
+        paused is held back (see :attr:`hold_requests`).  Frames whose events
+        were not asked for are kept for the next call.
+        """
+        payloads = self._payloads
+        while payloads:
+            events: list[Event] = []
             try:
-                self._handle_payload(payload, events)
+                self._handle_payload(payloads.popleft(), events)
             except ProtocolError as exc:
                 events.append(self._violation(exc))
-                return events
-        error = self._reader.error  # A bad header after these frames.
-        if error is not None:
-            events.append(self._violation(error))
-        return events
+            yield from events
+        error = self._reader.error  # a bad header after these frames
+        if error is not None and not self._closed:
+            yield self._violation(error)
 
     def _handle_payload(self, payload: bytes | bytearray, events: list[Event]) -> None:
         try:
@@ -407,6 +424,7 @@ class Connection:
     def _violation(self, error: ProtocolError) -> ProtocolViolation:
         self._closed = True
         self._held.clear()
+        self._payloads.clear()
         return ProtocolViolation(error)
 
     # --- Sending -------------------------------------------------------------
@@ -535,5 +553,6 @@ class Connection:
         never get a reply (and forget them)."""
         self._closed = True
         self._held.clear()
+        self._payloads.clear()
         pending, self._pending = self._pending, set()
         return sorted(pending)

@@ -615,7 +615,7 @@ class RpcClient:
         _answer(
             request,
             FAILURE,
-            "LookupError: this side of the connection serves no RPC service\n",
+            LookupError("this side of the connection serves no RPC service"),
         )
 
     def _handler_for(self, router: Router) -> Callable[[Request], None]:
@@ -679,7 +679,7 @@ def _fail_call(request: Request, exc: BaseException, peer: Any) -> None:
             exc_info=exc,
             extra={"peer": peer, "message_id": request.message_id},
         )
-    _answer(request, FAILURE, protocol.format_exception(exc))
+    _answer(request, FAILURE, exc)
 
 
 def _stops_the_process(exc: BaseException) -> bool:
@@ -744,8 +744,13 @@ def _python_signal_handlers() -> set[Any]:
 
 
 def _answer(request: Request, msg_type: int, content: Any) -> None:
+    """Answer *request* with a result (*msg_type* RESULT) or a failure
+    (FAILURE, *content* an exception), now."""
     try:
-        request._answer(msg_type, content)
+        if msg_type == RESULT:
+            request.reply_nowait(content)
+        else:
+            request.fail_nowait(content)
     except ConnectionError:
         pass  # The caller is gone; nobody waits for this answer any more.
     except (SerializationError, ValueError):
@@ -811,8 +816,8 @@ async def rpc_service_process(
     """
     if channel.request_handler is None:
         channel.set_request_handler(rpc_client._handler_for(router))
-    await asyncio.shield(channel.protocol._closed)
-    raise channel._connection_error()
+    await channel.wait_closed()
+    raise channel.connection_error()
 
 
 async def open_connection(

@@ -7,17 +7,15 @@ bytes.  The payload is a codec-encoded list ``[msg_type, msg_id, content]`` wher
 connection; a reply carries the id of the request it answers.
 
 This module only turns bytes into frames and frames into bytes
-(:class:`FrameReader`, :func:`frame`) and keeps the table of requests that wait for
-a reply (:class:`RequestTable`).  It knows nothing of sockets or transports, so it
-can be tested and fuzzed byte by byte.
+(:class:`FrameReader`, :func:`frame`); the messages inside the frames are
+:mod:`aiomas.protocol`'s.  It knows nothing of sockets or transports, so it can be
+tested and fuzzed byte by byte.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from aiomas.exceptions import ProtocolError
 
@@ -29,7 +27,6 @@ __all__ = [
     "REQUEST",
     "RESULT",
     "FrameReader",
-    "RequestTable",
     "frame",
     "frame_header",
 ]
@@ -292,55 +289,3 @@ class FrameReader:
             break
         self._start, self._end = start, end
         return payloads
-
-
-class RequestTable:
-    """Message ids and the futures of requests that wait for their reply.
-
-    Ids are consecutive integers starting at 0, unique per table (one table per
-    connection).  A future stays in the table until its reply arrives or the
-    connection ends, even if the caller cancelled it, so that a late reply is
-    recognised and dropped quietly instead of being taken for a protocol error.
-    """
-
-    __slots__ = ("_next_id", "_pending")
-
-    def __init__(self) -> None:
-        self._next_id = 0
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def add(self, future: asyncio.Future[Any]) -> int:
-        """Register *future* and return the id for its request."""
-        msg_id = self._next_id
-        self._next_id = msg_id + 1
-        self._pending[msg_id] = future
-        return msg_id
-
-    def discard(self, msg_id: int) -> None:
-        """Forget *msg_id* (e.g. when its request could not be sent)."""
-        self._pending.pop(msg_id, None)
-
-    def pop(self, msg_id: int) -> asyncio.Future[Any]:
-        """Remove and return the future waiting for the reply to *msg_id*.
-
-        Raises:
-            ProtocolError: if no request with this id is waiting for a reply.
-        """
-        try:
-            return self._pending.pop(msg_id)
-        except (KeyError, TypeError):
-            raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
-
-    def fail_all(self, make_exc: Callable[[], BaseException]) -> None:
-        """Fail every waiting future with an exception from *make_exc*.
-
-        Each future gets its own exception instance, so that tracebacks added
-        while one caller handles it do not leak into another caller's.
-        """
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(make_exc())

@@ -3,9 +3,9 @@ and IPv6, unix domain sockets, TLS and LocalQueue, each on asyncio's default
 loop and on uvloop (whose transports are duck-typed: they do not subclass
 asyncio's transport classes).
 
-Every test here runs once per transport and loop (see ``endpoint`` and
-``pytest_asyncio_loop_factories`` in conftest.py); what one transport does, all
-must do.
+Every test here runs once per transport and loop (see ``endpoint`` in
+tests/conftest.py and ``pytest_asyncio_loop_factories`` in this directory's
+conftest.py); what one transport does, all must do.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import aiomas
 from aiomas import local_queue
 from aiomas.rpc import ServiceDict, expose
 
-from .conftest import Endpoint, TLSFiles
-from .helpers import echo_forever
+from ..conftest import Endpoint, TLSFiles
+from ..helpers import echo_forever
 
 WAIT = 10.0
 
