@@ -325,6 +325,7 @@ def test_unread_failure_replies_have_a_budget() -> None:
     events = list(server.receive_data(malformed * count))
     assert isinstance(events[-1], ProtocolViolation)
     assert "does not read the replies" in str(events[-1].error)
+    assert server.unread_failure_bytes > protocol.MAX_UNREAD_FAILURE_BYTES
     assert all(isinstance(e, RequestRejected) for e in events[:-1])
     # Reading the replies (writing resumes) resets the budget.
     other = Connection(JSON())
@@ -342,7 +343,7 @@ def test_connection_lost_returns_the_requests_left_waiting() -> None:
     for _ in range(3):
         conn.send_request(None)
     list(conn.receive_data(jframe([1, 1, None])))
-    assert conn.connection_lost() == [0, 2]
+    assert list(conn.connection_lost()) == [0, 2]
     assert conn.closed
     assert conn.waiting_for_replies == 0
     assert list(conn.receive_data(jframe([1, 0, None]))) == []

@@ -65,7 +65,7 @@ class MessageIds(RuleBasedStateMachine):
     @rule()
     def close(self) -> None:
         waiting = self.conn.connection_lost()
-        assert waiting == self.pending()
+        assert list(waiting) == self.pending()
         for msg_id in waiting:
             self.ended[msg_id] = "lost"
         self.closed = True

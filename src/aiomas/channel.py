@@ -254,7 +254,6 @@ class Channel:
         "__weakref__",
         "_closed_error",
         "_core",
-        "_futures",
         "_incoming",
         "_loop",
         "_peername",
@@ -280,10 +279,6 @@ class Channel:
         self._loop = loop
         self._core = protocol.core
         self._peername = transport.get_extra_info("peername")
-        # The futures of our requests by message id.  A cancelled one stays
-        # until its reply arrives (and is dropped quietly) or the connection
-        # ends.
-        self._futures: dict[int, asyncio.Future[Any]] = {}
         self._incoming: deque[Request] = deque()  # for recv()
         self._recv_waiter: asyncio.Future[None] | None = None
         self._closed_error: BaseException | None = None
@@ -308,7 +303,7 @@ class Channel:
     def waiting_for_replies(self) -> int:
         """How many of our requests wait for their reply (including cancelled
         ones whose reply has not arrived)."""
-        return len(self._futures)
+        return self._core.waiting_for_replies
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """Return transport information *name* (see
@@ -331,9 +326,11 @@ class Channel:
         """
         if self._closed_error is not None:
             raise self.connection_error()
-        msg_id = self._core.send_request(content)
+        # The core keeps the future with the request's id; a cancelled one
+        # stays until its reply arrives (and is dropped quietly) or the
+        # connection ends.
         future = self._loop.create_future()
-        self._futures[msg_id] = future
+        self._core.send_request(content, future)
         protocol = self.protocol
         protocol.flush()
         # We stopped reading because the peer did not read our replies; now
@@ -438,16 +435,16 @@ class Channel:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         elif type(event) is ResultReceived:
-            future = self._futures.pop(event.message_id, None)
-            if future is not None and not future.done():
+            future = event.token
+            if not future.done():
                 future.set_result(event.content)
         elif type(event) is FailureReceived:
-            future = self._futures.pop(event.message_id, None)
-            if future is not None and not future.done():
+            future = event.token
+            if not future.done():
                 future.set_exception(RemoteException(self._peername, event.text))
         elif type(event) is ReplyUndecodable:
-            future = self._futures.pop(event.message_id, None)
-            if future is not None and not future.done():
+            future = event.token
+            if not future.done():
                 future.set_exception(event.error)
         elif type(event) is RequestRejected:
             self._log_rejected(event)
@@ -494,9 +491,7 @@ class Channel:
         if self._closed_error is not None:
             return
         self._closed_error = reason
-        self._core.connection_lost()
-        futures, self._futures = self._futures, {}
-        for future in futures.values():
+        for future in self._core.connection_lost().values():
             if not future.done():
                 # Each its own instance: tracebacks added while one caller
                 # handles it must not leak into another caller's.

@@ -86,28 +86,34 @@ class RequestReceived:
 
 @dataclass(frozen=True, slots=True)
 class ResultReceived:
-    """The peer answered our request *message_id* with *content*."""
+    """The peer answered our request *message_id* with *content*; *token* is
+    what :meth:`Connection.send_request` got for it."""
 
     message_id: int
     content: Any
+    token: Any = None
 
 
 @dataclass(frozen=True, slots=True)
 class FailureReceived:
     """The peer answered our request *message_id* with a failure; *text* is
-    its description (a traceback, for aiomas peers)."""
+    its description (a traceback, for aiomas peers).  *token*: see
+    :class:`ResultReceived`."""
 
     message_id: int
     text: str
+    token: Any = None
 
 
 @dataclass(frozen=True, slots=True)
 class ReplyUndecodable:
     """The reply to our request *message_id* is well-formed, but its content
-    cannot be deserialized (e.g. an unknown custom type id)."""
+    cannot be deserialized (e.g. an unknown custom type id).  *token*: see
+    :class:`ResultReceived`."""
 
     message_id: int
     error: DecodeError
+    token: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +222,7 @@ class Connection:
         # Ids of our requests that wait for a reply.  An id stays here until its
         # reply arrives or the connection ends, even if the caller gave up on
         # it, so that a late reply is told from a reply to a request never sent.
-        self._pending: set[int] = set()
+        self._pending: dict[int, Any] = {}  # message id -> token
         self._out: list[_Chunk] = []
         self._out_size = 0
         self._writing_paused = False
@@ -308,26 +314,26 @@ class Connection:
         were not asked for are kept for the next call.
         """
         payloads = self._payloads
+        handle = self._handle_payload
         while payloads:
-            events: list[Event] = []
             try:
-                self._handle_payload(payloads.popleft(), events)
+                event = handle(payloads.popleft())
             except ProtocolError as exc:
-                events.append(self._violation(exc))
-            yield from events
+                event = self._violation(exc)
+            if event is not None:
+                yield event
         error = self._reader.error  # a bad header after these frames
         if error is not None and not self._closed:
             yield self._violation(error)
 
-    def _handle_payload(self, payload: bytes | bytearray, events: list[Event]) -> None:
+    def _handle_payload(self, payload: bytes | bytearray) -> Event | None:
+        """The event of one frame (a frame makes at most one)."""
         try:
             message = self._decode(payload)
         except Exception as exc:
-            self._content_not_decodable(payload, exc, events)
-            return
+            return self._content_not_decodable(payload, exc)
         if type(message) not in (list, tuple) or len(message) != 3:
-            self._invalid_message(message, events)
-            return
+            return self._invalid_message(message)
         msg_type, msg_id, content = message
         if type(msg_id) is not int or type(msg_type) is not int:
             raise ProtocolError(
@@ -336,42 +342,46 @@ class Connection:
         if msg_type == REQUEST:
             request = RequestReceived(msg_id, content)
             if self.hold_requests and (self._writing_paused or self._held):
-                self._hold(request, events)
-            else:
-                events.append(request)
-        elif msg_type == RESULT:
-            self._reply_arrived(msg_id)
-            events.append(ResultReceived(msg_id, content))
-        elif msg_type == FAILURE:
-            self._reply_arrived(msg_id)
-            events.append(FailureReceived(msg_id, failure_text(content)))
-        else:
-            raise ProtocolError(f"Unknown message type {msg_type!r}")
+                return self._hold(request)
+            return request
+        if msg_type == RESULT:
+            return ResultReceived(msg_id, content, self._reply_arrived(msg_id))
+        if msg_type == FAILURE:
+            token = self._reply_arrived(msg_id)
+            return FailureReceived(msg_id, failure_text(content), token)
+        raise ProtocolError(f"Unknown message type {msg_type!r}")
 
-    def _reply_arrived(self, msg_id: int) -> None:
+    def _reply_arrived(self, msg_id: int) -> Any:
+        """Forget request *msg_id*, now answered; return its token."""
+        pending = self._pending
         try:
-            self._pending.remove(msg_id)
+            token = pending.pop(msg_id)
         except KeyError:
             raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
+        if not pending:
+            # A dict keeps its size after a burst of calls: start afresh.
+            self._pending = {}
+        return token
 
-    def _hold(self, request: RequestReceived, events: list[Event]) -> None:
+    def _hold(self, request: RequestReceived) -> RequestRejected | None:
         """Our write buffer is full (the peer does not read its replies): hold
         the request back, or refuse it if too many wait already."""
         if len(self._held) < MAX_HELD_REQUESTS:
             self._held.append(request)
-            return
+            return None
         text = (
             f"RuntimeError: overloaded: {len(self._held)} requests wait "
             "until you read the replies to earlier ones\n"
         )
         self._send_own_failure(request.message_id, text)
-        if not self._refusing:  # Reported once per flood, not per request.
-            self._refusing = True
-            events.append(RequestRejected(request.message_id, "refused", text))
+        if self._refusing:  # Reported once per flood, not per request.
+            return None
+        self._refusing = True
+        return RequestRejected(request.message_id, "refused", text)
 
     def _content_not_decodable(
-        self, payload: bytes | bytearray, error: Exception, events: list[Event]
-    ) -> None:
+        self, payload: bytes | bytearray, error: Exception
+    ) -> RequestRejected | ReplyUndecodable:
         """A message whose content has a custom type that cannot be
         deserialized (an unknown type id, a failing deserializer) is answered
         (a request) or reported (a reply) on its own; anything else that does
@@ -393,14 +403,13 @@ class Connection:
         if msg_type == REQUEST:
             failure = f"SerializationError: {text}\n"
             self._send_own_failure(msg_id, failure)
-            events.append(RequestRejected(msg_id, "undecodable", failure))
-            return
-        self._reply_arrived(msg_id)
+            return RequestRejected(msg_id, "undecodable", failure)
+        token = self._reply_arrived(msg_id)
         decode_error = DecodeError(text)
         decode_error.__cause__ = error
-        events.append(ReplyUndecodable(msg_id, decode_error))
+        return ReplyUndecodable(msg_id, decode_error, token)
 
-    def _invalid_message(self, message: Any, events: list[Event]) -> None:
+    def _invalid_message(self, message: Any) -> RequestRejected:
         # A malformed request whose id we can read still gets an answer, so the
         # peer learns what is wrong instead of waiting forever.
         if (
@@ -414,8 +423,7 @@ class Connection:
                 f"got a {type(message).__name__} of {len(message)} elements\n"
             )
             self._send_own_failure(message[1], text)
-            events.append(RequestRejected(message[1], "malformed", text))
-            return
+            return RequestRejected(message[1], "malformed", text)
         raise ProtocolError(
             "A message must be a list [msg_type, msg_id, content], "
             f"got {abbreviate(message)}"
@@ -429,8 +437,13 @@ class Connection:
 
     # --- Sending -------------------------------------------------------------
 
-    def send_request(self, content: Any) -> int:
+    def send_request(self, content: Any, token: Any = None) -> int:
         """Send a request with *content*; return its message id.
+
+        *token* is kept until the reply arrives and comes back with the reply's
+        event (or from :meth:`connection_lost`): the user's handle of the
+        request, e.g. the future that waits for it.  So the ids of the
+        requests in flight are in one table, the core's.
 
         Raises:
             SerializationError: if *content* cannot be encoded (nothing is
@@ -440,7 +453,7 @@ class Connection:
         msg_id = self._next_id
         self._next_id = msg_id + 1
         self._send(REQUEST, msg_id, content)
-        self._pending.add(msg_id)
+        self._pending[msg_id] = token
         return msg_id
 
     def send_result(self, message_id: int, content: Any) -> None:
@@ -548,11 +561,12 @@ class Connection:
             self._refusing = False
         return request
 
-    def connection_lost(self) -> list[int]:
-        """The connection has ended: return the ids of our requests that will
-        never get a reply (and forget them)."""
+    def connection_lost(self) -> dict[int, Any]:
+        """The connection has ended: return the ids (and tokens) of our
+        requests that will never get a reply, in the order they were sent, and
+        forget them."""
         self._closed = True
         self._held.clear()
         self._payloads.clear()
-        pending, self._pending = self._pending, set()
-        return sorted(pending)
+        pending, self._pending = self._pending, {}
+        return pending
