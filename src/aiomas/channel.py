@@ -204,11 +204,17 @@ class Request:
                 reply that says so.
             ConnectionResetError: if the connection is closed.
         """
-        core = self._start_answer()
+        if self._answered:
+            raise RuntimeError(f"Request {self.message_id} was already answered")
+        protocol = self._protocol
+        core = protocol.core
+        if core.closed:
+            raise ConnectionResetError("Connection closed")
+        self._answered = True
         try:
             core.send_result(self.message_id, result)
         finally:
-            self._protocol.flush()
+            protocol.flush()
 
     def fail_nowait(self, exception: BaseException) -> None:
         """Answer with a failure described by *exception* now (see
@@ -333,9 +339,10 @@ class Channel:
         self._core.send_request(content, future)
         protocol = self.protocol
         protocol.flush()
-        # We stopped reading because the peer did not read our replies; now
-        # we wait for a reply of our own and must read again.
-        protocol.update_reading()
+        if protocol.reading_paused:
+            # We stopped reading because the peer did not read our replies;
+            # now we wait for a reply of our own and must read again.
+            protocol.update_reading()
         return future
 
     def set_request_handler(self, handler: Callable[[Request], None]) -> None:
@@ -535,9 +542,12 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         _check_dead_peer_timeout(dead_peer_timeout)
         self._dead_peer_timeout = dead_peer_timeout
         self.codec = codec
-        self.core = Connection(codec, max_frame_size=max_frame_size)
+        self.core = core = Connection(codec, max_frame_size=max_frame_size)
         """The sans-I/O core of the connection
         (:class:`aiomas.protocol.Connection`)."""
+        # The transport reads straight into the core's buffer (the
+        # BufferedProtocol API's get_buffer()).
+        self.get_buffer = core.get_buffer  # type: ignore[method-assign]
         self.channel: Channel | None = None
         self.transport: asyncio.BaseTransport | None = None
         self._write: Callable[[bytes | bytearray | memoryview], None] | None = None
@@ -545,24 +555,16 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         # Holds the callback's task while it runs: asyncio keeps only weak
         # references to tasks.
         self._cb_task: asyncio.Future[Any] | None = None
-        self._writing_paused = False
-        # Reading is paused while our write buffer is full and we wait for no
-        # reply ourselves (see update_reading()).
-        self._reading_paused = False
+        self.writing_paused = False
+        """Whether the transport's write buffer is full (read it; don't set
+        it)."""
+        self.reading_paused = False
+        """Whether we stopped reading: while our write buffer is full and we
+        wait for no reply ourselves (see :meth:`update_reading`)."""
         self._dispatching = False  # handling the events of one read
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
-
-    @property
-    def writing_paused(self) -> bool:
-        """Whether the transport's write buffer is full."""
-        return self._writing_paused
-
-    @property
-    def reading_paused(self) -> bool:
-        """Whether we stopped reading (see :meth:`update_reading`)."""
-        return self._reading_paused
 
     def is_closed(self) -> bool:
         """Whether the connection has been lost."""
@@ -624,10 +626,6 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.close()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        """Return the buffer the transport reads into (BufferedProtocol API)."""
-        return self.core.get_buffer(sizehint)
-
     def buffer_updated(self, nbytes: int) -> None:
         """Hand the bytes just read to the core and dispatch its events."""
         if self._error is None:
@@ -661,14 +659,15 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                     self._write_out()
         finally:
             self._dispatching = False
-            if self._error is None:
+            if core.bytes_to_send:
                 self._write_out()
-        self.update_reading()
+        if self.writing_paused or self.reading_paused:
+            self.update_reading()
 
     def flush(self) -> None:
         """Write what the core has to send, unless the events of a read are
         being handled (then it leaves with the rest, in one write)."""
-        if not self._dispatching:
+        if self.core.bytes_to_send and not self._dispatching:
             self._write_out()
 
     def _write_out(self) -> None:
@@ -744,8 +743,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         so that a peer that does not read its replies cannot make us buffer
         without bound.
         """
-        assert not self._writing_paused
-        self._writing_paused = True
+        assert not self.writing_paused
+        self.writing_paused = True
         self.core.pause_writing()
         if not self._dispatching:
             self.update_reading()
@@ -753,8 +752,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """Wake everybody waiting in :meth:`drain`, and go on reading and
         handling the requests held back."""
-        assert self._writing_paused
-        self._writing_paused = False
+        assert self.writing_paused
+        self.writing_paused = False
         self.core.resume_writing()
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
@@ -775,14 +774,14 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         wanted = self.core.reading_wanted
-        if wanted and self._reading_paused:
-            self._reading_paused = False
+        if wanted and self.reading_paused:
+            self.reading_paused = False
             cast(asyncio.ReadTransport, transport).resume_reading()
-        elif not wanted and not self._reading_paused:
+        elif not wanted and not self.reading_paused:
             pause_reading = getattr(transport, "pause_reading", None)
             if pause_reading is not None:
                 pause_reading()
-                self._reading_paused = True
+                self.reading_paused = True
 
     async def drain(self) -> None:
         """Wait until the transport accepts more data (flow control).
@@ -792,7 +791,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         """
         if self._closed.done():
             raise ConnectionResetError("Connection closed")
-        if not self._writing_paused:
+        if not self.writing_paused:
             return
         waiter = self._loop.create_future()
         self._drain_waiters.append(waiter)

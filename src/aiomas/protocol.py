@@ -37,6 +37,7 @@ from aiomas.exceptions import DecodeError, ProtocolError, SerializationError
 from aiomas.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     FAILURE,
+    HEADER_SIZE,
     REQUEST,
     RESULT,
     FrameReader,
@@ -191,19 +192,19 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed",
         "_decode",
         "_encode",
         "_held",
         "_next_id",
         "_out",
-        "_out_size",
         "_payloads",
         "_pending",
         "_reader",
         "_refusing",
         "_unread_failure_bytes",
         "_writing_paused",
+        "bytes_to_send",
+        "closed",
         "codec",
         "hold_requests",
     )
@@ -224,7 +225,8 @@ class Connection:
         # it, so that a late reply is told from a reply to a request never sent.
         self._pending: dict[int, Any] = {}  # message id -> token
         self._out: list[_Chunk] = []
-        self._out_size = 0
+        self.bytes_to_send = 0
+        """Bytes waiting in :meth:`data_to_send` (read it; don't set it)."""
         self._writing_paused = False
         self.hold_requests = False
         """Hold requests back while writing is paused (see
@@ -234,15 +236,11 @@ class Connection:
         self._held: deque[RequestReceived] = deque()
         self._refusing = False
         self._unread_failure_bytes = 0
-        self._closed = False
+        self.closed = False
+        """Whether the connection has ended (:meth:`connection_lost`, or a
+        protocol violation).  Read it; don't set it."""
 
     # --- State ---------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        """Whether the connection has ended (:meth:`connection_lost`, or a
-        protocol violation)."""
-        return self._closed
 
     @property
     def waiting_for_replies(self) -> int:
@@ -267,11 +265,6 @@ class Connection:
         return self._reader.buffered
 
     @property
-    def bytes_to_send(self) -> int:
-        """Bytes waiting in :meth:`data_to_send`."""
-        return self._out_size
-
-    @property
     def reading_wanted(self) -> bool:
         """Whether to go on reading.
 
@@ -279,14 +272,14 @@ class Connection:
         reading on would only bring more requests to answer.  Waiting for
         replies, we go on reading, so that two peers never wait for each other.
         """
-        return not (self._writing_paused and not self._pending and not self._closed)
+        return not (self._writing_paused and not self._pending and not self.closed)
 
     # --- Receiving -----------------------------------------------------------
 
     def receive_data(self, data: _Chunk) -> Iterator[Event]:
         """Take bytes from the peer; return an iterator over the events they
         complete (see :meth:`events`)."""
-        if not self._closed:
+        if not self.closed:
             with contextlib.suppress(ProtocolError):  # (the reader keeps it)
                 self._payloads.extend(self._reader.feed(data))
         return self.events()
@@ -299,7 +292,7 @@ class Connection:
     def buffer_updated(self, nbytes: int) -> Iterator[Event]:
         """Account for *nbytes* read into the last :meth:`get_buffer` buffer;
         return an iterator over the events they complete (see :meth:`events`)."""
-        if not self._closed:
+        if not self.closed:
             with contextlib.suppress(ProtocolError):  # (the reader keeps it)
                 self._payloads.extend(self._reader.buffer_updated(nbytes))
         return self.events()
@@ -323,7 +316,7 @@ class Connection:
             if event is not None:
                 yield event
         error = self._reader.error  # a bad header after these frames
-        if error is not None and not self._closed:
+        if error is not None and not self.closed:
             yield self._violation(error)
 
     def _handle_payload(self, payload: bytes | bytearray) -> Event | None:
@@ -430,7 +423,7 @@ class Connection:
         )
 
     def _violation(self, error: ProtocolError) -> ProtocolViolation:
-        self._closed = True
+        self.closed = True
         self._held.clear()
         self._payloads.clear()
         return ProtocolViolation(error)
@@ -496,13 +489,14 @@ class Connection:
 
     def _send(self, msg_type: int, msg_id: int, content: Any) -> None:
         payload = self._encode([msg_type, msg_id, content])
-        header = frame_header(len(payload))
-        if len(payload) <= JOIN_LIMIT:
+        size = len(payload)
+        header = frame_header(size)
+        if size <= JOIN_LIMIT:
             self._out.append(header + payload)
         else:
             self._out.append(header)
             self._out.append(payload)
-        self._out_size += len(header) + len(payload)
+        self.bytes_to_send += HEADER_SIZE + size
 
     def data_to_send(self) -> list[_Chunk]:
         """Return (and forget) the bytes to write, in order.
@@ -515,7 +509,7 @@ class Connection:
         if not out:
             return []
         self._out = []
-        self._out_size = 0
+        self.bytes_to_send = 0
         if len(out) == 1:
             return out
         chunks: list[_Chunk] = []
@@ -565,7 +559,7 @@ class Connection:
         """The connection has ended: return the ids (and tokens) of our
         requests that will never get a reply, in the order they were sent, and
         forget them."""
-        self._closed = True
+        self.closed = True
         self._held.clear()
         self._payloads.clear()
         pending, self._pending = self._pending, {}

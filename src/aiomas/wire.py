@@ -114,11 +114,11 @@ class FrameReader:
         "_buf",
         "_buffer_size",
         "_end",
-        "_error",
         "_max_frame_size",
         "_stage",
         "_start",
         "_view",
+        "error",
     )
 
     def __init__(
@@ -149,14 +149,10 @@ class FrameReader:
         # Receives the start of frames above _BIG_FRAME_START (made once, when
         # the first such frame arrives, then reused).
         self._stage: bytearray | None = None
-        self._error: ProtocolError | None = None
-
-    @property
-    def error(self) -> ProtocolError | None:
+        self.error: ProtocolError | None = None
         """The protocol error found right after the frames that the last call
         returned (they came before it in the stream); every later call raises
-        it.  ``None`` while the stream is fine."""
-        return self._error
+        it.  ``None`` while the stream is fine.  (Read it; don't set it.)"""
 
     @property
     def max_frame_size(self) -> int:
@@ -219,8 +215,8 @@ class FrameReader:
                 it), or an earlier call found one.  The reader is unusable
                 afterwards.
         """
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         big = self._big
         if big is not None:
             self._big_filled += nbytes
@@ -237,12 +233,12 @@ class FrameReader:
         Raises:
             ProtocolError: see :meth:`buffer_updated`.
         """
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         payloads: list[bytes | bytearray] = []
         source = memoryview(data).cast("B")
         pos, total = 0, len(source)
-        while pos < total and self._error is None:
+        while pos < total and self.error is None:
             target = self.get_buffer()
             n = min(len(target), total - pos)
             target[:n] = source[pos : pos + n]
@@ -252,7 +248,7 @@ class FrameReader:
             except ProtocolError:
                 if not payloads:
                     raise
-                break  # (self._error tells the caller, after these payloads)
+                break  # (self.error tells the caller, after these payloads)
         return payloads
 
     def _parse(self) -> list[bytes | bytearray]:
@@ -263,13 +259,13 @@ class FrameReader:
             (size,) = _unpack_header(buf, start)
             if size > self._max_frame_size:
                 self._start = self._end = 0
-                self._error = ProtocolError(
+                self.error = ProtocolError(
                     f"Frame of {size} bytes exceeds max_frame_size "
                     f"({self._max_frame_size} bytes)"
                 )
                 if payloads:
                     return payloads  # The frames before it count.
-                raise self._error
+                raise self.error
             frame_end = start + HEADER_SIZE + size
             if frame_end <= end:
                 payloads.append(bytes(self._view[start + HEADER_SIZE : frame_end]))
