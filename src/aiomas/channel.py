@@ -667,15 +667,17 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def flush(self) -> None:
         """Write what the core has to send, unless the events of a read are
         being handled (then it leaves with the rest, in one write)."""
-        if self.core.bytes_to_send and not self._dispatching:
-            self._write_out()
+        core = self.core
+        write = self._write
+        if core.bytes_to_send and not self._dispatching and write is not None:
+            for chunk in core.data_to_send():
+                write(chunk)
 
     def _write_out(self) -> None:
         write = self._write
-        if write is None or self._error is not None:
-            return
-        for chunk in self.core.data_to_send():
-            write(chunk)
+        if write is not None:
+            for chunk in self.core.data_to_send():
+                write(chunk)
 
     def _fail(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: log it and cut the connection."""
@@ -683,6 +685,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         peer = channel.peername if channel is not None else None
         logger.warning("Closing connection to %s: %s", peer, exc, extra={"peer": peer})
         self._error = exc
+        self._write = None  # Nothing more goes out to this peer either.
         if channel is not None:
             channel.connection_lost(exc)
         transport = self.transport

@@ -25,7 +25,6 @@ event and ignores everything it receives afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -206,6 +205,7 @@ class Connection:
         "bytes_to_send",
         "closed",
         "codec",
+        "get_buffer",
         "hold_requests",
     )
 
@@ -216,7 +216,11 @@ class Connection:
         """The codec that encodes and decodes this connection's messages."""
         self._encode = codec.encode
         self._decode = codec.decode
-        self._reader = FrameReader(max_frame_size)
+        self._reader = reader = FrameReader(max_frame_size)
+        self.get_buffer = reader.get_buffer
+        """``get_buffer(sizehint=-1)``: return a buffer to read the next bytes
+        into; then call :meth:`buffer_updated` (the
+        :class:`asyncio.BufferedProtocol` way)."""
         # Received frames whose events nobody asked for yet (see events()).
         self._payloads: deque[bytes | bytearray] = deque()
         self._next_id = 0
@@ -280,21 +284,20 @@ class Connection:
         """Take bytes from the peer; return an iterator over the events they
         complete (see :meth:`events`)."""
         if not self.closed:
-            with contextlib.suppress(ProtocolError):  # (the reader keeps it)
+            try:
                 self._payloads.extend(self._reader.feed(data))
+            except ProtocolError:
+                pass  # (The reader keeps it: events() reports it.)
         return self.events()
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Return a buffer to read the next bytes into; then call
-        :meth:`buffer_updated` (the :class:`asyncio.BufferedProtocol` way)."""
-        return self._reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> Iterator[Event]:
         """Account for *nbytes* read into the last :meth:`get_buffer` buffer;
         return an iterator over the events they complete (see :meth:`events`)."""
         if not self.closed:
-            with contextlib.suppress(ProtocolError):  # (the reader keeps it)
+            try:
                 self._payloads.extend(self._reader.buffer_updated(nbytes))
+            except ProtocolError:
+                pass  # (The reader keeps it: events() reports it.)
         return self.events()
 
     def events(self) -> Iterator[Event]:
