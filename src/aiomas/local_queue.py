@@ -447,7 +447,6 @@ class LocalQueueTransport(asyncio.Transport):
         self._closing = False  # set by close(), abort() and a reset by the peer
         self._aborted = False  # abort() or reset: the connection's data is gone
         self._lost = False  # connection_lost() was called (or is due now)
-        self._paused = False  # pause_reading()
         self._high = _DEFAULT_HIGH_WATER
         self._low = _DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False  # pause_writing() called
@@ -475,21 +474,20 @@ class LocalQueueTransport(asyncio.Transport):
 
     def is_reading(self) -> bool:
         """Whether received data is handed to the protocol."""
-        return not self._paused and not self._closing
+        return not self._recv.paused and not self._closing
 
     def pause_reading(self) -> None:
         """Hold received data (and the end of stream) until :meth:`resume_reading`."""
         if not self._closing:
-            self._paused = True
+            self._recv.paused = True
 
     def resume_reading(self) -> None:
         """Hand received data to the protocol again, starting with what was held.
 
         The data arrives in later loop callbacks, not within this call.
         """
-        if self._paused and not self._closing:
-            self._paused = False
-            self._recv.release()
+        if self._recv.paused and not self._closing:
+            self._recv.resume()
 
     def set_write_buffer_limits(
         self, high: int | None = None, low: int | None = None
@@ -598,13 +596,8 @@ class LocalQueueTransport(asyncio.Transport):
             # Data the peer wrote before this end existed.
             self._recv.release()
 
-    def _receive(self) -> None:
-        """Hand the oldest received chunk to the protocol (if it may read)."""
-        if self._closing or self._paused:
-            # Held until resume_reading(); a closing end has dropped it.
-            return
-        recv = self._recv
-        data = recv.take()
+    def _receive(self, data: bytes | None) -> None:
+        """Hand *data*, the oldest received chunk, to the protocol."""
         if data is None:
             self._eof_received()
             return
@@ -619,7 +612,7 @@ class LocalQueueTransport(asyncio.Transport):
             self._report(exc, "Fatal error: the protocol failed to receive data")
             self._abort(exc)
             return
-        recv.taken(taken)
+        self._recv.taken(taken)
 
     def _feed_buffered(self, protocol: asyncio.BufferedProtocol, data: bytes) -> int:
         """Copy *data* into the protocol's buffers; return the bytes taken."""
@@ -638,7 +631,7 @@ class LocalQueueTransport(asyncio.Transport):
                 buffer[:size] = view[offset : offset + size]
             offset += size
             protocol.buffer_updated(size)
-            if self._closing or self._paused:
+            if self._closing or self._recv.paused:
                 break
         if offset < len(view) and not self._closing:
             self._recv.give_back(data[offset:])
@@ -722,11 +715,10 @@ class _Pipe(asyncio.Queue[bytes | None]):
     """One direction of a connection, shared by its writing and its reading end.
 
     The pipe is the :data:`DataQueue` of its direction: it holds the chunks
-    written and not yet delivered (``None`` marks the end of the stream).  It
-    also counts the bytes written and not yet taken by the reader (the writer's
-    buffer), schedules one delivery callback per chunk, and tells each end what
-    the other did, through the callbacks the ends attached.  It calls nothing
-    else of theirs.
+    written and not yet delivered (``None`` marks the end of the stream), counts
+    the bytes the reader has not taken yet (the writer's buffer), and schedules
+    one delivery callback per chunk.  It tells each end what the other did
+    through the callbacks the ends attached, and calls nothing else of theirs.
     """
 
     def __init__(self) -> None:
@@ -738,6 +730,8 @@ class _Pipe(asyncio.Queue[bytes | None]):
         """The end writing to this pipe (compared, never called), or ``None``."""
         self.pending = 0
         """Bytes put and not yet taken by the reader: the writer's buffer size."""
+        self.paused = False
+        """Whether the reader holds its chunks (see :meth:`resume`)."""
         self.closed = False
         """Whether the reader stopped reading (or the pipe was reset)."""
         self.on_reader_done: Callable[[], object] = _ignore
@@ -748,20 +742,24 @@ class _Pipe(asyncio.Queue[bytes | None]):
         # The rest of a chunk that a BufferedProtocol did not take before it
         # paused reading; it comes before the queued chunks.
         self._remainder = b""
-        self._receive: Callable[[], None] | None = None
-        self._reader_reset: Callable[[], None] = _ignore
-        self._drained: Callable[[], None] = _ignore
-        self._writer_reset: Callable[[], None] = _ignore
+        self._receive: Callable[[bytes | None], object] = _ignore
+        self._reader_reset: Callable[[], object] = _ignore
+        self._drained: Callable[[], object] = _ignore
+        self._writer_reset: Callable[[], object] = _ignore
 
     def attach_reader(
-        self, reader: object, receive: Callable[[], None], reset: Callable[[], None]
+        self,
+        reader: object,
+        receive: Callable[[bytes | None], object],
+        reset: Callable[[], object],
     ) -> None:
         """Make *reader* the reading end.
 
         Args:
             reader: The end (for :attr:`reader`).
-            receive: Called once per chunk put, in a loop callback of its own;
-                it may :meth:`take` the oldest chunk.
+            receive: Gets the chunks, one per loop callback, unless
+                :attr:`paused` or :attr:`closed`; it reports what it took
+                with :meth:`taken`.
             reset: Called when the pipe is :meth:`reset`.
         """
         self.reader = reader
@@ -769,7 +767,7 @@ class _Pipe(asyncio.Queue[bytes | None]):
         self._reader_reset = reset
 
     def attach_writer(
-        self, writer: object, drained: Callable[[], None], reset: Callable[[], None]
+        self, writer: object, drained: Callable[[], object], reset: Callable[[], object]
     ) -> None:
         """Make *writer* the writing end.
 
@@ -784,11 +782,11 @@ class _Pipe(asyncio.Queue[bytes | None]):
 
     def detach_reader(self) -> None:
         """The reader has lost its connection: free the pipe's reading end."""
-        self.reader = self._receive = None
+        self.reader = None
         self.on_reader_done()
 
     def append(self, chunk: bytes | None) -> None:
-        """Append *chunk* (``None``: the end of the stream) unless :attr:`closed`.
+        """Add *chunk* (``None``: the end of the stream), unless :attr:`closed`.
 
         If a reader is attached, one delivery callback is scheduled for it.
         """
@@ -797,40 +795,40 @@ class _Pipe(asyncio.Queue[bytes | None]):
         self.put_nowait(chunk)
         if chunk is not None:
             self.pending += len(chunk)
-        receive = self._receive
-        if receive is not None:
+        if self.reader is not None:
             self._scheduled += 1
-            self._call_soon(self._deliver, receive)
+            self._call_soon(self._deliver)
+
+    def resume(self) -> None:
+        """Stop holding the chunks; deliver the held ones, in later callbacks."""
+        self.paused = False
+        self.release()
 
     def release(self) -> None:
         """Schedule the delivery of held chunks (those without a callback).
 
-        The reader calls this when it starts or resumes reading.  Exactly one
-        callback per chunk keeps the chunks of other connections in their
-        places in the global order.
+        The reader calls this when it starts reading.  Exactly one callback
+        per chunk keeps the chunks of other connections in their places in
+        the global order.
         """
-        receive = self._receive
-        assert receive is not None, "only the attached reader releases"
         for _ in range(self.qsize() + bool(self._remainder) - self._scheduled):
             self._scheduled += 1
-            self._call_soon(self._deliver, receive)
+            self._call_soon(self._deliver)
 
-    def _deliver(self, receive: Callable[[], None]) -> None:
+    def _deliver(self) -> None:
+        """Hand the oldest chunk to the reader (unless it holds or dropped it)."""
         self._scheduled -= 1
-        receive()
-
-    def take(self) -> bytes | None:
-        """Remove and return the oldest chunk (``None``: the end of the stream).
-
-        Only call it from a delivery callback: each has a chunk to take.
-        """
+        if self.paused or self.closed:
+            return
         if self._remainder:
-            data, self._remainder = self._remainder, b""
-            return data
-        return self.get_nowait()
+            chunk: bytes | None = self._remainder
+            self._remainder = b""
+        else:
+            chunk = self.get_nowait()
+        self._receive(chunk)
 
     def give_back(self, rest: bytes) -> None:
-        """Put *rest*, the unread end of the chunk just taken, first again."""
+        """Put *rest*, the unread end of the chunk just received, first again."""
         self._remainder = rest
 
     def taken(self, nbytes: int) -> None:
@@ -869,7 +867,7 @@ class _Pipe(asyncio.Queue[bytes | None]):
         return dropped
 
 
-def _ignore() -> None:
+def _ignore(*args: object) -> None:
     """What an end that is not attached (yet) does when told something."""
 
 
