@@ -18,8 +18,9 @@ hands the oldest chunk in the pipe to the reading protocol.  The loop runs
 callbacks in the order they were scheduled, so the chunks of all LocalQueue
 connections of a loop arrive in the order of the ``write()`` calls.  No task
 runs in the background.  The pipe also counts what the reader has not taken
-yet (the writer's buffer), marks the end of the stream and a reset, and tells
-each end what the other did; the ends know nothing else of each other.
+yet (the writer's buffer), holds the chunks while the reader pauses, marks the
+end of the stream and a reset, and tells each end what the other did; the ends
+know nothing else of each other.
 
 The pipes are the queues: :func:`create_connection` makes them and passes them
 through the queue-typed signatures, so nothing has to look them up.  Only the
@@ -720,6 +721,9 @@ class _Pipe(asyncio.Queue[bytes | None]):
     one delivery callback per chunk.  It tells each end what the other did
     through the callbacks the ends attached, and calls nothing else of theirs.
     """
+
+    # Only asyncio.Queue's public methods are used, and the private names here
+    # must not be asyncio.Queue's own.
 
     def __init__(self) -> None:
         super().__init__()
