@@ -252,8 +252,11 @@ async def test_connecting_without_a_server_is_refused() -> None:
 async def test_echo_round_trip() -> None:
     lq = get_queue("echo")
     server, served = await serve(lq, lambda: Recorder("server", echo=True))
-    assert server.protocol_factory() is served[0]  # the factory serve() passed
+    made = server.protocol_factory()  # the factory serve() passed
+    assert served == [made]
     served.clear()
+    with pytest.raises(AttributeError):
+        server.protocol_factory = Recorder  # type: ignore[misc]
     transport, client = await create_connection(Recorder, lq)
     assert isinstance(transport, LocalQueueTransport)
     assert isinstance(client, Recorder)
