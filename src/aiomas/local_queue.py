@@ -569,7 +569,7 @@ class LocalQueueTransport(asyncio.Transport):
         self._closing = True
         self._recv.close_reader()
         send = self._send
-        send.append(None)
+        send.end()
         if send.pending == 0 or send.reader is None:
             self._loop.call_soon(self._lose, None)
         # Else _check_drained() does, once the peer has taken everything.
@@ -654,7 +654,12 @@ class LocalQueueTransport(asyncio.Transport):
         """The peer took data: resume our protocol's writing, or finish closing."""
         if self._aborted or self._lost:
             return
-        self._maybe_resume_protocol()
+        if self._protocol_paused and self._send.pending <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                self._report(exc, "protocol.resume_writing() failed")
         if self._closing and self._send.pending == 0:
             self._loop.call_soon(self._lose, None)
 
@@ -690,15 +695,6 @@ class LocalQueueTransport(asyncio.Transport):
             self._protocol.pause_writing()
         except Exception as exc:
             self._report(exc, "protocol.pause_writing() failed")
-
-    def _maybe_resume_protocol(self) -> None:
-        if not self._protocol_paused or self._send.pending > self._low:
-            return
-        self._protocol_paused = False
-        try:
-            self._protocol.resume_writing()
-        except Exception as exc:
-            self._report(exc, "protocol.resume_writing() failed")
 
     def _report(self, exc: Exception, message: str) -> None:
         """Tell the loop's exception handler that a protocol callback failed."""
@@ -789,16 +785,24 @@ class _Pipe(asyncio.Queue[bytes | None]):
         self.reader = None
         self.on_reader_done()
 
-    def append(self, chunk: bytes | None) -> None:
-        """Add *chunk* (``None``: the end of the stream), unless :attr:`closed`.
+    def append(self, chunk: bytes) -> None:
+        """Add *chunk*, unless :attr:`closed`.
 
         If a reader is attached, one delivery callback is scheduled for it.
         """
         if self.closed:
             return
         self.put_nowait(chunk)
-        if chunk is not None:
-            self.pending += len(chunk)
+        self.pending += len(chunk)
+        if self.reader is not None:
+            self._scheduled += 1
+            self._call_soon(self._deliver)
+
+    def end(self) -> None:
+        """Add the end of the stream, unless :attr:`closed` (as :meth:`append`)."""
+        if self.closed:
+            return
+        self.put_nowait(None)
         if self.reader is not None:
             self._scheduled += 1
             self._call_soon(self._deliver)
