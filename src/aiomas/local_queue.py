@@ -22,11 +22,13 @@ yet (the writer's buffer), holds the chunks while the reader pauses, marks the
 end of the stream and a reset, and tells each end what the other did; the ends
 know nothing else of each other.
 
-The pipes are the queues: :func:`create_connection` makes them and passes them
-through the queue-typed signatures, so nothing has to look them up.  Only the
-queues of transports made by hand (:class:`LocalQueueTransport` with plain
-:class:`asyncio.Queue` objects) need a table from queue to pipe; it has weak
-keys and is used by nothing else.
+The pipes are the queues (a pipe is an :class:`asyncio.Queue`):
+:func:`create_connection` makes them and passes them through the queue-typed
+signatures of :meth:`LocalQueue.new_connection`, :meth:`LocalQueueServer.new_connection`
+and :class:`LocalQueueTransport`, so no end has to look the other one up.  Only
+transports made by hand with plain :class:`asyncio.Queue` objects need a table
+from queue to pipe, so that both ends get the same pipe; it has weak keys and
+serves nothing else.
 """
 
 from __future__ import annotations
