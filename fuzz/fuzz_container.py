@@ -241,7 +241,7 @@ class Served:
         server = self.container._tcp_server
         assert isinstance(server, aiomas.local_queue.LocalQueueServer)
         self.protocol_factory: Callable[[], ChannelProtocol] = cast(
-            Callable[[], ChannelProtocol], server._protocol_factory
+            Callable[[], ChannelProtocol], server.protocol_factory
         )
         # The peer's codec: the same serializers, and proxies decoded to text.
         self.peer_codec = codec_class()

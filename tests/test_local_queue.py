@@ -229,6 +229,13 @@ async def test_one_server_per_queue() -> None:
     lq.set_server(server)
     server.close()
     assert bound(lq) is None
+    # Closing a server unbinds only itself.
+    other, _ = await serve(lq)
+    lq.unset_server()
+    lq.set_server(server)
+    other.close()
+    assert bound(lq) is server
+    lq.unset_server()
 
 
 async def test_connecting_without_a_server_is_refused() -> None:
@@ -245,6 +252,11 @@ async def test_connecting_without_a_server_is_refused() -> None:
 async def test_echo_round_trip() -> None:
     lq = get_queue("echo")
     server, served = await serve(lq, lambda: Recorder("server", echo=True))
+    made = server.protocol_factory()  # the factory serve() passed
+    assert served == [made]
+    served.clear()
+    with pytest.raises(AttributeError):
+        server.protocol_factory = Recorder  # type: ignore[misc]
     transport, client = await create_connection(Recorder, lq)
     assert isinstance(transport, LocalQueueTransport)
     assert isinstance(client, Recorder)
@@ -395,6 +407,25 @@ async def test_an_empty_buffer_is_a_fatal_error(
     server.close()
 
 
+async def test_aborting_within_data_received() -> None:
+    class Aborting(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            assert self.transport is not None
+            self.transport.abort()
+
+    lq = get_queue("abort-on-data")
+    server, served = await serve(lq, Aborting)
+    transport, client = await create_connection(Recorder, lq)
+    transport.write(b"first")
+    transport.write(b"dropped")
+    await settle()
+    assert served[0].events == [("made",), ("data", b"first"), ("lost", None)]
+    assert isinstance(await client.lost, ConnectionResetError)
+    assert transport.get_write_buffer_size() == 0
+    server.close()
+
+
 async def test_set_protocol_redirects_further_data() -> None:
     lq = get_queue("switch")
     server, served = await serve(lq)
@@ -519,6 +550,21 @@ async def test_abort_after_close_resets_the_peer() -> None:
     assert client.events == [("made",), ("lost", None)]
     assert served[0].data == b""
     assert isinstance(await served[0].lost, ConnectionResetError)
+    server.close()
+
+
+async def test_abort_after_the_peer_dropped_our_data() -> None:
+    lq = get_queue("drop-abort")
+    server, served = await serve(lq)
+    transport, client = await create_connection(Recorder, lq)
+    transport.set_write_buffer_limits(high=1, low=0)
+    served[0].transport.pause_reading()
+    transport.write(b"unread")
+    served[0].transport.close()  # drops b"unread"
+    transport.abort()  # before writing could resume
+    await settle()
+    assert client.events == [("made",), ("pause",), ("lost", None)]
+    assert served[0].events == [("made",), ("lost", None)]
     server.close()
 
 
@@ -942,6 +988,36 @@ async def test_transports_find_their_peer_through_the_queues() -> None:
     await settle()
     assert a.events[-1] == ("lost", None)
     assert b.events[-2:] == [("eof",), ("lost", None)]
+
+
+async def test_a_transport_made_by_hand_may_close_before_its_peer_exists() -> None:
+    lq = get_queue("by-hand-early-close")
+    a_to_b: asyncio.Queue[bytes | None] = asyncio.Queue()
+    b_to_a: asyncio.Queue[bytes | None] = asyncio.Queue()
+    a, b = Recorder("a"), Recorder("b")
+    a_end = LocalQueueTransport(lq, a_to_b, b_to_a, a)
+    await settle()
+    a_end.write(b"early")
+    a_end.close()  # Nobody reads yet: lost at once, the data waits.
+    await settle()
+    assert a.events == [("made",), ("lost", None)]
+    b_end = LocalQueueTransport(lq, b_to_a, a_to_b, b)
+    b_end.write(b"too late")  # a_end has closed its reading end: discarded
+    await settle()
+    assert b.events == [("made",), ("data", b"early"), ("eof",), ("lost", None)]
+    assert a.events == [("made",), ("lost", None)]
+    assert (a_end.get_write_buffer_size(), b_end.get_write_buffer_size()) == (0, 0)
+
+
+async def test_a_queue_has_one_writer() -> None:
+    lq = get_queue("one-writer")
+    a_to_b: asyncio.Queue[bytes | None] = asyncio.Queue()
+    a = Recorder()
+    a_end = LocalQueueTransport(lq, a_to_b, asyncio.Queue(), a)
+    with pytest.raises(ValueError, match="already writes"):
+        LocalQueueTransport(lq, a_to_b, asyncio.Queue(), Recorder())
+    a_end.close()
+    await a.lost
 
 
 async def test_unsupported_half_close() -> None:

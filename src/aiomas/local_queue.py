@@ -11,12 +11,24 @@ Pass a :class:`LocalQueue` from :func:`get_queue` as the address to
 :func:`aiomas.channel.start_server` / :func:`~aiomas.channel.open_connection` (or to
 ``Container.create()``).  Not thread safe: use it within one thread and process.
 
-How delivery works: each direction of a connection is an :class:`asyncio.Queue`.
-Every ``write()`` puts a copy of the data into the queue and schedules exactly one
-``loop.call_soon()`` callback that hands the oldest queued chunk to the reading
-protocol.  The loop runs callbacks in the order they were scheduled, so the
-chunks of all LocalQueue connections of a loop arrive in the order of the
-``write()`` calls.  No task runs in the background.
+How delivery works: each direction of a connection is a pipe, an
+:class:`asyncio.Queue` that both ends share.  Every ``write()`` puts a copy of the
+data into the pipe and schedules exactly one ``loop.call_soon()`` callback that
+hands the oldest chunk in the pipe to the reading protocol.  The loop runs
+callbacks in the order they were scheduled, so the chunks of all LocalQueue
+connections of a loop arrive in the order of the ``write()`` calls.  No task
+runs in the background.  The pipe also counts what the reader has not taken
+yet (the writer's buffer), holds the chunks while the reader pauses, marks the
+end of the stream and a reset, and tells each end what the other did; the ends
+know nothing else of each other.
+
+The pipes are the queues (a pipe is an :class:`asyncio.Queue`):
+:func:`create_connection` makes them and passes them through the queue-typed
+signatures of :meth:`LocalQueue.new_connection`, :meth:`LocalQueueServer.new_connection`
+and :class:`LocalQueueTransport`, so no end has to look the other one up.  Only
+transports made by hand with plain :class:`asyncio.Queue` objects need a table
+from queue to pipe, so that both ends get the same pipe; it has weak keys and
+serves nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import asyncio
 import itertools
 import weakref
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, TypeAlias, TypeVar, cast
 
 __all__ = [
@@ -49,13 +62,6 @@ DataQueue: TypeAlias = "asyncio.Queue[bytes | None]"
 _DEFAULT_HIGH_WATER = 64 * 1024
 
 _queues: dict[str, LocalQueue] = {}
-
-# The transport reading from each queue (keyed by the queue's id), so that the two
-# ends of a connection find each other through the queues they share, as the
-# constructor's signature implies.  Weak values: a dropped transport unregisters.
-_readers: weakref.WeakValueDictionary[int, LocalQueueTransport] = (
-    weakref.WeakValueDictionary()
-)
 
 
 def get_queue(queue_id: str) -> LocalQueue:
@@ -103,14 +109,13 @@ async def create_connection(
         ValueError: if *ssl* asks for TLS or *loop* is not the running loop.
     """
     running = _check_arguments(loop, kwds)
-    to_server: DataQueue = asyncio.Queue()
-    to_client: DataQueue = asyncio.Queue()
+    to_server, to_client = _Pipe(), _Pipe()
     server_end = lq.new_connection(to_client, to_server)
     # As with TCP, the client's protocol is made once the server accepted.
     try:
         protocol = protocol_factory()
     except BaseException:
-        server_end._reset()
+        to_server.reset()  # The server end sees a reset by its peer.
         raise
     transport = LocalQueueTransport(
         lq,
@@ -120,7 +125,8 @@ async def create_connection(
         sockname=server_end.get_extra_info("peername"),
     )
     made = running.create_future()
-    transport._made_waiter = made
+    # Runs right after the transport's connection_made() callback.
+    running.call_soon(_set_done, made)
     try:
         await made
     except BaseException:
@@ -153,6 +159,11 @@ async def create_server(
     return server
 
 
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():  # It is cancelled if create_connection() was.
+        future.set_result(None)
+
+
 def _check_arguments(
     loop: asyncio.AbstractEventLoop | None, kwds: dict[str, Any]
 ) -> asyncio.AbstractEventLoop:
@@ -180,7 +191,7 @@ class LocalQueue:
         self.server: LocalQueueServer | None = None
         """The server bound to this queue, or ``None``."""
         # Numbers the connections, so each has a distinct peername.
-        self._connection_numbers = itertools.count(1)
+        self._numbers = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"LocalQueue({self.queue_id!r})"
@@ -198,6 +209,10 @@ class LocalQueue:
     def unset_server(self) -> None:
         """Unbind the server (called by :meth:`LocalQueueServer.close`)."""
         self.server = None
+
+    def _next_peername(self) -> str:
+        """Return the peername of a new server end (used by LocalQueueServer)."""
+        return f"{self.queue_id}#{next(self._numbers)}"
 
     def new_connection(self, sendq: DataQueue, recvq: DataQueue) -> LocalQueueTransport:
         """Create the server end of a new connection and return its transport.
@@ -252,6 +267,11 @@ class LocalQueueServer(asyncio.AbstractServer):
         state = "serving" if self._serving else "closed" if self._closed else "idle"
         return f"<LocalQueueServer {self.lq.queue_id!r} {state}>"
 
+    @property
+    def protocol_factory(self) -> ProtocolFactory:
+        """What makes the protocol of every new connection (read-only)."""
+        return self._protocol_factory
+
     def new_connection(self, sendq: DataQueue, recvq: DataQueue) -> LocalQueueTransport:
         """Make a protocol and a transport for a new client and wire them.
 
@@ -285,20 +305,12 @@ class LocalQueueServer(asyncio.AbstractServer):
                 }
             )
             raise ConnectionRefusedError(f"{self!r} failed to make a protocol") from exc
-        number = next(self.lq._connection_numbers)
         transport = LocalQueueTransport(
-            self.lq,
-            sendq,
-            recvq,
-            protocol,
-            peername=f"{self.lq.queue_id}#{number}",
+            self.lq, sendq, recvq, protocol, peername=self.lq._next_peername()
         )
         self._transports[transport] = None
-        transport._on_lost = self._forget
+        _pipe_of(recvq).on_reader_done = partial(self._transports.pop, transport, None)
         return transport
-
-    def _forget(self, transport: LocalQueueTransport) -> None:
-        self._transports.pop(transport, None)
 
     def close(self) -> None:
         """Stop accepting connections and unbind from :attr:`lq`.
@@ -368,8 +380,8 @@ class LocalQueueServer(asyncio.AbstractServer):
 class LocalQueueTransport(asyncio.Transport):
     """One end of a LocalQueue connection.
 
-    Data written here is put into *sendq* and handed to the protocol of the
-    transport that reads *sendq*; data put into *recvq* is handed to *protocol*.
+    Data written here goes through *sendq* to the protocol of the transport
+    that reads *sendq*; what comes through *recvq* is handed to *protocol*.
     The two ends of a connection find each other through these queues (one's
     *sendq* is the other's *recvq*), whichever is made first.
 
@@ -401,13 +413,10 @@ class LocalQueueTransport(asyncio.Transport):
             queue id).
 
     Raises:
-        ValueError: if *sendq* and *recvq* are the same queue, or another
-            transport already reads *recvq* or reads *sendq* without writing to
-            *recvq*.
+        ValueError: if *sendq* and *recvq* are the same queue, if another
+            transport already reads *recvq* or writes to *sendq*, or if one
+            reads *sendq* without writing to *recvq*.
     """
-
-    _on_lost: Callable[[LocalQueueTransport], None] | None = None
-    _made_waiter: asyncio.Future[None] | None = None
 
     def __init__(
         self,
@@ -421,11 +430,13 @@ class LocalQueueTransport(asyncio.Transport):
     ) -> None:
         if sendq is recvq:
             raise ValueError("sendq and recvq must be two different queues")
-        if id(recvq) in _readers:
+        send, recv = _pipe_of(sendq), _pipe_of(recvq)
+        if recv.reader is not None:
             raise ValueError("Another transport already reads from recvq")
-        peer = _readers.get(id(sendq))
-        if peer is not None and (peer._sendq is not recvq or peer._peer is not None):
+        if send.reader is not None and send.reader is not recv.writer:
             raise ValueError("sendq is read by a transport that is not our peer")
+        if send.writer is not None:
+            raise ValueError("Another transport already writes to sendq")
         super().__init__(
             {
                 "peername": lq.queue_id if peername is None else peername,
@@ -433,29 +444,18 @@ class LocalQueueTransport(asyncio.Transport):
             }
         )
         self._loop = asyncio.get_running_loop()
-        self._lq = lq
-        self._sendq: DataQueue = sendq
-        self._recvq: DataQueue = recvq
+        self._send = send
+        self._recv = recv
         self._protocol = protocol
-        self._peer: LocalQueueTransport | None = peer
-        self._made = False
         self._closing = False  # set by close(), abort() and a reset by the peer
-        self._aborted = False  # abort() or reset: our data is gone
+        self._aborted = False  # abort() or reset: the connection's data is gone
         self._lost = False  # connection_lost() was called (or is due now)
-        self._paused = False  # pause_reading()
-        # Delivery callbacks scheduled and not yet run (see _release_held()).
-        self._scheduled = 0
-        # The rest of a chunk that a BufferedProtocol did not take before it
-        # paused reading; it is delivered before the queue's next chunk.
-        self._remainder = b""
-        self._buffer_size = 0  # bytes written that the peer has not taken
         self._high = _DEFAULT_HIGH_WATER
         self._low = _DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False  # pause_writing() called
-        _readers[id(recvq)] = self
-        if peer is not None:
-            peer._peer = self
         self._loop.call_soon(self._connection_made)
+        recv.attach_reader(self, self._receive, self._on_reset)
+        send.attach_writer(self, self._check_drained, self._on_reset)
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "closing" if self._closing else "open"
@@ -477,21 +477,20 @@ class LocalQueueTransport(asyncio.Transport):
 
     def is_reading(self) -> bool:
         """Whether received data is handed to the protocol."""
-        return not self._paused and not self._closing
+        return not self._recv.paused and not self._closing
 
     def pause_reading(self) -> None:
         """Hold received data (and the end of stream) until :meth:`resume_reading`."""
         if not self._closing:
-            self._paused = True
+            self._recv.paused = True
 
     def resume_reading(self) -> None:
         """Hand received data to the protocol again, starting with what was held.
 
         The data arrives in later loop callbacks, not within this call.
         """
-        if self._paused and not self._closing:
-            self._paused = False
-            self._release_held()
+        if self._recv.paused and not self._closing:
+            self._recv.resume()
 
     def set_write_buffer_limits(
         self, high: int | None = None, low: int | None = None
@@ -523,7 +522,7 @@ class LocalQueueTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         """Return the number of bytes written that the peer has not taken yet."""
-        return self._buffer_size
+        return self._send.pending
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send a copy of *data* to the peer; it is delivered soon.
@@ -538,14 +537,7 @@ class LocalQueueTransport(asyncio.Transport):
         view = memoryview(data)
         if self._closing or not view.nbytes:
             return
-        peer = self._peer
-        if peer is not None and peer._closing:
-            return
-        chunk = view.tobytes()
-        self._sendq.put_nowait(chunk)
-        self._buffer_size += len(chunk)
-        if peer is not None:
-            peer._schedule_delivery()
+        self._send.append(view.tobytes())
         self._maybe_pause_protocol()
 
     def writelines(
@@ -577,15 +569,12 @@ class LocalQueueTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self._drop_received(notify_peer=True)
-        peer = self._peer
-        if peer is None or not peer._closing:
-            self._sendq.put_nowait(None)
-            if peer is not None:
-                peer._schedule_delivery()
-        if self._buffer_size == 0 or peer is None:
+        self._recv.close_reader()
+        send = self._send
+        send.end()
+        if send.pending == 0 or send.reader is None:
             self._loop.call_soon(self._lose, None)
-        # Else _taken() calls _lose() once the peer has read everything.
+        # Else _check_drained() does, once the peer has taken everything.
 
     def abort(self) -> None:
         """Close the transport at once; data not yet delivered is dropped.
@@ -596,52 +585,25 @@ class LocalQueueTransport(asyncio.Transport):
         """
         self._abort(None)
 
-    # Internals.  "Taken" data is data the reading end has consumed or dropped;
-    # only then does it leave the writer's buffer.
+    # Internals: the callbacks this end attached to its pipes, and the calls of
+    # the protocol.  "Taken" data is data the reading end has consumed or
+    # dropped; only then does it leave the writer's buffer.
 
     def _connection_made(self) -> None:
-        self._made = True
         try:
             self._protocol.connection_made(self)
         except Exception as exc:
-            self._fatal_error(exc, "Fatal error: protocol.connection_made() failed")
+            self._report(exc, "Fatal error: protocol.connection_made() failed")
+            self._abort(exc)
         else:
-            # Data the peer wrote before this end existed or was made.
-            self._release_held()
-        waiter = self._made_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            # Data the peer wrote before this end existed.
+            self._recv.release()
 
-    def _schedule_delivery(self) -> None:
-        self._scheduled += 1
-        self._loop.call_soon(self._deliver_next)
-
-    def _release_held(self) -> None:
-        """Schedule delivery of held chunks (those without a pending callback).
-
-        Exactly one callback per chunk keeps the chunks of other connections in
-        their places in the global order.
-        """
-        held = self._recvq.qsize() + bool(self._remainder) - self._scheduled
-        for _ in range(held):
-            self._schedule_delivery()
-
-    def _deliver_next(self) -> None:
-        """Hand the oldest received chunk to the protocol (if it may read)."""
-        self._scheduled -= 1
-        if self._closing or self._paused or not self._made:
-            # Held until resume_reading() or _connection_made(); dropped on close.
+    def _receive(self, data: bytes | None) -> None:
+        """Hand *data*, the oldest received chunk, to the protocol."""
+        if data is None:
+            self._eof_received()
             return
-        if self._remainder:
-            data, self._remainder = self._remainder, b""
-        elif self._recvq.empty():
-            return
-        else:
-            item = self._recvq.get_nowait()
-            if item is None:
-                self._eof_received()
-                return
-            data = item
         protocol = self._protocol
         try:
             if isinstance(protocol, asyncio.BufferedProtocol):
@@ -650,11 +612,10 @@ class LocalQueueTransport(asyncio.Transport):
                 cast(asyncio.Protocol, protocol).data_received(data)
                 taken = len(data)
         except Exception as exc:
-            self._fatal_error(exc, "Fatal error: the protocol failed to receive data")
+            self._report(exc, "Fatal error: the protocol failed to receive data")
+            self._abort(exc)
             return
-        peer = self._peer
-        if peer is not None:
-            peer._taken(taken)
+        self._recv.taken(taken)
 
     def _feed_buffered(self, protocol: asyncio.BufferedProtocol, data: bytes) -> int:
         """Copy *data* into the protocol's buffers; return the bytes taken."""
@@ -673,10 +634,10 @@ class LocalQueueTransport(asyncio.Transport):
                 buffer[:size] = view[offset : offset + size]
             offset += size
             protocol.buffer_updated(size)
-            if self._closing or self._paused:
+            if self._closing or self._recv.paused:
                 break
         if offset < len(view) and not self._closing:
-            self._remainder = data[offset:]
+            self._recv.give_back(data[offset:])
             return offset
         # All of it was received, or the rest is dropped because we close.
         return len(data)
@@ -685,93 +646,51 @@ class LocalQueueTransport(asyncio.Transport):
         try:
             keep_open = cast(asyncio.Protocol, self._protocol).eof_received()
         except Exception as exc:
-            self._fatal_error(exc, "Fatal error: protocol.eof_received() failed")
+            self._report(exc, "Fatal error: protocol.eof_received() failed")
+            self._abort(exc)
             return
         if not keep_open:
             self.close()
 
-    def _drop_received(self, *, notify_peer: bool) -> None:
-        """Stop receiving: drop all data not yet delivered to our protocol."""
-        dropped = len(self._remainder)
-        self._remainder = b""
-        while not self._recvq.empty():
-            item = self._recvq.get_nowait()
-            if item is not None:
-                dropped += len(item)
-        peer = self._peer
-        if notify_peer and peer is not None and dropped and not peer._aborted:
-            peer._buffer_size -= dropped
-            # Later: this runs within a call of our protocol (close()), and the
-            # peer's protocol must not be called from there.
-            self._loop.call_soon(peer._check_drained)
-
-    def _taken(self, nbytes: int) -> None:
-        """The peer's protocol has taken *nbytes* more of our data."""
-        if not self._aborted:
-            self._buffer_size -= nbytes
-            self._check_drained()
-
     def _check_drained(self) -> None:
-        """Resume our protocol's writing, or finish closing, if due."""
+        """The peer took data: resume our protocol's writing, or finish closing."""
         if self._aborted or self._lost:
             return
-        self._maybe_resume_protocol()
-        if self._closing and self._buffer_size == 0:
+        if self._protocol_paused and self._send.pending <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                self._report(exc, "protocol.resume_writing() failed")
+        if self._closing and self._send.pending == 0:
             self._loop.call_soon(self._lose, None)
 
+    def _on_reset(self) -> None:
+        """The peer aborted (or vanished before its end was made)."""
+        self._abort(ConnectionResetError("Connection reset by peer"))
+
     def _abort(self, exc: Exception | None) -> None:
-        if not self._drop_everything():
-            return
-        if self._peer is not None:
-            self._peer._reset()
-        self._loop.call_soon(self._lose, exc)
-
-    def _reset(self) -> None:
-        """The peer aborted: drop everything and lose the connection."""
-        if self._drop_everything():
-            self._loop.call_soon(
-                self._lose, ConnectionResetError("Connection reset by peer")
-            )
-
-    def _drop_everything(self) -> bool:
-        """Stop the connection's traffic at once; false if that already happened."""
+        """Drop the connection's data, reset the peer, lose with *exc* soon."""
         if self._aborted or self._lost:
-            return False
-        self._aborted = True
-        self._closing = True
-        self._buffer_size = 0
-        self._drop_received(notify_peer=False)
-        return True
-
-    def _fatal_error(self, exc: Exception, message: str) -> None:
-        self._loop.call_exception_handler(
-            {
-                "message": message,
-                "exception": exc,
-                "transport": self,
-                "protocol": self._protocol,
-            }
-        )
-        self._abort(exc)
+            return
+        self._aborted = self._closing = True
+        # Each reset tells the peer (and us, which does nothing now).
+        self._send.reset()
+        self._recv.reset()
+        self._loop.call_soon(self._lose, exc)
 
     def _lose(self, exc: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
-        self._closing = True
-        if _readers.get(id(self._recvq)) is self:
-            del _readers[id(self._recvq)]
-        if self._on_lost is not None:
-            self._on_lost(self)
-        if not self._made:  # Not reachable: _connection_made() runs first.
-            return
+        self._recv.detach_reader()
         try:
             self._protocol.connection_lost(exc)
         except Exception as error:
             self._report(error, "protocol.connection_lost() failed")
 
     def _maybe_pause_protocol(self) -> None:
-        if self._protocol_paused or self._closing or self._buffer_size <= self._high:
+        if self._protocol_paused or self._closing or self._send.pending <= self._high:
             return
         self._protocol_paused = True
         try:
@@ -779,16 +698,8 @@ class LocalQueueTransport(asyncio.Transport):
         except Exception as exc:
             self._report(exc, "protocol.pause_writing() failed")
 
-    def _maybe_resume_protocol(self) -> None:
-        if not self._protocol_paused or self._buffer_size > self._low:
-            return
-        self._protocol_paused = False
-        try:
-            self._protocol.resume_writing()
-        except Exception as exc:
-            self._report(exc, "protocol.resume_writing() failed")
-
     def _report(self, exc: Exception, message: str) -> None:
+        """Tell the loop's exception handler that a protocol callback failed."""
         self._loop.call_exception_handler(
             {
                 "message": message,
@@ -797,3 +708,190 @@ class LocalQueueTransport(asyncio.Transport):
                 "protocol": self._protocol,
             }
         )
+
+
+class _Pipe(asyncio.Queue[bytes | None]):
+    """One direction of a connection, shared by its writing and its reading end.
+
+    The pipe is the :data:`DataQueue` of its direction: it holds the chunks
+    written and not yet delivered (``None`` marks the end of the stream), counts
+    the bytes the reader has not taken yet (the writer's buffer), and schedules
+    one delivery callback per chunk.  It tells each end what the other did
+    through the callbacks the ends attached, and calls nothing else of theirs.
+    """
+
+    # Only asyncio.Queue's public methods are used, and the private names here
+    # must not be asyncio.Queue's own.
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._call_soon = asyncio.get_running_loop().call_soon
+        self.reader: object | None = None
+        """The end reading this pipe (compared, never called), or ``None``."""
+        self.writer: object | None = None
+        """The end writing to this pipe (compared, never called), or ``None``."""
+        self.pending = 0
+        """Bytes put and not yet taken by the reader: the writer's buffer size."""
+        self.paused = False
+        """Whether the reader holds its chunks (see :meth:`resume`)."""
+        self.closed = False
+        """Whether the reader stopped reading (or the pipe was reset)."""
+        self.on_reader_done: Callable[[], object] = _ignore
+        """Called once the reader has lost its connection."""
+        self._reset = False
+        # Delivery callbacks scheduled and not yet run (see release()).
+        self._scheduled = 0
+        # The rest of a chunk that a BufferedProtocol did not take before it
+        # paused reading; it comes before the queued chunks.
+        self._remainder = b""
+        self._receive: Callable[[bytes | None], object] = _ignore
+        self._reader_reset: Callable[[], object] = _ignore
+        self._drained: Callable[[], object] = _ignore
+        self._writer_reset: Callable[[], object] = _ignore
+
+    def attach_reader(
+        self,
+        reader: object,
+        receive: Callable[[bytes | None], object],
+        reset: Callable[[], object],
+    ) -> None:
+        """Make *reader* the reading end.
+
+        Args:
+            reader: The end (for :attr:`reader`).
+            receive: Gets the chunks, one per loop callback, unless
+                :attr:`paused` or :attr:`closed`; it reports what it took
+                with :meth:`taken`.
+            reset: Called when the pipe is :meth:`reset`.
+        """
+        self.reader = reader
+        self._receive = receive
+        self._reader_reset = reset
+
+    def attach_writer(
+        self, writer: object, drained: Callable[[], object], reset: Callable[[], object]
+    ) -> None:
+        """Make *writer* the writing end.
+
+        Args:
+            writer: The end (for :attr:`writer`).
+            drained: Called when :attr:`pending` went down.
+            reset: Called when the pipe is :meth:`reset`.
+        """
+        self.writer = writer
+        self._drained = drained
+        self._writer_reset = reset
+
+    def detach_reader(self) -> None:
+        """The reader has lost its connection: free the pipe's reading end."""
+        self.reader = None
+        self.on_reader_done()
+
+    def append(self, chunk: bytes) -> None:
+        """Add *chunk*, unless :attr:`closed`.
+
+        If a reader is attached, one delivery callback is scheduled for it.
+        """
+        if self.closed:
+            return
+        self.put_nowait(chunk)
+        self.pending += len(chunk)
+        if self.reader is not None:
+            self._scheduled += 1
+            self._call_soon(self._deliver)
+
+    def end(self) -> None:
+        """Add the end of the stream, unless :attr:`closed` (as :meth:`append`)."""
+        if self.closed:
+            return
+        self.put_nowait(None)
+        if self.reader is not None:
+            self._scheduled += 1
+            self._call_soon(self._deliver)
+
+    def resume(self) -> None:
+        """Stop holding the chunks; deliver the held ones, in later callbacks."""
+        self.paused = False
+        self.release()
+
+    def release(self) -> None:
+        """Schedule the delivery of held chunks (those without a callback).
+
+        The reader calls this when it starts reading.  Exactly one callback
+        per chunk keeps the chunks of other connections in their places in
+        the global order.
+        """
+        for _ in range(self.qsize() + bool(self._remainder) - self._scheduled):
+            self._scheduled += 1
+            self._call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """Hand the oldest chunk to the reader (unless it holds or dropped it)."""
+        self._scheduled -= 1
+        if self.paused or self.closed:
+            return
+        if self._remainder:
+            chunk: bytes | None = self._remainder
+            self._remainder = b""
+        else:
+            chunk = self.get_nowait()
+        self._receive(chunk)
+
+    def give_back(self, rest: bytes) -> None:
+        """Put *rest*, the unread end of the chunk just received, first again."""
+        self._remainder = rest
+
+    def taken(self, nbytes: int) -> None:
+        """The reader has taken *nbytes* more: they leave the writer's buffer."""
+        if self._reset:  # The buffer was emptied then.
+            return
+        self.pending -= nbytes
+        self._drained()
+
+    def close_reader(self) -> None:
+        """The reader stops reading: drop what it did not take, refuse more."""
+        self.closed = True
+        dropped = self._drop()
+        if dropped:
+            self.pending -= dropped
+            # Later: the reader closes within a call of its protocol, and the
+            # writer's protocol must not be called from there.
+            self._call_soon(self._drained)
+
+    def reset(self) -> None:
+        """End this direction at once: drop all data and tell both ends."""
+        if self._reset:
+            return
+        self._reset = self.closed = True
+        self._drop()
+        self.pending = 0
+        self._reader_reset()
+        self._writer_reset()
+
+    def _drop(self) -> int:
+        """Drop all chunks; return their size in bytes."""
+        dropped = len(self._remainder)
+        self._remainder = b""
+        while not self.empty():
+            dropped += len(self.get_nowait() or b"")
+        return dropped
+
+
+def _ignore(*args: object) -> None:
+    """What an end that is not attached (yet) does when told something."""
+
+
+# The pipes of queues given to LocalQueueTransport() that are not pipes
+# (transports made by hand), so that the two ends share one pipe per queue.
+# Weak keys: the pipe lives as long as the queue or a transport using it.
+_adopted: weakref.WeakKeyDictionary[DataQueue, _Pipe] = weakref.WeakKeyDictionary()
+
+
+def _pipe_of(queue: DataQueue) -> _Pipe:
+    """Return the pipe that *queue* is (or stands for)."""
+    if isinstance(queue, _Pipe):
+        return queue
+    pipe = _adopted.get(queue)
+    if pipe is None:
+        pipe = _adopted[queue] = _Pipe()
+    return pipe
