@@ -267,3 +267,18 @@ def test_a_big_frame_buffer_stays_within_eight_times_what_arrived() -> None:
     reader.feed(frame_header(64 * 2**20) + b"x" * sent)
     assert reader._big is not None
     assert len(reader._big) <= 8 * sent
+
+
+def test_release_drops_every_buffer_and_the_reader_starts_afresh() -> None:
+    """At the end of a connection, release() frees the receive buffer, the
+    staging buffer of big frames and a partial big frame; the reader then
+    works like a new one."""
+    reader = FrameReader()
+    big = b"x" * (2 * 2**20)
+    assert reader.feed(frame(b"small") + frame(big)[: 2**20]) == [b"small"]
+    assert reader.buffered > 0
+    reader.release()
+    assert reader.buffered == 0
+    assert len(reader.get_buffer()) == 64 * 1024  # a new buffer, made on demand
+    reader.release()
+    assert reader.feed(frame(big)) == [big]

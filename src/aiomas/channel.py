@@ -10,13 +10,17 @@ socket, TLS or :mod:`~aiomas.local_queue`) and the channel.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import inspect
 import logging
 import math
 import os
 import socket
+import sys
+import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeAlias, cast
@@ -76,6 +80,39 @@ _MAX_UNREAD_FAILURE_BYTES: Final = 2**20
 
 # How long Channel.close() waits for the transport to flush before aborting it.
 _CLOSE_TIMEOUT: Final = 10.0
+
+# glibc's malloc keeps memory freed in the middle of its heap instead of
+# giving it back; after a wave of connections (each with buffers of 64 KiB
+# and more) that was 270 MiB per 10,000 connections, kept for good.  So a
+# while after connections ended, it is asked to give it back -- at most once
+# per this many seconds (it takes about 1 ms per 10 MiB freed).
+_TRIM_INTERVAL: Final = 1.0
+_next_trim = 0.0  # time.monotonic() before which no trim is scheduled
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover (not glibc, e.g. musl)
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:
+    """Have free heap memory returned to the system in a while (a connection
+    has ended and freed its buffers)."""
+    global _next_trim
+    now = time.monotonic()
+    if _malloc_trim is None or now < _next_trim:
+        return
+    _next_trim = now + _TRIM_INTERVAL
+    loop.call_later(_TRIM_INTERVAL, _malloc_trim, 0)
+
 
 # Bounds for the pause between two attempts of open_connection(timeout=...).
 _RETRY_DELAY_MIN: Final = 0.005
@@ -206,7 +243,8 @@ class Request:
         if self._answered:
             raise RuntimeError(f"Request {self.message_id} was already answered")
         channel = self._protocol.channel
-        assert channel is not None
+        if channel is None:  # Lost, and nobody holds the channel any more.
+            raise ConnectionResetError("Connection closed")
         self._answered = True
         try:
             channel._send_message(msg_type, self.message_id, content)
@@ -230,6 +268,7 @@ class Channel:
     """
 
     __slots__ = (
+        "__weakref__",
         "_closed_error",
         "_decode",
         "_encode",
@@ -324,9 +363,11 @@ class Channel:
         queueing it for :meth:`recv` (this is how :mod:`aiomas.rpc` serves).
 
         Requests already queued are passed to it at once.  *handler* must not
-        raise; it answers each request (now or later).
+        raise; it answers each request (now or later).  A closed channel
+        keeps no handler (it would only keep the handler's objects alive).
         """
-        self.request_handler = handler
+        if self._closed_error is None:
+            self.request_handler = handler
         incoming = self._incoming
         while incoming:
             handler(incoming.popleft())
@@ -579,11 +620,28 @@ class Channel:
     def _connection_lost(self, reason: BaseException) -> None:
         if self._closed_error is not None:
             return
-        self._closed_error = reason
+        # Without its traceback: that would keep the frames it passed through
+        # (the transport's, with a view of our receive buffer) alive as long
+        # as this channel.
+        self._closed_error = _without_tracebacks(reason)
         self._requests.fail_all(self._connection_error)
+        # No request comes any more; the handler (e.g. an RpcClient that holds
+        # this channel) must not keep a reference cycle alive.
+        self.request_handler = None
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """Drop the tracebacks of *exc* and of its causes and contexts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    return exc
 
 
 def _abbreviate(obj: Any, limit: int = 80) -> str:
@@ -639,7 +697,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         _check_dead_peer_timeout(dead_peer_timeout)
         self._dead_peer_timeout = dead_peer_timeout
         self.codec = codec
-        self.channel: Channel | None = None
+        # The channel, while the connection lasts; afterwards only a weak
+        # reference, so that channel and protocol form no reference cycle and
+        # are freed as soon as the user lets go of them.
+        self._channel: Channel | None = None
+        self._channel_ref: weakref.ref[Channel] | None = None
         self.transport: asyncio.BaseTransport | None = None
         self._reader = FrameReader(max_frame_size)
         self._client_connected_cb = client_connected_cb
@@ -654,13 +716,22 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
 
+    @property
+    def channel(self) -> Channel | None:
+        """The :class:`Channel` of this connection: ``None`` before the
+        connection is made, and after it is lost if nobody else holds it."""
+        channel = self._channel
+        if channel is None and self._channel_ref is not None:
+            return self._channel_ref()
+        return channel
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Create the :class:`Channel` and start the client connected callback."""
         self.transport = transport
         if self._dead_peer_timeout is not None:
             _detect_dead_peer(transport, self._dead_peer_timeout)
         channel = Channel(self, self.codec, transport, self._loop)
-        self.channel = channel
+        self._channel = channel
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "Connection %s %s opened",
@@ -813,8 +884,18 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if self._error is None:  # (Protocol errors were logged already.)
             self._log_close(exc)
         reason: BaseException = self._error or exc or ConnectionResetError()
-        if self.channel is not None:
-            self.channel._connection_lost(reason)
+        channel = self._channel
+        if channel is not None:
+            channel._connection_lost(reason)
+            self._channel_ref = weakref.ref(channel)
+            self._channel = None
+        # Nothing more is read: the buffers go now, not when the last
+        # reference to this protocol does.
+        self._reader.release()
+        # asyncio's TLS protocol keeps our methods after the connection is
+        # lost; holding its transport would make a reference cycle.
+        self.transport = None
+        _trim_soon(self._loop)
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -904,6 +985,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     async def write(self, len_bytes: bytes, content: bytes) -> None:
         """Write a frame (header *len_bytes* and payload *content*) and wait until
         the transport can take more data."""
+        if self.transport is None:
+            raise ConnectionResetError("Connection closed")
         transport = cast(asyncio.WriteTransport, self.transport)
         transport.write(len_bytes + content)
         await self.drain()
@@ -1065,8 +1148,10 @@ async def open_connection(
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_DELAY_MAX)
     assert isinstance(protocol, ChannelProtocol)
-    assert protocol.channel is not None
-    return protocol.channel
+    channel = protocol.channel
+    if channel is None:  # Lost before we got here, and nobody holds it.
+        raise ConnectionResetError(f"Connection to {addr!r} closed at once")
+    return channel
 
 
 async def _bounded(

@@ -25,6 +25,7 @@ import functools
 import inspect
 import logging
 import signal
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import FunctionType, MethodType
 from typing import Any, Final, TypeVar
@@ -762,10 +763,18 @@ def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
             )
         return obj_router.path
 
+    # The codec belongs to the channel: a strong reference back would make a
+    # reference cycle that keeps the whole connection until the garbage
+    # collector runs.
+    channel_ref = weakref.ref(channel)
+
     def deserialize(path: Any) -> Proxy:
         if not isinstance(path, str):
             raise SerializationError(f"Invalid RPC proxy path {_short(path)}")
-        return Proxy(channel, path)
+        current = channel_ref()
+        if current is None:  # pragma: no cover (we decode for the channel)
+            raise SerializationError("The channel of this codec is gone")
+        return Proxy(current, path)
 
     channel.codec.add_serializer(object, serialize, deserialize)
 
@@ -784,6 +793,9 @@ async def rpc_service_process(
     if channel.request_handler is None:
         channel.set_request_handler(rpc_client._handler_for(router))
     await asyncio.shield(channel.protocol._closed)
+    # The task keeps the exception, and its traceback this frame: without
+    # these, that makes no reference cycle through the client.
+    del rpc_client, router
     raise channel._connection_error()
 
 
