@@ -164,6 +164,7 @@ async def flood(count: int, connect: Callable[[int], Awaitable[None]], pid: int)
     return peak
 
 
+@pytest.mark.timeout(600)  # --aiomas-long: 10,000 TLS handshakes take minutes
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 @pytest.mark.parametrize("kind", ["rpc", "agent"])
 async def test_a_flood_of_short_connections_leaves_no_memory_behind(
