@@ -20,11 +20,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import dis
-import functools
 import inspect
 import logging
-import signal
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import FunctionType, MethodType
@@ -557,7 +554,9 @@ class RpcClient:
         name = getattr(callback, "__qualname__", repr(callback))
         try:
             result = callback(arg)
-        except Exception:
+        except BaseException as exc:
+            if channel_mod._stops_the_process(exc):
+                raise
             logger.exception(
                 "%s failed for the connection with %s",
                 name,
@@ -566,7 +565,7 @@ class RpcClient:
             )
             return
         if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
+            task = asyncio.ensure_future(channel_mod._guarded(result))
             self._tasks.add(task)
             task.add_done_callback(lambda t: self._callback_done(t, name))
 
@@ -602,7 +601,7 @@ class RpcClient:
             func = router.resolve(path)
             result = func(*args, **kwargs)
         except BaseException as exc:
-            if _stops_the_process(exc):
+            if channel_mod._stops_the_process(exc):
                 raise
             _fail_call(request, exc, self._channel.peername)
             return
@@ -627,7 +626,7 @@ async def _reply_when_done(request: Request, awaitable: Any, peer: Any) -> None:
             raise
         _fail_call(request, exc, peer)  # The call raised it itself.
     except BaseException as exc:
-        if _stops_the_process(exc):
+        if channel_mod._stops_the_process(exc):
             raise
         _fail_call(request, exc, peer)
     else:
@@ -653,67 +652,6 @@ def _fail_call(request: Request, exc: BaseException, peer: Any) -> None:
             extra={"peer": peer, "message_id": request.message_id},
         )
     _answer(request, FAILURE, channel_mod._format_exception(exc))
-
-
-def _stops_the_process(exc: BaseException) -> bool:
-    """Whether *exc* must go on to end the process rather than fail one call.
-
-    That is a ``KeyboardInterrupt`` or ``SystemExit`` from a signal (Ctrl-C, or
-    a handler installed with :func:`signal.signal` that calls ``sys.exit()``)
-    that arrived while the call's code ran, or one that the call raised while
-    handling such an exception.  What the call raises by itself fails only it.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, KeyboardInterrupt | SystemExit) and _from_signal(cause):
-            return True
-        cause = cause.__context__
-    return False
-
-
-def _from_signal(exc: BaseException) -> bool:
-    handlers = _python_signal_handlers()
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        if tb.tb_frame.f_code in handlers:
-            return True
-        last, tb = tb, tb.tb_next
-    if (
-        isinstance(exc, KeyboardInterrupt)
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    ):
-        # Python's own SIGINT handler runs no Python code: its KeyboardInterrupt
-        # appears wherever the call was when the signal came -- never at a
-        # raise statement, where a KeyboardInterrupt of the call's own appears.
-        if last is None:
-            return True
-        code = last.tb_frame.f_code.co_code
-        at = last.tb_lasti
-        return not (0 <= at < len(code) and dis.opname[code[at]] in _RAISES)
-    return False
-
-
-_RAISES: Final = frozenset({"RAISE_VARARGS", "RERAISE"})
-
-
-def _python_signal_handlers() -> set[Any]:
-    """The code objects of the signal handlers written in Python."""
-    codes = set()
-    for signum in signal.valid_signals():
-        try:
-            handler: Any = signal.getsignal(signum)
-        except (OSError, ValueError):  # pragma: no cover (platform specific)
-            continue
-        while isinstance(handler, functools.partial):  # e.g. asyncio.Runner's
-            handler = handler.func
-        handler = getattr(handler, "__func__", handler)
-        code = getattr(handler, "__code__", None)
-        if code is not None:
-            codes.add(code)
-    return codes
 
 
 def _answer(request: Request, msg_type: int, content: Any) -> None:
