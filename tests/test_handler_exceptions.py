@@ -324,7 +324,7 @@ async def test_a_real_signal_still_stops_a_busy_server(
     mode: str, call: str, signum: int, times: int, tmp_path: Path
 ) -> None:
     """SIGINT (with Python's or asyncio.run()'s handler) and a SIGTERM handler
-    that calls sys.exit() stop a server within a second, even while a handler
+    that calls sys.exit() stop a server within 2 s, even while a handler
     is busy: the KeyboardInterrupt or SystemExit they raise inside the
     handler's code is not taken for the handler's own."""
     script = tmp_path / "server.py"
@@ -350,7 +350,7 @@ async def test_a_real_signal_still_stops_a_busy_server(
                 proc.send_signal(signum)
                 await asyncio.sleep(0.05)
             returncode = await asyncio.wait_for(proc.wait(), 5)
-            assert time.monotonic() - start < 1
+            assert time.monotonic() - start < 2
             with pytest.raises(ConnectionResetError):
                 await pending
         finally:
