@@ -331,9 +331,12 @@ class Request:
     def _answer(self, msg_type: int, content: Any) -> None:
         if self._answered:
             raise RuntimeError(f"Request {self.message_id} was already answered")
-        channel = self._protocol.channel
-        if channel is None:  # Lost, and nobody holds the channel any more.
-            raise ConnectionResetError("Connection closed")
+        protocol = self._protocol
+        channel = protocol._channel  # (set while the connection lasts)
+        if channel is None:
+            channel = protocol.channel
+            if channel is None:  # Lost, and nobody holds the channel any more.
+                raise ConnectionResetError("Connection closed")
         self._answered = True
         try:
             channel._send_message(msg_type, self.message_id, content)
@@ -899,7 +902,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._dispatch(payloads)
 
     def _dispatch(self, payloads: list[bytes | bytearray]) -> None:
-        channel = self.channel
+        channel = self._channel
         assert channel is not None
         handle = channel._payload_received
         if len(payloads) == 1:
