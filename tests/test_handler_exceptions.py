@@ -175,6 +175,93 @@ async def test_a_handler_that_swallows_our_cancellation_still_ends_quietly() -> 
     await asyncio.wait_for(server.wait_closed(), 5)
 
 
+CALLBACK_EXCEPTIONS = ["SystemExit", "KeyboardInterrupt", "CancelledError", "Bad"]
+
+
+@pytest.mark.parametrize("name", CALLBACK_EXCEPTIONS)
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+async def test_a_channel_handler_that_raises_anything_closes_only_its_connection(
+    asynchronous: bool, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A channel server's client_connected_cb that raises any exception
+    closes only that connection, with an ERROR record; the next client is
+    served."""
+    connections = 0
+
+    async def fail_later() -> None:
+        await asyncio.sleep(0)
+        raise EXCEPTIONS[name]()
+
+    async def echo_once(channel: aiomas.channel.Channel) -> None:
+        request = await channel.recv()
+        await request.reply(request.content)
+
+    def cb(channel: aiomas.channel.Channel) -> Any:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            return echo_once(channel)
+        if asynchronous:
+            return fail_later()
+        raise EXCEPTIONS[name]()
+
+    server = await aiomas.channel.start_server(("127.0.0.1", 0), cb)
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    try:
+        first = await aiomas.channel.open_connection(addr)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(first.send("lost"), 5)
+        await first.close()
+        second = await aiomas.channel.open_connection(addr)
+        assert await asyncio.wait_for(second.send("served"), 5) == "served"
+        await second.close()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+    errors = [
+        r
+        for r in aiomas_records(caplog, logging.ERROR)
+        if "client_connected_cb" in r.getMessage()
+    ]
+    assert len(errors) == 1
+
+
+@pytest.mark.parametrize("name", CALLBACK_EXCEPTIONS)
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+async def test_an_rpc_client_connected_cb_that_raises_anything_is_only_logged(
+    asynchronous: bool, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An RPC server's client_connected_cb that raises any exception is
+    logged at ERROR; the connection and the server go on."""
+
+    def sync_cb(client: aiomas.rpc.RpcClient) -> None:
+        raise EXCEPTIONS[name]()
+
+    async def async_cb(client: aiomas.rpc.RpcClient) -> None:
+        await asyncio.sleep(0)
+        raise EXCEPTIONS[name]()
+
+    service = Faulty()
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), service, async_cb if asynchronous else sync_cb
+    )
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    try:
+        client = await aiomas.rpc.open_connection(addr)
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(client.remote.echo(1), 5) == 1
+        await client.close()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+    errors = [
+        r
+        for r in aiomas_records(caplog, logging.ERROR)
+        if "failed for the connection" in r.getMessage()
+    ]
+    assert len(errors) == 1
+
+
 # --- Real signals still stop the process ----------------------------------------
 
 SERVER = textwrap.dedent(
@@ -237,7 +324,7 @@ async def test_a_real_signal_still_stops_a_busy_server(
     mode: str, call: str, signum: int, times: int, tmp_path: Path
 ) -> None:
     """SIGINT (with Python's or asyncio.run()'s handler) and a SIGTERM handler
-    that calls sys.exit() stop a server within a second, even while a handler
+    that calls sys.exit() stop a server within 2 s, even while a handler
     is busy: the KeyboardInterrupt or SystemExit they raise inside the
     handler's code is not taken for the handler's own."""
     script = tmp_path / "server.py"
@@ -263,7 +350,7 @@ async def test_a_real_signal_still_stops_a_busy_server(
                 proc.send_signal(signum)
                 await asyncio.sleep(0.05)
             returncode = await asyncio.wait_for(proc.wait(), 5)
-            assert time.monotonic() - start < 1
+            assert time.monotonic() - start < 2
             with pytest.raises(ConnectionResetError):
                 await pending
         finally:

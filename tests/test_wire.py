@@ -250,3 +250,18 @@ def test_frames_before_a_bad_header_are_returned_first() -> None:
     assert reader.error is None
     with pytest.raises(ProtocolError):
         reader.feed(stream[14:])
+
+
+def test_release_drops_every_buffer_and_the_reader_starts_afresh() -> None:
+    """At the end of a connection, release() frees the receive buffer, the
+    staging buffer of big frames and a partial big frame; the reader then
+    works like a new one."""
+    reader = FrameReader()
+    big = b"x" * (2 * 2**20)
+    assert reader.feed(frame(b"small") + frame(big)[: 2**20]) == [b"small"]
+    assert reader.buffered > 0
+    reader.release()
+    assert reader.buffered == 0
+    assert len(reader.get_buffer()) == 64 * 1024  # a new buffer, made on demand
+    reader.release()
+    assert reader.feed(frame(big)) == [big]

@@ -565,5 +565,8 @@ class Connection:
         self.closed = True
         self._held.clear()
         self._payloads.clear()
+        # Nothing more is read: the buffers go now, not with the last
+        # reference to the connection.
+        self._reader.release()
         pending, self._pending = self._pending, {}
         return pending

@@ -20,17 +20,16 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import dis
-import functools
 import inspect
 import logging
-import signal
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import FunctionType, MethodType
 from typing import Any, Final, TypeVar
 
 from aiomas import channel as channel_mod
 from aiomas import protocol
+from aiomas._guards import guarded, stops_the_process
 from aiomas.channel import Address, Channel, Request
 from aiomas.exceptions import SerializationError
 from aiomas.wire import FAILURE, RESULT
@@ -584,7 +583,9 @@ class RpcClient:
         name = getattr(callback, "__qualname__", repr(callback))
         try:
             result = callback(arg)
-        except Exception:
+        except BaseException as exc:
+            if stops_the_process(exc):
+                raise
             logger.exception(
                 "%s failed for the connection with %s",
                 name,
@@ -593,7 +594,7 @@ class RpcClient:
             )
             return
         if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
+            task = asyncio.ensure_future(guarded(result))
             self._tasks.add(task)
             task.add_done_callback(lambda t: self._callback_done(t, name))
 
@@ -629,7 +630,7 @@ class RpcClient:
             func = router.resolve(path)
             result = func(*args, **kwargs)
         except BaseException as exc:
-            if _stops_the_process(exc):
+            if stops_the_process(exc):
                 raise
             _fail_call(request, exc, self._channel.peername)
             return
@@ -654,7 +655,7 @@ async def _reply_when_done(request: Request, awaitable: Any, peer: Any) -> None:
             raise
         _fail_call(request, exc, peer)  # The call raised it itself.
     except BaseException as exc:
-        if _stops_the_process(exc):
+        if stops_the_process(exc):
             raise
         _fail_call(request, exc, peer)
     else:
@@ -680,67 +681,6 @@ def _fail_call(request: Request, exc: BaseException, peer: Any) -> None:
             extra={"peer": peer, "message_id": request.message_id},
         )
     _answer(request, FAILURE, exc)
-
-
-def _stops_the_process(exc: BaseException) -> bool:
-    """Whether *exc* must go on to end the process rather than fail one call.
-
-    That is a ``KeyboardInterrupt`` or ``SystemExit`` from a signal (Ctrl-C, or
-    a handler installed with :func:`signal.signal` that calls ``sys.exit()``)
-    that arrived while the call's code ran, or one that the call raised while
-    handling such an exception.  What the call raises by itself fails only it.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, KeyboardInterrupt | SystemExit) and _from_signal(cause):
-            return True
-        cause = cause.__context__
-    return False
-
-
-def _from_signal(exc: BaseException) -> bool:
-    handlers = _python_signal_handlers()
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        if tb.tb_frame.f_code in handlers:
-            return True
-        last, tb = tb, tb.tb_next
-    if (
-        isinstance(exc, KeyboardInterrupt)
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    ):
-        # Python's own SIGINT handler runs no Python code: its KeyboardInterrupt
-        # appears wherever the call was when the signal came -- never at a
-        # raise statement, where a KeyboardInterrupt of the call's own appears.
-        if last is None:
-            return True
-        code = last.tb_frame.f_code.co_code
-        at = last.tb_lasti
-        return not (0 <= at < len(code) and dis.opname[code[at]] in _RAISES)
-    return False
-
-
-_RAISES: Final = frozenset({"RAISE_VARARGS", "RERAISE"})
-
-
-def _python_signal_handlers() -> set[Any]:
-    """The code objects of the signal handlers written in Python."""
-    codes = set()
-    for signum in signal.valid_signals():
-        try:
-            handler: Any = signal.getsignal(signum)
-        except (OSError, ValueError):  # pragma: no cover (platform specific)
-            continue
-        while isinstance(handler, functools.partial):  # e.g. asyncio.Runner's
-            handler = handler.func
-        handler = getattr(handler, "__func__", handler)
-        code = getattr(handler, "__code__", None)
-        if code is not None:
-            codes.add(code)
-    return codes
 
 
 def _answer(request: Request, msg_type: int, content: Any) -> None:
@@ -795,10 +735,18 @@ def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
             )
         return obj_router.path
 
+    # The codec belongs to the channel: a strong reference back would make a
+    # reference cycle that keeps the whole connection until the garbage
+    # collector runs.
+    channel_ref = weakref.ref(channel)
+
     def deserialize(path: Any) -> Proxy:
         if not isinstance(path, str):
             raise SerializationError(f"Invalid RPC proxy path {_short(path)}")
-        return Proxy(channel, path)
+        current = channel_ref()
+        if current is None:  # pragma: no cover (we decode for the channel)
+            raise SerializationError("The channel of this codec is gone")
+        return Proxy(current, path)
 
     channel.codec.add_serializer(object, serialize, deserialize)
 
@@ -817,6 +765,9 @@ async def rpc_service_process(
     if channel.request_handler is None:
         channel.set_request_handler(rpc_client._handler_for(router))
     await channel.wait_closed()
+    # The task keeps the exception, and its traceback this frame: without
+    # these, that makes no reference cycle through the client.
+    del rpc_client, router
     raise channel.connection_error()
 
 

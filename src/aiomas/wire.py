@@ -159,6 +159,17 @@ class FrameReader:
         """The largest payload this reader accepts."""
         return self._max_frame_size
 
+    def release(self) -> None:
+        """Drop all buffers and any partial frame (the stream has ended).
+
+        The reader can be used again afterwards, as if it were new.
+        """
+        self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self._big = self._stage = None
+        self._big_filled = self._big_size = 0
+
     @property
     def buffered(self) -> int:
         """Number of received bytes that belong to a frame not yet complete."""
