@@ -192,6 +192,20 @@ def test_first_program() -> None:
     assert run_example("first_program.py") == "42\n"
 
 
+def test_container_script_without_arguments_prints_its_usage() -> None:
+    result = subprocess.run(
+        [sys.executable, "-W", "error", str(EXAMPLES / "container_script.py")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: container_script.py")
+    assert "HOST:PORT START_DATE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_container_script(unused_tcp_port: int) -> None:
     """The script runs a Manager that a master can use and stop."""
     import asyncio
