@@ -400,7 +400,7 @@ class Container:
         coro = cls._create(addr, clock, codec, extra_serializers, ssl, limits)
         if as_coro:
             return coro
-        return util.run(coro)
+        return util.run_blocking(coro, "await Container.create(addr, as_coro=True)")
 
     @classmethod
     async def _create(
@@ -554,7 +554,7 @@ class Container:
         coro = self._shutdown()
         if as_coro:
             return coro
-        util.run(coro)
+        util.run_blocking(coro, "await container.shutdown(as_coro=True)")
         return None
 
     async def _shutdown(self) -> None:
