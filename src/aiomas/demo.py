@@ -14,13 +14,15 @@ real time, in every container::
 
     python -m aiomas demo --external-clock --speed 50
 
-(``examples/contract_net.py`` in the source tree runs it, too.)
+(``examples/contract_net.py`` in the source tree runs it, too.)  Ctrl-C stops
+it, with its containers, and exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 from collections.abc import Sequence
@@ -71,7 +73,10 @@ class Bidder(aiomas.Agent):
         self, task: dict[str, Any], duration: float, auctioneer: aiomas.rpc.Proxy
     ) -> None:
         await self.container.clock.sleep(duration)
-        await auctioneer.task_done(task["id"], self.name)
+        try:
+            await auctioneer.task_done(task["id"], self.name)
+        except ConnectionResetError:
+            pass  # The auctioneer is gone (e.g. Ctrl-C): nobody to report to.
 
 
 class Auctioneer(aiomas.Agent):
@@ -93,7 +98,9 @@ class Auctioneer(aiomas.Agent):
     @aiomas.expose
     def task_done(self, task_id: int, bidder: str) -> None:
         self.say(f"task {task_id} finished by {bidder}")
-        self.finished[task_id].set_result(bidder)
+        finished = self.finished[task_id]
+        if not finished.done():  # (cancelled if the auction was interrupted)
+            finished.set_result(bidder)
 
     async def run(self, bidders: list[aiomas.rpc.Proxy], tasks: list[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -109,7 +116,11 @@ class Auctioneer(aiomas.Agent):
         task = {"id": task_id, "size": size}
         self.say(f"task {task_id} (size {size}): call for proposals")
         calls = [asyncio.ensure_future(b.call_for_proposal(task)) for b in bidders]
-        await wait_until(calls, self.clock.sleep(BID_DEADLINE))
+        try:
+            await wait_until(calls, self.clock.sleep(BID_DEADLINE))
+        except BaseException:
+            abandon(calls)
+            raise
         bids = []
         for bidder, call in zip(bidders, calls, strict=True):
             if not call.done():
@@ -142,12 +153,25 @@ async def wait_until(
 ) -> None:
     """Wait until all *calls* are done or the *deadline* has passed."""
     pending = set(calls)
-    while pending and not deadline.done():
-        _, pending = await asyncio.wait(
-            {*pending, deadline}, return_when=asyncio.FIRST_COMPLETED
-        )
-        pending.discard(deadline)
-    deadline.cancel()
+    try:
+        while pending and not deadline.done():
+            _, pending = await asyncio.wait(
+                {*pending, deadline}, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(deadline)
+    finally:
+        deadline.cancel()
+
+
+def abandon(calls: list[asyncio.Future[Any]]) -> None:
+    """Give up *calls* (after an error or Ctrl-C): cancel the pending ones and
+    fetch the errors of failed ones, which asyncio would report as "never
+    retrieved" otherwise."""
+    for call in calls:
+        if not call.done():
+            call.cancel()
+        elif not call.cancelled():
+            call.exception()
 
 
 async def drive_clocks(
@@ -184,11 +208,13 @@ async def run(
         for process in processes:
             await process.kill()
         raise next(e for e in started if isinstance(e, BaseException))
-    container = await aiomas.Container.create(
-        ("127.0.0.1", 0), clock=clock, as_coro=True
-    )
+    container: aiomas.Container | None = None
     ticker: asyncio.Future[None] | None = None
+    stopped = False
     try:
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), clock=clock, as_coro=True
+        )
         managers = [await container.connect(p.manager_addr) for p in processes]
         bidders = []
         for c, manager in enumerate(managers):
@@ -215,11 +241,26 @@ async def run(
             print(f"    task {task_id}: {bidder:12} {price:6.2f}")
         await stop_ticker(ticker)
         await asyncio.gather(*(manager.stop() for manager in managers))
+        stopped = True
     finally:
         await stop_ticker(ticker)
-        await container.shutdown(as_coro=True)
+        if not stopped:
+            # An error or Ctrl-C: end the containers before ours goes, so that
+            # their bidders do not see the auctioneer vanish (SIGTERM shuts a
+            # container down quietly, see aiomas.subproc).
+            for process in processes:
+                terminate(process)
+        if container is not None:
+            await container.shutdown(as_coro=True)
         for process in processes:
             await process.wait_or_kill()
+
+
+def terminate(process: ContainerProcess) -> None:
+    """Send SIGTERM to *process* unless it has exited."""
+    if process.process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # It exited just now.
+            process.process.terminate()
 
 
 async def stop_ticker(ticker: asyncio.Future[None] | None) -> None:
@@ -261,7 +302,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.containers < 1 or args.bidders < 1 or args.speed <= 0:
         parser.error("--containers, --bidders and --speed must be positive")
     speed = args.speed if args.external_clock else None
-    asyncio.run(run(args.containers, args.bidders, speed))
+    try:
+        asyncio.run(run(args.containers, args.bidders, speed))
+    except KeyboardInterrupt:
+        # run() has stopped the containers; a traceback would add nothing.
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     return 0
 
 
