@@ -184,9 +184,11 @@ async def test_request_table_ids_and_pop() -> None:
     loop = asyncio.get_running_loop()
     table = RequestTable()
     futures = [loop.create_future() for _ in range(3)]
+    assert table.issued == 0
     ids = [table.add(f) for f in futures]
     assert ids == [0, 1, 2]
     assert len(table) == 3
+    assert table.issued == 3
     assert table.pop(1) is futures[1]
     with pytest.raises(ProtocolError, match="unknown message id 1"):
         table.pop(1)
@@ -196,6 +198,7 @@ async def test_request_table_ids_and_pop() -> None:
     table.discard(0)
     assert len(table) == 1
     table.pop(2)
+    assert table.issued == 3  # It counts ids handed out, not pending ones.
 
 
 async def test_request_table_fail_all_gives_each_future_its_own_error() -> None:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, TypeAlias, cast
 
 from aiomas import local_queue
-from aiomas.codecs import JSON, Codec
+from aiomas.codecs import JSON, Codec, MsgPack, MsgPackBlosc
 from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
 from aiomas.wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -402,7 +402,8 @@ class Channel:
         except Exception as exc:
             if self._content_not_decodable(payload, exc):
                 return
-            raise ProtocolError(f"Cannot decode message: {exc}") from exc
+            hint = _codec_hint(payload, self.codec)
+            raise ProtocolError(f"Cannot decode message: {exc}{hint}") from exc
         if type(message) not in (list, tuple) or len(message) != 3:
             self._invalid_message(message)
             return
@@ -567,7 +568,7 @@ class Channel:
 
     def _connection_error(self) -> ConnectionResetError:
         cause = self._closed_error
-        if isinstance(cause, ProtocolError):
+        if isinstance(cause, ProtocolError | _UnansweredClose):
             text = f"Connection to {self._peername} closed: {cause}"
         else:
             text = f"Connection to {self._peername} closed"
@@ -584,6 +585,45 @@ class Channel:
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+class _UnansweredClose(ConnectionResetError):
+    """The peer closed the connection before it answered any of our requests,
+    as it does when it cannot decode them."""
+
+
+def _codec_hint(payload: bytes | bytearray, codec: Codec) -> str:
+    """Say so if *payload*, which *codec* cannot decode, looks like a message
+    of another codec (a peer with the wrong codec sends nothing else)."""
+    head = bytes(payload[:16])
+    if head.startswith(b"["):
+        guess = "JSON"
+    elif head.startswith(b"\x93"):  # a msgpack array of 3
+        guess = "MsgPack"
+    elif (  # A Blosc header: format 2, typesize 8, the frame's size.
+        len(head) == 16
+        and head[0] == 2
+        and head[3] == 8
+        and int.from_bytes(head[12:], "little") == len(payload)
+    ):
+        guess = "MsgPackBlosc"
+    else:
+        return ""
+    ours = (
+        "MsgPackBlosc"
+        if isinstance(codec, MsgPackBlosc)
+        else "MsgPack"
+        if isinstance(codec, MsgPack)
+        else "JSON"
+        if isinstance(codec, JSON)
+        else type(codec).__name__
+    )
+    if guess == ours:
+        return ""  # Our own format, garbled.
+    return (
+        f" (it looks like {guess}, but this side uses {ours}: both sides must "
+        "use the same codec)"
+    )
 
 
 def _abbreviate(obj: Any, limit: int = 80) -> str:
@@ -653,6 +693,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
+        self._peer_closed = False  # (see _unanswered_close())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Create the :class:`Channel` and start the client connected callback."""
@@ -796,6 +837,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         """The peer closed its side: let the transport close the connection."""
+        self._peer_closed = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -810,9 +852,12 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 buffered,
                 extra={"peer": peer},
             )
+        unanswered = self._unanswered_close(exc)
         if self._error is None:  # (Protocol errors were logged already.)
-            self._log_close(exc)
-        reason: BaseException = self._error or exc or ConnectionResetError()
+            self._log_close(exc, unanswered)
+        reason: BaseException = (
+            self._error or unanswered or exc or ConnectionResetError()
+        )
         if self.channel is not None:
             self.channel._connection_lost(reason)
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -822,14 +867,46 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if not self._closed.done():
             self._closed.set_result(None)
 
-    def _log_close(self, exc: Exception | None) -> None:
+    def _unanswered_close(self, exc: Exception | None) -> _UnansweredClose | None:
+        """The reason to give if the peer closed the connection before it
+        answered any of our requests: it does so when it cannot decode them
+        (and logs why), but a TLS server also does when it refuses our
+        certificate."""
+        channel = self.channel
+        if (
+            self._error is not None
+            or channel is None
+            or not (self._peer_closed or isinstance(exc, ConnectionResetError))
+        ):
+            return None
+        requests = channel._requests
+        if not len(requests) or len(requests) != requests.issued:
+            return None  # No request, or the peer has answered some.
+        n = len(requests)
+        ours = f"any of our {n} requests" if n > 1 else "our request"
+        text = (
+            f"the peer hung up without answering {ours}; if its log says that it "
+            "cannot decode our messages, both sides must use the same codec "
+            f"(this side uses {type(self.codec).__name__})"
+        )
+        if self.transport is not None and self.transport.get_extra_info("ssl_object"):
+            text += ", or else it may have refused our TLS certificate"
+        return _UnansweredClose(text)
+
+    def _log_close(self, exc: Exception | None, hint: Exception | None) -> None:
         peer = self.channel.peername if self.channel is not None else None
+        # A clean close stays INFO even with the hint: this side cannot tell a
+        # codec mismatch from, say, a refused certificate; the peer can, and
+        # logs a warning.
+        why = "" if hint is None else f": {hint}"
         if exc is None:
             if logger.isEnabledFor(logging.INFO):
-                logger.info("Connection with %s closed", peer, extra={"peer": peer})
+                logger.info(
+                    "Connection with %s closed%s", peer, why, extra={"peer": peer}
+                )
         else:
             logger.warning(
-                "Connection with %s lost: %s", peer, exc, extra={"peer": peer}
+                "Connection with %s lost: %s%s", peer, exc, why, extra={"peer": peer}
             )
 
     def pause_writing(self) -> None:

@@ -288,6 +288,11 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self._pending)
 
+    @property
+    def issued(self) -> int:
+        """How many ids :meth:`add` has handed out so far."""
+        return self._next_id
+
     def add(self, future: asyncio.Future[Any]) -> int:
         """Register *future* and return the id for its request."""
         msg_id = self._next_id
