@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import random
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from aiomas.subproc import ContainerProcess
 START_DATE = "2026-01-01T08:00:00+00:00"
 BID_DEADLINE = 0.5  # seconds (of the containers' clocks) to wait for bids
 ANNOUNCE_EVERY = 0.4  # seconds between two calls for proposals
+STOP_GRACE = 2.0  # seconds for interrupted containers to stop by themselves
 
 
 class Bidder(aiomas.Agent):
@@ -211,6 +213,9 @@ async def run(
     container: aiomas.Container | None = None
     ticker: asyncio.Future[None] | None = None
     stopped = False
+    quiet = QuietWhenCancelled(asyncio.current_task())
+    for name in QuietWhenCancelled.LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     try:
         container = await aiomas.Container.create(
             ("127.0.0.1", 0), clock=clock, as_coro=True
@@ -245,15 +250,42 @@ async def run(
     finally:
         await stop_ticker(ticker)
         if not stopped:
-            # An error or Ctrl-C: end the containers before ours goes, so that
-            # their bidders do not see the auctioneer vanish (SIGTERM shuts a
-            # container down quietly, see aiomas.subproc).
+            # An error or Ctrl-C.  Ctrl-C in a terminal has sent the containers
+            # SIGINT, too: let them stop by themselves (a second signal would
+            # disturb that), then send SIGTERM, which shuts a container down
+            # quietly (see aiomas.subproc).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(p.process.wait() for p in processes)),
+                    STOP_GRACE,
+                )
             for process in processes:
                 terminate(process)
-        if container is not None:
-            await container.shutdown(as_coro=True)
+        # Ours goes last, so that no container sees its connections to us cut
+        # while it still talks (and logs a warning about it).
         for process in processes:
             await process.wait_or_kill()
+        if container is not None:
+            await container.shutdown(as_coro=True)
+        for name in QuietWhenCancelled.LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+
+
+class QuietWhenCancelled(logging.Filter):
+    """Drops warnings once *task* is being cancelled (by Ctrl-C): then
+    connections end at both ends at once, and warnings about them would only
+    say that we are stopping.  Errors still pass."""
+
+    LOGGERS = ("aiomas.agent", "aiomas.channel", "aiomas.rpc")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        super().__init__()
+        self.task = task
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to log *record*."""
+        cancelling = self.task is not None and self.task.cancelling() > 0
+        return record.levelno >= logging.ERROR or not cancelling
 
 
 def terminate(process: ContainerProcess) -> None:
