@@ -88,6 +88,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
 @pytest.mark.parametrize("to_group", [True, False], ids=["ctrl-c", "kill-int"])
+@pytest.mark.usefixtures("sigint_reaches_children")
 def test_contract_net_demo_interrupted(to_group: bool) -> None:
     """SIGINT to the demo's process group (Ctrl-C in a terminal) or to the demo
     alone: one line on stderr, and no container process left behind."""
