@@ -196,6 +196,19 @@ async def run(
     """Run the auction with *containers* subprocess containers of
     *bidders_per_container* bidders each; *speed* (simulated seconds per real
     second) runs it on ExternalClocks, ``None`` in real time."""
+    quiet = QuietWhenCancelled(asyncio.current_task())
+    for name in QuietWhenCancelled.LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        await _run(containers, bidders_per_container, speed)
+    finally:
+        for name in QuietWhenCancelled.LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+
+
+async def _run(
+    containers: int, bidders_per_container: int, speed: float | None
+) -> None:
     external = speed is not None
     clock = aiomas.ExternalClock(START_DATE) if external else aiomas.AsyncioClock()
     args = ["127.0.0.1:0", "--log-level", "warning"]
@@ -213,9 +226,6 @@ async def run(
     container: aiomas.Container | None = None
     ticker: asyncio.Future[None] | None = None
     stopped = False
-    quiet = QuietWhenCancelled(asyncio.current_task())
-    for name in QuietWhenCancelled.LOGGERS:
-        logging.getLogger(name).addFilter(quiet)
     try:
         container = await aiomas.Container.create(
             ("127.0.0.1", 0), clock=clock, as_coro=True
@@ -267,8 +277,6 @@ async def run(
             await process.wait_or_kill()
         if container is not None:
             await container.shutdown(as_coro=True)
-        for name in QuietWhenCancelled.LOGGERS:
-            logging.getLogger(name).removeFilter(quiet)
 
 
 class QuietWhenCancelled(logging.Filter):
