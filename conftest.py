@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from _pytest.doctest import DoctestItem
 from tests.helpers import close_loop
+from tests.shared_lock import open_shared_lock
 
 try:
     import fcntl
@@ -37,24 +39,32 @@ def _close_thread_loop() -> None:
     policy.set_event_loop(None)
 
 
-# Held while a docs example runs (see _one_docs_example_at_a_time()).
-_DOCS_LOCK = Path(tempfile.gettempdir()) / "aiomas-docs-examples.lock"
+# Held while a docs example runs (see _one_docs_example_at_a_time()).  One
+# file for the whole machine, as the ports are: /tmp rather than $TMPDIR,
+# which may differ between users.
+_DOCS_LOCK = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / (
+    "aiomas-docs-examples.lock"
+)
 
 
 @pytest.fixture(autouse=True)
 def _one_docs_example_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
     """The docs examples bind fixed ports (5555 and 5556, as in the original
     docs).  With pytest-xdist, they may run in several workers at once (or in
-    several test runs on one machine): a lock file makes them take turns."""
+    several test runs on one machine, by several users): a lock file makes
+    them take turns."""
     node = request.node
     if fcntl is None or not (
         isinstance(node, DoctestItem) or node.nodeid.startswith("docs/")
     ):
         yield
         return
-    with _DOCS_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    fd = open_shared_lock(_DOCS_LOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
         yield
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(autouse=True)

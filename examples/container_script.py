@@ -10,8 +10,8 @@ the MsgPackBlosc codec, until a master calls ``stop()`` of its Manager at
 options; write your own script like this one when you need something else.
 """
 
+import argparse
 import asyncio
-import sys
 
 import aiomas
 
@@ -25,4 +25,12 @@ async def main(host_port, start_date):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    parser = argparse.ArgumentParser(
+        description="A container with a Manager agent, until a master stops it."
+    )
+    parser.add_argument("host_port", metavar="HOST:PORT", help="where to listen")
+    parser.add_argument(
+        "start_date", metavar="START_DATE", help="ISO 8601 start of the clock"
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.host_port, args.start_date))

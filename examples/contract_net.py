@@ -1,9 +1,11 @@
 """The README demo: a contract-net auction between agents in three processes.
 
 The code lives in the package, :mod:`aiomas.demo` (``src/aiomas/demo.py``), so
-that ``python -m aiomas demo`` runs it after a plain ``pip install aiomas`` and
-its subprocess containers can import the bidder agents.  This script runs the
-same command line::
+that ``python -m aiomas demo`` runs it wherever aiomas is installed and its
+subprocess containers can import the bidder agents.  Install aiomas from this
+checkout (``pip install .``, see the README): ``pip install aiomas`` would get
+the unmaintained 2.0.1 from PyPI, which this version supersedes and which
+crashes on Python 3.11.  This script runs the same command line::
 
     python examples/contract_net.py [--external-clock] [--speed 20]
         [--containers 2] [--bidders 3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import ssl
 import sys
 import tempfile
@@ -215,6 +216,24 @@ def peek_thread_loop() -> asyncio.AbstractEventLoop | None:
             return asyncio.get_event_loop()
         except (RuntimeError, DeprecationWarning):
             return None
+
+
+@pytest.fixture
+def sigint_reaches_children() -> Iterator[None]:
+    """Let the child processes that the test starts get SIGINT.
+
+    A test run started in the background of a non-interactive shell (``pytest
+    &``, nohup) ignores SIGINT, and children inherit that: they would not stop
+    at Ctrl-C or ``kill -INT``.  A handler, unlike SIG_IGN, is not inherited.
+    """
+    if sys.platform == "win32" or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture

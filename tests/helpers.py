@@ -38,6 +38,32 @@ def as_lists(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def open_files_limit(needed: int) -> Iterator[None]:
+    """Let this process open at least *needed* files for a while.
+
+    Unprivileged users often get a soft limit of 1024 open files, below their
+    hard limit: raise the soft limit (anyone may, up to the hard limit) and
+    restore it afterwards; skip the test if the hard limit is too low.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit per process.
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"needs {needed} open files; the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def close_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Close *loop* the way asyncio.run() would: tasks, async generators, executor."""
     if loop.is_closed():

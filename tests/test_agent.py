@@ -858,8 +858,22 @@ def test_create_and_shutdown_without_a_running_loop() -> None:
 
 
 async def test_sync_create_inside_a_running_loop_fails_clearly() -> None:
-    with pytest.raises(RuntimeError, match="use 'await' instead"):
+    """Awaited or not, the error names the missing as_coro=True (not
+    aiomas.run(), which the caller never called), and no "coroutine was never
+    awaited" warning follows (warnings are errors here)."""
+    hint = r"pass as_coro=True and await the result: await Container\.create\("
+    with pytest.raises(RuntimeError, match=hint):
         aiomas.Container.create(("127.0.0.1", 0))
+    with pytest.raises(RuntimeError, match=hint):
+        await aiomas.Container.create(("127.0.0.1", 0))  # type: ignore[misc]
+    container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+    hint = r"pass as_coro=True and await the result: await container\.shutdown\("
+    with pytest.raises(RuntimeError, match=hint):
+        container.shutdown()
+    with pytest.raises(RuntimeError, match=hint):
+        await container.shutdown()  # type: ignore[misc]
+    await container.shutdown(as_coro=True)
+    gc.collect()  # A coroutine left unclosed would warn now.
 
 
 async def test_create_fails_when_the_address_is_taken() -> None:

@@ -228,6 +228,86 @@ async def test_peer_closing_fails_pending_requests(endpoint: Endpoint) -> None:
         await channel.close()
 
 
+CODEC_MISMATCHES = [
+    (aiomas.JSON, aiomas.MsgPack),
+    (aiomas.MsgPack, aiomas.JSON),
+    (aiomas.MsgPackBlosc, aiomas.MsgPack),
+    (aiomas.JSON, aiomas.MsgPackBlosc),
+]
+
+
+@pytest.mark.parametrize(
+    ("client_codec", "server_codec"),
+    CODEC_MISMATCHES,
+    ids=[f"{c.__name__}-to-{s.__name__}" for c, s in CODEC_MISMATCHES],
+)
+async def test_codec_mismatch_is_named_on_both_sides(
+    endpoint: Endpoint,
+    client_codec: type[aiomas.codecs.Codec],
+    server_codec: type[aiomas.codecs.Codec],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server cannot decode the client's first message: it says which
+    codec the bytes look like; the client, which only sees the close, says
+    what the peer's log will tell.  Both keep ConnectionResetError."""
+    caplog.set_level(logging.INFO, logger="aiomas.channel")
+    server_error: asyncio.Future[BaseException] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def handle_client(channel: Channel) -> None:
+        try:
+            await channel.recv()
+        except ConnectionResetError as exc:
+            server_error.set_result(exc)
+
+    async with serving(endpoint, handle_client, codec=server_codec) as addr:
+        channel = await connect(endpoint, addr, codec=client_codec)
+        with pytest.raises(ConnectionResetError) as info:
+            await asyncio.wait_for(channel.send("ohai"), 5)
+        await channel.close()
+        server_side = str(await asyncio.wait_for(server_error, 5))
+    ours, theirs = client_codec.__name__, server_codec.__name__
+    assert server_side.endswith(
+        f"(it looks like {ours}, but this side uses {theirs}: both sides must "
+        "use the same codec)"
+    ), server_side
+    client_side = str(info.value)
+    assert "the peer hung up without answering our request; if its log says " in (
+        client_side
+    )
+    assert f"both sides must use the same codec (this side uses {ours})" in (
+        client_side
+    )
+    # The server warns; the client logs the close with the hint (a warning
+    # only where it is a reset, as LocalQueue's abort() is).
+    warnings = [r.getMessage() for r in aiomas_records(caplog, logging.WARNING)]
+    closing = [m for m in warnings if m.startswith("Closing connection to ")]
+    assert len(closing) == 1, warnings
+    assert f"it looks like {ours}" in closing[0]
+    logged = [r.getMessage() for r in aiomas_records(caplog, logging.INFO)]
+    hinted = [m for m in logged if "hung up without answering our request" in m]
+    assert len(hinted) == 1, logged
+
+
+async def test_a_peer_that_answered_before_it_hung_up_gets_no_codec_hint(
+    endpoint: Endpoint,
+) -> None:
+    async def handle_client(channel: Channel) -> None:
+        request = await channel.recv()
+        await request.reply(request.content)
+        await channel.recv()
+        await channel.close()  # without answering the second request
+
+    async with serving(endpoint, handle_client) as addr:
+        channel = await connect(endpoint, addr)
+        assert await asyncio.wait_for(channel.send("one"), 5) == "one"
+        with pytest.raises(ConnectionResetError) as info:
+            await asyncio.wait_for(channel.send("two"), 5)
+        await channel.close()
+    assert str(info.value).endswith(" closed"), info.value
+
+
 async def test_cancelled_request_drops_late_reply_quietly(
     endpoint: Endpoint, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -252,6 +252,28 @@ def test_json_cannot_encode_bytes() -> None:
         JSON().encode(b"x")
 
 
+@pytest.mark.parametrize("data", [b"x", bytearray(b"x"), memoryview(b"x")])
+def test_json_bytes_error_suggests_msgpack(data: Any) -> None:
+    with pytest.raises(SerializationError) as info:
+        JSON().encode({"blob": data})
+    message = str(info.value)
+    assert "JSON cannot encode bytes" in message
+    assert "codec=aiomas.MsgPack on both sides" in message
+    assert "Codec.add_serializer()" in message
+
+
+def test_no_serializer_error_names_the_fixes() -> None:
+    class Unknown:
+        pass
+
+    with pytest.raises(SerializationError) as info:
+        JSON().encode([Unknown()])
+    message = str(info.value)
+    assert "Unknown" in message
+    assert "Codec.add_serializer()" in message
+    assert "@aiomas.codecs.serializable" in message
+
+
 def _circular() -> list[Any]:
     value: list[Any] = [1]
     value.append(value)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +69,65 @@ def test_contract_net_demo(args: list[str]) -> None:
         if "awarded to" in line:
             assert line.split(" at ")[1].rsplit("/", 1)[0] in containers
     assert "all tasks finished:" in lines[-6]
+
+
+def _alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # No /proc (macOS): ask the kernel.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
+@pytest.mark.parametrize("to_group", [True, False], ids=["ctrl-c", "kill-int"])
+@pytest.mark.usefixtures("sigint_reaches_children")
+def test_contract_net_demo_interrupted(to_group: bool) -> None:
+    """SIGINT to the demo's process group (Ctrl-C in a terminal) or to the demo
+    alone: one line on stderr, and no container process left behind."""
+    demo = subprocess.Popen(
+        [sys.executable, "-W", "error", str(EXAMPLES / "contract_net.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # Its own process group, as under a shell.
+    )
+    assert demo.stdout is not None
+    try:
+        # Wait until the auctions run: the header with the children's pids,
+        # then the first two calls for proposals.
+        output = b""
+        deadline = time.monotonic() + 30
+        while output.count(b"call for proposals") < 2:
+            assert time.monotonic() < deadline, output
+            ready, _, _ = select.select([demo.stdout], [], [], 1)
+            if ready:
+                chunk = os.read(demo.stdout.fileno(), 4096)
+                assert chunk, output  # The demo ended before it ran.
+                output += chunk
+        pids = [int(pid) for pid in re.findall(rb"\(pid (\d+)\)", output)]
+        assert len(pids) == 2
+        if to_group:
+            os.killpg(demo.pid, signal.SIGINT)
+        else:
+            demo.send_signal(signal.SIGINT)
+        _, err = demo.communicate(timeout=20)
+        assert demo.returncode == 130
+        assert err.decode().splitlines() == ["examples/contract_net.py: interrupted"]
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, f"left behind: {pids}"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo.pid, signal.SIGKILL)  # Whatever is left of it.
+        demo.wait(5)
 
 
 def test_hello_world() -> None:
@@ -190,6 +255,20 @@ def test_cosimulation() -> None:
 
 def test_first_program() -> None:
     assert run_example("first_program.py") == "42\n"
+
+
+def test_container_script_without_arguments_prints_its_usage() -> None:
+    result = subprocess.run(
+        [sys.executable, "-W", "error", str(EXAMPLES / "container_script.py")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: container_script.py")
+    assert "HOST:PORT START_DATE" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_container_script(unused_tcp_port: int) -> None:

@@ -29,7 +29,7 @@ import aiomas
 from aiomas.agent import split_host_port
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE
 
-from .helpers import echo_forever
+from .helpers import echo_forever, open_files_limit
 from .test_channel_faults import BAD_STREAMS, raw_frame, read_frame
 
 KINDS = ["channel", "rpc", "agent"]
@@ -251,6 +251,12 @@ async def test_a_thousand_idle_connections(kind: str) -> None:
     others promptly, and idle connections cost little memory."""
     # Debug mode keeps a traceback for every callback: not what users run.
     asyncio.get_running_loop().set_debug(False)
+    # Both ends of 1,000 connections, and some to spare.
+    with open_files_limit(2500):
+        await _idle_connections(kind)
+
+
+async def _idle_connections(kind: str) -> None:
     async with serve(kind) as server:
         await server.still_serving()  # Warm up (e.g. the agent connection).
         gc.collect()

@@ -32,7 +32,6 @@ def test_help_lists_the_commands() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "the following arguments are required: COMMAND"),
         (["spam"], "invalid choice: 'spam'"),
         (["container"], "the following arguments are required: HOST:PORT"),
         (["container", "nowhere"], "expected HOST:PORT"),
@@ -48,6 +47,17 @@ def test_bad_arguments(
         main(args)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_no_command_prints_the_help() -> None:
+    """Not just "required: COMMAND": the help, which lists the commands."""
+    result = run_aiomas()
+    assert result.returncode == 2  # argparse's code for a usage error
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: python -m aiomas")
+    for name in COMMANDS:
+        assert f"    {name}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("name", ["container", "demo", "bench", "version"])

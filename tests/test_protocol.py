@@ -517,3 +517,45 @@ def test_order_is_kept_and_big_payloads_are_not_copied() -> None:
     assert any(chunk is big for chunk in chunks)
     assert all(len(c) <= protocol.JOINED_WRITE_LIMIT for c in chunks if c is not big)
     assert len(chunks) <= 5
+
+
+@pytest.mark.parametrize(
+    ("codec", "payload", "hint"),
+    [
+        (MsgPack, b"[0, 0, null]", "looks like JSON, but this side uses MsgPack"),
+        (JSON, b"\x93\x00\x00\xc0", "looks like MsgPack, but this side uses JSON"),
+        (JSON, bytes([2, 1, 0, 8]) + bytes(8) + (16).to_bytes(4, "little"), "Blosc"),
+        (JSON, b"[garbled", None),  # our own format, garbled
+        (JSON, b"\x00garbage", None),
+    ],
+)
+def test_a_codec_mismatch_is_named(
+    codec: type[aiomas.codecs.Codec], payload: bytes, hint: str | None
+) -> None:
+    (event,) = Connection(codec()).receive_data(frame(payload))
+    assert isinstance(event, ProtocolViolation)
+    text = str(event.error)
+    assert text.startswith("Cannot decode message")
+    if hint is None:
+        assert "both sides must use the same codec" not in text
+    else:
+        assert hint in text
+        assert "both sides must use the same codec" in text
+
+
+def test_a_codec_of_its_own_is_named_by_its_class() -> None:
+    class Mine(aiomas.codecs.Codec):
+        def decode(self, data: Any) -> Any:
+            raise SerializationError("never")
+
+    (event,) = Connection(Mine()).receive_data(frame(b"\x93\x00\x00\xc0"))
+    assert isinstance(event, ProtocolViolation)
+    assert "this side uses Mine" in str(event.error)
+
+
+def test_requests_sent_counts_answered_ones_too() -> None:
+    conn = Connection(JSON())
+    conn.send_request(None)
+    conn.send_request(None)
+    list(conn.receive_data(jframe([1, 0, None])))
+    assert (conn.requests_sent, conn.waiting_for_replies) == (2, 1)

@@ -426,10 +426,14 @@ async def test_taken_port_makes_start_fail() -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no SIGINT to a child on Windows")
+@pytest.mark.usefixtures("sigint_reaches_children")
 async def test_sigint_ends_the_process() -> None:
     process = await start_process()
-    process.process.send_signal(signal.SIGINT)
-    assert await asyncio.wait_for(process.wait(), WAIT) == 130
+    try:
+        process.process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), WAIT) == 130
+    finally:
+        await process.kill()  # Leave nothing behind if it did not stop.
 
 
 async def test_wait_or_kill() -> None:

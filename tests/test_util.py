@@ -244,6 +244,22 @@ async def test_run_refuses_running_loop() -> None:
         util.run()
 
 
+async def test_run_blocking_inside_a_running_loop_says_as_coro() -> None:
+    coro = _answer()
+    with pytest.raises(RuntimeError) as info:
+        util.run_blocking(coro, "await thing(as_coro=True)")
+    message = str(info.value)
+    assert "pass as_coro=True and await the result: await thing(as_coro=True)" in (
+        message
+    )
+    assert "aiomas.run()" not in message  # the caller never called it
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
+def test_run_blocking_without_a_running_loop_runs(no_thread_loop: None) -> None:
+    assert util.run_blocking(_answer(), "unused") == 42
+
+
 async def test_get_loop_returns_running_loop() -> None:
     assert util.get_loop() is asyncio.get_running_loop()
 

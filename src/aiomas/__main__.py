@@ -78,7 +78,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in COMMANDS:
+    if not args:
+        # A bare "required: COMMAND" would not say which commands there are.
+        make_parser().print_help(sys.stderr)
+        return 2
+    if args[0] not in COMMANDS:
         make_parser().parse_args(args)  # Prints the help or the error; exits.
         return 2
     name, rest = args[0], args[1:]

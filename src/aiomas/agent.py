@@ -460,7 +460,7 @@ class Container:
         coro = _create(cls, addr, clock, codec, extra_serializers, ssl, limits)
         if as_coro:
             return coro
-        return util.run(coro)
+        return util.run_blocking(coro, "await Container.create(addr, as_coro=True)")
 
     @property
     def base_url(self) -> str:
@@ -540,7 +540,7 @@ class Container:
         coro = self._aiomas.shutdown()
         if as_coro:
             return coro
-        util.run(coro)
+        util.run_blocking(coro, "await container.shutdown(as_coro=True)")
         return None
 
 

@@ -458,6 +458,10 @@ class Channel:
             error = ProtocolResetError(
                 f"Connection to {self._peername} closed: {cause}"
             )
+        elif isinstance(cause, _UnansweredClose):
+            error = ConnectionResetError(
+                f"Connection to {self._peername} closed: {cause}"
+            )
         else:
             error = ConnectionResetError(f"Connection to {self._peername} closed")
         if cause is not None and not isinstance(cause, ConnectionResetError):
@@ -553,6 +557,11 @@ class Channel:
             waiter.set_result(None)
 
 
+class _UnansweredClose(ConnectionResetError):
+    """The peer closed the connection before it answered any of our requests,
+    as it does when it cannot decode them."""
+
+
 class ChannelProtocol(asyncio.BufferedProtocol):
     """The asyncio protocol that connects a transport with a :class:`Channel`.
 
@@ -611,6 +620,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None
+        self._peer_closed = False  # (see _unanswered_close())
 
     @property
     def channel(self) -> Channel | None:
@@ -756,6 +766,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         """The peer closed its side: let the transport close the connection."""
+        self._peer_closed = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -770,9 +781,12 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 buffered,
                 extra={"peer": peer},
             )
+        unanswered = self._unanswered_close(exc)
         if self._error is None:  # (Protocol errors were logged already.)
-            self._log_close(exc)
-        reason: BaseException = self._error or exc or ConnectionResetError()
+            self._log_close(exc, unanswered)
+        reason: BaseException = (
+            self._error or unanswered or exc or ConnectionResetError()
+        )
         channel = self._channel
         if channel is not None:
             channel.connection_lost(reason)
@@ -792,14 +806,45 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if not self._closed.done():
             self._closed.set_result(None)
 
-    def _log_close(self, exc: Exception | None) -> None:
+    def _unanswered_close(self, exc: Exception | None) -> _UnansweredClose | None:
+        """The reason to give if the peer closed the connection before it
+        answered any of our requests: it does so when it cannot decode them
+        (and logs why), but a TLS server also does when it refuses our
+        certificate."""
+        core = self.core
+        if (
+            self._error is not None
+            or self._channel is None
+            or not (self._peer_closed or isinstance(exc, ConnectionResetError))
+        ):
+            return None
+        waiting = core.waiting_for_replies
+        if not waiting or waiting != core.requests_sent:
+            return None  # No request, or the peer has answered some.
+        ours = f"any of our {waiting} requests" if waiting > 1 else "our request"
+        text = (
+            f"the peer hung up without answering {ours}; if its log says that it "
+            "cannot decode our messages, both sides must use the same codec "
+            f"(this side uses {type(self.codec).__name__})"
+        )
+        if self.transport is not None and self.transport.get_extra_info("ssl_object"):
+            text += ", or else it may have refused our TLS certificate"
+        return _UnansweredClose(text)
+
+    def _log_close(self, exc: Exception | None, hint: Exception | None) -> None:
         peer = self.channel.peername if self.channel is not None else None
+        # A clean close stays INFO even with the hint: this side cannot tell a
+        # codec mismatch from, say, a refused certificate; the peer can, and
+        # logs a warning.
+        why = "" if hint is None else f": {hint}"
         if exc is None:
             if logger.isEnabledFor(logging.INFO):
-                logger.info("Connection with %s closed", peer, extra={"peer": peer})
+                logger.info(
+                    "Connection with %s closed%s", peer, why, extra={"peer": peer}
+                )
         else:
             logger.warning(
-                "Connection with %s lost: %s", peer, exc, extra={"peer": peer}
+                "Connection with %s lost: %s%s", peer, exc, why, extra={"peer": peer}
             )
 
     def pause_writing(self) -> None:

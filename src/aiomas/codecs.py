@@ -73,6 +73,24 @@ def _type_name(cls: Any) -> str:
     return _quote(cls)
 
 
+def _no_serializer_message(obj: Any, codec: str) -> str:
+    """The error for an object that no serializer of *codec* handles, naming
+    the fixes."""
+    name = _type_name(type(obj))
+    if isinstance(obj, bytes | bytearray | memoryview):
+        # JSON has no bytes; MsgPack encodes them natively (and never gets here).
+        return (
+            f'No serializer found for type "{name}": {codec} cannot encode bytes; '
+            "use the MsgPack codec (codec=aiomas.MsgPack on both sides) or add "
+            "a serializer with Codec.add_serializer() (or extra_serializers)"
+        )
+    return (
+        f'No serializer found for type "{name}": add one with '
+        "Codec.add_serializer() (or extra_serializers), or decorate the class "
+        "with @aiomas.codecs.serializable"
+    )
+
+
 class Codec:
     """Base class for all codecs.
 
@@ -202,8 +220,7 @@ class Codec:
             entry = self._serializers.get(object)
             if entry is None:
                 raise SerializationError(
-                    f'No serializer found for type "{_type_name(type(obj))}"; '
-                    "add one with Codec.add_serializer() (or extra_serializers)"
+                    _no_serializer_message(obj, type(self).__name__)
                 )
         type_id, serialize = entry
         try:

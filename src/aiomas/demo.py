@@ -14,13 +14,16 @@ real time, in every container::
 
     python -m aiomas demo --external-clock --speed 50
 
-(``examples/contract_net.py`` in the source tree runs it, too.)
+(``examples/contract_net.py`` in the source tree runs it, too.)  Ctrl-C stops
+it, with its containers, and exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import random
 import sys
 from collections.abc import Sequence
@@ -32,6 +35,7 @@ from aiomas.subproc import ContainerProcess
 START_DATE = "2026-01-01T08:00:00+00:00"
 BID_DEADLINE = 0.5  # seconds (of the containers' clocks) to wait for bids
 ANNOUNCE_EVERY = 0.4  # seconds between two calls for proposals
+STOP_GRACE = 2.0  # seconds for interrupted containers to stop by themselves
 
 
 class Bidder(aiomas.Agent):
@@ -71,7 +75,10 @@ class Bidder(aiomas.Agent):
         self, task: dict[str, Any], duration: float, auctioneer: aiomas.rpc.Proxy
     ) -> None:
         await self.container.clock.sleep(duration)
-        await auctioneer.task_done(task["id"], self.name)
+        try:
+            await auctioneer.task_done(task["id"], self.name)
+        except ConnectionResetError:
+            pass  # The auctioneer is gone (e.g. Ctrl-C): nobody to report to.
 
 
 class Auctioneer(aiomas.Agent):
@@ -93,7 +100,9 @@ class Auctioneer(aiomas.Agent):
     @aiomas.expose
     def task_done(self, task_id: int, bidder: str) -> None:
         self.say(f"task {task_id} finished by {bidder}")
-        self.finished[task_id].set_result(bidder)
+        finished = self.finished[task_id]
+        if not finished.done():  # (cancelled if the auction was interrupted)
+            finished.set_result(bidder)
 
     async def run(self, bidders: list[aiomas.rpc.Proxy], tasks: list[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -109,7 +118,11 @@ class Auctioneer(aiomas.Agent):
         task = {"id": task_id, "size": size}
         self.say(f"task {task_id} (size {size}): call for proposals")
         calls = [asyncio.ensure_future(b.call_for_proposal(task)) for b in bidders]
-        await wait_until(calls, self.clock.sleep(BID_DEADLINE))
+        try:
+            await wait_until(calls, self.clock.sleep(BID_DEADLINE))
+        except BaseException:
+            abandon(calls)
+            raise
         bids = []
         for bidder, call in zip(bidders, calls, strict=True):
             if not call.done():
@@ -142,12 +155,25 @@ async def wait_until(
 ) -> None:
     """Wait until all *calls* are done or the *deadline* has passed."""
     pending = set(calls)
-    while pending and not deadline.done():
-        _, pending = await asyncio.wait(
-            {*pending, deadline}, return_when=asyncio.FIRST_COMPLETED
-        )
-        pending.discard(deadline)
-    deadline.cancel()
+    try:
+        while pending and not deadline.done():
+            _, pending = await asyncio.wait(
+                {*pending, deadline}, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(deadline)
+    finally:
+        deadline.cancel()
+
+
+def abandon(calls: list[asyncio.Future[Any]]) -> None:
+    """Give up *calls* (after an error or Ctrl-C): cancel the pending ones and
+    fetch the errors of failed ones, which asyncio would report as "never
+    retrieved" otherwise."""
+    for call in calls:
+        if not call.done():
+            call.cancel()
+        elif not call.cancelled():
+            call.exception()
 
 
 async def drive_clocks(
@@ -170,6 +196,19 @@ async def run(
     """Run the auction with *containers* subprocess containers of
     *bidders_per_container* bidders each; *speed* (simulated seconds per real
     second) runs it on ExternalClocks, ``None`` in real time."""
+    quiet = QuietWhenCancelled(asyncio.current_task())
+    for name in QuietWhenCancelled.LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        await _run(containers, bidders_per_container, speed)
+    finally:
+        for name in QuietWhenCancelled.LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+
+
+async def _run(
+    containers: int, bidders_per_container: int, speed: float | None
+) -> None:
     external = speed is not None
     clock = aiomas.ExternalClock(START_DATE) if external else aiomas.AsyncioClock()
     args = ["127.0.0.1:0", "--log-level", "warning"]
@@ -184,11 +223,13 @@ async def run(
         for process in processes:
             await process.kill()
         raise next(e for e in started if isinstance(e, BaseException))
-    container = await aiomas.Container.create(
-        ("127.0.0.1", 0), clock=clock, as_coro=True
-    )
+    container: aiomas.Container | None = None
     ticker: asyncio.Future[None] | None = None
+    stopped = False
     try:
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), clock=clock, as_coro=True
+        )
         managers = [await container.connect(p.manager_addr) for p in processes]
         bidders = []
         for c, manager in enumerate(managers):
@@ -215,11 +256,51 @@ async def run(
             print(f"    task {task_id}: {bidder:12} {price:6.2f}")
         await stop_ticker(ticker)
         await asyncio.gather(*(manager.stop() for manager in managers))
+        stopped = True
     finally:
         await stop_ticker(ticker)
-        await container.shutdown(as_coro=True)
+        if not stopped:
+            # An error or Ctrl-C.  Ctrl-C in a terminal has sent the containers
+            # SIGINT, too: let them stop by themselves (a second signal would
+            # disturb that), then send SIGTERM, which shuts a container down
+            # quietly (see aiomas.subproc).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(p.process.wait() for p in processes)),
+                    STOP_GRACE,
+                )
+            for process in processes:
+                terminate(process)
+        # Ours goes last, so that no container sees its connections to us cut
+        # while it still talks (and logs a warning about it).
         for process in processes:
             await process.wait_or_kill()
+        if container is not None:
+            await container.shutdown(as_coro=True)
+
+
+class QuietWhenCancelled(logging.Filter):
+    """Drops warnings once *task* is being cancelled (by Ctrl-C): then
+    connections end at both ends at once, and warnings about them would only
+    say that we are stopping.  Errors still pass."""
+
+    LOGGERS = ("aiomas.agent", "aiomas.channel", "aiomas.rpc")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        super().__init__()
+        self.task = task
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to log *record*."""
+        cancelling = self.task is not None and self.task.cancelling() > 0
+        return record.levelno >= logging.ERROR or not cancelling
+
+
+def terminate(process: ContainerProcess) -> None:
+    """Send SIGTERM to *process* unless it has exited."""
+    if process.process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # It exited just now.
+            process.process.terminate()
 
 
 async def stop_ticker(ticker: asyncio.Future[None] | None) -> None:
@@ -261,7 +342,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.containers < 1 or args.bidders < 1 or args.speed <= 0:
         parser.error("--containers, --bidders and --speed must be positive")
     speed = args.speed if args.external_clock else None
-    asyncio.run(run(args.containers, args.bidders, speed))
+    try:
+        asyncio.run(run(args.containers, args.bidders, speed))
+    except KeyboardInterrupt:
+        # run() has stopped the containers; a traceback would add nothing.
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     return 0
 
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from aiomas.codecs import Codec
+from aiomas.codecs import JSON, Codec, MsgPack, MsgPackBlosc
 from aiomas.exceptions import DecodeError, ProtocolError, SerializationError
 from aiomas.wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -171,6 +171,40 @@ def failure_text(content: Any) -> str:
     return repr(content)
 
 
+def _codec_hint(payload: bytes | bytearray, codec: Codec) -> str:
+    """Say so if *payload*, which *codec* cannot decode, looks like a message
+    of another codec (a peer with the wrong codec sends nothing else)."""
+    head = bytes(payload[:16])
+    if head.startswith(b"["):
+        guess = "JSON"
+    elif head.startswith(b"\x93"):  # a msgpack array of 3
+        guess = "MsgPack"
+    elif (  # A Blosc header: format 2, typesize 8, the frame's size.
+        len(head) == 16
+        and head[0] == 2
+        and head[3] == 8
+        and int.from_bytes(head[12:], "little") == len(payload)
+    ):
+        guess = "MsgPackBlosc"
+    else:
+        return ""
+    ours = (
+        "MsgPackBlosc"
+        if isinstance(codec, MsgPackBlosc)
+        else "MsgPack"
+        if isinstance(codec, MsgPack)
+        else "JSON"
+        if isinstance(codec, JSON)
+        else type(codec).__name__
+    )
+    if guess == ours:
+        return ""  # Our own format, garbled.
+    return (
+        f" (it looks like {guess}, but this side uses {ours}: both sides must "
+        "use the same codec)"
+    )
+
+
 def abbreviate(obj: Any, limit: int = 80) -> str:
     """``repr(obj)``, cut to *limit* characters."""
     text = repr(obj)
@@ -250,6 +284,12 @@ class Connection:
     def waiting_for_replies(self) -> int:
         """How many of our requests wait for their reply."""
         return len(self._pending)
+
+    @property
+    def requests_sent(self) -> int:
+        """How many requests we have sent on this connection (answered or
+        not)."""
+        return self._next_id
 
     @property
     def held_requests(self) -> int:
@@ -393,7 +433,8 @@ class Connection:
             or type(message[1]) is not int
             or message[0] not in (REQUEST, RESULT, FAILURE)
         ):
-            raise ProtocolError(f"Cannot decode message: {error}") from error
+            hint = _codec_hint(payload, self.codec)
+            raise ProtocolError(f"Cannot decode message: {error}{hint}") from error
         msg_type, msg_id, _ = message
         text = f"Cannot decode the content of message {msg_id}: {error}"
         if msg_type == REQUEST:

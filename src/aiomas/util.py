@@ -118,6 +118,36 @@ def run(until: Awaitable[_T] | None = None) -> _T | None:
     return loop.run_until_complete(until)
 
 
+def run_blocking(coro: Coroutine[Any, Any, _T], instead: str) -> _T:
+    """Run *coro* with :func:`run`: the blocking form of an ``as_coro`` API.
+
+    Args:
+        coro: The coroutine that does the work of the API.
+        instead: The call to use inside a coroutine, for the error message,
+            e.g. ``'await Container.create(addr, as_coro=True)'``.
+
+    Returns:
+        The result of *coro*.
+
+    Raises:
+        RuntimeError: If an event loop is already running in this thread (the
+            API was called inside a coroutine); *coro* is closed, so that no
+            "coroutine was never awaited" warning follows.
+    """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return run(coro)
+    coro.close()
+    # The caller may well have written "await" already and never called
+    # aiomas.run(): what is missing is as_coro=True, so that is what we say.
+    raise RuntimeError(
+        f"Without as_coro=True, this call runs the event loop itself, but one is "
+        f"already running in this thread ({running!r}); inside a coroutine, pass "
+        f"as_coro=True and await the result: {instead}"
+    )
+
+
 @overload
 def create_task(
     coro_or_future: _FutureT,
