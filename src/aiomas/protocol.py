@@ -266,6 +266,7 @@ class Connection:
         "_pending",
         "_reader",
         "_refusing",
+        "_taken",
         "_unread_failure_bytes",
         "_writing_paused",
         "bytes_to_send",
@@ -288,7 +289,8 @@ class Connection:
         into; then call :meth:`buffer_updated` (the
         :class:`asyncio.BufferedProtocol` way)."""
         # Received frames whose events nobody asked for yet (see events()).
-        self._payloads: deque[bytes | bytearray] = deque()
+        self._payloads: list[bytes | bytearray] = []
+        self._taken = 0  # of them, already looked at
         self._next_id = 0
         # Ids of our requests that wait for a reply.  An id stays here until its
         # reply arrives or the connection ends, even if the caller gave up on
@@ -303,7 +305,9 @@ class Connection:
         :meth:`next_held_request`); for a user of the connection that answers
         every request as it arrives, as RPC does.  Otherwise requests are
         always passed on, and whoever reads them controls the pace."""
-        self._held: deque[RequestReceived] = deque()
+        # Made when the first request is held: most connections never hold
+        # one, and there may be thousands of connections.
+        self._held: deque[RequestReceived] | None = None
         self._refusing = False
         self._unread_failure_bytes = 0
         self.closed = False
@@ -327,7 +331,7 @@ class Connection:
     def held_requests(self) -> int:
         """How many received requests are held back (see
         :attr:`hold_requests`)."""
-        return len(self._held)
+        return 0 if self._held is None else len(self._held)
 
     @property
     def unread_failure_bytes(self) -> int:
@@ -383,8 +387,9 @@ class Connection:
         """
         payloads = self._payloads
         decode = self._decode
-        while payloads:
-            payload = payloads.popleft()
+        while self._taken < len(payloads):
+            payload = payloads[self._taken]
+            self._taken += 1
             event: Event | None
             try:
                 try:
@@ -418,6 +423,8 @@ class Connection:
                 event = self._violation(exc)
             if event is not None:
                 yield event
+        payloads.clear()
+        self._taken = 0
         error = self._reader.error  # a bad header after these frames
         if error is not None and not self.closed:
             yield self._violation(error)
@@ -461,11 +468,14 @@ class Connection:
     def _hold(self, request: RequestReceived) -> RequestRejected | None:
         """Our write buffer is full (the peer does not read its replies): hold
         the request back, or refuse it if too many wait already."""
-        if len(self._held) < MAX_HELD_REQUESTS:
-            self._held.append(request)
+        held = self._held
+        if held is None:
+            held = self._held = deque()
+        if len(held) < MAX_HELD_REQUESTS:
+            held.append(request)
             return None
         text = (
-            f"RuntimeError: overloaded: {len(self._held)} requests wait "
+            f"RuntimeError: overloaded: {len(held)} requests wait "
             "until you read the replies to earlier ones\n"
         )
         self._send_own_failure(request.message_id, text)
@@ -527,8 +537,9 @@ class Connection:
 
     def _violation(self, error: ProtocolError) -> ProtocolViolation:
         self.closed = True
-        self._held.clear()
+        self._held = None
         self._payloads.clear()
+        self._taken = 0
         return ProtocolViolation(error)
 
     # --- Sending -------------------------------------------------------------
@@ -663,8 +674,9 @@ class Connection:
         requests that will never get a reply, in the order they were sent, and
         forget them."""
         self.closed = True
-        self._held.clear()
+        self._held = None
         self._payloads.clear()
+        self._taken = 0
         # Nothing more is read: the buffers go now, not with the last
         # reference to the connection.
         self._reader.release()
