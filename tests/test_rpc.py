@@ -246,7 +246,7 @@ def test_services_put_into_a_service_dict_later_are_reachable() -> None:
     for path in ("plain/x", "nothing/ping", "leaf/trap"):
         with pytest.raises(LookupError):
             service.router.resolve(path)
-    children = list(service.router._children())
+    children = list(service.router.children())
     assert leaf.router in children
     assert inner.router in children
 
@@ -299,7 +299,7 @@ def test_a_half_built_service_elsewhere_does_not_stop_sending_another() -> None:
             self.helper = Helper()
 
     root = Root()
-    root.router._attach_declared()
+    root.router.attach_declared()
     assert root.helper.router.path == "helper"
     assert root.half.router.path == "half"
 

@@ -639,7 +639,7 @@ async def _create(
         # The container is made right after the bind, before the loop runs
         # again: no connection is accepted before it exists.
         if made:
-            made[0]._aiomas.client_connected(channel)
+            _state_of(made[0]).client_connected(channel)
         else:
             cast(asyncio.Transport, channel.transport).abort()
 

@@ -216,7 +216,9 @@ class Request:
             ConnectionResetError: if the connection is closed.
         """
         self.reply_nowait(result)
-        await self._protocol.drain()
+        protocol = self._protocol
+        if protocol.writing_paused or protocol.is_closed():
+            await protocol.drain()
 
     async def fail(self, exception: BaseException) -> None:
         """Answer the request with a failure described by *exception*, and
@@ -713,13 +715,26 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         channel = self._channel
         assert channel is not None
         core = self.core
+        protocol = self
         self._dispatching = True
         try:
             for event in events:
-                if type(event) is ProtocolViolation:
+                # The two events of every call are handled right here.
+                if type(event) is ResultReceived:
+                    future = event.token
+                    if not future.done():
+                        future.set_result(event.content)
+                elif (
+                    type(event) is RequestReceived
+                    and channel.request_handler is not None
+                ):
+                    request = Request(event.content, event.message_id, protocol)
+                    channel.request_handler(request)
+                elif type(event) is ProtocolViolation:
                     self._fail(event.error)
                     return
-                channel.event_received(event)
+                else:
+                    channel.event_received(event)
                 if core.bytes_to_send > JOINED_WRITE_LIMIT:
                     # Hand it over now: the transport may pause writing, and
                     # then the rest of the requests are held back.

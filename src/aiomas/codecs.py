@@ -332,6 +332,13 @@ class MsgPack(Codec):
     """
 
     _extra: ClassVar[str] = "mp"  # the extra that installs what the codec needs
+    # Whether the class (or a base below MsgPack) has a _new_packer() of its own.
+    _packer_of_its_own: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_new_packer" in vars(cls):
+            cls._packer_of_its_own = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -345,9 +352,7 @@ class MsgPack(Codec):
         self._msgpack = msgpack
         # Codecs whose packer differs (a subclass' own _new_packer()) keep it
         # to themselves; all others share their thread's (see _SharedPacker).
-        self._own_packer = (
-            None if type(self)._new_packer is MsgPack._new_packer else _SharedPacker()
-        )
+        self._own_packer = _SharedPacker() if self._packer_of_its_own else None
         self._unpack_errors = (
             msgpack.UnpackException,
             ValueError,

@@ -210,8 +210,10 @@ class LocalQueue:
         """Unbind the server (called by :meth:`LocalQueueServer.close`)."""
         self.server = None
 
-    def _next_peername(self) -> str:
-        """Return the peername of a new server end (used by LocalQueueServer)."""
+    def next_peername(self) -> str:
+        """Return the peername of the server end of a new connection:
+        ``"<queue_id>#<n>"``, where *n* counts the connections to this queue
+        (used by :class:`LocalQueueServer`)."""
         return f"{self.queue_id}#{next(self._numbers)}"
 
     def new_connection(self, sendq: DataQueue, recvq: DataQueue) -> LocalQueueTransport:
@@ -306,7 +308,7 @@ class LocalQueueServer(asyncio.AbstractServer):
             )
             raise ConnectionRefusedError(f"{self!r} failed to make a protocol") from exc
         transport = LocalQueueTransport(
-            self.lq, sendq, recvq, protocol, peername=self.lq._next_peername()
+            self.lq, sendq, recvq, protocol, peername=self.lq.next_peername()
         )
         self._transports[transport] = None
         _pipe_of(recvq).on_reader_done = partial(self._transports.pop, transport, None)

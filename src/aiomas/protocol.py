@@ -387,6 +387,11 @@ class Connection:
         """
         payloads = self._payloads
         decode = self._decode
+        # (Locals: the loop makes the events of every call itself.)
+        new = _new
+        set_request_id, set_request_content = _set_request_id, _set_request_content
+        set_result_id, set_result_content = _set_result_id, _set_result_content
+        set_result_token = _set_result_token
         while self._taken < len(payloads):
             payload = payloads[self._taken]
             self._taken += 1
@@ -407,11 +412,14 @@ class Connection:
                         elif msg_type == REQUEST and not (
                             self.hold_requests and (self._writing_paused or self._held)
                         ):
-                            event = _request_received(msg_id, content)
+                            event = new(RequestReceived)
+                            set_request_id(event, msg_id)
+                            set_request_content(event, content)
                         elif msg_type == RESULT and msg_id in pending:
-                            event = _result_received(
-                                msg_id, content, pending.pop(msg_id)
-                            )
+                            event = new(ResultReceived)
+                            set_result_id(event, msg_id)
+                            set_result_content(event, content)
+                            set_result_token(event, pending.pop(msg_id))
                             if not pending:
                                 # A dict keeps its size after a burst of calls.
                                 self._pending = {}

@@ -194,25 +194,27 @@ class Router:
         name = components.pop()
         router = self
         for component in components:
-            sub = router._sub_router(component)
+            sub = router.sub_router(component)
             if sub is None:
                 raise LookupError(
                     f"No RPC service {_short(component)} in path {_short(path)}"
                 )
             router = sub
-        func = router._function(name)
+        func = router.function(name)
         if func is None:
             raise LookupError(
                 f"No exposed function {_short(name)} at RPC path {_short(path)}"
             )
         return func
 
-    def _sub_router(self, name: str) -> Router | None:
+    def sub_router(self, name: str) -> Router | None:
+        """The router of the sub-service *name*, or ``None`` (a hook for
+        :meth:`resolve`; it runs no code of the service but our own)."""
         routers = self._sub_routers
         router = None if routers is None else routers.get(name)
         if router is None:
             if name in self._declared:
-                self._add_declared()
+                self.declare()
                 routers = self._sub_routers
                 router = None if routers is None else routers.get(name)
             elif isinstance(self.obj, ServiceDict):
@@ -220,7 +222,7 @@ class Router:
                 router = _router_in(self.obj.dict.get(name))
         return router
 
-    def _attach_declared(self) -> None:
+    def attach_declared(self) -> None:
         """Attach the declared sub-services that did not exist yet when their
         routers were made, in this router's whole tree (calls attach them on
         their way; this is for services sent before any call reached them)."""
@@ -231,14 +233,15 @@ class Router:
             if id(router) in seen:
                 continue
             seen.add(id(router))
-            if router._declared:
-                with contextlib.suppress(ValueError, AttributeError):
-                    # Not a service (yet): some other part of the tree, which
-                    # must not keep this one from being sent.
-                    router._add_declared()
-            pending.extend(router._children())
+            with contextlib.suppress(ValueError, AttributeError):
+                # Not a service (yet): some other part of the tree, which
+                # must not keep this one from being sent.
+                router.declare()
+            pending.extend(router.children())
 
-    def _children(self) -> Iterable[Router]:
+    def children(self) -> Iterable[Router]:
+        """The routers of the sub-services attached so far (and of the
+        services in a :class:`ServiceDict`)."""
         routers = self._sub_routers
         children = [] if routers is None else list(routers.values())
         if isinstance(self.obj, ServiceDict):
@@ -249,7 +252,19 @@ class Router:
                         children.append(router)
         return children
 
-    def _add_declared(self) -> None:
+    def declare(self, names: Iterable[str] = ()) -> None:
+        """Declare the sub-services stored at ``self.obj.<name>`` for each of
+        *names*; those that exist now are added (see :meth:`add`), the others
+        when they are first asked for.  Without *names*, it tries again to add
+        the ones still missing.
+
+        Raises:
+            ValueError: if such an attribute is no RPC service.
+        """
+        if names:
+            self._declared = (*self._declared, *names)
+        if not self._declared:
+            return
         missing = []
         for name in self._declared:
             if _static_lookup(self.obj, name) is _MISSING:
@@ -258,7 +273,9 @@ class Router:
                 self.add(name)
         self._declared = tuple(missing)
 
-    def _function(self, name: str) -> Callable[..., Any] | None:
+    def function(self, name: str) -> Callable[..., Any] | None:
+        """The exposed function *name* of this router's object, or ``None``
+        (a hook for :meth:`resolve`; found by static lookups only)."""
         obj = self.obj
         if isinstance(obj, ServiceDict):
             func = obj.dict.get(name)
@@ -356,8 +373,7 @@ class Service:
                     f"{self._attr!r} slot to hold their RPC router"
                 ) from None
             if self.sub_routers:
-                router._declared = self.sub_routers
-                router._add_declared()
+                router.declare(self.sub_routers)
         return router
 
     def __set__(self, obj: Any, value: Any) -> None:
@@ -511,7 +527,7 @@ class RpcClient:
         else:
             # Serve at once: with TLS, the first request may arrive in the same
             # loop iteration as the connection, before any task has started.
-            channel.set_request_handler(self._handler_for(self._router))
+            channel.set_request_handler(self.handler_for(self._router))
             self._service = asyncio.ensure_future(
                 rpc_service_process(self, self._router, channel)
             )
@@ -575,11 +591,12 @@ class RpcClient:
         exc = task.exception()
         callback = self._reset_callback
         if exc is not None and callback is not None and not self._closing:
-            self._run_callback(callback, exc)
+            self.run_callback(callback, exc)
 
-    def _run_callback(self, callback: Callable[[Any], Any], arg: Any) -> None:
-        """Run a user callback (function or coroutine function) for this
-        connection; its errors are logged and do not affect the connection."""
+    def run_callback(self, callback: Callable[[Any], Any], arg: Any) -> None:
+        """Run ``callback(arg)``, a user callback (function or coroutine
+        function) for this connection; what it raises is logged and does not
+        affect the connection (see :func:`start_server`)."""
         name = getattr(callback, "__qualname__", repr(callback))
         try:
             result = callback(arg)
@@ -619,7 +636,11 @@ class RpcClient:
             LookupError("this side of the connection serves no RPC service"),
         )
 
-    def _handler_for(self, router: Router) -> Callable[[Request], None]:
+    def handler_for(self, router: Router) -> Callable[[Request], None]:
+        """The request handler (see
+        :meth:`~aiomas.channel.Channel.set_request_handler`) that serves the
+        functions of *router* to the peer (what :func:`rpc_service_process`
+        installs)."""
         handle = self._handle
         return lambda request: handle(router, request)
 
@@ -728,7 +749,7 @@ def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
                 f"{type(obj).__qualname__}"
             )
         if router is not None and obj_router.root is not router:
-            router._attach_declared()
+            router.attach_declared()
         if router is None or obj_router.root is not router:
             raise SerializationError(
                 f"{obj!r} is not part of the RPC service of this connection"
@@ -763,7 +784,7 @@ async def rpc_service_process(
         ConnectionResetError: when the connection is closed.
     """
     if channel.request_handler is None:
-        channel.set_request_handler(rpc_client._handler_for(router))
+        channel.set_request_handler(rpc_client.handler_for(router))
     await channel.wait_closed()
     # The task keeps the exception, and its traceback this frame: without
     # these, that makes no reference cycle through the client.
@@ -810,6 +831,6 @@ async def start_server(
     def connected(channel: Channel) -> None:
         client = RpcClient(channel, rpc_service)
         if client_connected_cb is not None:
-            client._run_callback(client_connected_cb, client)
+            client.run_callback(client_connected_cb, client)
 
     return await channel_mod.start_server(addr, connected, **kwds)
