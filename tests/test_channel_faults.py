@@ -216,69 +216,67 @@ async def test_peer_closing_mid_frame_is_logged(
     assert "in the middle of a frame (7 bytes of it received)" in messages[0]
 
 
-async def test_client_fails_pending_requests_when_server_sends_garbage(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    async def garbage_server(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await read_frame(reader)
-        await read_frame(reader)
-        writer.write(raw_frame(b"[1, 12345, null]"))
+@contextlib.asynccontextmanager
+async def server_that_answers_with(
+    payload: bytes, after_frames: int
+) -> AsyncIterator[tuple[str, int]]:
+    """A raw server that reads *after_frames* frames, then sends *payload* as
+    a frame and waits for the client to hang up; yields its address."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(after_frames):
+            await read_frame(reader)
+        writer.write(raw_frame(payload))
         await writer.drain()
         with contextlib.suppress(ConnectionError):
             await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(garbage_server, "127.0.0.1", 0)
-    addr = server.sockets[0].getsockname()[:2]
-    channel = await aiomas.channel.open_connection(addr)
-    first, second = channel.send("a"), channel.send("b")
-    for future in (first, second):
-        with pytest.raises(ConnectionResetError, match="unknown message id") as info:
-            await asyncio.wait_for(future, 5)
-        assert isinstance(info.value.__cause__, ProtocolError)
-    with pytest.raises(ConnectionResetError):
-        await channel.recv()
-    await channel.close()
-    server.close()
-    await server.wait_closed()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[:2]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_client_fails_pending_requests_when_server_sends_garbage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with server_that_answers_with(b"[1, 12345, null]", 2) as addr:
+        channel = await aiomas.channel.open_connection(addr)
+        first, second = channel.send("a"), channel.send("b")
+        for future in (first, second):
+            with pytest.raises(
+                ConnectionResetError, match="unknown message id"
+            ) as info:
+                await asyncio.wait_for(future, 5)
+            assert isinstance(info.value.__cause__, ProtocolError)
+        with pytest.raises(ConnectionResetError):
+            await channel.recv()
+        await channel.close()
     assert "unknown message id 12345" in caplog.text
 
 
 async def test_an_invalid_message_type_is_a_runtime_and_a_connection_error() -> None:
     """The 1.0.3 docs: send() and recv() raise RuntimeError "if an invalid
     message type was received"; code also catches ConnectionError for it."""
-
-    async def bad_type_server(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await read_frame(reader)
-        writer.write(raw_frame(b"[7, 0, null]"))
-        await writer.drain()
-        with contextlib.suppress(ConnectionError):
-            await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(bad_type_server, "127.0.0.1", 0)
-    addr = server.sockets[0].getsockname()[:2]
-    channel = await aiomas.channel.open_connection(addr)
-    receiving = asyncio.ensure_future(channel.recv())
-    pending = channel.send("a")
-    errors = []
-    for call in (pending, receiving, channel.recv()):
-        with pytest.raises(RuntimeError, match="Unknown message type 7") as info:
-            await asyncio.wait_for(call, 5)
-        errors.append(info.value)
-    with pytest.raises(ProtocolResetError):
-        channel.send("b")
-    for error in errors:
-        assert isinstance(error, ConnectionResetError)
-        assert isinstance(error, ProtocolResetError)
-        assert isinstance(error.__cause__, ProtocolError)
-    await channel.close()
-    server.close()
-    await server.wait_closed()
+    async with server_that_answers_with(b"[7, 0, null]", 1) as addr:
+        channel = await aiomas.channel.open_connection(addr)
+        receiving = asyncio.ensure_future(channel.recv())
+        pending = channel.send("a")
+        errors = []
+        for call in (pending, receiving, channel.recv()):
+            with pytest.raises(RuntimeError, match="Unknown message type 7") as info:
+                await asyncio.wait_for(call, 5)
+            errors.append(info.value)
+        with pytest.raises(ProtocolResetError):
+            channel.send("b")
+        for error in errors:
+            assert isinstance(error, ConnectionResetError)
+            assert isinstance(error, ProtocolResetError)
+            assert isinstance(error.__cause__, ProtocolError)
+        await channel.close()
 
 
 async def test_max_frame_size_option_on_the_client() -> None:
