@@ -320,6 +320,7 @@ SERVER = textwrap.dedent(
         ("sigterm-exits", "spin_async", signal.SIGTERM, 1),
     ],
 )
+@pytest.mark.usefixtures("sigint_reaches_children")
 async def test_a_real_signal_still_stops_a_busy_server(
     mode: str, call: str, signum: int, times: int, tmp_path: Path
 ) -> None:
