@@ -793,3 +793,41 @@ async def test_msgpack_and_extra_serializers() -> None:
     await client.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_second_rpc_client_on_a_channel_serves_its_own_service() -> None:
+    """Adding an RpcClient must not break the channel's codec for the next."""
+
+    class Callback:
+        router = Service()
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @expose
+        def who(self) -> str:
+            return self.name
+
+    class Asker:
+        router = Service()
+
+        @expose
+        async def ask(self, proxy: Proxy) -> str:
+            result: str = await proxy.who()
+            return result
+
+    server = await aiomas.rpc.start_server(("127.0.0.1", 0), Asker())
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    try:
+        first = await aiomas.rpc.open_connection(addr, rpc_service=Callback("first"))
+        try:
+            second_service = Callback("second")
+            second = RpcClient(first.channel, second_service)
+            assert await second.remote.ask(second_service) == "second"
+            with pytest.raises(aiomas.SerializationError, match="not part of"):
+                await second.remote.ask(Callback("stranger"))
+        finally:
+            await first.close()
+    finally:
+        server.close()
+        await server.wait_closed()

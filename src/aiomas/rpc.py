@@ -738,10 +738,30 @@ def _parse_call(content: Any) -> tuple[str, Iterable[Any], Mapping[str, Any]]:
     )
 
 
+class _Served:
+    """The router whose services a channel's codec sends as proxies."""
+
+    __slots__ = ("router",)
+
+    def __init__(self, router: Router | None) -> None:
+        self.router = router
+
+
+# A second RpcClient on a channel serves its router through the serializer the
+# first one added (a codec refuses a second serializer for the same type).
+_served: weakref.WeakKeyDictionary[Channel, _Served] = weakref.WeakKeyDictionary()
+
+
 def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
     """Teach the connection's codec to send services and receive proxies."""
+    served = _served.get(channel)
+    if served is not None:
+        served.router = router
+        return
+    served = _served[channel] = _Served(router)
 
     def serialize(obj: Any) -> str:
+        router = served.router
         obj_router = getattr(obj, "router", None)
         if not isinstance(obj_router, Router):
             raise SerializationError(
