@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import math
 import random
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 
 import aiomas
-from aiomas import channel as channel_mod
 from aiomas import wire
 from aiomas.channel import Channel, ChannelProtocol, Request
 from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
@@ -468,24 +466,6 @@ async def test_the_deadline_cutting_the_last_attempt_reports_the_error_before(
     with pytest.raises(ConnectionRefusedError, match="nobody listens"):
         await aiomas.channel.open_connection(("127.0.0.1", 1), timeout=0.2)
     assert attempts == 2
-
-
-@pytest.mark.parametrize(
-    ("error", "retried"),
-    [
-        (ConnectionRefusedError(), True),
-        (FileNotFoundError(), True),
-        (TimeoutError(), True),
-        (OSError(errno.ENETUNREACH, "Network is unreachable"), True),
-        (OSError(errno.EHOSTUNREACH, "No route to host"), True),
-        (OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"), False),
-        (PermissionError(), False),
-    ],
-)
-def test_which_connect_errors_are_retried(error: OSError, retried: bool) -> None:
-    """Within open_connection(timeout=...): nobody listening yet, and networks
-    or hosts that are not reachable yet (hosts start in any order)."""
-    assert channel_mod._should_retry(error) is retried
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")

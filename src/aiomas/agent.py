@@ -32,12 +32,8 @@ from typing import Any, Literal, NamedTuple, TypeVar, cast, overload
 
 from aiomas import channel as channel_mod
 from aiomas import local_queue, rpc, util
-from aiomas.channel import (
-    Address,
-    Channel,
-    SerializerFactory,
-    _check_dead_peer_timeout,
-)
+from aiomas._connect import check_dead_peer_timeout
+from aiomas.channel import Address, Channel, SerializerFactory
 from aiomas.clocks import AsyncioClock, BaseClock
 from aiomas.codecs import JSON, Codec
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
@@ -452,7 +448,7 @@ class Container:
         """
         # Bad limits fail here, not later.
         FrameReader(max_frame_size)
-        _check_dead_peer_timeout(dead_peer_timeout)
+        check_dead_peer_timeout(dead_peer_timeout)
         limits = {
             "max_frame_size": max_frame_size,
             "dead_peer_timeout": dead_peer_timeout,

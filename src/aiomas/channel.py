@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
 import inspect
 import logging
-import math
 import os
-import socket
 import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Final, TypeAlias, cast
 
 from aiomas import local_queue
+from aiomas._connect import (
+    check_dead_peer_timeout,
+    connect_with_retries,
+    detect_dead_peer,
+    opener,
+    tcp_address,
+)
 from aiomas._guards import guarded, stops_the_process, without_tracebacks
 from aiomas.codecs import JSON, Codec
 from aiomas.exceptions import (
@@ -121,61 +125,6 @@ def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:
         return
     _next_trim = now + _TRIM_INTERVAL
     loop.call_later(_TRIM_INTERVAL, _malloc_trim, 0)
-
-
-# Bounds for the pause between two attempts of open_connection(timeout=...).
-_RETRY_DELAY_MIN: Final = 0.005
-_RETRY_DELAY_MAX: Final = 0.25
-# Errors after which open_connection(timeout=...) tries again: nobody listens
-# (yet), or the network or host cannot be reached (yet).
-_RETRY_ERRNOS: Final = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
-
-
-def _should_retry(exc: OSError) -> bool:
-    return isinstance(
-        exc, ConnectionRefusedError | FileNotFoundError | TimeoutError
-    ) or (exc.errno in _RETRY_ERRNOS)
-
-
-def _check_dead_peer_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(
-            f"dead_peer_timeout must be a positive number or None, got {timeout!r}"
-        )
-
-
-# Linux refuses keepalive times above this many seconds.
-_MAX_KEEPALIVE_SECONDS: Final = 32767
-
-
-def _detect_dead_peer(transport: asyncio.BaseTransport, timeout: float) -> None:
-    """Make the kernel close this TCP connection when the peer has not
-    acknowledged sent data for *timeout* seconds, or, on an idle connection,
-    has not answered keepalive probes for about that long."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return  # unix sockets and LocalQueues have no peer that can vanish
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    # Not every system has every option (macOS lacks TCP_USER_TIMEOUT).
-    for name, value in (
-        ("TCP_KEEPIDLE", min(max(1, round(timeout / 2)), _MAX_KEEPALIVE_SECONDS)),
-        ("TCP_KEEPINTVL", min(max(1, round(timeout / 6)), _MAX_KEEPALIVE_SECONDS)),
-        ("TCP_KEEPCNT", 3),
-        ("TCP_USER_TIMEOUT", min(max(1, round(timeout * 1000)), 2**31 - 1)),
-    ):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    for level, option, value in options:
-        try:
-            sock.setsockopt(level, option, value)
-        except OSError as exc:  # Set what can be set.
-            peer = transport.get_extra_info("peername")
-            logger.warning(
-                "Cannot set up dead peer detection for %s fully: %s",
-                peer,
-                exc,
-                extra={"peer": peer},
-            )
 
 
 class Request:
@@ -592,7 +541,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         dead_peer_timeout: float | None = None,
     ) -> None:
         self._loop = _check_loop(loop)
-        _check_dead_peer_timeout(dead_peer_timeout)
+        check_dead_peer_timeout(dead_peer_timeout)
         self._dead_peer_timeout = dead_peer_timeout
         self.codec = codec
         self.core = core = Connection(codec, max_frame_size=max_frame_size)
@@ -647,7 +596,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         # Duck typing: uvloop's transports do not subclass asyncio.Transport.
         self._write = cast(asyncio.WriteTransport, transport).write
         if self._dead_peer_timeout is not None:
-            _detect_dead_peer(transport, self._dead_peer_timeout)
+            detect_dead_peer(transport, self._dead_peer_timeout)
         channel = Channel(self, self.codec, transport, self._loop)
         self._channel = channel
         if logger.isEnabledFor(logging.INFO):
@@ -961,13 +910,6 @@ def _codec_factory(
     return make_codec
 
 
-def _tcp_address(addr: Sequence[Any]) -> tuple[str | None, int]:
-    if len(addr) != 2:
-        raise ValueError(f"A TCP address must be a (host, port) tuple, got {addr!r}")
-    host, port = addr
-    return host, port
-
-
 async def open_connection(
     addr: Address,
     *,
@@ -1022,7 +964,7 @@ async def open_connection(
     """
     running = _check_loop(loop)
     make_codec = _codec_factory(codec, extra_serializers)
-    _check_dead_peer_timeout(dead_peer_timeout)
+    check_dead_peer_timeout(dead_peer_timeout)
 
     def factory() -> ChannelProtocol:
         return ChannelProtocol(
@@ -1031,90 +973,18 @@ async def open_connection(
             dead_peer_timeout=dead_peer_timeout,
         )
 
-    connect: Callable[[], Awaitable[tuple[asyncio.BaseTransport, Any]]]
-    if isinstance(addr, local_queue.LocalQueue):
-        lq = addr
-
-        def connect() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
-            return local_queue.create_connection(factory, lq, **kwds)
-
-    elif isinstance(addr, str | os.PathLike):
-        path = os.fspath(addr)
-
-        def connect() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
-            return running.create_unix_connection(factory, path, **kwds)
-
-    else:
-        host, port = _tcp_address(addr)
-        if not isinstance(host, str):
-            raise ValueError(f"A client needs a host name or address, got {addr!r}")
-
-        def connect() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
-            return running.create_connection(factory, host, port, **kwds)
-
-    deadline = None if timeout is None else running.time() + timeout
-    delay = _RETRY_DELAY_MIN
-    previous: OSError | None = None  # what the last attempt but one met
-    while True:
-        # The socket options of dead peer detection come only with the
-        # connection (for TLS, after the handshake): until then, the same
-        # bound holds for the whole attempt.
-        bound = dead_peer_timeout
-        if deadline is not None and timeout != 0:
-            remaining = max(deadline - running.time(), _RETRY_DELAY_MIN)
-            bound = remaining if bound is None else min(bound, remaining)
-        try:
-            if bound is None:
-                _transport, protocol = await connect()
-            else:
-                _transport, protocol = await _bounded(connect(), bound, addr)
-            break
-        except OSError as exc:
-            left = None if deadline is None else deadline - running.time()
-            if not _should_retry(exc) or (left is not None and left <= 0):
-                if isinstance(exc, TimeoutError) and previous is not None:
-                    # The deadline cut the last attempt short: what the ones
-                    # before met says more (e.g. that nobody listens).
-                    exc = previous
-                logger.info(
-                    "Connecting to %s failed: %s", addr, exc, extra={"peer": addr}
-                )
-                raise exc
-            previous = exc
-            if left is not None:
-                delay = min(delay, left)
-            logger.debug(
-                "Connecting to %s failed (%s); retrying in %.2fs",
-                addr,
-                exc,
-                delay,
-                extra={"peer": addr},
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_DELAY_MAX)
+    _transport, protocol = await connect_with_retries(
+        opener(addr, factory, running, kwds),
+        addr,
+        retry_for=timeout,
+        dead_peer_timeout=dead_peer_timeout,
+        clock=running.time,
+    )
     assert isinstance(protocol, ChannelProtocol)
     channel = protocol.channel
     if channel is None:  # Lost before we got here, and nobody holds it.
         raise ConnectionResetError(f"Connection to {addr!r} closed at once")
     return channel
-
-
-async def _bounded(
-    attempt: Awaitable[tuple[asyncio.BaseTransport, Any]], bound: float, addr: Any
-) -> tuple[asyncio.BaseTransport, Any]:
-    """Run a connection *attempt* for at most *bound* seconds.
-
-    Raises:
-        TimeoutError: if it takes longer (what is left of it is closed).
-    """
-    try:
-        return await asyncio.wait_for(attempt, bound)
-    except TimeoutError as exc:
-        if exc.errno is not None:
-            raise  # The kernel's ETIMEDOUT: it says enough.
-        raise TimeoutError(
-            f"Connecting to {addr!r} did not finish within {bound:.3g} s"
-        ) from None
 
 
 async def start_server(
@@ -1159,7 +1029,7 @@ async def start_server(
     running = _check_loop(loop)
     make_codec = _codec_factory(codec, extra_serializers)
     FrameReader(max_frame_size)  # A bad limit fails here, not per connection.
-    _check_dead_peer_timeout(dead_peer_timeout)
+    check_dead_peer_timeout(dead_peer_timeout)
 
     def factory() -> ChannelProtocol:
         return ChannelProtocol(
@@ -1173,5 +1043,5 @@ async def start_server(
         return await local_queue.create_server(factory, addr, **kwds)
     if isinstance(addr, str | os.PathLike):
         return await running.create_unix_server(factory, os.fspath(addr), **kwds)
-    host, port = _tcp_address(addr)
+    host, port = tcp_address(addr)
     return await running.create_server(factory, host, port, **kwds)
