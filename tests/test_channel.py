@@ -10,7 +10,7 @@ import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -927,3 +927,61 @@ async def test_connections_are_logged_with_the_peer(
         await aiomas.channel.open_connection(lq)
     failed = aiomas_records(caplog, 0)[-1]
     assert failed.getMessage().startswith("Connecting to LocalQueue('logged') failed")
+
+
+async def test_a_reply_sent_right_before_the_handler_closes_arrives(
+    endpoint: Endpoint,
+) -> None:
+    """A reply is not held back for batching when its read has no more
+    frames: a handler may answer and hang up at once."""
+
+    def answer_and_hang_up(channel: Channel) -> None:
+        def handler(request: aiomas.channel.Request) -> None:
+            request.reply_nowait("bye")
+            channel.transport.close()
+
+        channel.set_request_handler(handler)
+
+    async with serving(endpoint, answer_and_hang_up) as addr:
+        channel = await connect(endpoint, addr)
+        assert await asyncio.wait_for(channel.send("hi"), 5) == "bye"
+        await channel.close()
+
+
+async def test_answering_after_a_protocol_error_raises_protocol_reset_error() -> None:
+    received: asyncio.Queue[aiomas.channel.Request] = asyncio.Queue()
+
+    async def keep_request(channel: Channel) -> None:
+        received.put_nowait(await channel.recv())
+
+    server = await aiomas.channel.start_server(("127.0.0.1", 0), keep_request)
+    host, port = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(wire.frame(b'[0, 1, "x"]') + wire.frame(b'[7, 1, "x"]'))
+        request = await asyncio.wait_for(received.get(), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # cut off
+        for answer in (request.reply(1), request.fail(ValueError())):
+            with pytest.raises(aiomas.ProtocolResetError, match="message type 7"):
+                await answer
+    finally:
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_request_that_could_not_be_written_waits_for_nothing() -> None:
+    server = await aiomas.channel.start_server(("127.0.0.1", 0), echo_until_closed)
+    addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    channel = await aiomas.channel.open_connection(addr)
+    try:
+        cast(asyncio.WriteTransport, channel.transport).write_eof()
+        with pytest.raises(RuntimeError):  # asyncio: write() after write_eof()
+            channel.send("lost")
+        assert channel.waiting_for_replies == 0
+        assert channel.protocol.core.requests_sent == 1
+    finally:
+        await channel.close()
+        server.close()
+        await server.wait_closed()

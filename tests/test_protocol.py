@@ -559,3 +559,36 @@ def test_requests_sent_counts_answered_ones_too() -> None:
     conn.send_request(None)
     list(conn.receive_data(jframe([1, 0, None])))
     assert (conn.requests_sent, conn.waiting_for_replies) == (2, 1)
+
+
+def test_nothing_is_left_to_send_after_the_end() -> None:
+    conn = Connection(JSON())
+    list(conn.receive_data(jframe([0, 0, None])))
+    conn.send_result(0, "x" * 1000)
+    events = list(conn.receive_data(jframe([9, 1, 0])))
+    assert isinstance(events[-1], ProtocolViolation)
+    assert conn.bytes_to_send == 0
+    assert conn.data_to_send() == []
+    other = Connection(JSON())
+    other.send_request(None)
+    other.connection_lost()
+    assert other.bytes_to_send == 0
+
+
+def test_frames_waiting_and_discarded_requests() -> None:
+    conn = Connection(JSON())
+    events = conn.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"]))
+    assert conn.frames_waiting == 2
+    next(events)
+    assert conn.frames_waiting == 1
+    list(events)
+    assert conn.frames_waiting == 0
+    kept = conn.send_request(None)
+    msg_id = conn.send_request(None)
+    conn.discard_request(msg_id)
+    assert conn.waiting_for_replies == 1
+    conn.discard_request(kept)
+    conn.discard_request(kept)  # (twice: nothing happens)
+    assert conn.waiting_for_replies == 0
+    (event,) = conn.receive_data(jframe([1, msg_id, None]))
+    assert isinstance(event, ProtocolViolation)  # a reply nobody waits for

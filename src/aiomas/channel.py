@@ -199,7 +199,7 @@ class Request:
         protocol = self._protocol
         core = protocol.core
         if core.closed:
-            raise ConnectionResetError("Connection closed")
+            raise protocol.connection_error()
         self._answered = True
         try:
             core.send_result(self.message_id, result)
@@ -223,7 +223,7 @@ class Request:
             raise RuntimeError(f"Request {self.message_id} was already answered")
         protocol = self._protocol
         if protocol.core.closed:
-            raise ConnectionResetError("Connection closed")
+            raise protocol.connection_error()
         self._answered = True
         return protocol.core
 
@@ -326,9 +326,14 @@ class Channel:
         # stays until its reply arrives (and is dropped quietly) or the
         # connection ends.
         future = self._loop.create_future()
-        self._core.send_request(content, future)
+        core = self._core
+        msg_id = core.send_request(content, future)
         protocol = self.protocol
-        protocol.flush()
+        try:
+            protocol.flush()
+        except BaseException:
+            core.discard_request(msg_id)  # It never left.
+            raise
         if protocol.reading_paused:
             # We stopped reading because the peer did not read our replies;
             # now we wait for a reply of our own and must read again.
@@ -582,6 +587,19 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             return self._channel_ref()
         return channel
 
+    def connection_error(self) -> ConnectionResetError:
+        """The error for calls on this connection once it has ended (see
+        :meth:`Channel.connection_error`)."""
+        channel = self.channel
+        if channel is not None and channel.closed:
+            return channel.connection_error()
+        error = self._error
+        if isinstance(error, ProtocolError):
+            reset = ProtocolResetError(f"Connection closed: {error}")
+            reset.__cause__ = error
+            return reset
+        return ConnectionResetError("Connection closed")
+
     def is_closed(self) -> bool:
         """Whether the connection has been lost."""
         return self._closed.done()
@@ -696,11 +714,16 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self.update_reading()
 
     def flush(self) -> None:
-        """Write what the core has to send, unless the events of a read are
-        being handled (then it leaves with the rest, in one write)."""
+        """Write what the core has to send -- unless more frames of the read
+        being handled wait for their events: then it leaves with their
+        replies, in one write."""
         core = self.core
         write = self._write
-        if core.bytes_to_send and not self._dispatching and write is not None:
+        if (
+            core.bytes_to_send
+            and write is not None
+            and not (self._dispatching and core.frames_waiting)
+        ):
             for chunk in core.data_to_send():
                 write(chunk)
 

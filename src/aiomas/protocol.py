@@ -176,14 +176,6 @@ def _request_received(message_id: int, content: Any) -> RequestReceived:
     return event
 
 
-def _result_received(message_id: int, content: Any, token: Any) -> ResultReceived:
-    event: ResultReceived = _new(ResultReceived)
-    _set_result_id(event, message_id)
-    _set_result_content(event, content)
-    _set_result_token(event, token)
-    return event
-
-
 def format_exception(exc: BaseException) -> str:
     """The text of a failure reply for *exc*: its traceback (if it was raised)
     and the error."""
@@ -328,6 +320,12 @@ class Connection:
         return self._next_id
 
     @property
+    def frames_waiting(self) -> int:
+        """Received frames whose events have not been asked for yet (see
+        :meth:`events`)."""
+        return len(self._payloads) - self._taken
+
+    @property
     def held_requests(self) -> int:
         """How many received requests are held back (see
         :attr:`hold_requests`)."""
@@ -454,8 +452,8 @@ class Connection:
             )
         if msg_type == REQUEST:  # (One to hold back: events() passes the others.)
             return self._hold(_request_received(msg_id, content))
-        if msg_type == RESULT:
-            return _result_received(msg_id, content, self._reply_arrived(msg_id))
+        if msg_type == RESULT:  # (events() handles the replies we wait for.)
+            raise ProtocolError(f"Reply for unknown message id {msg_id!r}")
         if msg_type == FAILURE:
             token = self._reply_arrived(msg_id)
             return FailureReceived(msg_id, failure_text(content), token)
@@ -548,6 +546,8 @@ class Connection:
         self._held = None
         self._payloads.clear()
         self._taken = 0
+        self._out = []  # Nothing more goes out to this peer.
+        self.bytes_to_send = 0
         return ProtocolViolation(error)
 
     # --- Sending -------------------------------------------------------------
@@ -570,6 +570,13 @@ class Connection:
         self._send(REQUEST, msg_id, content)
         self._pending[msg_id] = token
         return msg_id
+
+    def discard_request(self, message_id: int) -> None:
+        """Forget our request *message_id*: it never left (writing it
+        failed), so no reply will come."""
+        self._pending.pop(message_id, None)
+        if not self._pending:
+            self._pending = {}
 
     def send_result(self, message_id: int, content: Any) -> None:
         """Answer request *message_id* with *content*.
@@ -685,6 +692,8 @@ class Connection:
         self._held = None
         self._payloads.clear()
         self._taken = 0
+        self._out = []
+        self.bytes_to_send = 0
         # Nothing more is read: the buffers go now, not with the last
         # reference to the connection.
         self._reader.release()
