@@ -166,15 +166,27 @@ def parse_url(url: str) -> tuple[_Endpoint, str]:
     Raises:
         ValueError: if *url* is no valid agent address.
     """
+    scheme, base_url, where, aid = _locate(url)
+    if scheme == "local":
+        return _Endpoint(base_url, local_queue.get_queue(where)), aid
+    return _Endpoint(base_url, where), aid
+
+
+def _locate(url: str) -> tuple[str, str, Any, str]:
+    """Return the scheme of *url*, its container's base URL (in the spelling
+    we write), where that container is (``(host, port)``, a socket path or a
+    queue id) and the agent id; nothing is looked up.
+
+    Raises:
+        ValueError: if *url* is no valid agent address.
+    """
     scheme, location, aid = _split_url(url)
-    addr: Address
     if scheme == "tcp":
         host, port = _parse_host_port(location, url)
-        return _Endpoint(_host_port_url(host, port), (host, port)), aid
+        return scheme, _host_port_url(host, port), (host, port), aid
     if scheme == "ipc":
-        return _Endpoint(_ipc_base_url(location), location), aid
-    addr = local_queue.get_queue(location)
-    return _Endpoint(f"local://{location}/", addr), aid
+        return scheme, _ipc_base_url(location), location, aid
+    return scheme, f"local://{location}/", location, aid
 
 
 def _split_url(url: str) -> tuple[str, str, str]:
@@ -206,12 +218,7 @@ def _get_base_url(addr: str) -> str:
     Raises:
         ValueError: if *addr* is no valid agent address.
     """
-    scheme, location, _ = _split_url(addr)
-    if scheme == "tcp":
-        return _host_port_url(*_parse_host_port(location, addr))
-    if scheme == "ipc":
-        return _ipc_base_url(location)
-    return f"local://{location}/"
+    return _locate(addr)[1]
 
 
 def split_host_port(text: str) -> tuple[str, int]:

@@ -165,9 +165,7 @@ class Request:
             ConnectionResetError: if the connection is closed.
         """
         self.reply_nowait(result)
-        protocol = self._protocol
-        if protocol.writing_paused or protocol.is_closed():
-            await protocol.drain()
+        await self._protocol.drain()
 
     async def fail(self, exception: BaseException) -> None:
         """Answer the request with a failure described by *exception*, and
@@ -194,17 +192,11 @@ class Request:
                 reply that says so.
             ConnectionResetError: if the connection is closed.
         """
-        if self._answered:
-            raise RuntimeError(f"Request {self.message_id} was already answered")
-        protocol = self._protocol
-        core = protocol.core
-        if core.closed:
-            raise protocol.connection_error()
-        self._answered = True
+        core = self._start_answer()
         try:
             core.send_result(self.message_id, result)
         finally:
-            protocol.flush()
+            self._protocol.flush()
 
     def fail_nowait(self, exception: BaseException) -> None:
         """Answer with a failure described by *exception* now (see
@@ -682,26 +674,13 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         channel = self._channel
         assert channel is not None
         core = self.core
-        protocol = self
         self._dispatching = True
         try:
             for event in events:
-                # The two events of every call are handled right here.
-                if type(event) is ResultReceived:
-                    future = event.token
-                    if not future.done():
-                        future.set_result(event.content)
-                elif (
-                    type(event) is RequestReceived
-                    and channel.request_handler is not None
-                ):
-                    request = Request(event.content, event.message_id, protocol)
-                    channel.request_handler(request)
-                elif type(event) is ProtocolViolation:
+                if type(event) is ProtocolViolation:
                     self._fail(event.error)
                     return
-                else:
-                    channel.event_received(event)
+                channel.event_received(event)
                 if core.bytes_to_send > JOINED_WRITE_LIMIT:
                     # Hand it over now: the transport may pause writing, and
                     # then the rest of the requests are held back.

@@ -169,6 +169,14 @@ _set_result_content = _slot_setter(ResultReceived, "content")
 _set_result_token = _slot_setter(ResultReceived, "token")
 
 
+def _result_received(message_id: int, content: Any, token: Any) -> ResultReceived:
+    event: ResultReceived = _new(ResultReceived)
+    _set_result_id(event, message_id)
+    _set_result_content(event, content)
+    _set_result_token(event, token)
+    return event
+
+
 def _request_received(message_id: int, content: Any) -> RequestReceived:
     event: RequestReceived = _new(RequestReceived)
     _set_request_id(event, message_id)
@@ -385,11 +393,7 @@ class Connection:
         """
         payloads = self._payloads
         decode = self._decode
-        # (Locals: the loop makes the events of every call itself.)
-        new = _new
-        set_request_id, set_request_content = _set_request_id, _set_request_content
-        set_result_id, set_result_content = _set_result_id, _set_result_content
-        set_result_token = _set_result_token
+        message_event = self._message_event
         while self._taken < len(payloads):
             payload = payloads[self._taken]
             self._taken += 1
@@ -400,31 +404,7 @@ class Connection:
                 except Exception as exc:
                     event = self._content_not_decodable(payload, exc)
                 else:
-                    # The two messages of every call are handled right here;
-                    # _message_event() does everything else, and every check.
-                    if type(message) in (list, tuple) and len(message) == 3:
-                        msg_type, msg_id, content = message
-                        pending = self._pending
-                        if type(msg_id) is not int or type(msg_type) is not int:
-                            event = self._message_event(message)
-                        elif msg_type == REQUEST and not (
-                            self.hold_requests and (self._writing_paused or self._held)
-                        ):
-                            event = new(RequestReceived)
-                            set_request_id(event, msg_id)
-                            set_request_content(event, content)
-                        elif msg_type == RESULT and msg_id in pending:
-                            event = new(ResultReceived)
-                            set_result_id(event, msg_id)
-                            set_result_content(event, content)
-                            set_result_token(event, pending.pop(msg_id))
-                            if not pending:
-                                # A dict keeps its size after a burst of calls.
-                                self._pending = {}
-                        else:
-                            event = self._message_event(message)
-                    else:
-                        event = self._message_event(message)
+                    event = message_event(message)
             except ProtocolError as exc:
                 event = self._violation(exc)
             if event is not None:
@@ -436,9 +416,7 @@ class Connection:
             yield self._violation(error)
 
     def _message_event(self, message: Any) -> Event | None:
-        """The event of a decoded message that :meth:`events` does not handle
-        itself: one to hold back, a reply for an id not waiting, anything
-        malformed.
+        """The event of a decoded message (a frame makes at most one).
 
         Raises:
             ProtocolError: if the message breaks the protocol.
@@ -450,10 +428,13 @@ class Connection:
             raise ProtocolError(
                 f"Invalid message header {abbreviate([msg_type, msg_id])}"
             )
-        if msg_type == REQUEST:  # (One to hold back: events() passes the others.)
-            return self._hold(_request_received(msg_id, content))
-        if msg_type == RESULT:  # (events() handles the replies we wait for.)
-            raise ProtocolError(f"Reply for unknown message id {msg_id!r}")
+        if msg_type == REQUEST:
+            request = _request_received(msg_id, content)
+            if self.hold_requests and (self._writing_paused or self._held):
+                return self._hold(request)
+            return request
+        if msg_type == RESULT:
+            return _result_received(msg_id, content, self._reply_arrived(msg_id))
         if msg_type == FAILURE:
             token = self._reply_arrived(msg_id)
             return FailureReceived(msg_id, failure_text(content), token)
