@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 
 import aiomas
-from aiomas import wire
+from aiomas import protocol, wire
 from aiomas.channel import Channel, ChannelProtocol, Request
 from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
 
@@ -364,8 +364,10 @@ async def test_unserializable_reply_fails_the_request_on_both_sides(
 async def test_message_too_long(
     endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 4 GiB payloads are not something a test should allocate: lower the limit.
+    # 4 GiB payloads are not something a test should allocate: lower the limit
+    # (and the size up to which frames are taken to be far below it).
     monkeypatch.setattr(wire, "MAX_FRAME_SIZE", 100)
+    monkeypatch.setattr(protocol, "JOIN_LIMIT", 50)
     async with serving(endpoint, echo_forever) as addr:
         channel = await connect(endpoint, addr)
         with pytest.raises(ValueError, match="too long"):

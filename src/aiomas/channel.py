@@ -18,7 +18,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeAlias, cast
 
 from aiomas import local_queue
@@ -192,11 +192,18 @@ class Request:
                 reply that says so.
             ConnectionResetError: if the connection is closed.
         """
-        core = self._start_answer()
+        # (What _start_answer() does, inlined for the reply to every call.)
+        if self._answered:
+            raise RuntimeError(f"Request {self.message_id} was already answered")
+        protocol = self._protocol
+        core = protocol.core
+        if core.closed:
+            raise protocol.connection_error()
+        self._answered = True
         try:
             core.send_result(self.message_id, result)
         finally:
-            self._protocol.flush()
+            protocol.flush()
 
     def fail_nowait(self, exception: BaseException) -> None:
         """Answer with a failure described by *exception* now (see
@@ -656,8 +663,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Hand the bytes just read to the core and dispatch its events."""
-        if self._error is None:
-            self._handle(self.core.buffer_updated(nbytes))
+        events = self.core.buffer_updated(nbytes)
+        if events:
+            self._handle(events)
 
     def data_received(self, data: bytes) -> None:
         """Hand *data* to the core and dispatch its events.
@@ -667,12 +675,31 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
         instead.
         """
-        if self._error is None:
-            self._handle(self.core.receive_data(data))
+        events = self.core.receive_data(data)
+        if events:
+            self._handle(events)
 
-    def _handle(self, events: Iterator[Event]) -> None:
+    def _handle(self, events: Iterable[Event]) -> None:
         channel = self._channel
         assert channel is not None
+        if type(events) is tuple:
+            # The event of a lone frame (see Connection.buffer_updated): a
+            # reply to it was written at once (see flush()).
+            (event,) = events
+            if type(event) is ProtocolViolation:
+                self._fail(event.error)
+                return
+            channel.event_received(event)
+        else:
+            self._dispatch(channel, events)
+        if self.core.bytes_to_send:
+            self._write_out()  # (failure replies that the core sent itself)
+        if self.writing_paused or self.reading_paused:
+            self.update_reading()
+
+    def _dispatch(self, channel: Channel, events: Iterable[Event]) -> None:
+        """Dispatch the events of several frames; their replies leave together
+        (see flush())."""
         core = self.core
         self._dispatching = True
         try:
@@ -687,10 +714,6 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                     self._write_out()
         finally:
             self._dispatching = False
-            if core.bytes_to_send:
-                self._write_out()
-        if self.writing_paused or self.reading_paused:
-            self.update_reading()
 
     def flush(self) -> None:
         """Write what the core has to send -- unless more frames of the read

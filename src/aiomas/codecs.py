@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import json.encoder
 import reprlib
 import struct
 import threading
@@ -285,6 +286,27 @@ class JSON(Codec):
         # every call; each message goes through here, so build them once.
         self._encoder = json.JSONEncoder(default=self.serialize_obj)
         self._decoder = json.JSONDecoder(object_hook=self.deserialize_obj)
+        # JSONEncoder.encode() builds its C encoder anew for every call; this
+        # one is built once, with what json.dumps() uses by default.  The
+        # containers being encoded are in _markers (to find circular
+        # references); a failed call leaves some there.
+        self._markers: dict[int, Any] = {}
+        make_encoder = getattr(json.encoder, "c_make_encoder", None)
+        self._encode_chunks: Callable[[Any, int], Any] | None = (
+            None
+            if make_encoder is None  # (Python builds without the _json module)
+            else make_encoder(
+                self._markers,
+                self.serialize_obj,
+                json.encoder.encode_basestring_ascii,
+                None,  # indent
+                ": ",
+                ", ",
+                False,  # sort_keys
+                False,  # skipkeys
+                True,  # allow_nan
+            )
+        )
 
     def encode(self, data: Any) -> bytes:
         """Encode *data* as JSON.
@@ -296,13 +318,19 @@ class JSON(Codec):
                 with too many digits or too deep nesting, or if a serializer
                 fails.
         """
+        encode_chunks = self._encode_chunks
         try:
             # ensure_ascii makes the text pure ASCII, so this never fails.
-            return self._encoder.encode(data).encode()
-        except _ENCODE_ERRORS as exc:
-            raise SerializationError(
-                f"Cannot encode {_quote(data)} as JSON: {exc}"
-            ) from exc
+            if encode_chunks is None:
+                return self._encoder.encode(data).encode()
+            return "".join(encode_chunks(data, 0)).encode()
+        except BaseException as exc:
+            self._markers.clear()
+            if isinstance(exc, _ENCODE_ERRORS):
+                raise SerializationError(
+                    f"Cannot encode {_quote(data)} as JSON: {exc}"
+                ) from exc
+            raise
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
         """Decode the UTF-8 JSON text *data*.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -36,6 +36,7 @@ from aiomas.exceptions import DecodeError, ProtocolError, SerializationError
 from aiomas.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     FAILURE,
+    HEADER,
     HEADER_SIZE,
     REQUEST,
     RESULT,
@@ -73,6 +74,9 @@ cut off."""
 JOIN_LIMIT: Final = 64 * 1024
 # Small frames are joined into chunks of up to this many bytes.
 JOINED_WRITE_LIMIT: Final = 256 * 1024
+# The table of requests waiting for replies is made afresh when it is empty and
+# at least this many requests were sent since it was made.
+_FRESH_PENDING_AFTER: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,37 +155,26 @@ Event: TypeAlias = (
 
 _Chunk: TypeAlias = "bytes | bytearray | memoryview"
 
-# The two events of every call are made by filling their slots directly: a
-# frozen dataclass' __init__ sets each field through object.__setattr__(),
-# which cost a third of the core's time per message.
-_new = object.__new__
+_pack_header = HEADER.pack
+
+# The two events of every call are made as instances of a twin class without
+# the frozen dataclass' __setattr__ (so setting their slots is as cheap as it
+# gets), which then become what they are: a frozen dataclass' __init__ sets
+# each field through object.__setattr__(), which cost a third of the core's
+# time per message.  The twins have the same slots, so the layouts match.
 
 
-def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
-    setter: Callable[[Any, Any], None] = vars(cls)[name].__set__
-    return setter
+class _NewRequestReceived:
+    __slots__ = RequestReceived.__slots__
+    message_id: int
+    content: Any
 
 
-_set_request_id = _slot_setter(RequestReceived, "message_id")
-_set_request_content = _slot_setter(RequestReceived, "content")
-_set_result_id = _slot_setter(ResultReceived, "message_id")
-_set_result_content = _slot_setter(ResultReceived, "content")
-_set_result_token = _slot_setter(ResultReceived, "token")
-
-
-def _result_received(message_id: int, content: Any, token: Any) -> ResultReceived:
-    event: ResultReceived = _new(ResultReceived)
-    _set_result_id(event, message_id)
-    _set_result_content(event, content)
-    _set_result_token(event, token)
-    return event
-
-
-def _request_received(message_id: int, content: Any) -> RequestReceived:
-    event: RequestReceived = _new(RequestReceived)
-    _set_request_id(event, message_id)
-    _set_request_content(event, content)
-    return event
+class _NewResultReceived:
+    __slots__ = ResultReceived.__slots__
+    message_id: int
+    content: Any
+    token: Any
 
 
 def format_exception(exc: BaseException) -> str:
@@ -264,6 +257,7 @@ class Connection:
         "_out",
         "_payloads",
         "_pending",
+        "_pending_since",
         "_reader",
         "_refusing",
         "_taken",
@@ -296,6 +290,7 @@ class Connection:
         # reply arrives or the connection ends, even if the caller gave up on
         # it, so that a late reply is told from a reply to a request never sent.
         self._pending: dict[int, Any] = {}  # message id -> token
+        self._pending_since = 0  # _next_id when _pending was made
         self._out: list[_Chunk] = []
         self.bytes_to_send = 0
         """Bytes waiting in :meth:`data_to_send` (read it; don't set it)."""
@@ -362,24 +357,40 @@ class Connection:
 
     # --- Receiving -----------------------------------------------------------
 
-    def receive_data(self, data: _Chunk) -> Iterator[Event]:
-        """Take bytes from the peer; return an iterator over the events they
-        complete (see :meth:`events`)."""
-        if not self.closed:
-            try:
-                self._payloads.extend(self._reader.feed(data))
-            except ProtocolError:
-                pass  # (The reader keeps it: events() reports it.)
-        return self.events()
+    def receive_data(self, data: _Chunk) -> Iterable[Event]:
+        """Take bytes from the peer; return the events they complete (see
+        :meth:`events`)."""
+        if self.closed:
+            return ()
+        try:
+            payloads = self._reader.feed(data)
+        except ProtocolError:
+            payloads = []  # (The reader keeps it: events() reports it.)
+        return self._events_of(payloads)
 
-    def buffer_updated(self, nbytes: int) -> Iterator[Event]:
+    def buffer_updated(self, nbytes: int) -> Iterable[Event]:
         """Account for *nbytes* read into the last :meth:`get_buffer` buffer;
-        return an iterator over the events they complete (see :meth:`events`)."""
-        if not self.closed:
-            try:
-                self._payloads.extend(self._reader.buffer_updated(nbytes))
-            except ProtocolError:
-                pass  # (The reader keeps it: events() reports it.)
+        return the events they complete (see :meth:`events`)."""
+        if self.closed:
+            return ()
+        try:
+            payloads = self._reader.buffer_updated(nbytes)
+        except ProtocolError:
+            payloads = []  # (The reader keeps it: events() reports it.)
+        # (_events_of(), inlined for the lone frame that most reads bring.)
+        if len(payloads) == 1 and not self._payloads and self._reader.error is None:
+            event = self._frame_event(payloads[0])
+            return () if event is None else (event,)
+        return self._events_of(payloads)
+
+    def _events_of(self, payloads: list[bytes | bytearray]) -> Iterable[Event]:
+        if len(payloads) == 1 and not self._payloads and self._reader.error is None:
+            # A lone frame, as most reads bring: nothing that the consumer does
+            # can count for a later frame of this read, so its event is made
+            # at once, without an iterator.
+            event = self._frame_event(payloads[0])
+            return () if event is None else (event,)
+        self._payloads.extend(payloads)
         return self.events()
 
     def events(self) -> Iterator[Event]:
@@ -389,24 +400,16 @@ class Connection:
         consumer did with the events before (answering requests, which may
         pause writing) counts for the next: a request that comes after writing
         paused is held back (see :attr:`hold_requests`).  Frames whose events
-        were not asked for are kept for the next call.
+        were not asked for are kept for the next call.  (When a read completes
+        a lone frame and none are kept, :meth:`receive_data` and
+        :meth:`buffer_updated` return its event at once, in a tuple.)
         """
         payloads = self._payloads
-        decode = self._decode
-        message_event = self._message_event
+        frame_event = self._frame_event
         while self._taken < len(payloads):
             payload = payloads[self._taken]
             self._taken += 1
-            event: Event | None
-            try:
-                try:
-                    message = decode(payload)
-                except Exception as exc:
-                    event = self._content_not_decodable(payload, exc)
-                else:
-                    event = message_event(message)
-            except ProtocolError as exc:
-                event = self._violation(exc)
+            event = frame_event(payload)
             if event is not None:
                 yield event
         payloads.clear()
@@ -415,30 +418,41 @@ class Connection:
         if error is not None and not self.closed:
             yield self._violation(error)
 
-    def _message_event(self, message: Any) -> Event | None:
-        """The event of a decoded message (a frame makes at most one).
-
-        Raises:
-            ProtocolError: if the message breaks the protocol.
-        """
-        if type(message) not in (list, tuple) or len(message) != 3:
-            return self._invalid_message(message)
-        msg_type, msg_id, content = message
-        if type(msg_id) is not int or type(msg_type) is not int:
-            raise ProtocolError(
-                f"Invalid message header {abbreviate([msg_type, msg_id])}"
-            )
-        if msg_type == REQUEST:
-            request = _request_received(msg_id, content)
-            if self.hold_requests and (self._writing_paused or self._held):
-                return self._hold(request)
-            return request
-        if msg_type == RESULT:
-            return _result_received(msg_id, content, self._reply_arrived(msg_id))
-        if msg_type == FAILURE:
-            token = self._reply_arrived(msg_id)
-            return FailureReceived(msg_id, failure_text(content), token)
-        raise ProtocolError(f"Unknown message type {msg_type!r}")
+    def _frame_event(self, payload: bytes | bytearray) -> Event | None:
+        """The event of a received frame (a frame makes at most one)."""
+        try:
+            try:
+                message = self._decode(payload)
+            except Exception as exc:
+                return self._content_not_decodable(payload, exc)
+            if type(message) not in (list, tuple) or len(message) != 3:
+                return self._invalid_message(message)
+            msg_type, msg_id, content = message
+            if type(msg_id) is not int or type(msg_type) is not int:
+                raise ProtocolError(
+                    f"Invalid message header {abbreviate([msg_type, msg_id])}"
+                )
+            if msg_type == REQUEST:
+                request: Any = _NewRequestReceived()
+                request.message_id = msg_id
+                request.content = content
+                request.__class__ = RequestReceived
+                if self.hold_requests and (self._writing_paused or self._held):
+                    return self._hold(request)
+                return request  # type: ignore[no-any-return]
+            if msg_type == RESULT:
+                result: Any = _NewResultReceived()
+                result.message_id = msg_id
+                result.content = content
+                result.token = self._reply_arrived(msg_id)
+                result.__class__ = ResultReceived
+                return result  # type: ignore[no-any-return]
+            if msg_type == FAILURE:
+                token = self._reply_arrived(msg_id)
+                return FailureReceived(msg_id, failure_text(content), token)
+            raise ProtocolError(f"Unknown message type {msg_type!r}")
+        except ProtocolError as exc:
+            return self._violation(exc)
 
     def _reply_arrived(self, msg_id: int) -> Any:
         """Forget request *msg_id*, now answered; return its token."""
@@ -447,9 +461,11 @@ class Connection:
             token = pending.pop(msg_id)
         except KeyError:
             raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
-        if not pending:
-            # A dict keeps its size after a burst of calls: start afresh.
+        if not pending and self._next_id - self._pending_since > _FRESH_PENDING_AFTER:
+            # A dict keeps its size after a burst of calls: start afresh (not
+            # after every call: with one call at a time it never grows).
             self._pending = {}
+            self._pending_since = self._next_id
         return token
 
     def _hold(self, request: RequestReceived) -> RequestRejected | None:
@@ -548,7 +564,13 @@ class Connection:
         """
         msg_id = self._next_id
         self._next_id = msg_id + 1
-        self._send(REQUEST, msg_id, content)
+        payload = self._encode([REQUEST, msg_id, content])
+        size = len(payload)
+        if size <= JOIN_LIMIT:  # (What _queue() does, inlined for every call.)
+            self._out.append(_pack_header(size) + payload)
+            self.bytes_to_send += HEADER_SIZE + size
+        else:
+            self._queue(payload)
         self._pending[msg_id] = token
         return msg_id
 
@@ -556,8 +578,6 @@ class Connection:
         """Forget our request *message_id*: it never left (writing it
         failed), so no reply will come."""
         self._pending.pop(message_id, None)
-        if not self._pending:
-            self._pending = {}
 
     def send_result(self, message_id: int, content: Any) -> None:
         """Answer request *message_id* with *content*.
@@ -569,7 +589,13 @@ class Connection:
                 cannot be sent.
         """
         try:
-            self._send(RESULT, message_id, content)
+            payload = self._encode([RESULT, message_id, content])
+            size = len(payload)
+            if size <= JOIN_LIMIT:  # (_queue(), inlined for every reply.)
+                self._out.append(_pack_header(size) + payload)
+                self.bytes_to_send += HEADER_SIZE + size
+            else:
+                self._queue(payload)
         except (SerializationError, ValueError) as exc:
             self._send(FAILURE, message_id, format_exception(exc))
             raise
@@ -598,7 +624,14 @@ class Connection:
         self._send(FAILURE, msg_id, text)
 
     def _send(self, msg_type: int, msg_id: int, content: Any) -> None:
-        payload = self._encode([msg_type, msg_id, content])
+        self._queue(self._encode([msg_type, msg_id, content]))
+
+    def _queue(self, payload: bytes) -> None:
+        """Frame *payload* for :meth:`data_to_send`.
+
+        Raises:
+            ValueError: if *payload* is too long for a frame.
+        """
         size = len(payload)
         header = frame_header(size)
         if size <= JOIN_LIMIT:

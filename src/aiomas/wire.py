@@ -235,7 +235,15 @@ class FrameReader:
                 return []
             self._big = None
             return [big]
-        self._end += nbytes
+        end = self._end + nbytes
+        start = self._start
+        if end - start > HEADER_SIZE:
+            # Most reads bring exactly one frame: cut it out without the loop.
+            (size,) = _unpack_header(self._buf, start)
+            if start + HEADER_SIZE + size == end and size <= self._max_frame_size:
+                self._start = self._end = 0
+                return [bytes(self._view[start + HEADER_SIZE : end])]
+        self._end = end
         return self._parse()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
