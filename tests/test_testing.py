@@ -3,7 +3,9 @@ transport, feed(), settle() and the time unit."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,30 @@ from aiomas.testing import (
     transfer,
 )
 from aiomas.wire import frame
+
+
+def test_no_module_of_aiomas_imports_the_testing_tools() -> None:
+    package = Path(testing.__file__).parent
+    for path in package.rglob("*.py"):
+        if path.name == "testing.py":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            f"{node.module}.{alias.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
+        assert not any(
+            name == "aiomas.testing" or name.startswith("aiomas.testing.")
+            for name in imported
+        ), path
+
 
 # --- The time unit ----------------------------------------------------------------
 

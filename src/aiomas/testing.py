@@ -3,9 +3,9 @@
 aiomas' own tests and fuzz targets use them, and so can yours:
 
 - :func:`connection_pair`, :func:`transfer`, :func:`receive` and
-  :func:`sent_messages` drive two sans-I/O cores (:class:`aiomas.protocol.
-  Connection`) joined by a fake link: no event loop, no transport, h11's way of
-  testing a protocol;
+  :func:`sent_messages` drive two sans-I/O cores
+  (:class:`aiomas.protocol.Connection`) joined by a fake link: no event loop,
+  no transport, h11's way of testing a protocol;
 - :class:`FakeTransport` is an :class:`asyncio.Transport` without a socket, for
   an asyncio protocol such as :class:`aiomas.channel.ChannelProtocol`: it
   records what the protocol writes and does, and can fill its write buffer to
