@@ -18,7 +18,7 @@ import aiomas
 from aiomas import wire
 from aiomas.channel import Channel, ChannelProtocol, Request
 from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
-from aiomas.testing import TIME_UNIT, FakeTransport, settle
+from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
 from .conftest import Endpoint, TLSFiles
 from .helpers import (
@@ -879,6 +879,37 @@ async def test_a_protocol_error_in_a_batch_drops_its_held_replies() -> None:
         protocol.data_received(frames([0, 0, "a"], [7, 1, "bad type"], [0, 2, "c"]))
     assert transport.closed
     assert transport.writes == []
+    transport.lose_connection()
+
+
+async def test_a_peer_that_does_not_read_its_replies_stops_our_reading() -> None:
+    """Flow control without sockets: the write buffer of a fake transport fills
+    up, so the protocol pauses reading; each time the peer reads, it goes on."""
+    protocol, transport, channel = recording_protocol()
+    channel.set_request_handler(lambda req: req.reply_nowait(req.content))
+    transport.set_write_buffer_limits(high=100, low=0)
+    data = frames(*([0, i, "x" * 40] for i in range(10)))
+
+    def in_chunks(data: bytes) -> list[bytes]:
+        return [data[i : i + 10] for i in range(0, len(data), 10)]
+
+    left = feed(protocol, transport, in_chunks(data))
+    assert protocol.writing_paused
+    assert transport.reading_paused
+    assert left  # not everything was read
+    rounds = 1
+    while left:
+        transport.consume()  # the peer reads its replies
+        assert not transport.reading_paused
+        await settle()
+        left = feed(protocol, transport, in_chunks(left))
+        rounds += 1
+    transport.consume()
+    await settle()
+    reader = wire.FrameReader()
+    replies = [aiomas.JSON().decode(p) for p in reader.feed(transport.written)]
+    assert replies == [[1, i, "x" * 40] for i in range(10)]
+    assert rounds > 2  # (the buffer filled up again and again)
     transport.lose_connection()
 
 
