@@ -202,7 +202,8 @@ class FakeTransport(asyncio.Transport):
         self.writes: list[bytes] = []
         """Every ``write()``, in order."""
         self.closed = False
-        """Whether :meth:`close` or :meth:`abort` was called."""
+        """Whether :meth:`close`, :meth:`abort` or :meth:`lose_connection` was
+        called."""
         self.aborted = False
         """Whether :meth:`abort` was called (aiomas aborts a connection whose
         peer broke the protocol)."""
