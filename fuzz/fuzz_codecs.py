@@ -53,6 +53,7 @@ with atheris.instrument_imports(include=["aiomas", "arrow.parser"]):
     from aiomas.codecs import Codec
     from aiomas.exceptions import SerializationError
     from aiomas.rpc import Proxy, RpcClient
+    from aiomas.testing import FakeTransport
 
 
 class Service:
@@ -111,22 +112,20 @@ def make_codec(codec_class: type[Codec]) -> Codec:
     codec = codec_class()
     codec.add_serializer(*aiomas.util.arrow_serializer())
     codec.add_serializer(*harness.Point.__serializer__())  # type: ignore[attr-defined]
-    transport = harness.FakeTransport()
 
     async def connect() -> RpcClient:
         protocol = ChannelProtocol(codec)
-        protocol.connection_made(transport)
+        TRANSPORTS[codec] = FakeTransport(protocol, peername=("fuzzer", 1))
         assert protocol.channel is not None
         return RpcClient(protocol.channel, SERVICE)
 
     # The connection stays open (its service task waits) while the fuzzer runs.
     CLIENTS.append(harness.LOOP.run_until_complete(connect()))
-    TRANSPORTS[codec] = transport
     return codec
 
 
 CLIENTS: list[RpcClient] = []
-TRANSPORTS: dict[Codec, harness.FakeTransport] = {}
+TRANSPORTS: dict[Codec, FakeTransport] = {}
 JSON_CODEC = make_codec(aiomas.JSON)
 MSGPACK_CODEC = make_codec(aiomas.MsgPack)
 BLOSC_CODEC = make_codec(aiomas.MsgPackBlosc)

@@ -62,6 +62,7 @@ with atheris.instrument_imports(include=["aiomas"]):
     from aiomas.channel import ChannelProtocol, SerializerFactory
     from aiomas.codecs import Codec
     from aiomas.exceptions import SerializationError
+    from aiomas.testing import FakeTransport, feed, settle
 
 T = TypeVar("T")
 
@@ -488,14 +489,13 @@ async def serve_one_connection(served: Served, data: bytes) -> None:
     else:
         stream = data[2:]
     protocol = served.protocol_factory()
-    transport = harness.FakeTransport()
-    protocol.connection_made(transport)
-    harness.feed(protocol, transport, harness.split_stream(data[1:2] + stream))
-    await harness.settle()  # let exposed coroutines answer
+    transport = FakeTransport(protocol, peername=("fuzzer", 1))
+    feed(protocol, transport, harness.split_stream(data[1:2] + stream))
+    await settle(8)  # let exposed coroutines answer
     if structured:
         assert not transport.closed, "the server closed a connection of valid frames"
-    check_replies(served, bytes(transport.written), requests)
-    protocol.connection_lost(None)
+    check_replies(served, transport.written, requests)
+    transport.lose_connection()
     container = served.container
     for _ in range(20):
         if not container._aiomas.incoming:

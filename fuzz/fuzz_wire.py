@@ -10,9 +10,10 @@ first input byte picks the chunk size) and fed to
    once or in chunks, raise nothing, and send only well-formed frames (it
    echoes every request it passes on), and
 3. a server-side :class:`aiomas.channel.ChannelProtocol` with an RPC service on
-   a fake transport, which must never raise, nor fail unseen (an error passed to
-   the loop's exception handler or logged at ERROR level): bad input closes the
-   connection (with a logged reason), anything else is answered.
+   a fake transport (:class:`aiomas.testing.FakeTransport`), which must never
+   raise, nor fail unseen (an error passed to the loop's exception handler or
+   logged at ERROR level): bad input closes the connection (with a logged
+   reason), anything else is answered.
 
 Run it (needs ``pip install atheris``, Linux) on a copy of its seed corpus, as
 the fuzzer adds the inputs it finds to the corpus directory::
@@ -26,7 +27,6 @@ The test suite runs it for a bounded number of inputs (tests/test_fuzz.py).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import atheris
@@ -41,6 +41,7 @@ with atheris.instrument_imports(include=["aiomas"]):
     from aiomas import wire
     from aiomas.channel import ChannelProtocol
     from aiomas.exceptions import ProtocolError
+    from aiomas.testing import FakeTransport, feed, sent_messages, settle
 
 
 class Service:
@@ -91,13 +92,9 @@ def run_core(codec_cls: type[aiomas.codecs.Codec], chunks: list[bytes]) -> list[
                 except aiomas.SerializationError:
                     pass  # (answered with a failure by the core)
             events.append(repr(event))
-    reader = wire.FrameReader()
-    sent = b"".join(bytes(chunk) for chunk in conn.data_to_send())
-    for payload in reader.feed(sent):
-        message = conn.codec.decode(payload)
+    for message in sent_messages(conn):  # (which finds partial frames)
         assert type(message) in (list, tuple), message
         assert len(message) == 3, message
-    assert reader.buffered == 0, "the core sent a partial frame"
     return events
 
 
@@ -113,13 +110,12 @@ def check_core(data: bytes) -> None:
 async def check_protocol(data: bytes) -> None:
     codec = aiomas.MsgPack if data and data[0] & 0x80 else aiomas.JSON
     protocol = ChannelProtocol(codec(), max_frame_size=2**16)
-    transport = harness.FakeTransport()
-    protocol.connection_made(transport)
+    transport = FakeTransport(protocol, peername=("fuzzer", 1))
     assert protocol.channel is not None
     client = aiomas.rpc.RpcClient(protocol.channel, SERVICE)
-    harness.feed(protocol, transport, harness.split_stream(data))
-    await asyncio.sleep(0)  # let asynchronous handlers answer
-    protocol.connection_lost(None)
+    feed(protocol, transport, harness.split_stream(data))
+    await settle(1)  # let asynchronous handlers answer
+    transport.lose_connection()
     await client.close()
 
 

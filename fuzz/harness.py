@@ -1,11 +1,10 @@
 """What the fuzz targets in this directory share.
 
 - :data:`LOOP`: the one event loop every target runs its inputs on;
-- :class:`FakeTransport`: a transport without a socket that keeps what the
-  protocol writes, so that a target can feed a
-  :class:`~aiomas.channel.ChannelProtocol` bytes and read its answers;
-- :func:`split_stream` and :func:`feed`: cut a byte stream into chunks and hand
-  them to a protocol the way a socket transport would;
+- :func:`split_stream`: cuts a byte stream into chunks, which a target hands
+  to a sans-I/O core or, with :func:`aiomas.testing.feed`, to a
+  :class:`~aiomas.channel.ChannelProtocol` on an
+  :class:`aiomas.testing.FakeTransport`;
 - :class:`HiddenErrors`: errors that aiomas does not raise but reports to the
   event loop's exception handler or logs at ERROR level (a task that failed
   unseen, a callback that raised); a target fails on them as on an exception;
@@ -21,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import atheris
 
 import aiomas
-from aiomas.channel import ChannelProtocol
 
 LOOP = asyncio.new_event_loop()
 asyncio.set_event_loop(LOOP)
@@ -35,43 +33,6 @@ asyncio.set_event_loop(LOOP)
 # Chunks are 1 to this many bytes long: small enough that frame headers and
 # payloads are split in every possible place.
 MAX_CHUNK_SIZE = 64
-
-
-class FakeTransport(asyncio.Transport):
-    """A transport that keeps what the protocol writes and reads nothing.
-
-    ``closed`` is set by ``close()`` and ``abort()``, ``aborted`` only by
-    ``abort()`` (aiomas aborts a connection whose peer broke the protocol).
-    """
-
-    def __init__(self, peername: Any = ("fuzzer", 1)) -> None:
-        super().__init__()
-        self.peername = peername
-        self.written = bytearray()
-        self.closed = False
-        self.aborted = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peername if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def split_stream(data: bytes) -> list[bytes]:
@@ -82,27 +43,6 @@ def split_stream(data: bytes) -> list[bytes]:
     size = data[0] % MAX_CHUNK_SIZE + 1
     stream = data[1:]
     return [stream[i : i + size] for i in range(0, len(stream), size)]
-
-
-def feed(
-    protocol: ChannelProtocol, transport: FakeTransport, chunks: Iterable[bytes]
-) -> None:
-    """Hand *chunks* to *protocol* as a socket transport does (through
-    ``get_buffer()`` and ``buffer_updated()``), until it closes the transport."""
-    for chunk in chunks:
-        while chunk and not transport.closed:
-            buffer = protocol.get_buffer(len(chunk))
-            n = min(len(buffer), len(chunk))
-            buffer[:n] = chunk[:n]
-            protocol.buffer_updated(n)
-            chunk = chunk[n:]
-
-
-async def settle(rounds: int = 8) -> None:
-    """Let the loop run callbacks and tasks for a few rounds (e.g. exposed
-    coroutines answering calls, service tasks ending after a lost connection)."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 class HiddenErrors(logging.Handler):

@@ -19,6 +19,7 @@ import trustme
 
 import aiomas
 from aiomas import local_queue
+from aiomas.testing import TIME_UNIT
 
 from .helpers import close_loop
 
@@ -54,7 +55,7 @@ async def _asyncio_hygiene(request: pytest.FixtureRequest) -> AsyncIterator[None
     for _ in range(100):
         if not pending():
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
     leaked = pending()
     for task in leaked:
         task.cancel()

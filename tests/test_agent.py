@@ -22,6 +22,7 @@ import pytest
 import aiomas
 from aiomas import agent as agent_mod
 from aiomas import rpc
+from aiomas.testing import TIME_UNIT
 
 from .conftest import TLSFiles, ipv6_available
 from .helpers import black_hole, tcp_socket_options
@@ -142,7 +143,7 @@ async def cut_connections(
     for _ in range(100):
         if not caller._aiomas.outgoing:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
 
 
 def incoming(container: aiomas.Container) -> int:
@@ -388,13 +389,13 @@ async def test_an_attempt_given_up_by_every_caller_is_stopped(
     with black_hole() as (host, port):
         url = f"tcp://{host}:{port}/0"
         waiting = [asyncio.ensure_future(two.connect(url)) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * TIME_UNIT)
         (attempt,) = two._aiomas.connecting.values()
         waiting[0].cancel()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * TIME_UNIT)
         assert not attempt.task.done()  # somebody still waits for it
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(waiting[1], 0.1)
+            await asyncio.wait_for(waiting[1], 100 * TIME_UNIT)
         await asyncio.sleep(0)
         assert attempt.task.cancelled()
         assert two._aiomas.connecting == {}
@@ -402,7 +403,7 @@ async def test_an_attempt_given_up_by_every_caller_is_stopped(
             await waiting[0]
         # A new call makes a new attempt.
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(two.connect(url), 0.1)
+            await asyncio.wait_for(two.connect(url), 100 * TIME_UNIT)
         assert two._aiomas.connecting == {}
 
 
@@ -418,7 +419,7 @@ async def test_a_late_second_connection_to_a_container_is_closed(
     for _ in range(100):
         if incoming(one) == 1:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
     assert incoming(one) == 1
 
 
@@ -585,7 +586,7 @@ async def test_connect_with_timeout_waits_for_the_container(
     async with Place("tcp4").containers(1) as (container,):
         url = f"tcp://127.0.0.1:{unused_tcp_port}/0"
         connecting = asyncio.ensure_future(container.connect(url, timeout=WAIT))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * TIME_UNIT)
         assert not connecting.done()
         late = await aiomas.Container.create(
             ("127.0.0.1", unused_tcp_port), as_coro=True
@@ -602,8 +603,10 @@ async def test_connect_timeout_expires(unused_tcp_port: int) -> None:
     async with Place("tcp4").containers(1) as (container,):
         start = time.monotonic()
         with pytest.raises(ConnectionRefusedError):
-            await container.connect(f"tcp://127.0.0.1:{unused_tcp_port}/0", timeout=0.3)
-        assert 0.25 < time.monotonic() - start < WAIT
+            await container.connect(
+                f"tcp://127.0.0.1:{unused_tcp_port}/0", timeout=300 * TIME_UNIT
+            )
+        assert 250 * TIME_UNIT < time.monotonic() - start < WAIT
 
 
 # --- addresses of containers ---------------------------------------------------------
@@ -908,7 +911,7 @@ async def test_shutdown_with_calls_in_flight_both_ways() -> None:
         to_b = await one.connect(b.addr)
         calls = [to_a.slow_echo(i, 60) for i in range(20)]
         calls += [to_b.slow_echo(i, 60) for i in range(20)]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(100 * TIME_UNIT)
         channels = [
             c.channel for c in [*one._aiomas.incoming, *one._aiomas.outgoing.values()]
         ]
@@ -938,7 +941,7 @@ async def test_shutdown_while_connecting(unused_tcp_port: int) -> None:
     connecting = asyncio.ensure_future(
         container.connect(f"tcp://127.0.0.1:{unused_tcp_port}/0", timeout=None)
     )
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(100 * TIME_UNIT)
     await asyncio.wait_for(container.shutdown(as_coro=True), WAIT)
     # The caller was not cancelled: it learns that the container is gone.
     with pytest.raises(RuntimeError, match="shut down"):
@@ -974,7 +977,7 @@ async def test_external_clock_drives_agent_sleeps() -> None:
         assert container.clock is clock
         sleeper = await container.connect(Sleeper(container).addr)
         calls = [asyncio.ensure_future(sleeper.sleep(dt)) for dt in (3, 1, 2)]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(100 * TIME_UNIT)
         assert not any(c.done() for c in calls)
         clock.set_time(1.5)
         await asyncio.wait_for(calls[1], WAIT)

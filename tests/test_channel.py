@@ -18,6 +18,7 @@ import aiomas
 from aiomas import protocol, wire
 from aiomas.channel import Channel, ChannelProtocol, Request
 from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
+from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
 from .conftest import Endpoint, TLSFiles
 from .helpers import (
@@ -322,7 +323,7 @@ async def test_cancelled_request_drops_late_reply_quietly(
     async with serving(endpoint, handle_client) as addr:
         channel = await connect(endpoint, addr)
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(channel.send("slow"), 0.01)
+            await asyncio.wait_for(channel.send("slow"), 10 * TIME_UNIT)
         release.set()
         assert await channel.send("fast") == "fast"
         await channel.close()
@@ -436,8 +437,8 @@ async def test_connecting_to_nobody(endpoint: Endpoint) -> None:
     with pytest.raises(expected):
         await connect(endpoint, addr)
     with pytest.raises(expected):
-        await connect(endpoint, addr, timeout=0.2)
-    assert loop.time() - start >= 0.2
+        await connect(endpoint, addr, timeout=200 * TIME_UNIT)
+    assert loop.time() - start >= 200 * TIME_UNIT
 
 
 async def test_a_hanging_connect_attempt_is_bounded_by_the_timeout() -> None:
@@ -445,8 +446,8 @@ async def test_a_hanging_connect_attempt_is_bounded_by_the_timeout() -> None:
     with black_hole() as addr:
         start = loop.time()
         with pytest.raises(TimeoutError):
-            await aiomas.channel.open_connection(addr, timeout=0.3)
-        assert 0.3 <= loop.time() - start < 2
+            await aiomas.channel.open_connection(addr, timeout=300 * TIME_UNIT)
+        assert 300 * TIME_UNIT <= loop.time() - start < 300 * TIME_UNIT + 2
 
 
 async def test_the_deadline_cutting_the_last_attempt_reports_the_error_before(
@@ -466,7 +467,7 @@ async def test_the_deadline_cutting_the_last_attempt_reports_the_error_before(
     loop = asyncio.get_running_loop()
     monkeypatch.setattr(loop, "create_connection", refuse_then_hang)
     with pytest.raises(ConnectionRefusedError, match="nobody listens"):
-        await aiomas.channel.open_connection(("127.0.0.1", 1), timeout=0.2)
+        await aiomas.channel.open_connection(("127.0.0.1", 1), timeout=200 * TIME_UNIT)
     assert attempts == 2
 
 
@@ -536,7 +537,7 @@ async def test_dead_peer_timeout_must_be_positive(timeout: float) -> None:
 async def test_connect_retries_until_the_server_starts(tmp_path: Any) -> None:
     path = str(tmp_path / "late.sock")
     client = asyncio.ensure_future(aiomas.channel.open_connection(path, timeout=5))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(100 * TIME_UNIT)
     assert not client.done()
     server = await aiomas.channel.start_server(path, echo_forever)
     channel = await client
@@ -549,7 +550,7 @@ async def test_connect_retries_until_the_server_starts(tmp_path: Any) -> None:
 async def test_connect_with_timeout_none_retries_forever() -> None:
     lq = aiomas.get_queue("late-server")
     client = asyncio.ensure_future(aiomas.channel.open_connection(lq, timeout=None))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(300 * TIME_UNIT)
     assert not client.done()
     server = await aiomas.channel.start_server(lq, echo_forever)
     channel = await asyncio.wait_for(client, 5)
@@ -606,7 +607,7 @@ async def test_sync_client_connected_cb(endpoint: Endpoint) -> None:
         for _ in range(100):
             if channels:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * TIME_UNIT)
         server_side = channels[0]
         request = client.send("from client")
         req = await server_side.recv()
@@ -673,7 +674,7 @@ async def test_drain_waits_while_writing_is_paused() -> None:
     protocol = channel.protocol
     protocol.pause_writing()
     drained = asyncio.ensure_future(protocol.drain())
-    await asyncio.sleep(0.01)
+    await settle()
     assert not drained.done()
     protocol.resume_writing()
     await asyncio.wait_for(drained, 1)
@@ -704,7 +705,7 @@ async def test_replies_to_a_slow_reader_respect_flow_control() -> None:
             while True:
                 req = await channel.recv()
                 task = asyncio.ensure_future(req.reply(payload))
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(TIME_UNIT)
                 if not task.done():
                     assert transport.get_write_buffer_size() < 2**16 + 2**21
                     server_waits.set()
@@ -842,35 +843,10 @@ async def test_plain_client_cannot_talk_to_tls_server(tls: TLSFiles) -> None:
     await _close_server(server)
 
 
-class RecordingTransport(asyncio.Transport):
-    """Records what the protocol writes; reads nothing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: Any) -> None:
-        self.writes.append(bytes(data))
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("fake", 1) if name == "peername" else default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-
-def recording_protocol() -> tuple[ChannelProtocol, RecordingTransport, Channel]:
-    """A JSON channel protocol connected to a RecordingTransport."""
+def recording_protocol() -> tuple[ChannelProtocol, FakeTransport, Channel]:
+    """A JSON channel protocol connected to a FakeTransport."""
     protocol = ChannelProtocol(aiomas.JSON())
-    transport = RecordingTransport()
-    protocol.connection_made(transport)
+    transport = FakeTransport(protocol)
     assert protocol.channel is not None
     return protocol, transport, protocol.channel
 
@@ -895,7 +871,7 @@ async def test_replies_to_requests_that_arrived_together_are_written_at_once() -
     assert len(transport.writes) == 2
     held[1].reply_nowait("late")
     assert transport.writes[2:] == [frames([1, 52, "late"])]
-    protocol.connection_lost(None)
+    transport.lose_connection()
 
 
 async def test_a_protocol_error_in_a_batch_drops_its_held_replies() -> None:
@@ -905,7 +881,38 @@ async def test_a_protocol_error_in_a_batch_drops_its_held_replies() -> None:
         protocol.data_received(frames([0, 0, "a"], [7, 1, "bad type"], [0, 2, "c"]))
     assert transport.closed
     assert transport.writes == []
-    protocol.connection_lost(None)
+    transport.lose_connection()
+
+
+async def test_a_peer_that_does_not_read_its_replies_stops_our_reading() -> None:
+    """Flow control without sockets: the write buffer of a fake transport fills
+    up, so the protocol pauses reading; each time the peer reads, it goes on."""
+    protocol, transport, channel = recording_protocol()
+    channel.set_request_handler(lambda req: req.reply_nowait(req.content))
+    transport.set_write_buffer_limits(high=100, low=0)
+    data = frames(*([0, i, "x" * 40] for i in range(10)))
+
+    def in_chunks(data: bytes) -> list[bytes]:
+        return [data[i : i + 10] for i in range(0, len(data), 10)]
+
+    left = feed(protocol, transport, in_chunks(data))
+    assert protocol.writing_paused
+    assert transport.reading_paused
+    assert left  # not everything was read
+    rounds = 1
+    while left:
+        transport.consume()  # the peer reads its replies
+        assert not transport.reading_paused
+        await settle()
+        left = feed(protocol, transport, in_chunks(left))
+        rounds += 1
+    transport.consume()
+    await settle()
+    reader = wire.FrameReader()
+    replies = [aiomas.JSON().decode(p) for p in reader.feed(transport.written)]
+    assert replies == [[1, i, "x" * 40] for i in range(10)]
+    assert rounds > 2  # (the buffer filled up again and again)
+    transport.lose_connection()
 
 
 async def test_connections_are_logged_with_the_peer(

@@ -19,6 +19,7 @@ import pytest
 
 import aiomas
 from aiomas.exceptions import ProtocolError, ProtocolResetError
+from aiomas.testing import TIME_UNIT
 
 from .helpers import echo_forever
 
@@ -210,7 +211,7 @@ async def test_peer_closing_mid_frame_is_logged(
         for _ in range(100):
             if warnings_about(caplog, port):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * TIME_UNIT)
     messages = warnings_about(caplog, port)
     assert len(messages) == 1
     assert "in the middle of a frame (7 bytes of it received)" in messages[0]

@@ -8,11 +8,7 @@ import arrow
 import pytest
 
 from aiomas.clocks import AsyncioClock, BaseClock, ExternalClock, TimerHandle
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
+from aiomas.testing import TIME_UNIT, settle
 
 
 def test_base_clock_is_an_interface() -> None:
@@ -31,17 +27,18 @@ async def test_asyncio_clock_follows_the_loop() -> None:
     assert clock.utcnow().tzinfo is not None
 
     start = loop.time()
-    assert await clock.sleep(0.02, result="done") == "done"
-    assert loop.time() - start >= 0.015
-    assert await clock.sleep_until(clock.time() + 0.01, result=1) == 1
-    assert await clock.sleep_until(clock.utcnow().shift(seconds=0.01)) is None
+    assert await clock.sleep(20 * TIME_UNIT, result="done") == "done"
+    assert loop.time() - start >= 15 * TIME_UNIT
+    step = 10 * TIME_UNIT
+    assert await clock.sleep_until(clock.time() + step, result=1) == 1
+    assert await clock.sleep_until(clock.utcnow().shift(seconds=step)) is None
 
     calls: list[str] = []
-    clock.call_in(0.01, calls.append, "in")
-    clock.call_at(clock.time() + 0.01, calls.append, "at")
-    clock.call_at(clock.utcnow().shift(seconds=0.01), calls.append, "date")
-    clock.call_in(0.01, calls.append, "cancelled").cancel()
-    await asyncio.sleep(0.05)
+    clock.call_in(step, calls.append, "in")
+    clock.call_at(clock.time() + step, calls.append, "at")
+    clock.call_at(clock.utcnow().shift(seconds=step), calls.append, "date")
+    clock.call_in(step, calls.append, "cancelled").cancel()
+    await asyncio.sleep(5 * step)
     assert sorted(calls) == ["at", "date", "in"]
 
 
@@ -178,8 +175,7 @@ async def test_the_start_date_waits_for_set_time_0_with_init_time_minus_1() -> N
     slept = clock.sleep_until(start, "slept")
     called: list[float] = []
     clock.call_at(start, lambda: called.append(clock.time()))
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await settle()
     assert not slept.done()
     assert not called
     clock.set_time(0)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import aiomas
+from aiomas.testing import TIME_UNIT
 
 from .conftest import TLSFiles
 
@@ -141,7 +142,7 @@ async def test_a_caller_with_a_timeout_is_not_held_by_a_joined_attempt() -> None
             host, port = pit.addr
             url = f"tcp://{host}:{port}/0"
             patient = asyncio.ensure_future(container.connect(url, timeout=None))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(50 * TIME_UNIT)
             elapsed = timed()
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(container.connect(url, timeout=0.5), 5)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from aiomas.testing import TIME_UNIT
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
@@ -123,7 +125,7 @@ def test_contract_net_demo_interrupted(to_group: bool) -> None:
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in pids):
             assert time.monotonic() < deadline, f"left behind: {pids}"
-            time.sleep(0.05)
+            time.sleep(50 * TIME_UNIT)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(demo.pid, signal.SIGKILL)  # Whatever is left of it.

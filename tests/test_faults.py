@@ -27,6 +27,7 @@ import pytest
 
 import aiomas
 from aiomas.agent import split_host_port
+from aiomas.testing import TIME_UNIT
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE
 
 from .helpers import echo_forever, open_files_limit
@@ -213,14 +214,14 @@ async def test_truncated_header_then_close(
         port = writer.get_extra_info("sockname")[1]
         writer.write(b"\x00\x00")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * TIME_UNIT)
         writer.close()
         await writer.wait_closed()
         await server.still_serving()
         for _ in range(100):
             if warnings_about(caplog, port):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * TIME_UNIT)
     assert "in the middle of a frame" in warnings_about(caplog, port)[0]
 
 
@@ -236,7 +237,7 @@ async def test_a_slow_sender_does_not_slow_down_others(kind: str) -> None:
         for i, byte in enumerate(data):
             writer.write(bytes([byte]))
             await writer.drain()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(5 * TIME_UNIT)
             if i % 10 == 0:
                 assert await server.still_serving() < 1.0
         assert await asyncio.wait_for(read_frame(reader), 5) == [1, 1, "slowly"]
@@ -266,7 +267,7 @@ async def _idle_connections(kind: str) -> None:
             try:
                 for _ in range(1000):
                     idle.append(await asyncio.open_connection(*server.addr))
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(100 * TIME_UNIT)
                 latency = await server.still_serving()
                 used = tracemalloc.get_traced_memory()[0]
             finally:
@@ -344,7 +345,7 @@ async def test_a_peer_that_does_not_read_its_replies_is_not_buffered_for() -> No
         for i in range(count):
             writer.write(fetch_frame(i))
         await writer.drain()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(500 * TIME_UNIT)
         (client,) = served.clients
         transport = client.channel.transport
         assert transport.get_write_buffer_size() < 2**20  # type: ignore[attr-defined]
@@ -399,7 +400,7 @@ async def test_a_flood_from_a_peer_we_wait_for_is_refused_beyond_a_limit(
             if i % 100 == 0:
                 await writer.drain()
         await writer.drain()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(500 * TIME_UNIT)
         (client,) = served.clients
         assert client.channel.protocol.core.held_requests <= 1024
         transport = client.channel.transport
@@ -431,7 +432,7 @@ async def test_malformed_requests_from_a_peer_that_does_not_read_are_bounded(
         for i in range(300):
             writer.write(fetch_frame(i))
         await writer.drain()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * TIME_UNIT)
         (client,) = served.clients
         assert client.channel.protocol.writing_paused
         # ... then send requests without content (each gets a failure reply).
@@ -440,12 +441,12 @@ async def test_malformed_requests_from_a_peer_that_does_not_read_are_bounded(
             for _ in range(40):
                 writer.write(malformed * 500)
                 await asyncio.wait_for(writer.drain(), 5)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * TIME_UNIT)
         transport = client.channel.transport
         if waiting_for_the_peer:
             deadline = time.monotonic() + 5
             while not transport.is_closing() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(50 * TIME_UNIT)
             assert transport.is_closing()
             assert any(
                 "does not read the replies" in r.getMessage()
@@ -495,7 +496,7 @@ async def test_a_server_closed_mid_call_finishes_its_calls_and_ends_bounded() ->
     try:
         waiting = [asyncio.ensure_future(client.remote.wait(i)) for i in range(50)]
         hanging = [asyncio.ensure_future(client.remote.hang()) for _ in range(50)]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(100 * TIME_UNIT)
         server.close()
         with pytest.raises(OSError):
             await aiomas.rpc.open_connection(addr)
@@ -664,7 +665,7 @@ async def test_ten_thousand_cancelled_calls_leave_nothing_behind() -> None:
 
     @aiomas.expose
     async def slow(i: int) -> int:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
         return i
 
     server = await aiomas.rpc.start_server(
@@ -678,14 +679,14 @@ async def test_ten_thousand_cancelled_calls_leave_nothing_behind() -> None:
         before = tracemalloc.get_traced_memory()[0]
         for batch in range(10):
             calls = [client.remote.slow(batch * 1000 + i) for i in range(1000)]
-            _done, pending = await asyncio.wait(calls, timeout=0.001)
+            _done, pending = await asyncio.wait(calls, timeout=TIME_UNIT)
             for call in pending:
                 call.cancel()
         # Wait until every late reply has arrived and been dropped.
         for _ in range(500):
             if client.channel.waiting_for_replies == 0:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * TIME_UNIT)
         assert client.channel.waiting_for_replies == 0
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import aiomas
+from aiomas.testing import TIME_UNIT
 
 from .conftest import TLSFiles
 from .helpers import aiomas_records
@@ -248,7 +249,7 @@ async def test_an_rpc_client_connected_cb_that_raises_anything_is_only_logged(
     addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
     try:
         client = await aiomas.rpc.open_connection(addr)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * TIME_UNIT)
         assert await asyncio.wait_for(client.remote.echo(1), 5) == 1
         await client.close()
     finally:
@@ -345,11 +346,11 @@ async def test_a_real_signal_still_stops_a_busy_server(
         try:
             pending = getattr(client.remote, call)()
             assert await asyncio.wait_for(proc.stdout.readline(), 5) == b"spinning\n"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(100 * TIME_UNIT)
             start = time.monotonic()
             for _ in range(times):
                 proc.send_signal(signum)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(50 * TIME_UNIT)
             returncode = await asyncio.wait_for(proc.wait(), 5)
             assert time.monotonic() - start < 2
             with pytest.raises(ConnectionResetError):

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from aiomas.testing import TIME_UNIT
+
 LOAD = Path(__file__).resolve().parent.parent / "benchmarks" / "load.py"
 MIB = 2**20
 KIB = 2**10
@@ -142,7 +144,7 @@ def _group_alive(group: int) -> bool:
         if time.monotonic() > deadline:
             _kill_group(group)
             return True
-        time.sleep(0.05)
+        time.sleep(50 * TIME_UNIT)
 
 
 def exactly_once(count: int) -> dict[str, int]:

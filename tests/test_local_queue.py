@@ -1,8 +1,8 @@
 """Tests for the LocalQueue transport (aiomas.local_queue).
 
 LocalQueue hands data over in ``loop.call_soon()`` callbacks only, so a few
-``asyncio.sleep(0)`` rounds (:func:`settle`) run everything that is due: no test
-needs real time.
+``asyncio.sleep(0)`` rounds (:func:`aiomas.testing.settle`) run everything that is
+due: no test needs real time.
 """
 
 from __future__ import annotations
@@ -27,14 +27,9 @@ from aiomas.local_queue import (
     create_server,
     get_queue,
 )
+from aiomas.testing import settle
 
 Event = tuple[Any, ...]
-
-
-async def settle(rounds: int = 20) -> None:
-    """Let the loop run all callbacks that LocalQueue scheduled (and theirs)."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 class Recorder(asyncio.Protocol):

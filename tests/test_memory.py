@@ -34,6 +34,7 @@ import pytest
 import aiomas
 from aiomas.agent import split_host_port
 from aiomas.channel import ChannelProtocol
+from aiomas.testing import TIME_UNIT
 
 from .conftest import TLSFiles
 
@@ -155,7 +156,7 @@ async def flood(count: int, connect: Callable[[int], Awaitable[None]], pid: int)
     try:
         while not all(task.done() for task in tasks):
             peak = max(peak, rss_of(pid))
-            await asyncio.wait(tasks, timeout=0.02)
+            await asyncio.wait(tasks, timeout=20 * TIME_UNIT)
         await asyncio.gather(*tasks)
     finally:
         for task in tasks:
@@ -256,7 +257,7 @@ async def server_side_of(sockname: Any) -> list[Any]:
                 if isinstance(obj, aiomas.rpc.RpcClient) and obj.channel is channel
             ]
             return [client, channel, protocol]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
     raise AssertionError(f"No server side for {sockname}")
 
 
@@ -317,7 +318,7 @@ async def test_a_closed_connection_is_freed_without_the_garbage_collector(
         for _ in range(100):
             if all(ref() is None for ref in refs):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * TIME_UNIT)
         assert [ref() for ref in refs] == [None, None]
     finally:
         gc.enable()

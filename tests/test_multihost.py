@@ -53,6 +53,7 @@ import trustme
 
 import aiomas
 from aiomas.agent import split_host_port
+from aiomas.testing import TIME_UNIT
 
 from .conftest import TLSFiles, _tls_files
 from .multihost_agents import Outcome
@@ -547,7 +548,7 @@ async def _wait_until_sent_data_is_acknowledged(*hosts: Host) -> None:
         if not in_flight:
             return
         assert time.monotonic() < deadline, f"Data stays unacknowledged: {in_flight}"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from aiomas.protocol import (
     RequestRejected,
     ResultReceived,
 )
+from aiomas.testing import connection_pair, receive, sent_messages, transfer
 
 
 def frame(payload: bytes) -> bytes:
@@ -36,32 +37,6 @@ def frame(payload: bytes) -> bytes:
 
 def jframe(message: Any) -> bytes:
     return frame(json.dumps(message).encode())
-
-
-def sent(conn: Connection) -> list[Any]:
-    """Decode what *conn* wants to send into messages."""
-    data = b"".join(bytes(chunk) for chunk in conn.data_to_send())
-    messages = []
-    while data:
-        (size,) = struct.unpack(">L", data[:4])
-        messages.append(json.loads(data[4 : 4 + size]))
-        data = data[4 + size :]
-    return messages
-
-
-def connection_pair(
-    codec: type[aiomas.codecs.Codec] = JSON,
-) -> tuple[Connection, Connection]:
-    """Two cores, joined by :func:`transfer`."""
-    return Connection(codec()), Connection(codec())
-
-
-def transfer(source: Connection, target: Connection) -> list[Event]:
-    """Move what *source* has to send into *target*; return target's events."""
-    events: list[Event] = []
-    for chunk in source.data_to_send():
-        events.extend(list(target.receive_data(chunk)))
-    return events
 
 
 def test_the_core_imports_nothing_of_asyncio_or_sockets() -> None:
@@ -158,7 +133,7 @@ def test_a_malformed_request_with_an_id_is_answered() -> None:
         "got a list of 2 elements\n",
     )
     assert events[1] == RequestReceived(4, "fine")
-    assert sent(server) == [[2, 3, events[0].text]]  # type: ignore[union-attr]
+    assert sent_messages(server) == [[2, 3, events[0].text]]  # type: ignore[union-attr]
 
 
 @serializable
@@ -178,7 +153,7 @@ def test_undecodable_content_fails_only_that_message() -> None:
         "SerializationError: Cannot decode the content of message 1: "
     )
     assert events[1] == RequestReceived(2, "ok")
-    assert [m[:2] for m in sent(server)] == [[2, 1]]
+    assert [m[:2] for m in sent_messages(server)] == [[2, 1]]
 
     client = Connection(JSON())
     client.send_request(None)
@@ -200,7 +175,7 @@ def test_undecodable_replies_for_unknown_ids_are_violations() -> None:
 
 
 def test_custom_types_travel() -> None:
-    client, server = Connection(MsgPack()), Connection(MsgPack())
+    client, server = connection_pair(MsgPack)
     for conn in (client, server):
         conn.codec.add_serializer(*Point.__serializer__())  # type: ignore[attr-defined]
     client.send_request(Point(1, 2))
@@ -214,7 +189,7 @@ def test_an_unencodable_result_still_answers_the_request() -> None:
     list(server.receive_data(jframe([0, 0, None])))
     with pytest.raises(SerializationError):
         server.send_result(0, object())
-    ((msg_type, msg_id, text),) = sent(server)
+    ((msg_type, msg_id, text),) = sent_messages(server)
     assert (msg_type, msg_id) == (2, 0)
     assert "SerializationError" in text
 
@@ -305,7 +280,7 @@ def test_too_many_held_requests_are_refused_once_reported() -> None:
     assert isinstance(events[0], RequestRejected)
     assert events[0].reason == "refused"
     assert events[0].message_id == protocol.MAX_HELD_REQUESTS
-    refused = sent(server)
+    refused = sent_messages(server)
     assert [m[1] for m in refused] == [protocol.MAX_HELD_REQUESTS + i for i in range(3)]
     assert all("overloaded: 1024 requests wait" in m[2] for m in refused)
     server.resume_writing()
@@ -422,19 +397,8 @@ def test_any_chunking_gives_the_same_events(
         conn.data_to_send()
         if paused:
             conn.pause_writing()
-        events: list[Event] = []
-        for chunk in chunks:
-            if zero_copy:
-                view = memoryview(chunk)
-                while view:
-                    buffer = conn.get_buffer()
-                    n = min(len(buffer), len(view))
-                    buffer[:n] = view[:n]
-                    events.extend(list(conn.buffer_updated(n)))
-                    view = view[n:]
-            else:
-                events.extend(list(conn.receive_data(chunk)))
-        return normalized(events), sent(conn)
+        events = receive(conn, chunks, zero_copy=zero_copy)
+        return normalized(events), sent_messages(conn)
 
     whole = run([stream], zero_copy=False)
     points = sorted({min(cut, len(stream)) for cut in cuts})

@@ -14,6 +14,7 @@ import pytest
 import aiomas
 from aiomas.exceptions import RemoteException, SerializationError
 from aiomas.rpc import Proxy, Router, RpcClient, Service, ServiceDict, expose
+from aiomas.testing import TIME_UNIT
 
 from .conftest import Endpoint
 from .helpers import aiomas_records
@@ -722,7 +723,7 @@ async def test_calls_running_for_a_lost_connection_are_cancelled(
         client = await rpc_connect(endpoint, addr)
         calls = [client.remote.hang(i) for i in range(10)]
         await started.wait()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * TIME_UNIT)
         await client.close()
         for call in calls:
             with pytest.raises(ConnectionResetError):
@@ -730,7 +731,7 @@ async def test_calls_running_for_a_lost_connection_are_cancelled(
         for _ in range(100):
             if len(cancelled) == 10:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(10 * TIME_UNIT)
         assert sorted(cancelled) == list(range(10))
 
 

@@ -25,6 +25,7 @@ from aiomas.subproc.__main__ import (
     main,
     make_parser,
 )
+from aiomas.testing import TIME_UNIT
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE
 
 WAIT: float = 10.0
@@ -120,7 +121,7 @@ async def test_set_time_drives_the_external_clock(managed: Any) -> None:
     container, _, proxy = managed
     worker, _ = await proxy.spawn(f"{__name__}:Worker", "w")
     naps = [asyncio.ensure_future(worker.nap(dt)) for dt in (2, 1)]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(50 * TIME_UNIT)
     await proxy.set_time(1)
     assert await asyncio.wait_for(naps[1], WAIT) == 1
     assert not naps[0].done()
@@ -165,7 +166,7 @@ async def test_serve_reports_the_manager_and_shuts_down_when_cancelled() -> None
     for _ in range(100):
         if ready:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
     (manager,) = ready
     assert manager.addr.endswith("/0")
     task.cancel()
@@ -274,7 +275,7 @@ async def test_subprocess_containers_driven_by_a_master() -> None:
         by_addr = await master.connect(spawned[1][1])
         assert await by_addr.work(1) == "w1: 1"
         naps = [asyncio.ensure_future(w.nap(10)) for w in workers]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(100 * TIME_UNIT)
         assert not any(n.done() for n in naps)
         await asyncio.gather(*(m.set_time(10) for m in managers))
         assert await asyncio.wait_for(asyncio.gather(*naps), WAIT) == [10, 10]
@@ -311,7 +312,7 @@ async def test_a_subprocess_start_date_is_reached_at_set_time_0() -> None:
         sleeper, _ = await manager.spawn(f"{__name__}:DateSleeper")
         assert await sleeper.now() == "2019-12-31T23:59:59+00:00"
         woken = asyncio.ensure_future(sleeper.sleep_until("2020-01-01T00:00:00"))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * TIME_UNIT)
         assert not woken.done()
         await manager.set_time(0)
         assert await asyncio.wait_for(woken, WAIT) == "0 2020-01-01T00:00:00+00:00"
@@ -385,7 +386,7 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
         resets: list[BaseException] = []
         client.on_connection_reset(resets.append)
         calls = [asyncio.ensure_future(worker.hang()) for _ in range(100)]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(100 * TIME_UNIT)
         start_time = time.monotonic()
         await process.kill()
         results = await asyncio.wait_for(
@@ -393,7 +394,9 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
         )
         assert time.monotonic() - start_time < 1
         assert all(isinstance(r, ConnectionResetError) for r in results)
-        await asyncio.sleep(0.05)  # the reset callback runs in the service task
+        await asyncio.sleep(
+            50 * TIME_UNIT
+        )  # the reset callback runs in the service task
         assert len(resets) == 1
         assert client.channel.protocol.is_closed()
         assert master._aiomas.outgoing == {}

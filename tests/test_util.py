@@ -30,6 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiomas import exceptions, util
+from aiomas.testing import settle
 
 from .conftest import peek_thread_loop
 from .helpers import close_loop
@@ -306,17 +307,11 @@ async def _wait_on_private_future() -> None:
     await asyncio.get_running_loop().create_future()
 
 
-async def _settle() -> None:
-    """Let callbacks that are already scheduled run."""
-    for _ in range(3):
-        await asyncio.sleep(0)
-
-
 async def test_create_task_returns_task_with_result(reports: Reports) -> None:
     task = util.create_task(_answer())
     assert isinstance(task, asyncio.Task)
     assert await task == 42
-    await _settle()
+    await settle()
     assert reports.contexts == []
 
 
@@ -336,7 +331,7 @@ async def test_create_task_keeps_task_alive() -> None:
 async def test_create_task_lets_go_of_finished_task() -> None:
     task = util.create_task(_answer())
     await task
-    await _settle()
+    await settle()
     ref = weakref.ref(task)
     del task
     gc.collect()
@@ -370,7 +365,7 @@ async def test_create_task_reports_only_once(reports: Reports) -> None:
     util.create_task(_fail())
     await reports.first()
     gc.collect()
-    await _settle()
+    await settle()
     assert len(reports.contexts) == 1
 
 
@@ -379,7 +374,7 @@ async def test_create_task_cancel_is_silent(reports: Reports) -> None:
     await asyncio.sleep(0)
     task.cancel()
     await asyncio.wait([task])
-    await _settle()
+    await settle()
     assert task.cancelled()
     assert reports.contexts == []
 
@@ -400,7 +395,7 @@ async def test_create_task_passes_futures_through(reports: Reports) -> None:
     ok = loop.create_future()
     assert util.create_task(ok) is ok
     ok.set_result(1)
-    await _settle()
+    await settle()
     assert reports.contexts == []
 
     failed = loop.create_future()

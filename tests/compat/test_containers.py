@@ -15,6 +15,7 @@ import pytest
 
 import aiomas
 from aiomas.subproc import ContainerProcess, Manager
+from aiomas.testing import TIME_UNIT
 
 WAIT = 10.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -299,7 +300,7 @@ def wait_for_exit_without_the_loop(pid: int) -> None:
                     return
         except (ProcessLookupError, FileNotFoundError):
             return
-        time.sleep(0.01)
+        time.sleep(10 * TIME_UNIT)
     raise TimeoutError(f"process {pid} did not exit")
 
 

@@ -20,6 +20,7 @@ import pytest
 import aiomas
 from aiomas import local_queue
 from aiomas.rpc import ServiceDict, expose
+from aiomas.testing import TIME_UNIT
 
 from ..conftest import Endpoint, TLSFiles
 from ..helpers import echo_forever
@@ -129,7 +130,7 @@ async def test_closing_fails_calls_in_flight(endpoint: Endpoint) -> None:
     async with endpoint.serve(aiomas.channel.start_server, never_answer) as addr:
         channel = await aiomas.channel.open_connection(addr, **endpoint.client_kwargs)
         calls = [channel.send(i) for i in range(5)]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * TIME_UNIT)
         await channel.close()
         for call in calls:
             with pytest.raises(ConnectionResetError):
