@@ -62,7 +62,7 @@ def _marked(obj: Any) -> bool:
 
 def _has_invalid_component(path: str) -> bool:
     """Whether a component of *path* is empty, ``..`` or starts with ``_`` (the
-    checks of _check_component() for all components at once, in C)."""
+    checks of _is_invalid_component() for all components at once, in C)."""
     return (
         not path
         or path[0] in "/_"
@@ -79,11 +79,14 @@ def short_repr(value: Any) -> str:
     return abbreviate(value, 200)
 
 
-def _check_component(name: str, path: str) -> None:
-    if not name or name.startswith("_") or name == "..":
-        raise LookupError(
-            f"Invalid component {short_repr(name)} in RPC path {short_repr(path)}"
-        )
+def _is_invalid_component(name: str) -> bool:
+    return not name or name.startswith("_") or name == ".."
+
+
+def _invalid_component_error(name: str, path: str) -> LookupError:
+    return LookupError(
+        f"Invalid component {short_repr(name)} in RPC path {short_repr(path)}"
+    )
 
 
 class Router:
@@ -168,7 +171,8 @@ class Router:
 
     def set_sub_router(self, router: Router, name: str) -> None:
         """Make *router* the sub-router *name* of this router."""
-        _check_component(name, name)
+        if _is_invalid_component(name):
+            raise _invalid_component_error(name, name)
         if "/" in name:
             raise ValueError(f"A sub-router name must not contain '/': {name!r}")
         router.parent = self
@@ -192,9 +196,9 @@ class Router:
             raise LookupError(f"An RPC path must be a string, not {short_repr(path)}")
         components = path.split("/")
         if _has_invalid_component(path):
-            # Find the culprit for the error message.
-            for component in components:
-                _check_component(component, path)
+            # The first culprit goes into the error message.
+            culprit = next(filter(_is_invalid_component, components))
+            raise _invalid_component_error(culprit, path)
         name = components.pop()
         router = self
         for component in components:
