@@ -1,326 +1,28 @@
-"""Tests for aiomas.rpc: routers, services, proxies and calls over real transports."""
+"""Tests for aiomas.rpc: proxies, RPC clients and calls over real transports
+(the routing itself is tested in test_routing.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import json
 import logging
 import random
+import signal
 from typing import Any
 
 import pytest
 
 import aiomas
 from aiomas.exceptions import RemoteException, SerializationError
-from aiomas.rpc import Proxy, Router, RpcClient, Service, ServiceDict, expose
+from aiomas.rpc import Proxy, RpcClient, Service, ServiceDict, expose
 from aiomas.testing import TIME_UNIT
 
 from .conftest import Endpoint
 from .helpers import aiomas_records
+from .test_routing import Calculator, add
 
-# Routers and services, without a network.
-
-
-@expose
-def add(a: int, b: int) -> int:
-    return a + b
-
-
-def not_exposed() -> str:
-    return "secret"
-
-
-class Calculator:
-    router = Service(["inner"])
-
-    def __init__(self) -> None:
-        self.inner = ServiceDict({"add": add})
-        self.touched = False
-
-    @expose
-    def mul(self, a: int, b: int) -> int:
-        return a * b
-
-    @expose
-    async def slow_mul(self, a: int, b: int) -> int:
-        await asyncio.sleep(0)
-        return a * b
-
-    @expose
-    @staticmethod
-    def neg(a: int) -> int:
-        return -a
-
-    def hidden(self) -> str:
-        return "secret"
-
-    @property
-    def dangerous(self) -> str:
-        self.touched = True
-        return "should never run"
-
-    @expose
-    def _private(self) -> str:
-        return "secret"
-
-
-def test_expose_only_marks_the_function() -> None:
-    def func() -> None:
-        pass
-
-    assert expose(func) is func
-    assert func.__rpc__ is True  # type: ignore[attr-defined]
-    assert Service.expose is expose
-    assert Router.expose is expose
-
-
-def test_service_descriptor_gives_each_instance_its_own_router() -> None:
-    assert isinstance(Calculator.router, Service)
-    a, b = Calculator(), Calculator()
-    assert isinstance(a.router, Router)
-    assert a.router is a.router
-    assert a.router is not b.router
-    assert a.router.obj is a
-    assert (a.router.name, a.router.parent, a.router.path) == ("", None, "")
-    with pytest.raises(AttributeError):
-        a.router = Router(a)  # type: ignore[misc]
-
-
-def test_resolve_functions_and_sub_services() -> None:
-    calc = Calculator()
-    assert calc.router.resolve("mul")(3, 4) == 12
-    assert calc.router.resolve("neg")(3) == -3
-    assert calc.router.resolve("inner/add")(3, 4) == 7
-    inner = calc.inner.router
-    assert (inner.name, inner.parent, inner.path) == ("inner", calc.router, "inner")
-    assert inner.root is calc.router
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        "hidden",
-        "dangerous",
-        "_private",
-        "__class__",
-        "__init__",
-        "__dict__",
-        "mul/__globals__",
-        "router",
-        "obj",
-        "inner/router",
-        "inner/obj",
-        "inner/dict",
-        "inner/not_exposed",
-        "nothing",
-        "nothing/add",
-        "",
-        "/mul",
-        "mul/",
-        "inner//add",
-        "../mul",
-        "inner/../mul",
-        "inner/add/__call__",
-        "x" * 10_000,
-    ],
-)
-def test_unreachable_paths_raise_lookup_error_without_touching_the_object(
-    path: str,
-) -> None:
-    calc = Calculator()
-    calc.inner.dict["not_exposed"] = not_exposed
-    with pytest.raises(LookupError):
-        calc.router.resolve(path)
-    assert not calc.touched
-
-
-def test_instance_attributes_and_exposure() -> None:
-    """An instance attribute hides an exposed method of the class (and is not
-    exposed itself); an exposed function stored on the instance is reachable."""
-
-    class Service_:
-        router = Service()
-
-        @expose
-        def hidden(self) -> int:
-            return 1
-
-        @expose
-        @staticmethod
-        def static() -> int:
-            return 2
-
-        @classmethod
-        @expose
-        def klass(cls) -> int:
-            return 3
-
-        handler = None  # a class attribute that is not exposed ...
-
-    service = Service_()
-    service.handler = expose(lambda: 6)  # type: ignore[assignment]  # ... hidden
-    assert service.router.resolve("handler")() == 6
-    service.hidden = lambda: 4  # type: ignore[method-assign]
-    service.own = expose(lambda: 5)  # type: ignore[attr-defined]
-    with pytest.raises(LookupError):
-        service.router.resolve("hidden")
-    assert service.router.resolve("static")() == 2
-    assert service.router.resolve("klass")() == 3
-    assert service.router.resolve("own")() == 5
-    assert Service_().router.resolve("hidden")() == 1
-
-
-def test_resolving_never_runs_code_of_unexposed_values() -> None:
-    """Found by fuzzing: looking for the expose marker on an attribute value
-    (or on one that hides an exposed method) ran that value's __getattr__."""
-    looked_up: list[str] = []
-
-    class Lazy:
-        def __getattr__(self, name: str) -> Any:
-            looked_up.append(name)
-            raise AttributeError(name)
-
-    class Holder:
-        router = Service()
-
-        def __init__(self) -> None:
-            self.lazy_object = Lazy()
-            self.shadowed = Lazy()
-
-        @expose
-        def shadowed(self) -> None:  # type: ignore[no-redef]
-            pass
-
-    holder = Holder()
-    for path in ("lazy_object", "shadowed"):
-        with pytest.raises(LookupError):
-            holder.router.resolve(path)
-    assert looked_up == []
-
-
-def test_exposed_bound_methods_and_partials_in_a_service_dict() -> None:
-    class Counter:
-        @expose
-        def add(self, a: int, b: int) -> int:
-            return a + b
-
-        def hidden(self) -> None:
-            pass
-
-    counter = Counter()
-    service = ServiceDict(
-        {
-            "add": counter.add,
-            "hidden": counter.hidden,
-            "twice": expose(functools.partial(counter.add, 2)),
-        }
-    )
-    assert service.router.resolve("add")(1, 2) == 3
-    assert service.router.resolve("twice")(5) == 7
-    with pytest.raises(LookupError):
-        service.router.resolve("hidden")
-
-
-def test_services_put_into_a_service_dict_later_are_reachable() -> None:
-    class Leaf:
-        router = Service()
-
-        @expose
-        def ping(self) -> str:
-            return "pong"
-
-        @property
-        def trap(self) -> None:
-            raise AssertionError("no code of the value runs")
-
-    class Plain:
-        router = "not a router"
-
-    service = ServiceDict()
-    leaf, inner = Leaf(), ServiceDict({"add": expose(lambda a, b: a + b)})
-    service.dict.update({"leaf": leaf, "inner": inner, "plain": Plain()})
-    leaf.router.parent, leaf.router.name = service.router, "leaf"
-    assert service.router.resolve("leaf/ping")() == "pong"
-    assert service.router.resolve("inner/add")(1, 2) == 3
-    assert leaf.router.path == "leaf"
-    for path in ("plain/x", "nothing/ping", "leaf/trap"):
-        with pytest.raises(LookupError):
-            service.router.resolve(path)
-    children = list(service.router.children())
-    assert leaf.router in children
-    assert inner.router in children
-
-
-def test_a_class_can_be_the_service() -> None:
-    class Klass:
-        router = Service()
-
-        @expose
-        @staticmethod
-        def static() -> int:
-            return 1
-
-        @classmethod
-        @expose
-        def klass(cls) -> str:
-            return cls.__name__
-
-        @staticmethod
-        def hidden() -> None:
-            pass
-
-    router = Router(Klass)
-    assert router.resolve("static")() == 1
-    assert router.resolve("klass")() == "Klass"
-    with pytest.raises(LookupError):
-        router.resolve("hidden")
-
-
-def test_a_half_built_service_elsewhere_does_not_stop_sending_another() -> None:
-    """Before refusing to send a service, the proxy serializer attaches late
-    sub-services in the whole tree; one that is not a service (yet) is skipped."""
-
-    class Helper:
-        router = Service()
-
-    class Half:
-        router = Service(["sub"])
-
-        def __init__(self) -> None:
-            self.router  # noqa: B018 (made before "sub" is filled in)
-            self.sub = None
-
-    class Root:
-        router = Service(["half", "helper"])
-
-        def __init__(self) -> None:
-            self.router  # noqa: B018 (made before the sub-services exist)
-            self.half = Half()
-            self.helper = Helper()
-
-    root = Root()
-    root.router.attach_declared()
-    assert root.helper.router.path == "helper"
-    assert root.half.router.path == "half"
-
-
-def test_resolve_refuses_non_string_paths() -> None:
-    with pytest.raises(LookupError):
-        Calculator().router.resolve(["mul"])  # type: ignore[arg-type]
-
-
-def test_declared_sub_services_may_be_set_after_the_router_exists() -> None:
-    class Late:
-        router = Service(["child"])
-
-        def __init__(self) -> None:
-            assert self.router.path == ""  # router made before the child exists
-            self.child = ServiceDict({"add": add})
-
-    late = Late()
-    assert late.router.resolve("child/add")(1, 2) == 3
-    assert late.child.router.path == "child"
+# Services sent over a connection.
 
 
 async def test_a_declared_sub_service_can_be_sent_before_any_call_reached_it() -> None:
@@ -355,46 +57,6 @@ async def test_a_declared_sub_service_can_be_sent_before_any_call_reached_it() -
         await client.close()
         server.close()
         await server.wait_closed()
-
-
-def test_router_add_and_set_sub_router() -> None:
-    class Root:
-        router = Service()
-
-        def __init__(self) -> None:
-            self.a = ServiceDict({"add": add})
-            self.router.add("a")
-            self.b = Calculator()
-            self.router.set_sub_router(self.b.router, "bee")
-
-    root = Root()
-    assert root.router.resolve("a/add")(1, 1) == 2
-    assert root.router.resolve("bee/mul")(2, 3) == 6
-    assert root.router.resolve("bee/inner/add")(2, 3) == 5
-    assert root.b.inner.router.path == "bee/inner"
-    with pytest.raises(ValueError, match="no RPC service"):
-        root.router.add("router")
-    with pytest.raises(ValueError, match="'/'"):
-        root.router.set_sub_router(Calculator().router, "x/y")
-    with pytest.raises(LookupError):
-        root.router.set_sub_router(Calculator().router, "_x")
-
-
-def test_service_dict() -> None:
-    sd = ServiceDict({"add": add, "sub": ServiceDict({"add": add})})
-    assert sd.dict["add"] is add
-    assert sd.router.resolve("sub/add")(1, 2) == 3
-    assert ServiceDict().dict == {}
-    assert "ServiceDict" in repr(sd)
-
-
-def test_slotted_service_without_room_for_a_router() -> None:
-    class Slotted:
-        __slots__ = ()
-        router = Service()
-
-    with pytest.raises(TypeError, match="slot"):
-        Slotted().router  # noqa: B018
 
 
 # Calls over real connections.
@@ -603,6 +265,28 @@ async def test_calls_to_a_side_without_service_fail_cleanly() -> None:
     await server.wait_closed()
 
 
+async def test_rpc_service_process_serves_a_channel_without_a_handler() -> None:
+    """rpc_service_process() installs the handler for *router* on a channel
+    that has none yet (one never given to an RpcClient, here that of a plain
+    channel server); *rpc_client* keeps the calls it runs."""
+    lq = aiomas.get_queue("service-process")
+    channels: list[aiomas.channel.Channel] = []
+    server = await aiomas.channel.start_server(lq, channels.append)
+    client = await aiomas.rpc.open_connection(lq)
+    await asyncio.sleep(0)
+    (served,) = channels
+    assert served.request_handler is None
+    serving = asyncio.ensure_future(
+        aiomas.rpc.rpc_service_process(client, Calculator().router, served)
+    )
+    assert await asyncio.wait_for(client.remote.slow_mul(6, 7), 5) == 42
+    await client.close()
+    with pytest.raises(ConnectionResetError):
+        await serving
+    server.close()
+    await server.wait_closed()
+
+
 async def test_start_server_refuses_non_services() -> None:
     with pytest.raises(ValueError, match="no RPC service"):
         await aiomas.rpc.start_server(aiomas.get_queue("x"), object())
@@ -623,10 +307,48 @@ async def test_proxies() -> None:
     assert remote.inner != remote.mul
     assert {remote.mul: 1}[Proxy(client.channel, "mul")] == 1
     assert repr(remote.inner.add) == "Proxy('proxies', 'inner/add')"
-    with pytest.raises(AttributeError):
-        remote._private  # noqa: B018
+    assert not hasattr(remote, "_private")  # no proxies for private names
+    assert remote.mul != "mul"  # only proxies are equal to proxies
     await client.close()
     await other.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_proxy_keeps_a_bounded_number_of_child_proxies() -> None:
+    """Code that makes up names on the fly must not make a proxy grow without
+    bound: after 256 names, the cache starts again (the proxies stay equal)."""
+    lq = aiomas.get_queue("proxy-children")
+    server = await aiomas.rpc.start_server(lq, Calculator())
+    client = await aiomas.rpc.open_connection(lq)
+    remote = client.remote
+    first = remote.name0
+    for i in range(1, 256):
+        assert getattr(remote, f"name{i}") is getattr(remote, f"name{i}")
+    assert remote.name0 is first  # still cached: 256 children
+    remote.one_more  # noqa: B018
+    assert remote.name0 is not first
+    assert remote.name0 == first
+    assert await remote.mul(2, 3) == 6
+    await client.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_an_invalid_proxy_path_from_the_peer_fails_its_request() -> None:
+    lq = aiomas.get_queue("invalid-proxy-path")
+    calc = Calculator()
+    server = await aiomas.rpc.start_server(lq, Calculator())
+    client = await aiomas.rpc.open_connection(lq, rpc_service=calc)
+    # How the peer's codec sends a proxy for calc: its path as the data.
+    proxy_map = json.loads(client.channel.codec.encode(calc))
+    raw = await aiomas.channel.open_connection(lq)
+    proxy_map["__type__"][1] = 42
+    with pytest.raises(RemoteException, match="Invalid RPC proxy path 42"):
+        await raw.send(["mul", [proxy_map, 1], {}])
+    assert await raw.send(["mul", [2, 3], {}]) == 6
+    await raw.close()
+    await client.close()
     server.close()
     await server.wait_closed()
 
@@ -733,6 +455,78 @@ async def test_calls_running_for_a_lost_connection_are_cancelled(
                 break
             await asyncio.sleep(10 * TIME_UNIT)
         assert sorted(cancelled) == list(range(10))
+
+
+async def test_async_callbacks_run_as_tasks_that_close_cancels(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lq = aiomas.get_queue("async-callbacks")
+    server = await aiomas.rpc.start_server(lq, Calculator())
+    client = await aiomas.rpc.open_connection(lq)
+    args: list[Any] = []
+    hanging, hung_up = asyncio.Event(), asyncio.Event()
+
+    async def quick(arg: Any) -> None:
+        args.append(arg)
+
+    async def hang(arg: Any) -> None:
+        hanging.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            hung_up.set()
+
+    client.run_callback(quick, "spam")
+    client.run_callback(hang, None)
+    await asyncio.wait_for(hanging.wait(), 5)
+    assert args == ["spam"]
+    await client.close()
+    assert hung_up.is_set()
+    server.close()
+    await server.wait_closed()
+    assert aiomas_records(caplog, logging.ERROR) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs SIGUSR1")
+async def test_a_signal_in_a_callback_is_not_swallowed() -> None:
+    """What a signal handler raises (Ctrl-C) while a callback runs must reach
+    the caller instead of being logged as the callback's failure."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def callback(arg: Any) -> None:
+        signal.raise_signal(signal.SIGUSR1)
+
+    lq = aiomas.get_queue("signal-callback")
+    server = await aiomas.rpc.start_server(lq, Calculator())
+    client = await aiomas.rpc.open_connection(lq)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.run_callback(callback, None)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    await client.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_cancelling_the_service_task_is_no_connection_reset() -> None:
+    lq = aiomas.get_queue("cancel-service")
+    server = await aiomas.rpc.start_server(lq, Calculator())
+    client = await aiomas.rpc.open_connection(lq, rpc_service=Calculator())
+    resets: list[BaseException] = []
+    client.on_connection_reset(resets.append)
+    service = client.service
+    assert service is not None
+    service.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await service
+    await client.close()
+    server.close()
+    await server.wait_closed()
+    assert resets == []
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -18,22 +18,30 @@ Objects with a router can also be sent as arguments or results: they arrive as a
 from __future__ import annotations
 
 import asyncio
-import builtins
-import contextlib
 import inspect
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from types import FunctionType, MethodType
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from aiomas import channel as channel_mod
 from aiomas import protocol
 from aiomas._guards import guarded, stops_the_process
+from aiomas._routing import (
+    Router,
+    Service,
+    ServiceDict,
+    expose,
+    router_of,
+    short_repr,
+)
 from aiomas.channel import Address, Channel, Request
 from aiomas.exceptions import SerializationError
 from aiomas.wire import FAILURE, RESULT
 
+# Routing needs no connection and no loop: it lives in aiomas._routing, and its
+# public names are part of this module's API (and of its documentation, which
+# autodoc makes from __all__).
 __all__ = [
     "Proxy",
     "Router",
@@ -47,390 +55,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-_RPC_MARKER: Final = "__rpc__"
-
-
-def expose(func: F) -> F:
-    """Decorator that makes *func* callable via RPC.
-
-    The function is not wrapped; it only gains an ``__rpc__`` attribute.
-    """
-    setattr(func, _RPC_MARKER, True)
-    return func
-
-
-def _is_exposed(attr: Any) -> bool:
-    """Whether :func:`expose` marked *attr*, found without running its code (a
-    peer must not make us call ``__getattr__`` of whatever an agent holds)."""
-    kind = type(attr)
-    if kind is FunctionType:  # the common case, quickly
-        return attr.__dict__.get(_RPC_MARKER) is True
-    if kind is MethodType:  # e.g. obj.method in a ServiceDict
-        return _is_exposed(attr.__func__)
-    if issubclass(kind, staticmethod | classmethod):
-        # @expose may sit inside or outside of @staticmethod / @classmethod.
-        return attr.__dict__.get(_RPC_MARKER) is True or _is_exposed(attr.__func__)
-    return _marked(attr)
-
-
-def _marked(obj: Any) -> bool:
-    return inspect.getattr_static(obj, _RPC_MARKER, False) is True
-
-
-def _has_invalid_component(path: str) -> bool:
-    """Whether a component of *path* is empty, ``..`` or starts with ``_`` (the
-    checks of _check_component() for all components at once, in C)."""
-    return (
-        not path
-        or path[0] in "/_"
-        or path[-1] == "/"
-        or "//" in path
-        or "/_" in path
-        or (".." in path and ".." in path.split("/"))
-    )
-
-
-def _short(value: Any) -> str:
-    """The repr of *value*, shortened: error messages go back to the peer, and
-    a hostile peer must not make us send its 10 kB path back twice."""
-    return protocol.abbreviate(value, 200)
-
-
-def _check_component(name: str, path: str) -> None:
-    if not name or name.startswith("_") or name == "..":
-        raise LookupError(
-            f"Invalid component {_short(name)} in RPC path {_short(path)}"
-        )
-
-
-class Router:
-    """Resolves paths to the exposed functions of its object *obj* and its
-    sub-services, and knows its own path for the reverse lookup.
-
-    Args:
-        obj: The service object: a class instance or a :class:`ServiceDict`.
-    """
-
-    __slots__ = ("__weakref__", "_declared", "_sub_routers", "name", "obj", "parent")
-
-    expose = staticmethod(expose)
-    """Alias for :func:`expose`."""
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-        """The object to which this router belongs."""
-        self.name = ""
-        """The name of the router (empty for root routers)."""
-        self.parent: Router | None = None
-        """The parent router or ``None`` for root routers."""
-        # Both are made on first use: a program may have many routers (one per
-        # agent) and most of them have no sub-routers.
-        self._sub_routers: dict[str, Router] | None = None
-        # Sub-services declared by Service(sub_routers) whose attributes did not
-        # exist yet when the router was made (e.g. still in __init__).
-        self._declared: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        return f"<Router {self.path!r} of {type(self.obj).__name__}>"
-
-    @property
-    def path(self) -> str:
-        """The path to this router (without trailing slash)."""
-        names = []
-        router: Router | None = self
-        while router is not None and router.parent is not None:
-            names.append(router.name)
-            router = router.parent
-        return "/".join(reversed(names))
-
-    @property
-    def root(self) -> Router:
-        """The topmost router of this router's hierarchy."""
-        router = self
-        while router.parent is not None:
-            router = router.parent
-        return router
-
-    def add(self, name: str) -> None:
-        """Add the sub-router of the service stored at ``self.obj.<name>``."""
-        service = getattr(self.obj, name)
-        router = getattr(service, "router", None)
-        if not isinstance(router, Router):
-            raise ValueError(f"Attribute {name!r} of {self.obj!r} is no RPC service")
-        self.set_sub_router(router, name)
-
-    def set_sub_router(self, router: Router, name: str) -> None:
-        """Make *router* the sub-router *name* of this router."""
-        _check_component(name, name)
-        if "/" in name:
-            raise ValueError(f"A sub-router name must not contain '/': {name!r}")
-        router.parent = self
-        router.name = name
-        if self._sub_routers is None:
-            self._sub_routers = {}
-        self._sub_routers[name] = router
-
-    def resolve(self, path: str) -> Callable[..., Any]:
-        """Return the exposed function at *path* (components separated by ``/``).
-
-        Only attributes marked by :func:`expose` and declared sub-services are
-        reachable; names starting with ``_`` never are.  The object is not touched
-        (no attribute lookup that could run code) until the path is known to be
-        valid.
-
-        Raises:
-            LookupError: if there is no exposed function at *path*.
-        """
-        if not isinstance(path, str):
-            raise LookupError(f"An RPC path must be a string, not {_short(path)}")
-        components = path.split("/")
-        if _has_invalid_component(path):
-            # Find the culprit for the error message.
-            for component in components:
-                _check_component(component, path)
-        name = components.pop()
-        router = self
-        for component in components:
-            sub = router.sub_router(component)
-            if sub is None:
-                raise LookupError(
-                    f"No RPC service {_short(component)} in path {_short(path)}"
-                )
-            router = sub
-        func = router.function(name)
-        if func is None:
-            raise LookupError(
-                f"No exposed function {_short(name)} at RPC path {_short(path)}"
-            )
-        return func
-
-    def sub_router(self, name: str) -> Router | None:
-        """The router of the sub-service *name*, or ``None`` (a hook for
-        :meth:`resolve`; it runs no code of the service but our own)."""
-        routers = self._sub_routers
-        router = None if routers is None else routers.get(name)
-        if router is None:
-            if name in self._declared:
-                self.declare()
-                routers = self._sub_routers
-                router = None if routers is None else routers.get(name)
-            elif isinstance(self.obj, ServiceDict):
-                # A service added to the dict after the ServiceDict was made.
-                router = _router_in(self.obj.dict.get(name))
-        return router
-
-    def attach_declared(self) -> None:
-        """Attach the declared sub-services that did not exist yet when their
-        routers were made, in this router's whole tree (calls attach them on
-        their way; this is for services sent before any call reached them)."""
-        pending = [self]
-        seen: set[int] = set()
-        while pending:
-            router = pending.pop()
-            if id(router) in seen:
-                continue
-            seen.add(id(router))
-            with contextlib.suppress(ValueError, AttributeError):
-                # Not a service (yet): some other part of the tree, which
-                # must not keep this one from being sent.
-                router.declare()
-            pending.extend(router.children())
-
-    def children(self) -> Iterable[Router]:
-        """The routers of the sub-services attached so far (and of the
-        services in a :class:`ServiceDict`)."""
-        routers = self._sub_routers
-        children = [] if routers is None else list(routers.values())
-        if isinstance(self.obj, ServiceDict):
-            for name, value in self.obj.dict.items():
-                if routers is None or name not in routers:
-                    router = _router_in(value)
-                    if router is not None:
-                        children.append(router)
-        return children
-
-    def declare(self, names: Iterable[str] = ()) -> None:
-        """Declare the sub-services stored at ``self.obj.<name>`` for each of
-        *names*; those that exist now are added (see :meth:`add`), the others
-        when they are first asked for.  Without *names*, it tries again to add
-        the ones still missing.
-
-        Raises:
-            ValueError: if such an attribute is no RPC service.
-        """
-        if names:
-            self._declared = (*self._declared, *names)
-        if not self._declared:
-            return
-        missing = []
-        for name in self._declared:
-            if _static_lookup(self.obj, name) is _MISSING:
-                missing.append(name)
-            else:
-                self.add(name)
-        self._declared = tuple(missing)
-
-    def function(self, name: str) -> Callable[..., Any] | None:
-        """The exposed function *name* of this router's object, or ``None``
-        (a hook for :meth:`resolve`; found by static lookups only)."""
-        obj = self.obj
-        if isinstance(obj, ServiceDict):
-            func = obj.dict.get(name)
-            return func if callable(func) and _is_exposed(func) else None
-        if isinstance(obj, type):  # a class as the service: its own attributes
-            attr = _class_lookup(obj, name)
-            if attr is _MISSING or not _is_exposed(attr):
-                return None
-            bound = getattr(obj, name)
-            return bound if callable(bound) else None
-        own = _instance_lookup(obj, name)
-        if own is not _MISSING:
-            # An attribute of the instance hides the class' one: only an
-            # exposed function stored there counts.
-            return own if _is_exposed(own) and callable(own) else None
-        # Methods live in the class: finding them there is much faster than
-        # inspect.getattr_static().
-        attr = _class_lookup(type(obj), name)
-        if attr is _MISSING or not _is_exposed(attr):
-            return None
-        # Binding an exposed function (or static/class method) runs no user code.
-        bound = getattr(obj, name)
-        return bound if callable(bound) else None
-
-
-_MISSING: Final = object()
-
-
-def _class_lookup(cls: type, name: str) -> Any:
-    """Find class attribute *name* along *cls*' MRO without running code."""
-    for klass in cls.__mro__:
-        attr = klass.__dict__.get(name, _MISSING)
-        if attr is not _MISSING:
-            return attr
-    return _MISSING
-
-
-def _instance_lookup(obj: Any, name: str) -> Any:
-    """Find *name* in the ``__dict__`` of *obj* (if it has one) without running
-    descriptors or ``__getattr__``."""
-    try:
-        attrs = object.__getattribute__(obj, "__dict__")
-    except AttributeError:
-        return _MISSING
-    return attrs.get(name, _MISSING) if type(attrs) is dict else _MISSING
-
-
-def _static_lookup(obj: Any, name: str) -> Any:
-    """Find attribute *name* of *obj* without running descriptors or __getattr__."""
-    try:
-        return inspect.getattr_static(obj, name)
-    except AttributeError:
-        return _MISSING
-
-
-class Service:
-    """Descriptor that gives every instance of a class its own :class:`Router`.
-
-    Name the class attribute ``router``::
-
-        class Spam:
-            router = aiomas.rpc.Service()
-
-    Args:
-        sub_routers: Names of attributes that hold sub-services (instances with a
-            router or :class:`ServiceDict` objects); they are reachable under the
-            same names.
-    """
-
-    __slots__ = ("_attr", "sub_routers")
-
-    expose = staticmethod(expose)
-    """Alias for :func:`expose`."""
-
-    def __init__(self, sub_routers: Iterable[str] = ()) -> None:
-        self.sub_routers = tuple(sub_routers)
-        self._attr = "_aiomas_router"
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._attr = f"_aiomas_{name}"
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        # A default (instead of catching AttributeError) spares CPython making
-        # an exception for every new instance.
-        router: Router | None = getattr(obj, self._attr, None)
-        if router is None:
-            router = Router(obj)
-            try:
-                setattr(obj, self._attr, router)
-            except AttributeError:
-                raise TypeError(
-                    f"{type(obj).__qualname__} instances need a __dict__ or a "
-                    f"{self._attr!r} slot to hold their RPC router"
-                ) from None
-            if self.sub_routers:
-                router.declare(self.sub_routers)
-        return router
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        raise AttributeError("The router of an RPC service cannot be replaced")
-
-
-class ServiceDict:
-    """Wraps a dict of exposed functions and sub-services as an RPC service.
-
-    Values that have a ``router`` (service instances and other ServiceDicts) become
-    sub-services under their key.  Services put into :attr:`dict` later are
-    reachable too; set their router's ``parent`` (to this router) and ``name``
-    (to the key) so that their :attr:`Router.path` is right when they are sent
-    to a peer.
-
-    Args:
-        dict: The functions and sub-services by name.
-    """
-
-    __slots__ = ("__weakref__", "dict", "router")
-
-    def __init__(self, dict: Mapping[str, Any] | None = None) -> None:
-        self.dict: builtins.dict[str, Any] = {} if dict is None else {**dict}
-        """The wrapped dict."""
-        self.router = Router(self)
-        """The dict's router."""
-        for name, value in self.dict.items():
-            sub = getattr(value, "router", None)
-            if isinstance(sub, Router):
-                self.router.set_sub_router(sub, name)
-
-    def __repr__(self) -> str:
-        return f"ServiceDict({self.dict!r})"
-
-
-def _router_in(value: Any) -> Router | None:
-    """The router of a service stored in a :class:`ServiceDict`, found without
-    running any code of the value's class but our own :class:`Service`."""
-    if isinstance(value, ServiceDict):
-        return value.router
-    attr = _class_lookup(type(value), "router")
-    if isinstance(attr, Service):
-        router: Router = attr.__get__(value, type(value))
-        return router
-    own = _instance_lookup(value, "router")
-    return own if isinstance(own, Router) else None
-
-
-def _router_of(service: Any) -> Router:
-    router = getattr(service, "router", None)
-    if not isinstance(router, Router):
-        raise ValueError(
-            f"{service!r} is no RPC service: it needs a 'router' attribute that "
-            "is an aiomas.rpc.Router (use aiomas.rpc.Service or ServiceDict)"
-        )
-    return router
-
 
 # How many child proxies (sub-paths) a proxy keeps for reuse.
 _MAX_CACHED_CHILDREN: Final = 256
@@ -513,7 +137,7 @@ class RpcClient:
 
     def __init__(self, channel: Channel, rpc_service: Any = None) -> None:
         self._channel = channel
-        self._router = None if rpc_service is None else _router_of(rpc_service)
+        self._router = None if rpc_service is None else router_of(rpc_service)
         # Tasks of user callbacks, and of exposed coroutines answering calls.
         self._tasks: set[asyncio.Future[Any]] = set()
         self._calls: set[asyncio.Future[Any]] = set()
@@ -783,7 +407,7 @@ def _install_proxy_serializer(channel: Channel, router: Router | None) -> None:
 
     def deserialize(path: Any) -> Proxy:
         if not isinstance(path, str):
-            raise SerializationError(f"Invalid RPC proxy path {_short(path)}")
+            raise SerializationError(f"Invalid RPC proxy path {short_repr(path)}")
         current = channel_ref()
         if current is None:  # pragma: no cover (we decode for the channel)
             raise SerializationError("The channel of this codec is gone")
@@ -823,7 +447,7 @@ async def open_connection(
         **kwds: Passed to :func:`aiomas.channel.open_connection`.
     """
     if rpc_service is not None:
-        _router_of(rpc_service)
+        router_of(rpc_service)
     channel = await channel_mod.open_connection(addr, **kwds)
     return RpcClient(channel, rpc_service)
 
@@ -846,7 +470,7 @@ async def start_server(
     Raises:
         ValueError: if *rpc_service* is no RPC service.
     """
-    _router_of(rpc_service)
+    router_of(rpc_service)
 
     def connected(channel: Channel) -> None:
         client = RpcClient(channel, rpc_service)

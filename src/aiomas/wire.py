@@ -177,6 +177,15 @@ class FrameReader:
             return HEADER_SIZE + self._big_filled
         return self._end - self._start
 
+    @property
+    def reserved(self) -> int:
+        """Number of bytes held in receive buffers: the shared one (none until
+        the first read), the reused first slice of big frames (once one came)
+        and the buffer of a big frame in progress."""
+        big, stage = self._big, self._stage
+        held = len(self._buf) + (0 if stage is None else len(stage))
+        return held if big is None or big is stage else held + len(big)
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Return a writable buffer for the next bytes of the stream.
 

@@ -1,0 +1,466 @@
+"""Tests for aiomas._routing (re-exported by aiomas.rpc): expose, routers,
+services and service dicts.  Routing needs no connection and no event loop."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import functools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aiomas
+from aiomas import _routing
+from aiomas._routing import Router, Service, ServiceDict, expose, router_of
+
+
+@expose
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def not_exposed() -> str:
+    return "secret"
+
+
+class Calculator:
+    router = Service(["inner"])
+
+    def __init__(self) -> None:
+        self.inner = ServiceDict({"add": add})
+        self.touched = False
+
+    @expose
+    def mul(self, a: int, b: int) -> int:
+        return a * b
+
+    @expose
+    async def slow_mul(self, a: int, b: int) -> int:
+        await asyncio.sleep(0)
+        return a * b
+
+    @expose
+    @staticmethod
+    def neg(a: int) -> int:
+        return -a
+
+    def hidden(self) -> str:
+        return "secret"
+
+    @property
+    def dangerous(self) -> str:
+        self.touched = True
+        return "should never run"
+
+    @expose
+    def _private(self) -> str:
+        return "secret"
+
+
+def test_expose_only_marks_the_function() -> None:
+    def func() -> None:
+        pass
+
+    assert expose(func) is func
+    assert func.__rpc__ is True  # type: ignore[attr-defined]
+    assert Service.expose is expose
+    assert Router.expose is expose
+
+
+def test_service_descriptor_gives_each_instance_its_own_router() -> None:
+    assert isinstance(Calculator.router, Service)
+    a, b = Calculator(), Calculator()
+    assert isinstance(a.router, Router)
+    assert a.router is a.router
+    assert a.router is not b.router
+    assert a.router.obj is a
+    assert (a.router.name, a.router.parent, a.router.path) == ("", None, "")
+    with pytest.raises(AttributeError):
+        a.router = Router(a)  # type: ignore[misc]
+
+
+def test_resolve_functions_and_sub_services() -> None:
+    calc = Calculator()
+    assert calc.router.resolve("mul")(3, 4) == 12
+    assert calc.router.resolve("neg")(3) == -3
+    assert calc.router.resolve("inner/add")(3, 4) == 7
+    inner = calc.inner.router
+    assert (inner.name, inner.parent, inner.path) == ("inner", calc.router, "inner")
+    assert inner.root is calc.router
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "hidden",
+        "dangerous",
+        "_private",
+        "__class__",
+        "__init__",
+        "__dict__",
+        "mul/__globals__",
+        "router",
+        "obj",
+        "inner/router",
+        "inner/obj",
+        "inner/dict",
+        "inner/not_exposed",
+        "nothing",
+        "nothing/add",
+        "",
+        "/mul",
+        "mul/",
+        "inner//add",
+        "../mul",
+        "inner/../mul",
+        "inner/add/__call__",
+        "x" * 10_000,
+    ],
+)
+def test_unreachable_paths_raise_lookup_error_without_touching_the_object(
+    path: str,
+) -> None:
+    calc = Calculator()
+    calc.inner.dict["not_exposed"] = not_exposed
+    with pytest.raises(LookupError):
+        calc.router.resolve(path)
+    assert not calc.touched
+
+
+def test_instance_attributes_and_exposure() -> None:
+    """An instance attribute hides an exposed method of the class (and is not
+    exposed itself); an exposed function stored on the instance is reachable."""
+
+    class Service_:
+        router = Service()
+
+        @expose
+        def hidden(self) -> int:
+            return 1
+
+        @expose
+        @staticmethod
+        def static() -> int:
+            return 2
+
+        @classmethod
+        @expose
+        def klass(cls) -> int:
+            return 3
+
+        handler = None  # a class attribute that is not exposed ...
+
+    service = Service_()
+    service.handler = expose(lambda: 6)  # type: ignore[assignment]  # ... hidden
+    assert service.router.resolve("handler")() == 6
+    service.hidden = lambda: 4  # type: ignore[method-assign]
+    service.own = expose(lambda: 5)  # type: ignore[attr-defined]
+    with pytest.raises(LookupError):
+        service.router.resolve("hidden")
+    assert service.router.resolve("static")() == 2
+    assert service.router.resolve("klass")() == 3
+    assert service.router.resolve("own")() == 5
+    assert Service_().router.resolve("hidden")() == 1
+
+
+def test_resolving_never_runs_code_of_unexposed_values() -> None:
+    """Found by fuzzing: looking for the expose marker on an attribute value
+    (or on one that hides an exposed method) ran that value's __getattr__."""
+    looked_up: list[str] = []
+
+    class Lazy:
+        def __getattr__(self, name: str) -> Any:
+            looked_up.append(name)
+            raise AttributeError(name)
+
+    class Holder:
+        router = Service()
+
+        def __init__(self) -> None:
+            self.lazy_object = Lazy()
+            self.shadowed = Lazy()
+
+        @expose
+        def shadowed(self) -> None:  # type: ignore[no-redef]
+            pass
+
+    holder = Holder()
+    for path in ("lazy_object", "shadowed"):
+        with pytest.raises(LookupError):
+            holder.router.resolve(path)
+    assert looked_up == []
+
+
+def test_exposed_bound_methods_and_partials_in_a_service_dict() -> None:
+    class Counter:
+        @expose
+        def add(self, a: int, b: int) -> int:
+            return a + b
+
+        def hidden(self) -> None:
+            pass
+
+    counter = Counter()
+    service = ServiceDict(
+        {
+            "add": counter.add,
+            "hidden": counter.hidden,
+            "twice": expose(functools.partial(counter.add, 2)),
+        }
+    )
+    assert service.router.resolve("add")(1, 2) == 3
+    assert service.router.resolve("twice")(5) == 7
+    with pytest.raises(LookupError):
+        service.router.resolve("hidden")
+
+
+def test_services_put_into_a_service_dict_later_are_reachable() -> None:
+    class Leaf:
+        router = Service()
+
+        @expose
+        def ping(self) -> str:
+            return "pong"
+
+        @property
+        def trap(self) -> None:
+            raise AssertionError("no code of the value runs")
+
+    class Plain:
+        router = "not a router"
+
+    service = ServiceDict()
+    leaf, inner = Leaf(), ServiceDict({"add": expose(lambda a, b: a + b)})
+    service.dict.update({"leaf": leaf, "inner": inner, "plain": Plain()})
+    leaf.router.parent, leaf.router.name = service.router, "leaf"
+    assert service.router.resolve("leaf/ping")() == "pong"
+    assert service.router.resolve("inner/add")(1, 2) == 3
+    assert leaf.router.path == "leaf"
+    for path in ("plain/x", "nothing/ping", "leaf/trap"):
+        with pytest.raises(LookupError):
+            service.router.resolve(path)
+    children = list(service.router.children())
+    assert leaf.router in children
+    assert inner.router in children
+
+
+def test_a_class_can_be_the_service() -> None:
+    class Klass:
+        router = Service()
+
+        @expose
+        @staticmethod
+        def static() -> int:
+            return 1
+
+        @classmethod
+        @expose
+        def klass(cls) -> str:
+            return cls.__name__
+
+        @staticmethod
+        def hidden() -> None:
+            pass
+
+    router = Router(Klass)
+    assert router.resolve("static")() == 1
+    assert router.resolve("klass")() == "Klass"
+    with pytest.raises(LookupError):
+        router.resolve("hidden")
+
+
+def test_a_half_built_service_elsewhere_does_not_stop_sending_another() -> None:
+    """Before refusing to send a service, the proxy serializer attaches late
+    sub-services in the whole tree; one that is not a service (yet) is skipped."""
+
+    class Helper:
+        router = Service()
+
+    class Half:
+        router = Service(["sub"])
+
+        def __init__(self) -> None:
+            self.router  # noqa: B018 (made before "sub" is filled in)
+            self.sub = None
+
+    class Root:
+        router = Service(["half", "helper"])
+
+        def __init__(self) -> None:
+            self.router  # noqa: B018 (made before the sub-services exist)
+            self.half = Half()
+            self.helper = Helper()
+
+    root = Root()
+    root.router.attach_declared()
+    assert root.helper.router.path == "helper"
+    assert root.half.router.path == "half"
+
+
+def test_resolve_refuses_non_string_paths() -> None:
+    with pytest.raises(LookupError):
+        Calculator().router.resolve(["mul"])  # type: ignore[arg-type]
+
+
+def test_declared_sub_services_may_be_set_after_the_router_exists() -> None:
+    class Late:
+        router = Service(["child"])
+
+        def __init__(self) -> None:
+            assert self.router.path == ""  # router made before the child exists
+            self.child = ServiceDict({"add": add})
+
+    late = Late()
+    assert late.router.resolve("child/add")(1, 2) == 3
+    assert late.child.router.path == "child"
+
+
+def test_router_add_and_set_sub_router() -> None:
+    class Root:
+        router = Service()
+
+        def __init__(self) -> None:
+            self.a = ServiceDict({"add": add})
+            self.router.add("a")
+            self.b = Calculator()
+            self.router.set_sub_router(self.b.router, "bee")
+
+    root = Root()
+    assert root.router.resolve("a/add")(1, 1) == 2
+    assert root.router.resolve("bee/mul")(2, 3) == 6
+    assert root.router.resolve("bee/inner/add")(2, 3) == 5
+    assert root.b.inner.router.path == "bee/inner"
+    with pytest.raises(ValueError, match="no RPC service"):
+        root.router.add("router")
+    with pytest.raises(ValueError, match="'/'"):
+        root.router.set_sub_router(Calculator().router, "x/y")
+    with pytest.raises(LookupError):
+        root.router.set_sub_router(Calculator().router, "_x")
+
+
+def test_service_dict() -> None:
+    sd = ServiceDict({"add": add, "sub": ServiceDict({"add": add})})
+    assert sd.dict["add"] is add
+    assert sd.router.resolve("sub/add")(1, 2) == 3
+    assert ServiceDict().dict == {}
+    assert "ServiceDict" in repr(sd)
+
+
+def test_slotted_service_without_room_for_a_router() -> None:
+    class Slotted:
+        __slots__ = ()
+        router = Service()
+
+    with pytest.raises(TypeError, match="slot"):
+        Slotted().router  # noqa: B018
+
+
+def test_invalid_paths_name_their_first_bad_component() -> None:
+    with pytest.raises(LookupError, match=r"component '_b' in RPC path 'a/_b/\.\.'"):
+        Calculator().router.resolve("a/_b/..")
+    with pytest.raises(LookupError, match="component '' in RPC path 'inner//add'"):
+        Calculator().router.resolve("inner//add")
+
+
+def test_router_repr_shows_path_and_object_type() -> None:
+    calc = Calculator()
+    assert repr(calc.router) == "<Router '' of Calculator>"
+    assert repr(calc.inner.router) == "<Router 'inner' of ServiceDict>"
+
+
+def test_router_of_finds_the_router_of_services_only() -> None:
+    calc = Calculator()
+    assert router_of(calc) is calc.router
+    assert router_of(calc.inner) is calc.inner.router
+    for not_a_service in (object(), {}, Calculator, type("Fake", (), {"router": 1})()):
+        with pytest.raises(ValueError, match="no RPC service"):
+            router_of(not_a_service)
+
+
+def test_children_lists_each_attached_router_once() -> None:
+    leaf = ServiceDict({"add": add})
+    late = ServiceDict()
+    service = ServiceDict({"leaf": leaf, "add": add})  # attached at once
+    service.dict["late"] = late  # found in the dict
+    service.dict["plain"] = object()  # no service
+    assert list(service.router.children()) == [leaf.router, late.router]
+    assert list(Router(object()).children()) == []
+
+
+def test_attach_declared_visits_each_router_once() -> None:
+    """A service reachable twice (or from itself) is visited once: the walk
+    ends, and what is declared in it is attached."""
+
+    class Late:
+        router = Service(["child"])
+
+        def __init__(self) -> None:
+            self.router  # noqa: B018 (made before the child exists)
+            self.child = ServiceDict({"add": add})
+
+    late = Late()
+    root = ServiceDict({"one": late})
+    root.dict["two"] = late  # the same service under a second name
+    root.dict["me"] = root  # and the dict in itself
+    root.router.attach_declared()
+    assert late.child.router.path == "one/child"
+    assert root.router.resolve("two/child/add")(1, 2) == 3
+
+
+def test_resolve_hands_only_checked_names_to_its_hooks() -> None:
+    """The hooks contract: resolve() asks sub_router() for every component but
+    the last and function() for the last, only once the path is valid, and a
+    ``None`` from either is a LookupError."""
+    asked: list[tuple[str, str]] = []
+
+    class Recording(Router):
+        __slots__ = ()
+
+        def sub_router(self, name: str) -> Router | None:
+            asked.append(("sub_router", name))
+            return self if name == "again" else None
+
+        def function(self, name: str) -> Any:
+            asked.append(("function", name))
+            return add if name == "add" else None
+
+    router = Recording(object())
+    assert router.resolve("again/again/add") is add
+    assert asked == [
+        ("sub_router", "again"),
+        ("sub_router", "again"),
+        ("function", "add"),
+    ]
+    asked.clear()
+    for path in ("again/_add", "../add", "again//add", "_x/add"):
+        with pytest.raises(LookupError):
+            router.resolve(path)
+    assert asked == []
+    with pytest.raises(LookupError, match="No RPC service 'other'"):
+        router.resolve("again/other/add")
+    with pytest.raises(LookupError, match="No exposed function 'sub'"):
+        router.resolve("again/sub")
+
+
+def test_aiomas_rpc_re_exports_the_routing_names() -> None:
+    for name in ("Router", "Service", "ServiceDict", "expose"):
+        assert getattr(aiomas.rpc, name) is getattr(_routing, name)
+        assert name in aiomas.rpc.__all__
+    assert aiomas.expose is expose
+
+
+def test_routing_needs_no_connection_and_no_loop() -> None:
+    """The routing module imports neither asyncio nor the layers built on it."""
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(Path(_routing.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            imported.add(module)
+            imported.update(f"{module}.{alias.name}" for alias in node.names)
+    assert "aiomas.protocol" in imported  # (the check sees what is imported)
+    forbidden = {"asyncio", "aiomas.agent", "aiomas.channel", "aiomas.rpc"}
+    assert not imported & forbidden
