@@ -27,6 +27,7 @@ from aiomas.channel import Channel
 
 from .conftest import TLSFiles, ipv6_available
 from .helpers import black_hole, tcp_socket_options
+from .test_addresses import MALFORMED_URLS
 
 # Generous bound for things that happen within milliseconds; only a broken test
 # waits this long.
@@ -515,27 +516,7 @@ def test_a_bad_max_frame_size_is_refused_at_once(size: int) -> None:
 # --- connect() errors ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
-        "",
-        "spam",
-        "tcp://",
-        "tcp://127.0.0.1:5555",
-        "tcp://127.0.0.1:5555/",
-        "tcp://127.0.0.1/0",
-        "tcp://:5555/0",
-        "tcp://127.0.0.1:port/0",
-        "tcp://127.0.0.1:0/0",
-        "tcp://127.0.0.1:70000/0",
-        "tcp://[::1]/0",
-        "http://127.0.0.1:5555/0",
-        "ipc:///0",
-        "ipc://",
-        "local:///0",
-        "127.0.0.1:5555/0",
-    ],
-)
+@pytest.mark.parametrize("url", MALFORMED_URLS)
 async def test_malformed_urls_raise_value_error(
     tcp_pair: list[aiomas.Container], url: str
 ) -> None:
@@ -548,30 +529,6 @@ async def test_non_string_url_raises_value_error(
 ) -> None:
     with pytest.raises(ValueError, match="must be a string"):
         await tcp_pair[0].connect(("127.0.0.1", 5555))  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("url", "base_url", "addr", "aid"),
-    [
-        ("tcp://localhost:5555/0", "tcp://localhost:5555/", ("localhost", 5555), "0"),
-        ("tcp://[::1]:5555/12", "tcp://[::1]:5555/", ("::1", 5555), "12"),
-        ("tcp://::1:5555/12", "tcp://[::1]:5555/", ("::1", 5555), "12"),
-        ("tcp://fe80::1:5555/1", "tcp://[fe80::1]:5555/", ("fe80::1", 5555), "1"),
-        ("ipc:///tmp/x/sock/3", "ipc://[/tmp/x/sock]/", "/tmp/x/sock", "3"),
-        ("ipc://[/tmp/x/sock]/3", "ipc://[/tmp/x/sock]/", "/tmp/x/sock", "3"),
-        ("ipc://rel/sock/3", "ipc://[rel/sock]/", "rel/sock", "3"),
-        ("ipc://[rel/sock]/3", "ipc://[rel/sock]/", "rel/sock", "3"),
-    ],
-)
-def test_parse_url(url: str, base_url: str, addr: Any, aid: str) -> None:
-    endpoint, parsed_aid = agent_mod.parse_url(url)
-    assert (endpoint.base_url, endpoint.addr, parsed_aid) == (base_url, addr, aid)
-
-
-def test_parse_local_url() -> None:
-    endpoint, aid = agent_mod.parse_url("local://queue-7/4")
-    assert endpoint.addr is aiomas.get_queue("queue-7")
-    assert (endpoint.base_url, aid) == ("local://queue-7/", "4")
 
 
 async def test_unknown_agent_id_raises_lookup_error(

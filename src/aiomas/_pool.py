@@ -87,11 +87,6 @@ class ConnectionPool(Generic[_P]):
         self._closed = False
 
     @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` has been called."""
-        return self._closed
-
-    @property
     def clients(self) -> Mapping[str, rpc.RpcClient]:
         """The open connections by base URL (a read-only view)."""
         return types.MappingProxyType(self._clients)
@@ -278,14 +273,15 @@ class ConnectionPool(Generic[_P]):
         return client
 
     def _forget(self, base_url: str, client: rpc.RpcClient) -> None:
-        """Drop a closed connection, so that the next connect() opens a new one."""
+        """Drop a closed connection, so that the next connect() opens a new one.
+
+        (close() drops them all first: a connection forgotten here was lost.)"""
         if self._clients.get(base_url) is client:
             del self._clients[base_url]
             del self._proxies[base_url]
-            if not self._closed:
-                logger.info(
-                    "%s lost its connection to the container %s",
-                    self._service,
-                    base_url,
-                    extra={"peer": client.channel.peername, "container": base_url},
-                )
+            logger.info(
+                "%s lost its connection to the container %s",
+                self._service,
+                base_url,
+                extra={"peer": client.channel.peername, "container": base_url},
+            )
