@@ -239,7 +239,7 @@ class Served:
         # The factory that the container's (LocalQueue) server makes the
         # protocol of every new connection with: the codec with the container's
         # serializers, and the RpcClient serving the container.
-        server = self.container._tcp_server
+        server = aiomas.agent.state_of(self.container).server
         assert isinstance(server, aiomas.local_queue.LocalQueueServer)
         self.protocol_factory: Callable[[], ChannelProtocol] = cast(
             Callable[[], ChannelProtocol], server.protocol_factory
@@ -498,10 +498,12 @@ async def serve_one_connection(served: Served, data: bytes) -> None:
     transport.lose_connection()
     container = served.container
     for _ in range(20):
-        if not container._aiomas.incoming:
+        if not aiomas.agent.state_of(container).registry.clients:
             break
         await asyncio.sleep(0)
-    assert not container._aiomas.incoming, "the container did not forget the connection"
+    assert not aiomas.agent.state_of(container).registry.clients, (
+        "the container did not forget the connection"
+    )
 
 
 def test_one_input(data: bytes) -> None:

@@ -22,10 +22,13 @@ import pytest
 import aiomas
 from aiomas import agent as agent_mod
 from aiomas import rpc
+from aiomas.agent import state_of
+from aiomas.channel import Channel
 from aiomas.testing import TIME_UNIT
 
 from .conftest import TLSFiles, ipv6_available
 from .helpers import black_hole, tcp_socket_options
+from .test_addresses import MALFORMED_URLS
 
 # Generous bound for things that happen within milliseconds; only a broken test
 # waits this long.
@@ -136,19 +139,33 @@ async def cut_connections(
 ) -> None:
     """Close *container*'s end of its incoming connections; wait until
     *caller* (whose *proxy* used one) has noticed and forgotten it."""
-    for client in list(container._aiomas.incoming):
+    for client in state_of(container).registry.clients:
         await client.close()
     with pytest.raises(ConnectionResetError):
         await proxy.spam(1)
     for _ in range(100):
-        if not caller._aiomas.outgoing:
+        if not state_of(caller).pool.clients:
             break
         await asyncio.sleep(10 * TIME_UNIT)
 
 
 def incoming(container: aiomas.Container) -> int:
     """How many connections other containers have open to *container*."""
-    return len(container._aiomas.incoming)
+    return len(state_of(container).registry.clients)
+
+
+def channel_of(container: aiomas.Container, proxy: aiomas.AgentProxy) -> Channel:
+    """The channel that *proxy* (made by *container*) sends its calls over.
+
+    Proxies are equal if they have the same channel and path, so this finds it
+    among *container*'s connections without looking into the proxy."""
+    path = f"agents/{proxy.addr.rsplit('/', 1)[1]}"
+    (channel,) = [
+        client.channel
+        for client in state_of(container).pool.clients.values()
+        if proxy == rpc.Proxy(client.channel, path)
+    ]
+    return channel
 
 
 # --- agents and their addresses -----------------------------------------------------
@@ -253,7 +270,7 @@ async def test_only_exposed_methods_can_be_called(
 ) -> None:
     callee = Callee(tcp_pair[0])
     proxy = await tcp_pair[1].connect(callee.addr)
-    channel = proxy._channel
+    channel = channel_of(tcp_pair[1], proxy)
     agent_paths = [
         f"agents/0/{name}"
         for name in (
@@ -338,7 +355,7 @@ async def test_one_connection_per_container_pair(
     proxies = [await two.connect(c.addr) for c in callees]
     assert [await p.spam(1) for p in proxies] == ["spam"] * 20
     assert incoming(one) == 1
-    assert len({id(p._channel) for p in proxies}) == 1
+    assert len({id(channel_of(two, p)) for p in proxies}) == 1
 
 
 async def test_concurrent_connects_share_one_attempt(
@@ -358,7 +375,9 @@ async def test_proxies_are_cached(tcp_pair: list[aiomas.Container]) -> None:
     assert await two.connect(callee.addr) is proxy
     del proxy
     gc.collect()
-    assert len(two._aiomas.proxies[one.base_url]) == 0
+    pool = state_of(two).pool
+    assert one.base_url in pool.clients
+    assert pool.cached_proxies(one.base_url) == []
     again = await two.connect(callee.addr)
     assert await again.spam(1) == "spam"
     assert await two.connect(callee.addr) is again
@@ -390,21 +409,22 @@ async def test_an_attempt_given_up_by_every_caller_is_stopped(
         url = f"tcp://{host}:{port}/0"
         waiting = [asyncio.ensure_future(two.connect(url)) for _ in range(2)]
         await asyncio.sleep(50 * TIME_UNIT)
-        (attempt,) = two._aiomas.connecting.values()
+        pool = state_of(two).pool
+        (attempt,) = pool.attempts.values()
         waiting[0].cancel()
         await asyncio.sleep(50 * TIME_UNIT)
-        assert not attempt.task.done()  # somebody still waits for it
+        assert not attempt.done()  # somebody still waits for it
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(waiting[1], 100 * TIME_UNIT)
         await asyncio.sleep(0)
-        assert attempt.task.cancelled()
-        assert two._aiomas.connecting == {}
+        assert attempt.cancelled()
+        assert pool.attempts == {}
         with pytest.raises(asyncio.CancelledError):
             await waiting[0]
         # A new call makes a new attempt.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(two.connect(url), 100 * TIME_UNIT)
-        assert two._aiomas.connecting == {}
+        assert pool.attempts == {}
 
 
 async def test_a_late_second_connection_to_a_container_is_closed(
@@ -414,8 +434,9 @@ async def test_a_late_second_connection_to_a_container_is_closed(
     the container keeps one connection and closes the other."""
     one, two = tcp_pair
     endpoint, _ = agent_mod.parse_url(Callee(one).addr)
-    first = await two._aiomas.open(endpoint, 0)
-    assert await two._aiomas.open(endpoint, 0) is first
+    pool = state_of(two).pool
+    first = await pool.open(endpoint, 0)
+    assert await pool.open(endpoint, 0) is first
     for _ in range(100):
         if incoming(one) == 1:
             break
@@ -428,8 +449,8 @@ async def test_dead_peer_timeout_applies_to_both_directions() -> None:
     async with Place("tcp4").containers(2, dead_peer_timeout=3) as (one, two):
         proxy = await two.connect(Callee(one).addr)
         assert await proxy.spam(1) == "spam"
-        (incoming_client,) = one._aiomas.incoming
-        (outgoing_client,) = two._aiomas.outgoing.values()
+        (incoming_client,) = state_of(one).registry.clients
+        (outgoing_client,) = state_of(two).pool.clients.values()
         for client in (incoming_client, outgoing_client):
             assert tcp_socket_options(client.channel) == (1, 2, 3000)
 
@@ -496,27 +517,7 @@ def test_a_bad_max_frame_size_is_refused_at_once(size: int) -> None:
 # --- connect() errors ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
-        "",
-        "spam",
-        "tcp://",
-        "tcp://127.0.0.1:5555",
-        "tcp://127.0.0.1:5555/",
-        "tcp://127.0.0.1/0",
-        "tcp://:5555/0",
-        "tcp://127.0.0.1:port/0",
-        "tcp://127.0.0.1:0/0",
-        "tcp://127.0.0.1:70000/0",
-        "tcp://[::1]/0",
-        "http://127.0.0.1:5555/0",
-        "ipc:///0",
-        "ipc://",
-        "local:///0",
-        "127.0.0.1:5555/0",
-    ],
-)
+@pytest.mark.parametrize("url", MALFORMED_URLS)
 async def test_malformed_urls_raise_value_error(
     tcp_pair: list[aiomas.Container], url: str
 ) -> None:
@@ -529,30 +530,6 @@ async def test_non_string_url_raises_value_error(
 ) -> None:
     with pytest.raises(ValueError, match="must be a string"):
         await tcp_pair[0].connect(("127.0.0.1", 5555))  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("url", "base_url", "addr", "aid"),
-    [
-        ("tcp://localhost:5555/0", "tcp://localhost:5555/", ("localhost", 5555), "0"),
-        ("tcp://[::1]:5555/12", "tcp://[::1]:5555/", ("::1", 5555), "12"),
-        ("tcp://::1:5555/12", "tcp://[::1]:5555/", ("::1", 5555), "12"),
-        ("tcp://fe80::1:5555/1", "tcp://[fe80::1]:5555/", ("fe80::1", 5555), "1"),
-        ("ipc:///tmp/x/sock/3", "ipc://[/tmp/x/sock]/", "/tmp/x/sock", "3"),
-        ("ipc://[/tmp/x/sock]/3", "ipc://[/tmp/x/sock]/", "/tmp/x/sock", "3"),
-        ("ipc://rel/sock/3", "ipc://[rel/sock]/", "rel/sock", "3"),
-        ("ipc://[rel/sock]/3", "ipc://[rel/sock]/", "rel/sock", "3"),
-    ],
-)
-def test_parse_url(url: str, base_url: str, addr: Any, aid: str) -> None:
-    endpoint, parsed_aid = agent_mod.parse_url(url)
-    assert (endpoint.base_url, endpoint.addr, parsed_aid) == (base_url, addr, aid)
-
-
-def test_parse_local_url() -> None:
-    endpoint, aid = agent_mod.parse_url("local://queue-7/4")
-    assert endpoint.addr is aiomas.get_queue("queue-7")
-    assert (endpoint.base_url, aid) == ("local://queue-7/", "4")
 
 
 async def test_unknown_agent_id_raises_lookup_error(
@@ -615,7 +592,7 @@ async def test_connect_timeout_expires(unused_tcp_port: int) -> None:
 async def test_port_zero_gives_the_real_port() -> None:
     container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
     try:
-        port = container._aiomas.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = state_of(container).server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         assert repr(container) == f"Container('tcp://127.0.0.1:{port}/')"
     finally:
         await container.shutdown(as_coro=True)
@@ -624,7 +601,7 @@ async def test_port_zero_gives_the_real_port() -> None:
 async def test_localhost_with_port_zero_listens_on_one_port_everywhere() -> None:
     container = await aiomas.Container.create(("localhost", 0), as_coro=True)
     try:
-        ports = {s.getsockname()[1] for s in container._aiomas.server.sockets}  # type: ignore[union-attr]
+        ports = {s.getsockname()[1] for s in state_of(container).server.sockets}  # type: ignore[union-attr]
         assert len(ports) == 1
         callee = Callee(container)
         assert callee.addr == f"tcp://localhost:{ports.pop()}/0"
@@ -788,7 +765,7 @@ async def test_tls_with_context_tuple(tls: TLSFiles) -> None:
     async with Place("tcp4").containers(2, ssl=contexts) as (one, two):
         proxy = await two.connect(Callee(one).addr)
         assert await proxy.spam(1) == "spam"
-        assert proxy._channel.get_extra_info("ssl_object") is not None
+        assert channel_of(two, proxy).get_extra_info("ssl_object") is not None
 
 
 async def test_tls_container_refuses_plain_containers(tls: TLSFiles) -> None:
@@ -856,8 +833,9 @@ def test_create_and_shutdown_without_a_running_loop() -> None:
 
     assert aiomas.run(call()) == "spamspam"
     container.shutdown()
-    assert container._aiomas.server is not None
-    assert not container._aiomas.server.is_serving()
+    server = state_of(container).server
+    assert server is not None
+    assert not server.is_serving()
 
 
 async def test_sync_create_inside_a_running_loop_fails_clearly() -> None:
@@ -881,7 +859,7 @@ async def test_sync_create_inside_a_running_loop_fails_clearly() -> None:
 
 async def test_create_fails_when_the_address_is_taken() -> None:
     async with Place("tcp4").containers(1) as (container,):
-        port = container._aiomas.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = state_of(container).server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         with pytest.raises(OSError):
             await aiomas.Container.create(("127.0.0.1", port), as_coro=True)
 
@@ -912,22 +890,25 @@ async def test_shutdown_with_calls_in_flight_both_ways() -> None:
         calls = [to_a.slow_echo(i, 60) for i in range(20)]
         calls += [to_b.slow_echo(i, 60) for i in range(20)]
         await asyncio.sleep(100 * TIME_UNIT)
-        channels = [
-            c.channel for c in [*one._aiomas.incoming, *one._aiomas.outgoing.values()]
+        clients = [
+            *state_of(one).registry.clients,
+            *state_of(one).pool.clients.values(),
         ]
+        channels = [c.channel for c in clients]
         assert len(channels) == 2
         start = time.monotonic()
         await asyncio.wait_for(one.shutdown(as_coro=True), WAIT)
         assert time.monotonic() - start < 2
-        assert one._aiomas.server is not None
-        assert not one._aiomas.server.is_serving()
+        server = state_of(one).server
+        assert server is not None
+        assert not server.is_serving()
         assert all(c.protocol.is_closed() for c in channels)
         results = await asyncio.wait_for(
             asyncio.gather(*calls, return_exceptions=True), WAIT
         )
         assert all(isinstance(r, ConnectionResetError) for r in results), results
         assert incoming(one) == 0
-        assert one._aiomas.outgoing == {}
+        assert state_of(one).pool.clients == {}
         # The other container noticed and works with new partners.
         c = Callee(two)
         assert await (await two.connect(c.addr)).spam(1) == "spam"
@@ -951,9 +932,9 @@ async def test_shutdown_while_connecting(unused_tcp_port: int) -> None:
 async def test_lost_connections_are_forgotten(tcp_pair: list[aiomas.Container]) -> None:
     one, two = tcp_pair
     proxy = await two.connect(Callee(one).addr)
-    assert len(two._aiomas.outgoing) == 1
+    assert len(state_of(two).pool.clients) == 1
     await cut_connections(one, two, proxy)
-    assert two._aiomas.outgoing == {}
+    assert state_of(two).pool.clients == {}
     assert await (await two.connect(proxy.addr)).spam(1) == "spam"
 
 

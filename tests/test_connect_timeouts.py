@@ -161,7 +161,7 @@ async def test_container_connect_without_timeout_gives_up_on_a_silent_peer(
     """Without a timeout (the default, one attempt), a peer that accepts but
     never answers the lookup is given up after the lookup timeout (60 s;
     shortened here), and the connection is closed."""
-    monkeypatch.setattr(aiomas.agent, "_LOOKUP_TIMEOUT", 0.5)
+    monkeypatch.setattr("aiomas._pool.LOOKUP_TIMEOUT", 0.5)
     container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
     try:
         async with tarpit() as pit:

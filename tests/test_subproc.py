@@ -16,7 +16,8 @@ import arrow
 import pytest
 
 import aiomas
-from aiomas.agent import split_host_port
+from aiomas import rpc
+from aiomas.agent import split_host_port, state_of
 from aiomas.subproc import ContainerProcess, Manager, serve, start
 from aiomas.subproc.__main__ import (
     container_kwargs,
@@ -358,7 +359,10 @@ async def test_subprocess_container_with_tls(tls: Any) -> None:
         manager = await master.connect(process.manager_addr)
         worker, _ = await manager.spawn(f"{__name__}:Worker", "t")
         assert await worker.work(1) == "t: 1"
-        assert manager._channel.get_extra_info("ssl_object") is not None
+        (client,) = state_of(master).pool.clients.values()
+        # Proxies are equal if they have the same channel and path.
+        assert manager == rpc.Proxy(client.channel, "agents/0")
+        assert client.channel.get_extra_info("ssl_object") is not None
         await manager.stop()
         assert await asyncio.wait_for(process.wait(), WAIT) == 0
     finally:
@@ -382,7 +386,7 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
     try:
         manager = await master.connect(process.manager_addr)
         worker, _ = await manager.spawn(f"{__name__}:Worker", "k")
-        (client,) = master._aiomas.outgoing.values()
+        (client,) = state_of(master).pool.clients.values()
         resets: list[BaseException] = []
         client.on_connection_reset(resets.append)
         calls = [asyncio.ensure_future(worker.hang()) for _ in range(100)]
@@ -399,7 +403,7 @@ async def test_killed_process_fails_calls_in_flight_promptly() -> None:
         )  # the reset callback runs in the service task
         assert len(resets) == 1
         assert client.channel.protocol.is_closed()
-        assert master._aiomas.outgoing == {}
+        assert state_of(master).pool.clients == {}
         # The same address again, served by a new process.
         host_port = process.manager_addr[len("tcp://") :].rsplit("/", 1)[0]
         process = await ContainerProcess.start(

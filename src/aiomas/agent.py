@@ -22,17 +22,23 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import logging
 import os
-import socket
 import ssl as ssl_mod
-import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, cast, overload
 
 from aiomas import channel as channel_mod
 from aiomas import local_queue, rpc, util
+from aiomas._addresses import (
+    base_url_of,
+    ipc_base_url,
+    local_base_url,
+    parse_url,
+    split_host_port,
+    tcp_base_url,
+)
 from aiomas._connect import check_dead_peer_timeout
+from aiomas._pool import ConnectionPool
 from aiomas.channel import Address, Channel, SerializerFactory
 from aiomas.clocks import AsyncioClock, BaseClock
 from aiomas.codecs import JSON, Codec
@@ -47,26 +53,14 @@ __all__ = [
     "split_host_port",
 ]
 
-logger = logging.getLogger(__name__)
+# Kept under its aiomas 2.0.1 name, which programs written for it import.
+_get_base_url = base_url_of
 
 _ContainerT = TypeVar("_ContainerT", bound="Container")
-
-# Hosts that make a server listen on every interface; agent addresses then name
-# the machine by its fully qualified domain name instead.
-_WILDCARD_HOSTS = frozenset({None, "", "0.0.0.0", "::"})
-
-_SCHEMES = ("tcp", "ipc", "local")
 
 # How often create() retries to get the same free port on all interfaces of a
 # host name (like "localhost") when asked for port 0.
 _SAME_PORT_ATTEMPTS = 5
-
-# How long Container.connect() without a timeout waits for the answer to the
-# agent lookup: as long as asyncio waits for a TLS handshake.
-_LOOKUP_TIMEOUT = 60.0
-# What Container.connect(timeout=T) may take beyond T: its connect attempts end
-# by T with their own error; this bounds whatever comes after them.
-_TIMEOUT_SLACK = 0.1
 
 
 class SSLCerts(NamedTuple):
@@ -116,7 +110,7 @@ class Agent:
                 f"An agent needs a Container, got {type(container).__qualname__}"
             )
         self.container = container
-        self.addr = _state_of(container).register(self)
+        self.addr = state_of(container).registry.register(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.addr!r})"
@@ -146,137 +140,6 @@ class AgentProxy(rpc.Proxy):
         return f"{self._type_name}Proxy({self._addr!r})"
 
 
-class _Endpoint(NamedTuple):
-    """Where a container listens, as parsed from an agent address."""
-
-    base_url: str  # e.g. "tcp://localhost:5555/"
-    addr: Address  # what aiomas.rpc.open_connection() needs
-
-
-def parse_url(url: str) -> tuple[_Endpoint, str]:
-    """Split an agent address into its container's endpoint and the agent id.
-
-    Both spellings of the original aiomas versions are read: unix domain
-    sockets as ``ipc://[PATH]/ID`` (what we write) and ``ipc://PATH/ID``, IPv6
-    hosts as ``tcp://[::1]:5555/ID`` (what we write) and ``tcp://::1:5555/ID``
-    (aiomas 2.0.1: the host is everything before the last colon).  The
-    endpoint's ``base_url`` is always the spelling we write, so both name the
-    same container.
-
-    Raises:
-        ValueError: if *url* is no valid agent address.
-    """
-    scheme, base_url, where, aid = _locate(url)
-    if scheme == "local":
-        return _Endpoint(base_url, local_queue.get_queue(where)), aid
-    return _Endpoint(base_url, where), aid
-
-
-def _locate(url: str) -> tuple[str, str, Any, str]:
-    """Return the scheme of *url*, its container's base URL (in the spelling
-    we write), where that container is (``(host, port)``, a socket path or a
-    queue id) and the agent id; nothing is looked up.
-
-    Raises:
-        ValueError: if *url* is no valid agent address.
-    """
-    scheme, location, aid = _split_url(url)
-    if scheme == "tcp":
-        host, port = _parse_host_port(location, url)
-        return scheme, _host_port_url(host, port), (host, port), aid
-    if scheme == "ipc":
-        return scheme, _ipc_base_url(location), location, aid
-    return scheme, f"local://{location}/", location, aid
-
-
-def _split_url(url: str) -> tuple[str, str, str]:
-    """Split *url* into scheme, location (an ipc path without brackets) and
-    agent id."""
-    if not isinstance(url, str):
-        raise ValueError(f"An agent address must be a string, got {url!r}")
-    scheme, sep, rest = url.partition("://")
-    location, _, aid = rest.rpartition("/")
-    if scheme == "ipc" and location.startswith("[") and location.endswith("]"):
-        location = location[1:-1]
-    if not sep or scheme not in _SCHEMES or not location or not aid:
-        raise ValueError(
-            f"Invalid agent address {url!r}: expected 'tcp://host:port/id', "
-            "'ipc://[path]/id' or 'local://queue_id/id'"
-        )
-    return scheme, location, aid
-
-
-def _get_base_url(addr: str) -> str:
-    """Return the address of the container of the agent at *addr*, with a
-    trailing slash: ``'tcp://localhost:5555/'``, ``'ipc://[/tmp/s]/'``,
-    ``'local://q/'`` (kept for code written against aiomas 2.0.1).
-
-    Both spellings of unix socket and IPv6 addresses give the one we write (see
-    :func:`parse_url`), so the result compares equal to
-    :attr:`Container.base_url`.
-
-    Raises:
-        ValueError: if *addr* is no valid agent address.
-    """
-    return _locate(addr)[1]
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """Split ``host:port`` into host and port.
-
-    An IPv6 host is written in brackets (``[::1]:5555``); without them, the host
-    is everything before the last colon (``::1:5555``), as aiomas 2.0.1 wrote
-    it.
-
-    Raises:
-        ValueError: if *text* is not of that form or the port is not in
-            0...65535.
-    """
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if (
-        not sep
-        or not host
-        or "[" in host
-        or "]" in host
-        or not port.isdigit()
-        or int(port) > 65535
-    ):
-        raise ValueError(f"expected host:port, got {text!r}")
-    return host, int(port)
-
-
-def _parse_host_port(location: str, url: str) -> tuple[str, int]:
-    try:
-        host, port = split_host_port(location)
-    except ValueError:
-        port = 0
-    if port == 0:  # (Port 0 is for listening, not for connecting.)
-        raise ValueError(
-            f"Invalid agent address {url!r}: expected 'tcp://host:port/id' "
-            "(with an IPv6 host in brackets, like 'tcp://[::1]:5555/0')"
-        )
-    return host, port
-
-
-def _tcp_base_url(host: Any, port: int) -> str:
-    """The base URL of a container listening on *host* and *port*."""
-    return _host_port_url(socket.getfqdn() if host in _WILDCARD_HOSTS else host, port)
-
-
-def _host_port_url(host: str, port: int) -> str:
-    if ":" in host:
-        host = f"[{host}]"
-    return f"tcp://{host}:{port}/"
-
-
-def _ipc_base_url(path: str) -> str:
-    # The brackets (as in the original aiomas) keep the slashes of the path
-    # apart from the one before the agent id.
-    return f"ipc://[{path}]/"
-
-
 def _ssl_contexts(
     ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None,
 ) -> tuple[ssl_mod.SSLContext | None, ssl_mod.SSLContext | None]:
@@ -297,16 +160,6 @@ def _ssl_contexts(
         "ssl must be an SSLCerts instance or a (server_context, client_context) "
         f"tuple of ssl.SSLContext objects, got {ssl!r}"
     )
-
-
-class _Attempt:
-    """A connection attempt and how many connect() calls wait for it."""
-
-    __slots__ = ("task", "waiters")
-
-    def __init__(self, task: asyncio.Task[rpc.RpcClient]) -> None:
-        self.task = task
-        self.waiters = 0
 
 
 class Container:
@@ -349,14 +202,11 @@ class Container:
 
     def __init__(self, base_url: str, *args: Any, **kwargs: Any) -> None:
         clock, connect_kwargs = _init_arguments(args, kwargs)
-        self.agents = rpc.ServiceDict()
-        """The container's agents: ``agents.dict`` maps agent ids to agents."""
-        # All other state lives in one object under a name that no subclass
+        # All our state lives in one object under a name that no subclass
         # picks for its own attributes.
-        self._aiomas = _ContainerState(
-            self, base_url, clock, connect_kwargs, self.agents
-        )
-        self.router.set_sub_router(self.agents.router, "agents")
+        self._aiomas = _ContainerState(self, base_url, clock, connect_kwargs)
+        self.agents: rpc.ServiceDict = self._aiomas.registry.agents
+        """The container's agents: ``agents.dict`` maps agent ids to agents."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_url!r})"
@@ -469,7 +319,7 @@ class Container:
     def base_url(self) -> str:
         """The address of the container: its agents' addresses without the id,
         e.g. ``'tcp://localhost:5555/'``."""
-        return self._aiomas.base_url
+        return self._aiomas.registry.base_url
 
     @property
     def clock(self) -> BaseClock:
@@ -488,9 +338,7 @@ class Container:
     def validate_aid(self, aid: Any) -> str | None:
         """Return the class name of the agent with id *aid*, or ``None`` if
         there is no such agent."""
-        if type(aid) is int:
-            aid = str(aid)
-        agent = self._aiomas.agents.dict.get(aid) if isinstance(aid, str) else None
+        agent = self._aiomas.registry.find(aid)
         return None if agent is None else type(agent).__name__
 
     async def connect(self, url: str, timeout: float | None = 0) -> AgentProxy:  # noqa: ASYNC109
@@ -523,7 +371,7 @@ class Container:
                 network.
             RuntimeError: if this container has been shut down.
         """
-        return await self._aiomas.connect(url, timeout)
+        return await self._aiomas.pool.connect(url, timeout)
 
     @overload
     def shutdown(self, as_coro: Literal[False] = False) -> None: ...
@@ -604,7 +452,16 @@ def _takes_loop(cls: type[Container]) -> bool:
     return len(required) == 4
 
 
-def _state_of(container: Container) -> _ContainerState:
+def state_of(container: Container) -> _ContainerState:
+    """The parts that *container* is made of, for tests and debugging (see the
+    design page of the documentation): ``registry`` (its agents and the
+    connections other containers opened to it), ``pool`` (its connections to
+    other containers, an :class:`aiomas._pool.ConnectionPool`) and ``server``.
+
+    Raises:
+        TypeError: if *container*'s ``__init__`` did not call
+            ``Container.__init__()``.
+    """
     state = getattr(container, "_aiomas", None)
     if not isinstance(state, _ContainerState):
         raise TypeError(
@@ -642,7 +499,7 @@ async def _create(
         # The container is made right after the bind, before the loop runs
         # again: no connection is accepted before it exists.
         if made:
-            _state_of(made[0]).client_connected(channel)
+            state_of(made[0]).registry.client_connected(channel)
         else:
             cast(asyncio.Transport, channel.transport).abort()
 
@@ -650,18 +507,18 @@ async def _create(
     server: asyncio.AbstractServer
     if isinstance(addr, local_queue.LocalQueue):
         server = await channel_mod.start_server(addr, connected, **kwargs)
-        base_url = f"local://{addr.queue_id}/"
+        base_url = local_base_url(addr.queue_id)
     elif isinstance(addr, str | os.PathLike):
         path = os.fspath(addr)
         server = await channel_mod.start_server(path, connected, **kwargs)
-        base_url = _ipc_base_url(path)
+        base_url = ipc_base_url(path)
         socket_file = (path, os.stat(path).st_ino)
     else:
         host, port = addr
         if server_ctx is not None:
             kwargs["ssl"] = server_ctx
         server, port = await _serve_tcp(host, port, connected, kwargs)
-        base_url = _tcp_base_url(host, port)
+        base_url = tcp_base_url(host, port)
     clock = AsyncioClock() if clock is None else clock
     try:
         if _takes_loop(cls):
@@ -669,7 +526,7 @@ async def _create(
             container = cls(base_url, loop, clock, connect_kwargs)
         else:
             container = cls(base_url, clock, connect_kwargs)
-        state = _state_of(container)
+        state = state_of(container)
     except BaseException:
         server.close()
         await server.wait_closed()
@@ -721,57 +578,42 @@ def _remove_socket_file(socket_file: tuple[str, int] | None) -> None:
         pass
 
 
-class _ContainerState:
-    """Everything a :class:`Container` keeps and does besides its public API."""
+class _AgentRegistry:
+    """The agents of a container and the service it offers: the ids and
+    addresses of its agents, the container's router, and the connections that
+    other containers opened to it.
 
-    __slots__ = (
-        "agent_ids",
-        "agents",
-        "base_url",
-        "clock",
-        "connect_kwargs",
-        "connecting",
-        "container",
-        "incoming",
-        "outgoing",
-        "proxies",
-        "server",
-        "shutdown_task",
-        "socket_file",
-    )
+    Args:
+        container: The container: the RPC service of every incoming connection,
+            whose router gets the agents as its sub-service ``agents``.
+        base_url: The address prefix of the container's agents.
+    """
 
-    def __init__(
-        self,
-        container: Container,
-        base_url: str,
-        clock: BaseClock,
-        connect_kwargs: dict[str, Any],
-        agents: rpc.ServiceDict,
-    ) -> None:
+    __slots__ = ("_closed", "_ids", "_incoming", "agents", "base_url", "container")
+
+    def __init__(self, container: Container, base_url: str) -> None:
         self.container = container
         self.base_url = base_url
-        self.clock = clock
-        self.connect_kwargs = connect_kwargs
-        self.agent_ids = itertools.count()
-        self.agents = agents
-        self.server: asyncio.AbstractServer | None = None
-        # Connections to other containers (by their base URL), those being made
-        # right now (shared by concurrent connect() calls), and the cached agent
-        # proxies of each connection.
-        self.outgoing: dict[str, rpc.RpcClient] = {}
-        self.connecting: dict[str, _Attempt] = {}
-        self.proxies: dict[str, weakref.WeakValueDictionary[str, AgentProxy]] = {}
-        # Connections that other containers opened to us.
-        self.incoming: set[rpc.RpcClient] = set()
-        self.shutdown_task: asyncio.Task[None] | None = None
-        # The unix socket file we listen on (path and inode), removed at shutdown.
-        self.socket_file: tuple[str, int] | None = None
+        self.agents = rpc.ServiceDict()
+        container.router.set_sub_router(self.agents.router, "agents")
+        self._ids = itertools.count()
+        self._incoming: set[rpc.RpcClient] = set()
+        self._closed = False
+
+    @property
+    def clients(self) -> frozenset[rpc.RpcClient]:
+        """The open connections that other containers opened to us."""
+        return frozenset(self._incoming)
 
     def register(self, agent: Agent) -> str:
         """Give *agent* the next id, make it reachable via RPC and return its
-        address."""
-        self.check_running()
-        aid = str(next(self.agent_ids))
+        address.
+
+        Raises:
+            RuntimeError: if the registry has been closed.
+        """
+        self._check_open()
+        aid = str(next(self._ids))
         agents = self.agents
         agents.dict[aid] = agent
         # The ServiceDict finds the agent's router in its dict; what it needs
@@ -781,192 +623,78 @@ class _ContainerState:
         router.name = aid
         return self.base_url + aid
 
-    def check_running(self) -> None:
-        if self.shutdown_task is not None:
-            raise RuntimeError(f"{self.container!r} has been shut down")
+    def find(self, aid: Any) -> Agent | None:
+        """The agent with id *aid* (a string, or an int as 2.0.1 sent it), or
+        ``None``."""
+        if type(aid) is int:
+            aid = str(aid)
+        agent = self.agents.dict.get(aid) if isinstance(aid, str) else None
+        return cast(Agent | None, agent)
 
     def client_connected(self, channel: Channel) -> None:
-        if self.shutdown_task is not None:
+        """Serve the container on the new incoming *channel* (abort it once
+        the registry is closed)."""
+        if self._closed:
             cast(asyncio.Transport, channel.transport).abort()
             return
         client = rpc.RpcClient(channel, self.container)
-        self.incoming.add(client)
+        self._incoming.add(client)
         service = client.service
         assert service is not None  # We serve the container to every client.
-        service.add_done_callback(lambda _: self.incoming.discard(client))
+        service.add_done_callback(lambda _: self._incoming.discard(client))
 
-    async def connect(self, url: str, retry_for: float | None) -> AgentProxy:
-        endpoint, aid = parse_url(url)
-        self.check_running()
-        base_url = endpoint.base_url
-        client = self.open_client(base_url)
-        if client is not None:
-            proxy = self.proxies[base_url].get(aid)
-            if proxy is not None:
-                return proxy
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + retry_for + _TIMEOUT_SLACK if retry_for else None
-        bounded = deadline is not None
-        new_client: rpc.RpcClient | None = None
-        try:
-            async with asyncio.timeout_at(deadline):
-                if client is not None:
-                    try:
-                        return await self.proxy_for(client, endpoint, aid, bounded)
-                    except ConnectionResetError as exc:
-                        if exc.__cause__ is not None:
-                            raise  # It died of a timeout or a protocol error.
-                        # The peer closed or reset it, as a container that has
-                        # just exited does: a new attempt tells the caller what
-                        # it meets now (e.g. ConnectionRefusedError), at once.
-                        self.forget(base_url, client)
-                        client = None
-                client = new_client = await self.client_for(endpoint, retry_for)
-                return await self.proxy_for(client, endpoint, aid, bounded)
-        except TimeoutError as exc:
-            if client is None:
-                raise  # Connecting timed out.
-            if new_client is not None:
-                # A peer that does not answer the first call on a new
-                # connection is not worth keeping it open for.
-                cast(asyncio.Transport, new_client.channel.transport).abort()
-                await new_client.close()
-            raise TimeoutError(
-                f"{base_url} did not answer the lookup of agent {aid!r}"
-            ) from exc
+    def close(self) -> asyncio.Future[list[Any]]:
+        """Refuse new agents and connections from now on and close the
+        incoming connections.
 
-    async def proxy_for(
-        self, client: rpc.RpcClient, endpoint: _Endpoint, aid: str, bounded: bool
-    ) -> AgentProxy:
-        """Check that the agent *aid* exists at *client*'s peer; return its
-        (cached) proxy.  Unless the caller *bounded* the time, the lookup is
-        given up after _LOOKUP_TIMEOUT."""
-        base_url = endpoint.base_url
-        lookup = client.remote.validate_aid(aid)
-        type_name = await asyncio.wait_for(lookup, None if bounded else _LOOKUP_TIMEOUT)
-        if type_name is None:
-            raise LookupError(f"There is no agent {aid!r} at {base_url}")
-        proxies = self.proxies.get(base_url)
-        if proxies is None or self.outgoing.get(base_url) is not client:
-            # The connection was lost while we waited: hand out this proxy (its
-            # calls will fail) but do not cache it.
-            return AgentProxy(client.channel, aid, base_url + aid, type_name)
-        proxy = proxies.get(aid)
-        if proxy is None:
-            proxy = AgentProxy(client.channel, aid, base_url + aid, type_name)
-            proxies[aid] = proxy
-        return proxy
+        Returns:
+            A future that is done when they are closed.
+        """
+        self._closed = True
+        clients = list(self._incoming)
+        return asyncio.gather(
+            *(client.close() for client in clients), return_exceptions=True
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.container!r} has been shut down")
+
+
+class _ContainerState:
+    """What a :class:`Container` is made of besides its public API: its agent
+    registry, its connection pool, its server and its shutdown."""
+
+    __slots__ = ("clock", "pool", "registry", "server", "shutdown_task", "socket_file")
+
+    def __init__(
+        self,
+        container: Container,
+        base_url: str,
+        clock: BaseClock,
+        connect_kwargs: dict[str, Any],
+    ) -> None:
+        self.clock = clock
+        self.registry = _AgentRegistry(container, base_url)
+        self.pool = ConnectionPool(container, connect_kwargs, AgentProxy)
+        self.server: asyncio.AbstractServer | None = None
+        # The unix socket file we listen on (path and inode), removed at shutdown.
+        self.socket_file: tuple[str, int] | None = None
+        self.shutdown_task: asyncio.Task[None] | None = None
 
     async def shutdown(self) -> None:
+        """Close the server, the registry and the pool (once)."""
         if self.shutdown_task is None:
-            self.shutdown_task = asyncio.ensure_future(self.close_everything())
+            # Everything refuses new work from here on, at once.
+            server = self.server
+            if server is not None:
+                server.close()
+            closing = asyncio.gather(self.pool.close(), self.registry.close())
+            self.shutdown_task = asyncio.ensure_future(self._finish(closing))
         await asyncio.shield(self.shutdown_task)
 
-    async def close_everything(self) -> None:
-        server = self.server
-        if server is not None:
-            server.close()
-        connecting = [attempt.task for attempt in self.connecting.values()]
-        for task in connecting:
-            task.cancel()
-        clients = [*self.outgoing.values(), *self.incoming]
-        self.outgoing.clear()
-        self.proxies.clear()
-        await asyncio.gather(
-            *connecting,
-            *(client.close() for client in clients),
-            return_exceptions=True,
-        )
-        if server is not None:
-            await server.wait_closed()
+    async def _finish(self, closing: asyncio.Future[Any]) -> None:
+        await closing
+        if self.server is not None:
+            await self.server.wait_closed()
         _remove_socket_file(self.socket_file)
-
-    async def client_for(
-        self, endpoint: _Endpoint, retry_for: float | None
-    ) -> rpc.RpcClient:
-        """Return the connection to the container at *endpoint*, opening it (or
-        joining an attempt in progress) if needed."""
-        base_url = endpoint.base_url
-        client = self.open_client(base_url)
-        if client is not None:
-            return client
-        attempt = self.connecting.get(base_url)
-        if attempt is None:
-            attempt = _Attempt(asyncio.ensure_future(self.open(endpoint, retry_for)))
-            self.connecting[base_url] = attempt
-            attempt.task.add_done_callback(lambda _: self.drop(base_url, attempt))
-        # One caller giving up (e.g. a timeout) must not cancel the others' attempt.
-        attempt.waiters += 1
-        try:
-            return await asyncio.shield(attempt.task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if attempt.task.cancelled() and not (current and current.cancelling()):
-                # shutdown() cancelled the attempt, not our caller.
-                self.check_running()
-            raise
-        finally:
-            attempt.waiters -= 1
-            if not attempt.waiters and not attempt.task.done():
-                # Everybody gave up: stop it, so that the next connect() starts
-                # afresh instead of joining an attempt that may hang for minutes.
-                self.drop(base_url, attempt)
-                attempt.task.cancel()
-
-    def drop(self, base_url: str, attempt: _Attempt) -> None:
-        if self.connecting.get(base_url) is attempt:
-            del self.connecting[base_url]
-
-    async def open(self, endpoint: _Endpoint, retry_for: float | None) -> rpc.RpcClient:
-        kwargs = self.connect_kwargs
-        if not isinstance(endpoint.addr, tuple):
-            kwargs = {k: v for k, v in kwargs.items() if k != "ssl"}
-        client = await rpc.open_connection(
-            endpoint.addr, rpc_service=self.container, timeout=retry_for, **kwargs
-        )
-        if self.shutdown_task is not None:
-            await client.close()
-            self.check_running()
-        base_url = endpoint.base_url
-        existing = self.open_client(base_url)
-        if existing is not None:
-            # An attempt that was given up finished after all while a new one
-            # succeeded (Python 3.11's wait_for() may swallow the cancel):
-            # keep one connection.
-            await client.close()
-            return existing
-        logger.info(
-            "%s connected to the container %s",
-            self.container,
-            base_url,
-            extra={"peer": client.channel.peername, "container": base_url},
-        )
-        self.outgoing[base_url] = client
-        self.proxies[base_url] = weakref.WeakValueDictionary()
-        service = client.service
-        assert service is not None  # We serve the container to the peer.
-        service.add_done_callback(lambda _: self.forget(base_url, client))
-        return client
-
-    def open_client(self, base_url: str) -> rpc.RpcClient | None:
-        """Our connection to the container at *base_url*, if there is one that
-        is open.  One that is closing is forgotten now: a caller that has just
-        seen its calls fail may connect again before it is forgotten anyway."""
-        client = self.outgoing.get(base_url)
-        if client is not None and client.channel.transport.is_closing():
-            self.forget(base_url, client)
-            return None
-        return client
-
-    def forget(self, base_url: str, client: rpc.RpcClient) -> None:
-        """Drop a closed connection, so that the next connect() opens a new one."""
-        if self.outgoing.get(base_url) is client:
-            del self.outgoing[base_url]
-            del self.proxies[base_url]
-            if self.shutdown_task is None:
-                logger.info(
-                    "%s lost its connection to the container %s",
-                    self.container,
-                    base_url,
-                    extra={"peer": client.channel.peername, "container": base_url},
-                )
