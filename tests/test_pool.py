@@ -24,6 +24,7 @@ from aiomas import protocol, rpc
 from aiomas._addresses import parse_url
 from aiomas._pool import ConnectionPool
 from aiomas.agent import AgentProxy
+from aiomas.testing import TIME_UNIT
 
 from .helpers import black_hole
 
