@@ -325,6 +325,59 @@ def test_packer_is_reusable_after_a_failure(codec_cls: type[Codec]) -> None:
     assert MsgPack().encode([3]) == b"\x91\x03"
 
 
+@pytest.mark.parametrize("codec_cls", [JSON, MsgPack])
+def test_decoding_goes_on_after_a_failure(codec_cls: type[Codec]) -> None:
+    """A message that does not decode leaves nothing behind for the next one,
+    and the errors say what is wrong."""
+
+    class Boom(Exception):
+        pass
+
+    codec = codec_cls()
+
+    def deserialize(value: Any) -> Any:
+        if value == "boom":
+            raise Boom
+        return value
+
+    codec.add_serializer(Boom, lambda obj: "boom", deserialize)
+    good = codec.encode([1, "x"])
+    for bad, expected in [
+        (good + good, "ExtraData" if codec_cls is MsgPack else "Extra data"),
+        (good[:-1], "Cannot decode"),
+        (b"\xc1" if codec_cls is MsgPack else b"[1, 2", "Cannot decode"),
+    ]:
+        with pytest.raises(SerializationError, match=expected):
+            codec.decode(bad)
+        assert as_lists(codec.decode(good)) == [1, "x"]
+    with pytest.raises(SerializationError, match="Deserializing type id 0 failed"):
+        codec.decode(codec.encode([Boom()]))
+    assert as_lists(codec.decode(good)) == [1, "x"]
+    # Other codecs of the thread are not disturbed either.
+    assert as_lists(codec_cls().decode(good)) == [1, "x"]
+
+
+def test_json_decodes_whitespace_around_the_value_as_json_loads_does() -> None:
+    codec = JSON()
+    for text in [b' [1, "a"]', b'[1, "a"]\n', b'\t[1,"a"] ']:
+        assert codec.decode(text) == json.loads(text) == [1, "a"]
+    with pytest.raises(SerializationError, match="Expecting value"):
+        codec.decode(b"  ")
+
+
+def test_json_finds_circular_references_after_a_failure() -> None:
+    """The encoder keeps the containers it is in while it encodes; a failed
+    call must not leave them behind (or a later message would look circular)."""
+    codec = JSON()
+    inner: list[Any] = [1]
+    for _ in range(3):
+        with pytest.raises(SerializationError):
+            codec.encode([inner, {"a": inner}, object()])
+        assert codec.encode([inner, {"a": inner}]) == b'[[1], {"a": [1]}]'
+    with pytest.raises(SerializationError, match="Circular reference"):
+        codec.encode(_circular())
+
+
 def test_msgpack_codecs_do_not_keep_big_buffers_each() -> None:
     """All MsgPack codecs of a thread share one packer: 500 connections that
     each sent a 1 MiB message hold about 2 MiB, not 500 times that."""

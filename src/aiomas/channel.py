@@ -684,36 +684,49 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         assert channel is not None
         if type(events) is tuple:
             # The event of a lone frame (see Connection.buffer_updated): a
-            # reply to it was written at once (see flush()).
+            # reply to it is written at once (see flush()).
             (event,) = events
-            if type(event) is ProtocolViolation:
+            if type(event) is ResultReceived:
+                # The reply to one of our calls, the most common event: done
+                # here as Channel.event_received() does, without the call.
+                future = event.token
+                if not future.done():
+                    future.set_result(event.content)
+            elif type(event) is ProtocolViolation:
                 self._fail(event.error)
                 return
-            channel.event_received(event)
-        else:
-            self._dispatch(channel, events)
+            else:
+                channel.event_received(event)
+        elif not self._dispatch(channel, events):
+            return
         if self.core.bytes_to_send:
             self._write_out()  # (failure replies that the core sent itself)
         if self.writing_paused or self.reading_paused:
             self.update_reading()
 
-    def _dispatch(self, channel: Channel, events: Iterable[Event]) -> None:
+    def _dispatch(self, channel: Channel, events: Iterable[Event]) -> bool:
         """Dispatch the events of several frames; their replies leave together
-        (see flush())."""
+        (see flush()).  Return ``False`` if the peer broke the protocol."""
         core = self.core
         self._dispatching = True
         try:
             for event in events:
-                if type(event) is ProtocolViolation:
+                if type(event) is ResultReceived:  # (as in _handle())
+                    future = event.token
+                    if not future.done():
+                        future.set_result(event.content)
+                elif type(event) is ProtocolViolation:
                     self._fail(event.error)
-                    return
-                channel.event_received(event)
-                if core.bytes_to_send > JOINED_WRITE_LIMIT:
-                    # Hand it over now: the transport may pause writing, and
-                    # then the rest of the requests are held back.
-                    self._write_out()
+                    return False
+                else:
+                    channel.event_received(event)
+                    if core.bytes_to_send > JOINED_WRITE_LIMIT:
+                        # Hand it over now: the transport may pause writing,
+                        # and then the rest of the requests are held back.
+                        self._write_out()
         finally:
             self._dispatching = False
+        return True
 
     def flush(self) -> None:
         """Write what the core has to send -- unless more frames of the read

@@ -286,6 +286,8 @@ class JSON(Codec):
         # every call; each message goes through here, so build them once.
         self._encoder = json.JSONEncoder(default=self.serialize_obj)
         self._decoder = json.JSONDecoder(object_hook=self.deserialize_obj)
+        # The decoder's scanner (not in typeshed): decode() calls it.
+        self._scan_once: Callable[[str, int], tuple[Any, int]] = self._decoder.scan_once  # type: ignore[attr-defined]
         # JSONEncoder.encode() builds its C encoder anew for every call; this
         # one is built once, with what json.dumps() uses by default.  The
         # containers being encoded are in _markers (to find circular
@@ -340,7 +342,19 @@ class JSON(Codec):
                 nested, or if a deserializer fails.
         """
         try:
-            return self._decoder.decode(str(data, "utf-8"))
+            text = str(data, "utf-8")
+            # JSONDecoder.decode() in short (and without its two Python
+            # frames): what we and json.dumps() write has no whitespace around
+            # the value; anything else takes the long way, which also makes
+            # the error messages.
+            try:
+                value, end = self._scan_once(text, 0)
+            except StopIteration:
+                pass
+            else:
+                if end == len(text):
+                    return value
+            return self._decoder.decode(text)
         except (ValueError, TypeError, RecursionError) as exc:
             raise SerializationError(f"Cannot decode JSON: {exc}") from exc
 
@@ -413,7 +427,10 @@ class MsgPack(Codec):
             packer = shared.packer = self._new_packer(shared.serialize)
         shared.codec = self
         try:
-            packed = self._pack(packer, data)
+            packed: bytes = packer.pack(data)
+        except BaseException as exc:
+            self._pack_failed(packer, data, exc)
+            raise
         finally:
             shared.codec = None
         if len(packed) > _PACKER_KEEP:
@@ -426,15 +443,24 @@ class MsgPack(Codec):
         try:
             packed: bytes = packer.pack(data)
         except BaseException as exc:
-            # A half-packed message must not stay in the buffer and become the
-            # start of the next one (recent msgpack versions also do this).
-            packer.reset()
-            if isinstance(exc, _ENCODE_ERRORS):
-                raise SerializationError(
-                    f"Cannot encode {_quote(data)} with msgpack: {exc}"
-                ) from exc
+            self._pack_failed(packer, data, exc)
             raise
         return packed
+
+    def _pack_failed(self, packer: Any, data: Any, exc: BaseException) -> None:
+        """Clean up after *packer* failed to pack *data* with *exc*.
+
+        Raises:
+            SerializationError: if *exc* is an encoding error (else the caller
+                raises *exc* itself).
+        """
+        # A half-packed message must not stay in the buffer and become the
+        # start of the next one (recent msgpack versions also do this).
+        packer.reset()
+        if isinstance(exc, _ENCODE_ERRORS):
+            raise SerializationError(
+                f"Cannot encode {_quote(data)} with msgpack: {exc}"
+            ) from exc
 
     def decode(self, data: bytes | bytearray | memoryview) -> Any:
         """Decode the msgpack data *data*.

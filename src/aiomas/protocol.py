@@ -156,6 +156,7 @@ Event: TypeAlias = (
 _Chunk: TypeAlias = "bytes | bytearray | memoryview"
 
 _pack_header = HEADER.pack
+_SEQUENCES: Final = (list, tuple)  # what codecs decode a message to
 
 # The two events of every call are made as instances of a twin class without
 # the frozen dataclass' __setattr__ (so setting their slots is as cheap as it
@@ -425,7 +426,7 @@ class Connection:
                 message = self._decode(payload)
             except Exception as exc:
                 return self._content_not_decodable(payload, exc)
-            if type(message) not in (list, tuple) or len(message) != 3:
+            if type(message) not in _SEQUENCES or len(message) != 3:
                 return self._invalid_message(message)
             msg_type, msg_id, content = message
             if type(msg_id) is not int or type(msg_type) is not int:
@@ -652,9 +653,12 @@ class Connection:
         if not out:
             return []
         self._out = []
+        size = self.bytes_to_send
         self.bytes_to_send = 0
         if len(out) == 1:
             return out
+        if size <= JOIN_LIMIT:  # (so none of them is big)
+            return [b"".join(out)]
         chunks: list[_Chunk] = []
         group: list[_Chunk] = []
         size = 0

@@ -347,15 +347,18 @@ def _answer(request: Request, msg_type: int, content: Any) -> None:
         )
 
 
+_SEQUENCES: Final = (list, tuple)
+
+
 def _parse_call(content: Any) -> tuple[str, Iterable[Any], Mapping[str, Any]]:
-    if (
-        type(content) in (list, tuple)
-        and len(content) == 3
-        and isinstance(content[0], str)
-        and type(content[1]) in (list, tuple)
-        and isinstance(content[2], dict)
-    ):
-        return content[0], content[1], content[2]
+    if type(content) in _SEQUENCES and len(content) == 3:
+        path, args, kwargs = content
+        if (
+            isinstance(path, str)
+            and type(args) in _SEQUENCES
+            and isinstance(kwargs, dict)
+        ):
+            return path, args, kwargs
     raise ValueError(
         "An RPC request must be [path, args, kwargs], got "
         f"{protocol.abbreviate(content)}"
