@@ -122,4 +122,4 @@ def test_agent_re_exports_the_address_functions() -> None:
     _get_base_url of aiomas 2.0.1) are these functions."""
     assert agent.parse_url is _addresses.parse_url
     assert agent.split_host_port is _addresses.split_host_port
-    assert agent._get_base_url is _addresses.base_url_of
+    assert agent._get_base_url is _addresses.base_url_of  # noqa: SLF001 (2.0.1 name)
