@@ -17,10 +17,16 @@ import pytest
 import aiomas
 from aiomas import protocol, wire
 from aiomas.channel import Channel, ChannelProtocol, Request
-from aiomas.exceptions import ProtocolError, RemoteException, SerializationError
+from aiomas.exceptions import (
+    ConnectionLostError,
+    ProtocolError,
+    ProtocolResetError,
+    RemoteException,
+    SerializationError,
+)
 from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
-from .conftest import Endpoint, TLSFiles
+from .conftest import Endpoint, TLSFiles, ipv6_available
 from .helpers import (
     aiomas_records,
     black_hole,
@@ -994,3 +1000,83 @@ async def test_a_request_that_could_not_be_written_waits_for_nothing() -> None:
         await channel.close()
         server.close()
         await server.wait_closed()
+
+
+# A clean close and a broken connection.
+
+
+async def test_a_clean_close_fails_calls_with_connection_reset_error() -> None:
+    _, transport, channel = recording_protocol()
+    call = channel.send("ping")
+    transport.lose_connection()  # the peer closed it, without an error
+    with pytest.raises(ConnectionResetError) as info:
+        await call
+    assert type(info.value) is ConnectionResetError
+    assert info.value.__cause__ is None
+    with pytest.raises(ConnectionResetError) as later:
+        channel.send("again")
+    assert type(later.value) is ConnectionResetError
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionResetError(104, "reset"), TimeoutError(110, "timed out")]
+)
+async def test_a_broken_connection_fails_calls_with_connection_lost_error(
+    error: OSError,
+) -> None:
+    protocol, transport, channel = recording_protocol()
+    call = channel.send("ping")
+    request_of_peer: list[Request] = []
+    channel.set_request_handler(request_of_peer.append)
+    protocol.data_received(frames([0, 0, "theirs"]))
+    transport.lose_connection(error)
+    for raised in [call, channel.recv(), request_of_peer[0].reply("late")]:
+        with pytest.raises(ConnectionLostError) as info:
+            await raised
+        assert isinstance(info.value, ConnectionResetError)
+        assert isinstance(info.value, aiomas.AiomasError)
+        assert info.value.__cause__ is error
+        assert repr(error) in str(info.value)
+    with pytest.raises(ConnectionLostError):
+        channel.send("again")
+    assert channel.closed
+
+
+async def test_a_protocol_error_is_a_broken_connection_too() -> None:
+    protocol, transport, channel = recording_protocol()
+    call = channel.send("ping")
+    protocol.data_received(frames([7, 0, None]))  # an unknown message type
+    with pytest.raises(ProtocolResetError) as info:
+        await call
+    assert isinstance(info.value, ConnectionLostError)
+    assert isinstance(info.value, RuntimeError)
+    assert isinstance(info.value.__cause__, ProtocolError)
+    transport.lose_connection()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+async def test_a_connection_reset_by_the_peer_is_lost(
+    family: socket.AddressFamily,
+) -> None:
+    """The peer resets the connection (SO_LINGER 0, as a crashed host's
+    stack or a firewall does): the call in flight gets a ConnectionLostError
+    whose cause is the ConnectionResetError of the socket."""
+    if family == socket.AF_INET6 and not ipv6_available():
+        pytest.skip("no IPv6 on this machine")
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+
+    async def reset(channel: Channel) -> None:
+        await channel.recv()
+        sock = channel.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        cast(asyncio.Transport, channel.transport).abort()
+
+    server = await aiomas.channel.start_server((host, 0), reset)
+    port = server.sockets[0].getsockname()[1]
+    channel = await aiomas.channel.open_connection((host, port))
+    with pytest.raises(ConnectionLostError) as info:
+        await asyncio.wait_for(channel.send("ping"), 1000 * TIME_UNIT)
+    assert type(info.value.__cause__) is ConnectionResetError
+    await channel.close()
+    server.close()
+    await server.wait_closed()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from aiomas import protocol, rpc
 from aiomas._addresses import parse_url
 from aiomas._pool import ConnectionPool
 from aiomas.agent import AgentProxy
+from aiomas.exceptions import ProtocolResetError
 from aiomas.testing import TIME_UNIT
 
 from .helpers import black_hole
@@ -70,6 +72,7 @@ async def peer() -> AsyncIterator[aiomas.Container]:
 # or one of these.
 IGNORE = "ignore"  # never answer
 HANG_UP = "hang up"  # close the connection
+RESET = "reset"  # reset the connection (SO_LINGER 0)
 GARBAGE = "garbage"  # send bytes that break the protocol
 REFUSE = "refuse"  # stop listening, then hang up
 
@@ -115,6 +118,10 @@ class _ScriptedProtocol(asyncio.Protocol):
                 continue
             if step == GARBAGE:
                 self.transport.write(b"\xff\xff\xff\xffgarbage")
+            elif step == RESET:
+                sock = self.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01" + bytes(7))
+                self.transport.abort()
             elif step in (HANG_UP, REFUSE):
                 if step == REFUSE:
                     assert self.peer.server is not None
@@ -300,6 +307,18 @@ async def test_a_connection_the_peer_closed_is_replaced_once() -> None:
         assert pool.cached_proxies(peer.base_url()) == [proxy]
 
 
+async def test_a_connection_the_peer_reset_is_replaced_once() -> None:
+    """A reset (the call fails with ConnectionLostError, whose cause is the
+    socket's ConnectionResetError) counts as the peer going away too."""
+    async with pool_and_scripted_peer("Callee", RESET, "Callee") as (pool, peer):
+        await pool.connect(peer.url(0), 0)
+        (first,) = pool.clients.values()
+        await pool.connect(peer.url(1), 0)
+        assert peer.connections == 2
+        (second,) = pool.clients.values()
+        assert second is not first
+
+
 async def test_the_new_attempt_reports_a_refused_connection() -> None:
     async with pool_and_scripted_peer("Callee", REFUSE) as (pool, peer):
         await pool.connect(peer.url(0), 0)
@@ -311,7 +330,7 @@ async def test_the_new_attempt_reports_a_refused_connection() -> None:
 async def test_a_connection_broken_by_a_protocol_error_is_not_retried() -> None:
     async with pool_and_scripted_peer("Callee", GARBAGE) as (pool, peer):
         await pool.connect(peer.url(0), 0)
-        with pytest.raises(ConnectionResetError) as info:
+        with pytest.raises(ProtocolResetError) as info:
             await pool.connect(peer.url(1), 0)
         assert info.value.__cause__ is not None
         assert peer.connections == 1

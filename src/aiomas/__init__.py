@@ -22,6 +22,7 @@ from aiomas.clocks import AsyncioClock, BaseClock, ExternalClock
 from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
 from aiomas.exceptions import (
     AiomasError,
+    ConnectionLostError,
     DecodeError,
     ProtocolError,
     ProtocolResetError,
@@ -45,6 +46,7 @@ __all__ = [
     "AiomasError",
     "AsyncioClock",
     "BaseClock",
+    "ConnectionLostError",
     "Container",
     "DecodeError",
     "ExternalClock",

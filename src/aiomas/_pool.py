@@ -36,6 +36,14 @@ end by *T* with their own error; this bounds whatever comes after them."""
 _P = TypeVar("_P", bound=rpc.Proxy)
 
 
+def _ended_by_the_peer(exc: ConnectionResetError) -> bool:
+    """Whether *exc*, the error of a call on a connection that ended, says
+    that the peer closed or reset it (not that it died of a timeout, a TLS
+    error or a protocol error)."""
+    cause = exc.__cause__
+    return cause is None or isinstance(cause, ConnectionResetError | BrokenPipeError)
+
+
 class _Attempt:
     """A connection attempt and how many connect() calls wait for it."""
 
@@ -123,7 +131,7 @@ class ConnectionPool(Generic[_P]):
                     try:
                         return await self._lookup(client, endpoint, aid, bounded)
                     except ConnectionResetError as exc:
-                        if exc.__cause__ is not None:
+                        if not _ended_by_the_peer(exc):
                             raise  # It died of a timeout or a protocol error.
                         # The peer closed or reset it, as a container that has
                         # just exited does: a new attempt tells the caller what

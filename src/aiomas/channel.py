@@ -32,6 +32,7 @@ from aiomas._connect import (
 from aiomas._guards import guarded, stops_the_process, without_tracebacks
 from aiomas.codecs import JSON, Codec
 from aiomas.exceptions import (
+    ConnectionLostError,
     ProtocolError,
     ProtocolResetError,
     RemoteException,
@@ -405,23 +406,12 @@ class Channel:
 
     def connection_error(self) -> ConnectionResetError:
         """The error that calls on this channel raise once it is closed: a
+        :class:`ConnectionResetError` if it was closed cleanly, a
+        :class:`~aiomas.exceptions.ConnectionLostError` if the transport
+        reported an error (its ``__cause__``), a
         :class:`~aiomas.exceptions.ProtocolResetError` if a protocol error
-        ended it (its ``__cause__``), else a :class:`ConnectionResetError`."""
-        cause = self._closed_error
-        error: ConnectionResetError
-        if isinstance(cause, ProtocolError):
-            error = ProtocolResetError(
-                f"Connection to {self._peername} closed: {cause}"
-            )
-        elif isinstance(cause, _UnansweredClose):
-            error = ConnectionResetError(
-                f"Connection to {self._peername} closed: {cause}"
-            )
-        else:
-            error = ConnectionResetError(f"Connection to {self._peername} closed")
-        if cause is not None and not isinstance(cause, ConnectionResetError):
-            error.__cause__ = cause
-        return error
+        ended it (its ``__cause__``)."""
+        return _closed_error(self._closed_error, f"Connection to {self._peername}")
 
     # What ChannelProtocol tells the channel.
 
@@ -517,6 +507,30 @@ class _UnansweredClose(ConnectionResetError):
     as it does when it cannot decode them."""
 
 
+class _CleanClose(ConnectionResetError):
+    """The connection was closed, by us or by the peer, without an error."""
+
+
+def _closed_error(reason: BaseException | None, what: str) -> ConnectionResetError:
+    """The error for a call on a connection (*what*, for the message) that
+    ended for *reason* (see Channel.connection_error())."""
+    if isinstance(reason, ProtocolError):
+        error: ConnectionResetError = ProtocolResetError(f"{what} closed: {reason}")
+    elif isinstance(reason, _UnansweredClose):
+        lost = reason.__cause__  # the transport's error, if it reported one
+        if lost is None:
+            return ConnectionResetError(f"{what} closed: {reason}")
+        error = ConnectionLostError(f"{what} lost: {lost!r}: {reason}")
+        error.__cause__ = lost
+        return error
+    elif reason is None or isinstance(reason, _CleanClose):
+        return ConnectionResetError(f"{what} closed")
+    else:
+        error = ConnectionLostError(f"{what} lost: {reason!r}")
+    error.__cause__ = reason
+    return error
+
+
 class ChannelProtocol(asyncio.BufferedProtocol):
     """The asyncio protocol that connects a transport with a :class:`Channel`.
 
@@ -574,7 +588,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._dispatching = False  # handling the events of one read
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # the peer's protocol error
+        self._end: BaseException | None = None  # why the connection ended
         self._peer_closed = False  # (see _unanswered_close())
 
     @property
@@ -592,12 +607,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         channel = self.channel
         if channel is not None and channel.closed:
             return channel.connection_error()
-        error = self._error
-        if isinstance(error, ProtocolError):
-            reset = ProtocolResetError(f"Connection closed: {error}")
-            reset.__cause__ = error
-            return reset
-        return ConnectionResetError("Connection closed")
+        return _closed_error(self._error or self._end, "Connection")
 
     def is_closed(self) -> bool:
         """Whether the connection has been lost."""
@@ -786,9 +796,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         unanswered = self._unanswered_close(exc)
         if self._error is None:  # (Protocol errors were logged already.)
             self._log_close(exc, unanswered)
-        reason: BaseException = (
-            self._error or unanswered or exc or ConnectionResetError()
-        )
+        reason: BaseException = self._error or unanswered or exc or _CleanClose()
+        self._end = without_tracebacks(reason)
         channel = self._channel
         if channel is not None:
             channel.connection_lost(reason)
@@ -804,7 +813,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_exception(ConnectionResetError("Connection closed"))
+                waiter.set_exception(self.connection_error())
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -831,7 +840,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         )
         if self.transport is not None and self.transport.get_extra_info("ssl_object"):
             text += ", or else it may have refused our TLS certificate"
-        return _UnansweredClose(text)
+        unanswered = _UnansweredClose(text)
+        unanswered.__cause__ = exc
+        return unanswered
 
     def _log_close(self, exc: Exception | None, hint: Exception | None) -> None:
         peer = self.channel.peername if self.channel is not None else None
@@ -904,7 +915,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             ConnectionResetError: if the connection is closed.
         """
         if self._closed.done():
-            raise ConnectionResetError("Connection closed")
+            raise self.connection_error()
         if not self.writing_paused:
             return
         waiter = self._loop.create_future()

@@ -8,17 +8,28 @@ Every error that aiomas defines derives from :class:`AiomasError`:
     ├── RemoteException      the peer raised an error while handling our request
     ├── SerializationError   we were asked to encode something the codec cannot
     │   └── DecodeError      what the peer sent cannot be decoded (its error)
+    ├── ConnectionLostError  the connection broke (a network or transport error,
+    │   │                    not a clean close): also a ConnectionResetError
+    │   └── ProtocolResetError  it was cut because the peer broke the protocol
     └── ProtocolError        the peer sent bytes that break the wire protocol
         │                    (also a RuntimeError, as aiomas 1.x raised for it)
-        └── ProtocolResetError  the connection was closed for that: also a
-                                ConnectionResetError
+        └── ProtocolResetError  (the same class as above)
 
-A connection that ends while requests are in flight fails them with the built-in
-:class:`ConnectionResetError`.  When a :class:`ProtocolError` ended it, they (and
-every later ``send()`` or ``recv()``) get a :class:`ProtocolResetError`, which
-``except ConnectionError`` and ``except RuntimeError`` (what the 1.0.3
-documentation promises for "an invalid message type was received") both catch;
-the :class:`ProtocolError` is its ``__cause__``.
+A connection that ends while requests are in flight fails them, and every later
+``send()`` or ``recv()`` on it, with a :class:`ConnectionResetError`:
+
+* the built-in :class:`ConnectionResetError` itself if it was closed cleanly
+  (by either side);
+* a :class:`ConnectionLostError` if it broke: the transport reported an error
+  (the peer reset it, a timeout of dead-peer detection, a TLS error), which is
+  its ``__cause__``;
+* a :class:`ProtocolResetError` if this side cut it because the peer broke the
+  protocol; the :class:`ProtocolError` is its ``__cause__``.
+
+So ``except ConnectionError`` (or ``ConnectionResetError``) handles them all,
+``except ConnectionLostError`` only the connections that did not end cleanly,
+and ``except RuntimeError`` (what the 1.0.3 documentation promises for "an
+invalid message type was received") catches a :class:`ProtocolResetError`.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from typing import Any
 
 __all__ = [
     "AiomasError",
+    "ConnectionLostError",
     "DecodeError",
     "ProtocolError",
     "ProtocolResetError",
@@ -78,12 +90,24 @@ class ProtocolError(AiomasError, RuntimeError):
     """
 
 
-class ProtocolResetError(ProtocolError, ConnectionResetError):
+class ConnectionLostError(AiomasError, ConnectionResetError):
+    """The connection broke: the transport reported an error (the peer reset
+    it, dead-peer detection timed out, a TLS error, ...), which is the
+    ``__cause__``.  A clean close raises the built-in
+    :class:`ConnectionResetError` instead.
+
+    Raised by calls in flight on that connection and by every later
+    ``send()`` and ``recv()`` on it.
+    """
+
+
+class ProtocolResetError(ProtocolError, ConnectionLostError):
     """The connection was closed because the peer violated the wire protocol.
 
     Raised by calls in flight on that connection and by every later
-    ``send()`` and ``recv()`` on it.  It is a :class:`ConnectionResetError` (so
-    code that handles lost connections handles it) and a :class:`ProtocolError`
-    (so also a :class:`RuntimeError`, as the 1.0.3 documentation promises).  The
-    :class:`ProtocolError` that ended the connection is its ``__cause__``.
+    ``send()`` and ``recv()`` on it.  It is a :class:`ConnectionLostError` (so
+    a :class:`ConnectionResetError`: code that handles lost connections
+    handles it) and a :class:`ProtocolError` (so also a :class:`RuntimeError`,
+    as the 1.0.3 documentation promises).  The :class:`ProtocolError` that
+    ended the connection is its ``__cause__``.
     """
