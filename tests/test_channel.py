@@ -19,6 +19,7 @@ from aiomas import protocol, wire
 from aiomas.channel import Channel, ChannelProtocol, Request
 from aiomas.exceptions import (
     ConnectionLostError,
+    DecodeError,
     ProtocolError,
     ProtocolResetError,
     RemoteException,
@@ -857,6 +858,12 @@ def recording_protocol() -> tuple[ChannelProtocol, FakeTransport, Channel]:
     return protocol, transport, protocol.channel
 
 
+def messages_written(transport: FakeTransport) -> list[Any]:
+    """Decode the JSON frames written to *transport*."""
+    codec = aiomas.JSON()
+    return [codec.decode(p) for p in wire.FrameReader().feed(transport.written)]
+
+
 def frames(*messages: Any) -> bytes:
     codec = aiomas.JSON()
     return b"".join(wire.frame(codec.encode(m)) for m in messages)
@@ -1036,7 +1043,7 @@ async def test_a_broken_connection_fails_calls_with_connection_lost_error(
         assert isinstance(info.value, ConnectionResetError)
         assert isinstance(info.value, aiomas.AiomasError)
         assert info.value.__cause__ is error
-        assert repr(error) in str(info.value)
+        assert str(error) in str(info.value)
     with pytest.raises(ConnectionLostError):
         channel.send("again")
     assert channel.closed
@@ -1080,3 +1087,106 @@ async def test_a_connection_reset_by_the_peer_is_lost(
     await channel.close()
     server.close()
     await server.wait_closed()
+
+
+# Every kind of event, on a fake transport.
+
+
+async def test_failure_and_undecodable_replies_fail_only_their_call() -> None:
+    protocol, transport, channel = recording_protocol()
+    failing, undecodable, fine = (channel.send(i) for i in range(3))
+    protocol.data_received(
+        frames([2, 0, "Traceback: boom"], [1, 1, {"__type__": [9, 1]}], [1, 2, "ok"])
+    )
+    with pytest.raises(RemoteException, match="boom") as remote:
+        await failing
+    assert remote.value.origin == ("peer", 1)
+    with pytest.raises(DecodeError, match="Unknown type id 9"):
+        await undecodable
+    assert await fine == "ok"
+    assert not channel.closed
+    # A reply that nobody waits for any more is dropped quietly.
+    late = channel.send("late")
+    late.cancel()
+    protocol.data_received(frames([2, 3, "too late"]))
+    assert channel.waiting_for_replies == 0
+    transport.lose_connection()
+
+
+async def test_requests_the_core_answers_itself_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiomas.channel")
+    protocol, transport, channel = recording_protocol()
+    protocol.data_received(frames([0, 5, {"__type__": [9, 1]}], [0, 6]))
+    replies = [m[:2] for m in messages_written(transport)]
+    assert replies == [[2, 5], [2, 6]]
+    records = {r.getMessage(): r.levelno for r in aiomas_records(caplog, 0)}
+    assert records["Request 6 from ('peer', 1) is malformed"] == logging.DEBUG
+    (undecodable,) = [m for m in records if m.startswith("Request 5 from")]
+    assert "Unknown type id 9" in undecodable
+    assert records[undecodable] == logging.WARNING
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(channel.recv(), 10 * TIME_UNIT)  # nothing queued
+    transport.lose_connection()
+
+
+async def test_held_requests_are_delivered_when_writing_resumes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    protocol, transport, channel = recording_protocol()
+    handled: list[Request] = []
+    channel.set_request_handler(handled.append)
+    protocol.pause_writing()
+    limit = aiomas.protocol.MAX_HELD_REQUESTS
+    protocol.data_received(frames(*([0, i, i] for i in range(limit + 2))))
+    assert handled == []
+    refused = [m for m in messages_written(transport) if m[0] == 2]
+    assert [m[1] for m in refused] == [limit, limit + 1]
+    (warning,) = [r.getMessage() for r in aiomas_records(caplog, logging.WARNING)]
+    assert warning.startswith("Refusing requests from ('peer', 1)")
+    protocol.resume_writing()
+    await settle()
+    assert [r.message_id for r in handled] == list(range(limit))
+    transport.lose_connection()
+
+
+async def test_replies_to_a_big_batch_leave_in_chunks_of_the_write_limit() -> None:
+    protocol, transport, channel = recording_protocol()
+    big = "x" * (aiomas.protocol.JOINED_WRITE_LIMIT // 3)
+    channel.set_request_handler(lambda req: req.reply_nowait(big))
+    protocol.data_received(frames(*([0, i, None] for i in range(6))))
+    assert len(transport.writes) > 1
+    assert len(messages_written(transport)) == 6
+    transport.lose_connection()
+
+
+async def test_a_connection_that_does_not_close_is_aborted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Stuck(FakeTransport):
+        def close(self) -> None:
+            pass  # (a peer that never acknowledges the close)
+
+    monkeypatch.setattr(aiomas.channel, "_CLOSE_TIMEOUT", 10 * TIME_UNIT)
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = Stuck(protocol)
+    assert protocol.channel is not None
+    await protocol.channel.close()
+    assert transport.aborted
+    (warning,) = [r.getMessage() for r in aiomas_records(caplog, logging.WARNING)]
+    assert warning.startswith("Aborting connection to ('peer', 1)")
+
+
+async def test_a_transport_without_abort_is_closed_after_a_violation() -> None:
+    class NoAbort(FakeTransport):
+        abort = None  # type: ignore[assignment]
+
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = NoAbort(protocol)
+    protocol.data_received(frames([7, 0, None]))
+    assert transport.is_closing()
+    await settle()
+    assert protocol.is_closed()
+    with pytest.raises(ProtocolResetError):
+        await protocol.write(b"\0\0\0\1", b"x")

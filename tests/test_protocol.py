@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import struct
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,45 @@ def test_small_frames_are_joined_and_big_payloads_are_chunks_of_their_own() -> N
         big_frame[4:],
         jframe([1, 4, "small"]),
     ]
+
+
+def test_a_big_request_is_a_chunk_of_its_own() -> None:
+    conn = Connection(JSON())
+    big = "x" * (protocol.JOIN_LIMIT + 10)
+    conn.send_request("small")
+    conn.send_request(big)
+    frame = jframe([0, 1, big])
+    assert conn.data_to_send() == [jframe([0, 0, "small"]) + frame[:4], frame[4:]]
+    assert conn.waiting_for_replies == 2
+
+
+def test_the_table_of_pending_requests_shrinks_after_a_burst() -> None:
+    """Python dicts keep their size when emptied: after 10,000 calls at once
+    the core must not hold a table for 10,000 (about 300 kB) while idle."""
+    conn, peer = connection_pair()
+    tracemalloc.start()
+    try:
+        for i in range(10_000):
+            conn.send_request(i, token=i)
+        for event in transfer(conn, peer):
+            assert isinstance(event, RequestReceived)
+            peer.send_result(event.message_id, None)
+        assert len(transfer(peer, conn)) == 10_000
+        assert conn.waiting_for_replies == 0
+        # (The receive buffers, which are kept on purpose, are the reader's.)
+        held = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, protocol.__file__)]
+        )
+        assert sum(stat.size for stat in held.statistics("filename")) < 10_000
+    finally:
+        tracemalloc.stop()
+    # One call at a time never grows it, and goes on working.
+    for i in range(200):
+        conn.send_request(i, token=i)
+        (request,) = transfer(conn, peer)
+        assert isinstance(request, RequestReceived)
+        peer.send_result(request.message_id, i)
+        assert transfer(peer, conn) == [ResultReceived(request.message_id, i, token=i)]
 
 
 def test_joined_chunks_stay_below_the_write_limit() -> None:

@@ -511,6 +511,10 @@ class _CleanClose(ConnectionResetError):
     """The connection was closed, by us or by the peer, without an error."""
 
 
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
 def _closed_error(reason: BaseException | None, what: str) -> ConnectionResetError:
     """The error for a call on a connection (*what*, for the message) that
     ended for *reason* (see Channel.connection_error())."""
@@ -520,13 +524,13 @@ def _closed_error(reason: BaseException | None, what: str) -> ConnectionResetErr
         lost = reason.__cause__  # the transport's error, if it reported one
         if lost is None:
             return ConnectionResetError(f"{what} closed: {reason}")
-        error = ConnectionLostError(f"{what} lost: {lost!r}: {reason}")
+        error = ConnectionLostError(f"{what} lost: {_describe(lost)}: {reason}")
         error.__cause__ = lost
         return error
     elif reason is None or isinstance(reason, _CleanClose):
         return ConnectionResetError(f"{what} closed")
     else:
-        error = ConnectionLostError(f"{what} lost: {reason!r}")
+        error = ConnectionLostError(f"{what} lost: {_describe(reason)}")
     error.__cause__ = reason
     return error
 
@@ -926,7 +930,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         """Write a frame (header *len_bytes* and payload *content*) and wait until
         the transport can take more data."""
         if self._write is None:
-            raise ConnectionResetError("Connection closed")
+            raise self.connection_error()
         self._write(len_bytes + content)
         await self.drain()
 
