@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from _pytest.doctest import DoctestItem
+from hypothesis import settings
 from tests.helpers import close_loop
 from tests.shared_lock import open_shared_lock
 
@@ -17,6 +18,12 @@ try:
     import fcntl
 except ImportError:  # Windows: no xdist port clashes handled there
     fcntl = None  # type: ignore[assignment]
+
+
+# Hypothesis fails an example that takes longer than 200 ms, which a loaded
+# shared machine makes happen now and then; pytest-timeout bounds every test.
+settings.register_profile("aiomas", deadline=None)
+settings.load_profile("aiomas")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
