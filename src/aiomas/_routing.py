@@ -60,19 +60,6 @@ def _marked(obj: Any) -> bool:
     return inspect.getattr_static(obj, _RPC_MARKER, False) is True
 
 
-def _has_invalid_component(path: str) -> bool:
-    """Whether a component of *path* is empty, ``..`` or starts with ``_`` (the
-    checks of _is_invalid_component() for all components at once, in C)."""
-    return (
-        not path
-        or path[0] in "/_"
-        or path[-1] == "/"
-        or "//" in path
-        or "/_" in path
-        or (".." in path and ".." in path.split("/"))
-    )
-
-
 def short_repr(value: Any) -> str:
     """The repr of *value*, shortened: error messages go back to the peer, and
     a hostile peer must not make us send its 10 kB path back twice."""
@@ -195,7 +182,16 @@ class Router:
         if not isinstance(path, str):
             raise LookupError(f"An RPC path must be a string, not {short_repr(path)}")
         components = path.split("/")
-        if _has_invalid_component(path):
+        # Whether a component is empty, ``..`` or starts with ``_`` (the checks
+        # of _is_invalid_component() for all components at once, in C).
+        if (
+            not path
+            or path[0] in "/_"
+            or path[-1] == "/"
+            or "//" in path
+            or "/_" in path
+            or (".." in path and ".." in components)
+        ):
             # The first culprit goes into the error message.
             culprit = next(filter(_is_invalid_component, components))
             raise _invalid_component_error(culprit, path)

@@ -18,6 +18,7 @@ Objects with a router can also be sent as arguments or results: they arrive as a
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import weakref
@@ -265,8 +266,8 @@ class RpcClient:
         :meth:`~aiomas.channel.Channel.set_request_handler`) that serves the
         functions of *router* to the peer (what :func:`rpc_service_process`
         installs)."""
-        handle = self._handle
-        return lambda request: handle(router, request)
+        # (A partial, not a lambda: one Python frame less for every call.)
+        return functools.partial(self._handle, router)
 
     def _handle(self, router: Router, request: Request) -> None:
         """Run the call in *request*; reply now if it is synchronous."""

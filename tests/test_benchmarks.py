@@ -1,0 +1,44 @@
+"""The comparison script in benchmarks/ runs (its figures are not checked:
+benchmarks are never tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _in_a_git_checkout() -> bool:
+    try:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _in_a_git_checkout(), reason="needs a git checkout")
+@pytest.mark.parametrize(
+    "args", [["--fake", "--only", "rpc msgpack 100"], ["--only", "agent json 100"]]
+)
+def test_compare_with_a_revision_prints_ratios(args: list[str]) -> None:
+    script = str(ROOT / "benchmarks" / "compare.py")
+    result = subprocess.run(
+        [sys.executable, "-W", "error", script, "HEAD", "--slices", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    (row,) = [line for line in result.stdout.splitlines() if "new/base" in line]
+    assert row.startswith(args[-1])
+    assert "A/A" in row
