@@ -263,6 +263,35 @@ def test_frames_before_a_bad_header_are_returned_first() -> None:
         reader.feed(stream[14:])
 
 
+def test_a_bad_header_beyond_the_first_buffer_of_a_feed() -> None:
+    """feed() fills the receive buffer several times: frames from the first
+    fill are returned, and a bad header in a later one is reported after them."""
+    reader = FrameReader(max_frame_size=100, buffer_size=16)
+    stream = frame(b"one") + frame(b"two") + struct.pack(">L", 1000) + b"x" * 30
+    assert reader.feed(stream) == [b"one", b"two"]
+    assert isinstance(reader.error, ProtocolError)
+
+
+def test_a_frame_larger_than_the_buffer_but_not_big_gets_a_buffer_of_its_size() -> None:
+    reader = FrameReader(buffer_size=64)
+    payload = bytes(range(200))
+    assert reader.feed(frame(payload)[:100]) == []
+    assert reader.buffered == 100
+    assert reader.feed(frame(payload)[100:]) == [payload]
+    assert reader.buffered == 0
+
+
+def test_big_frames_one_after_another_reuse_the_first_slice() -> None:
+    reader = FrameReader()
+    first, second = b"a" * 300_000, b"b" * 400_000
+    stream = frame(first) + frame(second)
+    payloads = []
+    for i in range(0, len(stream), 50_000):
+        payloads += reader.feed(stream[i : i + 50_000])
+    assert payloads == [first, second]
+    assert reader.buffered == 0
+
+
 def test_release_drops_every_buffer_and_the_reader_starts_afresh() -> None:
     """At the end of a connection, release() frees the receive buffer, the
     staging buffer of big frames and a partial big frame; the reader then
