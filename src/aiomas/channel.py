@@ -678,27 +678,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         """Hand the bytes just read to the core and dispatch its events."""
         events = self.core.buffer_updated(nbytes)
-        if events:
-            self._handle(events)
-
-    def data_received(self, data: bytes) -> None:
-        """Hand *data* to the core and dispatch its events.
-
-        Messages are framed by a 4-byte big-endian length header; the payload is
-        ``[msg_type, msg_id, content]`` encoded with the codec.  Transports that
-        support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
-        instead.
-        """
-        events = self.core.receive_data(data)
-        if events:
-            self._handle(events)
-
-    def _handle(self, events: Iterable[Event]) -> None:
-        channel = self._channel
-        assert channel is not None
         if type(events) is tuple:
-            # The event of a lone frame (see Connection.buffer_updated): a
-            # reply to it is written at once (see flush()).
+            # No frame or a lone one (see Connection.buffer_updated): a reply
+            # to it is written at once (see flush()).
+            if not events:
+                return
             (event,) = events
             if type(event) is ResultReceived:
                 # The reply to one of our calls, the most common event: done
@@ -710,22 +694,45 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 self._fail(event.error)
                 return
             else:
+                channel = self._channel
+                assert channel is not None
                 channel.event_received(event)
-        elif not self._dispatch(channel, events):
-            return
+        else:
+            channel = self._channel
+            assert channel is not None
+            if not self._dispatch(channel, events):
+                return
         if self.core.bytes_to_send:
             self._write_out()  # (failure replies that the core sent itself)
         if self.writing_paused or self.reading_paused:
             self.update_reading()
 
+    def data_received(self, data: bytes) -> None:
+        """Hand *data* to the core and dispatch its events.
+
+        Messages are framed by a 4-byte big-endian length header; the payload is
+        ``[msg_type, msg_id, content]`` encoded with the codec.  Transports that
+        support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
+        instead.
+        """
+        channel = self._channel
+        assert channel is not None
+        if not self._dispatch(channel, self.core.receive_data(data)):
+            return
+        if self.core.bytes_to_send:
+            self._write_out()
+        if self.writing_paused or self.reading_paused:
+            self.update_reading()
+
     def _dispatch(self, channel: Channel, events: Iterable[Event]) -> bool:
-        """Dispatch the events of several frames; their replies leave together
-        (see flush()).  Return ``False`` if the peer broke the protocol."""
+        """Dispatch the events of a read; the replies to several requests leave
+        together (see flush()).  Return ``False`` if the peer broke the
+        protocol."""
         core = self.core
         self._dispatching = True
         try:
             for event in events:
-                if type(event) is ResultReceived:  # (as in _handle())
+                if type(event) is ResultReceived:  # (as in buffer_updated())
                     future = event.token
                     if not future.done():
                         future.set_result(event.content)
