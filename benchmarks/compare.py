@@ -45,7 +45,7 @@ from types import ModuleType
 from typing import Any
 
 import aiomas
-from aiomas.benchmark import FloorProtocol
+from aiomas.benchmark import FloorProtocol, calls_per_second
 
 SLICE = 0.05
 SMALL = ["ohai", 42, 3.14]
@@ -147,22 +147,6 @@ async def floor_side(codec_name: str) -> tuple[Send, Close]:
     return protocol.send, close
 
 
-async def one_slice(send: Send, in_flight: int) -> float:
-    """Calls per second over SLICE seconds with *in_flight* callers."""
-    count = 0
-    deadline = time.perf_counter() + SLICE
-
-    async def caller() -> None:
-        nonlocal count
-        while time.perf_counter() < deadline:
-            await send(SMALL)
-            count += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(in_flight)))
-    return count / (time.perf_counter() - start)
-
-
 def report(name: str, rates: dict[str, list[float]], unit: str) -> None:
     med = {side: statistics.median(values) for side, values in rates.items()}
     ratio = statistics.median(
@@ -197,12 +181,16 @@ async def compare_tcp(base: ModuleType, only: list[str], slices: int) -> None:
                     "base2": await tcp_side(base, layer, codec_name),
                 }
                 for send, _ in sides.values():  # warm up
-                    await one_slice(send, in_flight)
+                    await calls_per_second(send, SMALL, in_flight, SLICE)
                 rates: dict[str, list[float]] = {side: [] for side in sides}
                 order = list(sides)
                 for i in range(slices):
                     for side in order[i % 4 :] + order[: i % 4]:
-                        rates[side].append(await one_slice(sides[side][0], in_flight))
+                        rates[side].append(
+                            await calls_per_second(
+                                sides[side][0], SMALL, in_flight, SLICE
+                            )
+                        )
                 for _, close in sides.values():
                     await close()
                 report(name, rates, "calls/s")

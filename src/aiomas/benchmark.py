@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import aiomas
 
-__all__ = ["main"]
+__all__ = ["calls_per_second", "main"]
 
 _HEADER = struct.Struct(">L")
 _SMALL = ["ohai", 42, 3.14]
@@ -237,7 +237,16 @@ async def _measure(impl: str, workload: Workload, port: int, seconds: float) -> 
         )
         send = channel.send
         close = channel.close
-    content = workload.content()
+    rate = await calls_per_second(send, workload.content(), workload.in_flight, seconds)
+    await close()
+    return rate
+
+
+async def calls_per_second(
+    send: Callable[[Any], Awaitable[Any]], content: Any, in_flight: int, seconds: float
+) -> float:
+    """Make calls ``send(content)`` for *seconds*, *in_flight* at a time;
+    return how many were answered per second."""
     count = 0
     deadline = time.perf_counter() + seconds
 
@@ -248,10 +257,8 @@ async def _measure(impl: str, workload: Workload, port: int, seconds: float) -> 
             count += 1
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workload.in_flight)))
-    elapsed = time.perf_counter() - start
-    await close()
-    return count / elapsed
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return count / (time.perf_counter() - start)
 
 
 def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
