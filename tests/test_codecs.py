@@ -357,6 +357,33 @@ def test_decoding_goes_on_after_a_failure(codec_cls: type[Codec]) -> None:
     assert as_lists(codec_cls().decode(good)) == [1, "x"]
 
 
+def test_a_json_serializer_may_fail_to_encode_with_its_own_codec() -> None:
+    """A serializer that encodes with the codec that is encoding it, and gives
+    up on a failure, leaves the outer message intact (the encoder's record of
+    the containers it is in belongs to the outer call)."""
+    codec = JSON()
+
+    class Wrapped:
+        pass
+
+    def serialize(obj: Wrapped) -> str:
+        try:
+            codec.encode([object()])
+        except SerializationError:
+            return "fallback"
+        raise AssertionError("unreachable")
+
+    codec.add_serializer(Wrapped, serialize, lambda value: value)
+    inner: list[Any] = [1]
+    assert codec.decode(codec.encode([inner, {"w": [Wrapped()]}, inner])) == [
+        [1],
+        {"w": ["fallback"]},
+        [1],
+    ]
+    with pytest.raises(SerializationError, match="Circular reference"):
+        codec.encode(_circular())
+
+
 def test_json_decodes_whitespace_around_the_value_as_json_loads_does() -> None:
     codec = JSON()
     for text in [b' [1, "a"]', b'[1, "a"]\n', b'\t[1,"a"] ']:

@@ -277,7 +277,8 @@ class JSON(Codec):
     The output is exactly ``json.dumps(data).encode()`` (default separators, ASCII
     only, ``NaN`` and ``Infinity`` allowed), so ``['spam', 3.14]`` becomes
     ``b'["spam", 3.14]'``.  Input must be UTF-8.  Lists and tuples both decode to
-    lists.
+    lists.  Like a connection's codec, an instance encodes in one thread at a
+    time.
     """
 
     def __init__(self) -> None:
@@ -320,14 +321,17 @@ class JSON(Codec):
                 with too many digits or too deep nesting, or if a serializer
                 fails.
         """
-        encode_chunks = self._encode_chunks
+        # A serializer that encodes with this codec while it encodes (markers
+        # in use) gets an encoder of its own, as json.dumps() would.
+        encode_chunks = None if self._markers else self._encode_chunks
         try:
             # ensure_ascii makes the text pure ASCII, so this never fails.
-            if encode_chunks is None:
-                return self._encoder.encode(data).encode()
-            return "".join(encode_chunks(data, 0)).encode()
+            if encode_chunks is not None:
+                return "".join(encode_chunks(data, 0)).encode()
+            return self._encoder.encode(data).encode()
         except BaseException as exc:
-            self._markers.clear()
+            if encode_chunks is not None:
+                self._markers.clear()
             if isinstance(exc, _ENCODE_ERRORS):
                 raise SerializationError(
                     f"Cannot encode {_quote(data)} as JSON: {exc}"
