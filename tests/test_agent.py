@@ -654,6 +654,26 @@ async def test_unix_and_local_addresses(tmp_path: Path) -> None:
         Path(path).rmdir()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no unix domain sockets")
+@pytest.mark.parametrize("meanwhile", ["removed", "replaced"])
+async def test_shutdown_leaves_a_socket_file_that_is_no_longer_ours(
+    meanwhile: str,
+) -> None:
+    """Shutdown removes the container's socket file, but not a file that
+    someone else put at that path since (nor does it fail if there is none)."""
+    path = Path(tempfile.mkdtemp(prefix="aiomas-"), "sock")
+    try:
+        container = await aiomas.Container.create(str(path), as_coro=True)
+        path.unlink()
+        if meanwhile == "replaced":
+            path.write_text("someone else's")
+        await container.shutdown(as_coro=True)
+        assert path.exists() == (meanwhile == "replaced")
+    finally:
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
+
+
 # --- codecs and serializers ----------------------------------------------------------
 
 
