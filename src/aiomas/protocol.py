@@ -267,6 +267,7 @@ class Connection:
         "bytes_to_send",
         "closed",
         "codec",
+        "frames_waiting",
         "get_buffer",
         "hold_requests",
     )
@@ -286,6 +287,9 @@ class Connection:
         # Received frames whose events nobody asked for yet (see events()).
         self._payloads: list[bytes | bytearray] = []
         self._taken = 0  # of them, already looked at
+        self.frames_waiting = 0
+        """Received frames whose events have not been asked for yet (see
+        :meth:`events`).  Read it; don't set it."""
         self._next_id = 0
         # Ids of our requests that wait for a reply.  An id stays here until its
         # reply arrives or the connection ends, even if the caller gave up on
@@ -322,12 +326,6 @@ class Connection:
         """How many requests we have sent on this connection (answered or
         not)."""
         return self._next_id
-
-    @property
-    def frames_waiting(self) -> int:
-        """Received frames whose events have not been asked for yet (see
-        :meth:`events`)."""
-        return len(self._payloads) - self._taken
 
     @property
     def held_requests(self) -> int:
@@ -392,6 +390,7 @@ class Connection:
             event = self._frame_event(payloads[0])
             return () if event is None else (event,)
         self._payloads.extend(payloads)
+        self.frames_waiting += len(payloads)
         return self.events()
 
     def events(self) -> Iterator[Event]:
@@ -410,6 +409,7 @@ class Connection:
         while self._taken < len(payloads):
             payload = payloads[self._taken]
             self._taken += 1
+            self.frames_waiting -= 1
             event = frame_event(payload)
             if event is not None:
                 yield event
@@ -544,6 +544,7 @@ class Connection:
         self._held = None
         self._payloads.clear()
         self._taken = 0
+        self.frames_waiting = 0
         self._out = []  # Nothing more goes out to this peer.
         self.bytes_to_send = 0
         return ProtocolViolation(error)
@@ -710,6 +711,7 @@ class Connection:
         self._held = None
         self._payloads.clear()
         self._taken = 0
+        self.frames_waiting = 0
         self._out = []
         self.bytes_to_send = 0
         # Nothing more is read: the buffers go now, not with the last
