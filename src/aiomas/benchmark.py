@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import aiomas
 
-__all__ = ["calls_per_second", "main"]
+__all__ = ["calls_per_second", "channel_echo", "main"]
 
 _HEADER = struct.Struct(">L")
 _SMALL = ["ohai", 42, 3.14]
@@ -157,7 +157,9 @@ def _rpc_echo(content: Any) -> Any:
     return content
 
 
-async def _channel_echo(channel: aiomas.channel.Channel) -> None:
+async def channel_echo(channel: aiomas.channel.Channel) -> None:
+    """Answer every request on *channel* with its content until the
+    connection ends (the server of the channel workloads)."""
     try:
         while True:
             request = await channel.recv()
@@ -191,7 +193,7 @@ async def _serve(impl: str, codec: str) -> None:
             server = await aiomas.rpc.start_server(addr, service, codec=codec_cls)
         else:
             server = await aiomas.channel.start_server(
-                addr, _channel_echo, codec=codec_cls
+                addr, channel_echo, codec=codec_cls
             )
         port = cast(asyncio.Server, server).sockets[0].getsockname()[1]
 
