@@ -596,3 +596,188 @@ def test_frames_waiting_and_discarded_requests() -> None:
     assert conn.waiting_for_replies == 0
     (event,) = conn.receive_data(jframe([1, msg_id, None]))
     assert isinstance(event, ProtocolViolation)  # a reply nobody waits for
+
+
+# --- Receivers: the fast path for requests and results -------------------------
+
+
+def test_receivers_take_requests_and_results_instead_of_events() -> None:
+    conn = Connection(JSON())
+    requests: list[tuple[int, Any]] = []
+    results: list[tuple[Any, Any]] = []
+    conn.on_request = lambda msg_id, content: requests.append((msg_id, content))
+    conn.on_result = lambda token, content: results.append((token, content))
+    conn.send_request("ask", token="my token")
+    data = jframe([0, 7, "a"]) + jframe([1, 0, "answer"]) + jframe([2, 5, "oops"])
+    events = list(conn.receive_data(data))
+    # Only the failure (to a request never sent) is left for events.
+    assert [type(event) for event in events] == [ProtocolViolation]
+    assert requests == [(7, "a")]
+    assert results == [("my token", "answer")]
+    # A lone frame that went to a receiver gives no event at all.
+    assert list(conn.receive_data(jframe([0, 8, "b"]))) == []
+    assert requests == [(7, "a")]  # (the violation ended it: nothing is seen)
+
+
+def test_a_lone_frame_goes_to_its_receiver_through_the_buffer_path() -> None:
+    conn = Connection(MsgPack())
+    seen: list[tuple[int, Any]] = []
+    conn.on_request = lambda msg_id, content: seen.append((msg_id, content))
+    payload = MsgPack().encode([0, 3, "x"])
+    data = struct.pack(">L", len(payload)) + payload
+    buffer = conn.get_buffer(len(data))
+    buffer[: len(data)] = data
+    assert conn.buffer_updated(len(data)) == ()
+    assert seen == [(3, "x")]
+
+
+def test_what_a_receiver_does_counts_for_the_next_frame() -> None:
+    # The receiver of the first request pauses writing: with requests held for
+    # a request handler (as RPC does), the second one is held back, and comes
+    # as an event later, not to the receiver.
+    conn = Connection(JSON())
+    conn.hold_requests = True
+    seen: list[int] = []
+
+    def on_request(msg_id: int, content: Any) -> None:
+        seen.append(msg_id)
+        conn.send_result(msg_id, content)
+        conn.pause_writing()
+
+    conn.on_request = on_request
+    assert list(conn.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"]))) == []
+    assert seen == [0]
+    assert conn.held_requests == 1
+    conn.resume_writing()
+    assert conn.next_held_request() == RequestReceived(1, "b")
+    assert seen == [0]
+
+
+def test_receivers_see_frames_one_at_a_time_as_events_are_asked_for() -> None:
+    conn = Connection(JSON())
+    waiting: list[int] = []
+    conn.on_request = lambda msg_id, content: waiting.append(conn.frames_waiting)
+    data = jframe([0, 0, "a"]) + jframe([2, 9, "no such call"]) + jframe([0, 1, "b"])
+    events = conn.receive_data(data)
+    assert waiting == []  # Nothing is looked at before it is asked for.
+    assert isinstance(next(iter(events)), ProtocolViolation)
+    assert waiting == [2]
+
+
+def test_what_a_receiver_raises_is_its_own_not_a_protocol_violation() -> None:
+    conn = Connection(JSON())
+
+    def on_request(msg_id: int, content: Any) -> None:
+        raise aiomas.exceptions.ProtocolError("the receiver's own error")
+
+    conn.on_request = on_request
+    with pytest.raises(aiomas.exceptions.ProtocolError, match="receiver's own"):
+        list(conn.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"])))
+    assert not conn.closed
+    # The frame after it waits for the next call of events().
+    conn.on_request = None
+    assert list(conn.events()) == [RequestReceived(1, "b")]
+
+
+def test_receivers_are_forgotten_when_the_connection_ends() -> None:
+    conn = Connection(JSON())
+    conn.on_request = conn.on_result = print
+    conn.connection_lost()
+    assert (conn.on_request, conn.on_result) == (None, None)
+    other = Connection(JSON())
+    other.on_request = other.on_result = print
+    (event,) = other.receive_data(jframe([9, 0, None]))
+    assert isinstance(event, ProtocolViolation)
+    assert (other.on_request, other.on_result) == (None, None)
+
+
+# --- on_data: the core writes through a sink ----------------------------------
+
+
+def test_on_data_gets_each_frame_at_once_outside_a_read() -> None:
+    conn = Connection(JSON())
+    written: list[bytes] = []
+    conn.on_data = written.append
+    msg_id = conn.send_request("ask")
+    assert written == [jframe([0, msg_id, "ask"])]
+    conn.send_result(4, "answer")
+    conn.send_failure(5, "no")
+    assert written[1:] == [jframe([1, 4, "answer"]), jframe([2, 5, "no"])]
+    assert conn.bytes_to_send == 0
+    assert conn.data_to_send() == []
+
+
+def test_on_data_gets_the_replies_of_a_read_together() -> None:
+    conn = Connection(JSON())
+    written: list[bytes] = []
+    conn.on_data = written.append
+    conn.on_request = lambda msg_id, content: conn.send_result(msg_id, content)
+    malformed = jframe([0, 1])  # answered by the core itself
+    list(conn.receive_data(jframe([0, 0, "a"]) + malformed + jframe([0, 2, "b"])))
+    assert len(written) == 1
+    messages = json_messages(written[0])
+    assert [message[:2] for message in messages] == [[1, 0], [2, 1], [1, 2]]
+    assert messages[2][2] == "b"
+
+
+def json_messages(data: bytes) -> list[Any]:
+    """The JSON messages framed in *data*."""
+    messages, pos = [], 0
+    while pos < len(data):
+        (size,) = struct.unpack_from(">L", data, pos)
+        messages.append(json.loads(data[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return messages
+
+
+def test_replies_gathered_in_a_read_leave_even_if_its_last_frame_sends_nothing() -> (
+    None
+):
+    conn = Connection(JSON())
+    written: list[bytes] = []
+    conn.on_data = written.append
+    conn.on_request = lambda msg_id, content: conn.send_result(msg_id, content)
+    asked = conn.send_request(None)
+    written.clear()
+    list(conn.receive_data(jframe([0, 0, "a"]) + jframe([1, asked, None])))
+    assert written == [jframe([1, 0, "a"])]
+
+
+def test_on_data_gets_a_big_payload_apart_from_its_header() -> None:
+    conn = Connection(JSON())
+    written: list[bytes] = []
+    conn.on_data = written.append
+    big = "x" * protocol.JOIN_LIMIT
+    conn.send_request(big)
+    conn.send_result(1, big)
+    assert [len(chunk) for chunk in written] == [4, len(written[1]), 4, len(written[3])]
+    assert b"".join(written[:2]) == jframe([0, 0, big])
+
+
+def test_a_failing_on_data_comes_out_of_the_send_and_forgets_the_request() -> None:
+    conn = Connection(JSON())
+
+    def on_data(chunk: Any) -> None:
+        raise OSError("the transport is gone")
+
+    conn.on_data = on_data
+    with pytest.raises(OSError, match="gone"):
+        conn.send_request("ask")
+    assert conn.waiting_for_replies == 0
+    big = "x" * protocol.JOIN_LIMIT
+    with pytest.raises(OSError, match="gone"):
+        conn.send_request(big)
+    assert conn.waiting_for_replies == 0
+    with pytest.raises(OSError, match="gone"):
+        conn.send_result(0, "answer")
+
+
+def test_on_data_is_forgotten_when_the_connection_ends() -> None:
+    conn = Connection(JSON())
+    conn.on_data = print
+    conn.connection_lost()
+    assert conn.on_data is None
+    other = Connection(JSON())
+    other.on_data = print
+    list(other.receive_data(jframe([9, 0, None])))
+    assert other.on_data is None

@@ -38,7 +38,6 @@ from aiomas.exceptions import (
     RemoteException,
 )
 from aiomas.protocol import (
-    JOINED_WRITE_LIMIT,
     Connection,
     Event,
     FailureReceived,
@@ -75,21 +74,6 @@ SerializerFactory: TypeAlias = Callable[
     [], tuple[type, Callable[[Any], Any], Callable[[Any], Any]]
 ]
 ClientConnectedCallback: TypeAlias = Callable[["Channel"], Awaitable[Any] | None]
-
-# Payloads above this size are handed to the transport separately from their
-# header, so that they are not copied once more just to prepend four bytes.
-_JOIN_LIMIT: Final = 64 * 1024
-# Replies to requests that arrived together are joined into writes of up to
-# this many bytes.
-_JOINED_WRITE_LIMIT: Final = 256 * 1024
-
-# Requests for a request handler (RPC) that may wait while our write buffer is
-# full; more are refused with a failure reply.
-_MAX_DEFERRED_REQUESTS: Final = 1024
-# Failure replies that the channel itself sends (to malformed, undecodable or
-# refused requests) while the peer does not read: beyond this many bytes, the
-# peer is cut off.
-_MAX_UNREAD_FAILURE_BYTES: Final = 2**20
 
 # How long Channel.close() waits for the transport to flush before aborting it.
 _CLOSE_TIMEOUT: Final = 10.0
@@ -201,10 +185,7 @@ class Request:
         if core.closed:
             raise protocol.connection_error()
         self._answered = True
-        try:
-            core.send_result(self.message_id, result)
-        finally:
-            protocol.flush()
+        core.send_result(self.message_id, result)
 
     def fail_nowait(self, exception: BaseException) -> None:
         """Answer with a failure described by *exception* now (see
@@ -216,7 +197,6 @@ class Request:
         """
         core = self._start_answer()
         core.send_failure(self.message_id, format_exception(exception))
-        self._protocol.flush()
 
     def _start_answer(self) -> Connection:
         if self._answered:
@@ -280,6 +260,10 @@ class Channel:
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
         """Set by :meth:`set_request_handler`."""
+        # The two messages of every call skip the core's event objects (the
+        # core forgets its receivers when the connection ends).
+        self._core.on_request = self._request_arrived
+        self._core.on_result = _set_result
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_error is not None else "open"
@@ -326,14 +310,10 @@ class Channel:
         # stays until its reply arrives (and is dropped quietly) or the
         # connection ends.
         future = self._loop.create_future()
-        core = self._core
-        msg_id = core.send_request(content, future)
+        # (The core writes it, or gathers it with the replies of the read
+        # being handled.)
+        self._core.send_request(content, future)
         protocol = self.protocol
-        try:
-            protocol.flush()
-        except BaseException:
-            core.discard_request(msg_id)  # It never left.
-            raise
         if protocol.reading_paused:
             # We stopped reading because the peer did not read our replies;
             # now we wait for a reply of our own and must read again.
@@ -420,19 +400,9 @@ class Channel:
         not for users).  A :class:`~aiomas.protocol.ProtocolViolation` never
         gets here."""
         if type(event) is RequestReceived:
-            request = Request(event.content, event.message_id, self.protocol)
-            handler = self.request_handler
-            if handler is not None:
-                handler(request)
-                return
-            self._incoming.append(request)
-            waiter = self._recv_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._request_arrived(event.message_id, event.content)
         elif type(event) is ResultReceived:
-            future = event.token
-            if not future.done():
-                future.set_result(event.content)
+            _set_result(event.token, event.content)
         elif type(event) is FailureReceived:
             future = event.token
             if not future.done():
@@ -443,6 +413,18 @@ class Channel:
                 future.set_exception(event.error)
         elif type(event) is RequestRejected:
             self._log_rejected(event)
+
+    def _request_arrived(self, message_id: int, content: Any) -> None:
+        # (The core's on_request receiver: see ChannelProtocol.connection_made.)
+        request = Request(content, message_id, self.protocol)
+        handler = self.request_handler
+        if handler is not None:
+            handler(request)
+            return
+        self._incoming.append(request)
+        waiter = self._recv_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _log_rejected(self, event: RequestRejected) -> None:
         peer = self._peername
@@ -500,6 +482,12 @@ class Channel:
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _set_result(future: asyncio.Future[Any], content: Any) -> None:
+    """The core's ``on_result`` receiver: a reply to one of our calls."""
+    if not future.done():
+        future.set_result(content)
 
 
 class _UnansweredClose(ConnectionResetError):
@@ -626,6 +614,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.transport = transport
         # Duck typing: uvloop's transports do not subclass asyncio.Transport.
         self._write = cast(asyncio.WriteTransport, transport).write
+        # The core writes what it has to send itself (see Connection.on_data).
+        self.core.on_data = self._write
         if self._dead_peer_timeout is not None:
             detect_dead_peer(transport, self._dead_peer_timeout)
         channel = Channel(self, self.codec, transport, self._loop)
@@ -678,32 +668,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         """Hand the bytes just read to the core and dispatch its events."""
         events = self.core.buffer_updated(nbytes)
-        if type(events) is tuple:
-            # No frame or a lone one (see Connection.buffer_updated): a reply
-            # to it is written at once (see flush()).
-            if not events:
-                return
-            (event,) = events
-            if type(event) is ResultReceived:
-                # The reply to one of our calls, the most common event: done
-                # here as Channel.event_received() does, without the call.
-                future = event.token
-                if not future.done():
-                    future.set_result(event.content)
-            elif type(event) is ProtocolViolation:
-                self._fail(event.error)
-                return
-            else:
-                channel = self._channel
-                assert channel is not None
-                channel.event_received(event)
-        else:
-            channel = self._channel
-            assert channel is not None
-            if not self._dispatch(channel, events):
-                return
-        if self.core.bytes_to_send:
-            self._write_out()  # (failure replies that the core sent itself)
+        # Requests and results went to the receivers set in connection_made();
+        # a lone frame that made no other event gives an empty tuple.
+        if events and not self._dispatch(events):
+            return
         if self.writing_paused or self.reading_paused:
             self.update_reading()
 
@@ -715,59 +683,28 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
         instead.
         """
-        channel = self._channel
-        assert channel is not None
-        if not self._dispatch(channel, self.core.receive_data(data)):
+        events = self.core.receive_data(data)
+        if events and not self._dispatch(events):
             return
-        if self.core.bytes_to_send:
-            self._write_out()
         if self.writing_paused or self.reading_paused:
             self.update_reading()
 
-    def _dispatch(self, channel: Channel, events: Iterable[Event]) -> bool:
-        """Dispatch the events of a read; the replies to several requests leave
-        together (see flush()).  Return ``False`` if the peer broke the
-        protocol."""
-        core = self.core
+    def _dispatch(self, events: Iterable[Event]) -> bool:
+        """Dispatch the events of a read (the core writes the replies to its
+        requests together when its last frame has been looked at).  Return
+        ``False`` if the peer broke the protocol."""
+        channel = self._channel
+        assert channel is not None
         self._dispatching = True
         try:
             for event in events:
-                if type(event) is ResultReceived:  # (as in buffer_updated())
-                    future = event.token
-                    if not future.done():
-                        future.set_result(event.content)
-                elif type(event) is ProtocolViolation:
+                if type(event) is ProtocolViolation:
                     self._fail(event.error)
                     return False
-                else:
-                    channel.event_received(event)
-                    if core.bytes_to_send > JOINED_WRITE_LIMIT:
-                        # Hand it over now: the transport may pause writing,
-                        # and then the rest of the requests are held back.
-                        self._write_out()
+                channel.event_received(event)
         finally:
             self._dispatching = False
         return True
-
-    def flush(self) -> None:
-        """Write what the core has to send -- unless more frames of the read
-        being handled wait for their events: then it leaves with their
-        replies, in one write."""
-        core = self.core
-        write = self._write
-        if (
-            core.bytes_to_send
-            and write is not None
-            and not (self._dispatching and core.frames_waiting)
-        ):
-            for chunk in core.data_to_send():
-                write(chunk)
-
-    def _write_out(self) -> None:
-        write = self._write
-        if write is not None:
-            for chunk in self.core.data_to_send():
-                write(chunk)
 
     def _fail(self, exc: ProtocolError) -> None:
         """The peer broke the protocol: log it and cut the connection."""

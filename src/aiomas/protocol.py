@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -270,6 +270,9 @@ class Connection:
         "frames_waiting",
         "get_buffer",
         "hold_requests",
+        "on_data",
+        "on_request",
+        "on_result",
     )
 
     def __init__(
@@ -310,6 +313,29 @@ class Connection:
         self._held: deque[RequestReceived] | None = None
         self._refusing = False
         self._unread_failure_bytes = 0
+        self.on_request: Callable[[int, Any], object] | None = None
+        """If set, ``on_request(message_id, content)`` is called for each
+        request instead of making a :class:`RequestReceived` event (requests
+        held back still come as events from :meth:`next_held_request`)."""
+        self.on_result: Callable[[Any, Any], object] | None = None
+        """If set, ``on_result(token, content)`` is called for each result
+        instead of making a :class:`ResultReceived` event.
+
+        The two receivers are the fast path for the two messages of every
+        call: no event object is made, and a read of many frames yields only
+        the other events.  They are called while the events are made (so what
+        they do counts for the next frame, as for events), must not raise
+        :class:`~aiomas.exceptions.ProtocolError`, and are forgotten when the
+        connection ends."""
+        self.on_data: Callable[[_Chunk], object] | None = None
+        """If set, the bytes to send are passed to ``on_data(chunk)`` (e.g. a
+        transport's ``write``) as soon as they are made, instead of waiting
+        for :meth:`data_to_send` -- except while frames of a read wait for
+        their events (:attr:`frames_waiting`): the replies to a read's
+        requests are gathered and leave together (in chunks of up to
+        256 KiB) when its last frame has been looked at.  What ``on_data``
+        raises comes out of the call that sent (for :meth:`send_request`, the
+        request is then forgotten).  Forgotten when the connection ends."""
         self.closed = False
         """Whether the connection has ended (:meth:`connection_lost`, or a
         protocol violation).  Read it; don't set it."""
@@ -418,9 +444,14 @@ class Connection:
         error = self._reader.error  # a bad header after these frames
         if error is not None and not self.closed:
             yield self._violation(error)
+        elif self._out:
+            self._release()  # what the frames' events made us send
 
     def _frame_event(self, payload: bytes | bytearray) -> Event | None:
-        """The event of a received frame (a frame makes at most one)."""
+        """The event of a received frame (a frame makes at most one), or
+        ``None`` if it made none (or went to a receiver, see
+        :attr:`on_request`)."""
+        receiver: Callable[[Any, Any], object] | None
         try:
             try:
                 message = self._decode(payload)
@@ -434,26 +465,36 @@ class Connection:
                     f"Invalid message header {abbreviate([msg_type, msg_id])}"
                 )
             if msg_type == REQUEST:
-                request: Any = _NewRequestReceived()
-                request.message_id = msg_id
-                request.content = content
-                request.__class__ = RequestReceived
                 if self.hold_requests and (self._writing_paused or self._held):
-                    return self._hold(request)
-                return request  # type: ignore[no-any-return]
-            if msg_type == RESULT:
-                result: Any = _NewResultReceived()
-                result.message_id = msg_id
-                result.content = content
-                result.token = self._reply_arrived(msg_id)
-                result.__class__ = ResultReceived
-                return result  # type: ignore[no-any-return]
-            if msg_type == FAILURE:
+                    return self._hold(RequestReceived(msg_id, content))
+                receiver = self.on_request
+                if receiver is None:
+                    request: Any = _NewRequestReceived()
+                    request.message_id = msg_id
+                    request.content = content
+                    request.__class__ = RequestReceived
+                    return request  # type: ignore[no-any-return]
+                first = msg_id
+            elif msg_type == RESULT:
+                first = self._reply_arrived(msg_id)  # the token
+                receiver = self.on_result
+                if receiver is None:
+                    result: Any = _NewResultReceived()
+                    result.message_id = msg_id
+                    result.content = content
+                    result.token = first
+                    result.__class__ = ResultReceived
+                    return result  # type: ignore[no-any-return]
+            elif msg_type == FAILURE:
                 token = self._reply_arrived(msg_id)
                 return FailureReceived(msg_id, failure_text(content), token)
-            raise ProtocolError(f"Unknown message type {msg_type!r}")
+            else:
+                raise ProtocolError(f"Unknown message type {msg_type!r}")
         except ProtocolError as exc:
             return self._violation(exc)
+        # Outside the try: what a receiver raises is its own, not the peer's.
+        receiver(first, content)
+        return None
 
     def _reply_arrived(self, msg_id: int) -> Any:
         """Forget request *msg_id*, now answered; return its token."""
@@ -541,6 +582,7 @@ class Connection:
 
     def _violation(self, error: ProtocolError) -> ProtocolViolation:
         self.closed = True
+        self.on_request = self.on_result = self.on_data = None
         self._held = None
         self._payloads.clear()
         self._taken = 0
@@ -568,12 +610,25 @@ class Connection:
         self._next_id = msg_id + 1
         payload = self._encode([REQUEST, msg_id, content])
         size = len(payload)
-        if size <= JOIN_LIMIT:  # (What _queue() does, inlined for every call.)
-            self._out.append(_pack_header(size) + payload)
-            self.bytes_to_send += HEADER_SIZE + size
+        if size > JOIN_LIMIT:
+            self._queue(payload)  # (raises if too long: nothing is pending)
+            frame = None
         else:
-            self._queue(payload)
+            frame = _pack_header(size) + payload
         self._pending[msg_id] = token
+        try:
+            on_data = self.on_data
+            if frame is None:
+                self._release()
+            elif on_data is None or self.bytes_to_send or self.frames_waiting:
+                self._out.append(frame)
+                self.bytes_to_send += HEADER_SIZE + size
+                self._release()
+            else:
+                on_data(frame)  # (what _release() would do, without a queue)
+        except BaseException:
+            del self._pending[msg_id]  # It never left.
+            raise
         return msg_id
 
     def discard_request(self, message_id: int) -> None:
@@ -593,14 +648,24 @@ class Connection:
         try:
             payload = self._encode([RESULT, message_id, content])
             size = len(payload)
-            if size <= JOIN_LIMIT:  # (_queue(), inlined for every reply.)
-                self._out.append(_pack_header(size) + payload)
-                self.bytes_to_send += HEADER_SIZE + size
-            else:
+            if size > JOIN_LIMIT:
                 self._queue(payload)
+                frame = None
+            else:
+                frame = _pack_header(size) + payload
         except (SerializationError, ValueError) as exc:
             self._send(FAILURE, message_id, format_exception(exc))
             raise
+        if frame is None:
+            self._release()
+            return
+        on_data = self.on_data
+        if on_data is None or self.bytes_to_send or self.frames_waiting:
+            self._out.append(frame)
+            self.bytes_to_send += HEADER_SIZE + size
+            self._release()
+        else:
+            on_data(frame)  # (what _release() would do, without a queue)
 
     def send_failure(self, message_id: int, text: str) -> None:
         """Answer request *message_id* with a failure described by *text*
@@ -627,6 +692,7 @@ class Connection:
 
     def _send(self, msg_type: int, msg_id: int, content: Any) -> None:
         self._queue(self._encode([msg_type, msg_id, content]))
+        self._release()
 
     def _queue(self, payload: bytes) -> None:
         """Frame *payload* for :meth:`data_to_send`.
@@ -642,6 +708,18 @@ class Connection:
             self._out.append(header)
             self._out.append(payload)
         self.bytes_to_send += HEADER_SIZE + size
+
+    def _release(self) -> None:
+        """Hand what waits to :attr:`on_data`, unless more frames of a read
+        wait for their events (and it is not too much already)."""
+        on_data = self.on_data
+        if (
+            on_data is not None
+            and self._out
+            and not (self.frames_waiting and self.bytes_to_send <= JOINED_WRITE_LIMIT)
+        ):
+            for chunk in self.data_to_send():
+                on_data(chunk)
 
     def data_to_send(self) -> list[_Chunk]:
         """Return (and forget) the bytes to write, in order.
@@ -708,6 +786,7 @@ class Connection:
         requests that will never get a reply, in the order they were sent, and
         forget them."""
         self.closed = True
+        self.on_request = self.on_result = self.on_data = None
         self._held = None
         self._payloads.clear()
         self._taken = 0
