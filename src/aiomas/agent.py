@@ -508,6 +508,9 @@ async def _create(
     if isinstance(addr, local_queue.LocalQueue):
         server = await channel_mod.start_server(addr, connected, **kwargs)
         base_url = local_base_url(addr.queue_id)
+        # Connections to other LocalQueue containers come from this queue
+        # (what a simulated network needs to know, see aiomas.simulation).
+        connect_kwargs["local_addr"] = addr
     elif isinstance(addr, str | os.PathLike):
         path = os.fspath(addr)
         server = await channel_mod.start_server(path, connected, **kwargs)
