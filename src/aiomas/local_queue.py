@@ -42,10 +42,10 @@ from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 __all__ = [
     "LocalQueue",
-    "Network",
-    "Route",
     "LocalQueueServer",
     "LocalQueueTransport",
+    "Network",
+    "Route",
     "clear_queue_cache",
     "create_connection",
     "create_server",
