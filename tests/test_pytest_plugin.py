@@ -21,6 +21,9 @@ FIXTURES = [
     "aiomas_local_containers",
     "aiomas_external_clock",
     "aiomas_clock_container",
+    "aiomas_seed",
+    "aiomas_fault_plan",
+    "aiomas_simulation",
 ]
 
 # Fails a test whose fixtures leave a task behind, collects garbage so that an
@@ -131,8 +134,13 @@ def test_the_entry_point_names_the_plugin(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.get_plugin("aiomas") is pytest_plugin
 
 
-def test_the_plugin_has_no_hooks() -> None:
-    assert [name for name in vars(pytest_plugin) if name.startswith("pytest_")] == []
+def test_the_plugin_hooks() -> None:
+    # The option, the timeout and the report; nothing else changes a run.
+    assert [name for name in vars(pytest_plugin) if name.startswith("pytest_")] == [
+        "pytest_addoption",
+        "pytest_runtest_call",
+        "pytest_runtest_makereport",
+    ]
 
 
 def test_all_fixtures_are_listed_and_prefixed(run: pytest.Pytester) -> None:
@@ -273,11 +281,36 @@ def test_the_fixtures_work(
             await aiomas_external_clock.advance(1)
             assert await reply == 3600
             assert loop.time() - start < 30  # an hour of clock time, no real hour
+
+        async def test_advance_settles_an_agent_that_calls_first(
+            aiomas_clock_container, aiomas_external_clock
+        ):
+            # The newcomer case: a woken agent makes an RPC call before it
+            # sleeps again; advance() waits for it, with no real-time sleep.
+            clock = aiomas_external_clock
+            echo = Echo(aiomas_clock_container)
+            caller = Echo(aiomas_clock_container)
+            replies = []
+
+            async def loop_forever():
+                while True:
+                    await clock.sleep(10)
+                    replies.append(await caller.call(echo.addr, f"t{clock.time():g}"))
+
+            task = asyncio.ensure_future(loop_forever())
+            await clock.run_until_idle()
+            await clock.advance(30)
+            assert replies == ["T10", "T20", "T30"]
+            await clock.advance(5)
+            assert replies == ["T10", "T20", "T30"]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         """
     )
     monkeypatch.setenv("PYTHONHASHSEED", "1")
     result = runpytest(run, "-s")
-    result.assert_outcomes(passed=10)
+    result.assert_outcomes(passed=11)
     order = re.search(r"ORDER: [\w ]+", result.stdout.str())
     assert order is not None
     # The same order in another process, with other hashes:
