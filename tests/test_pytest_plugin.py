@@ -436,3 +436,82 @@ def test_harmless_without_pytest_asyncio(run: pytest.Pytester) -> None:
     )
     listed = runpytest(run, "-p", "no_pytest_asyncio", "-p", "no:asyncio", "--fixtures")
     assert all(name in listed.stdout.str() for name in FIXTURES)
+
+
+SIMULATION_TESTS = """
+    import pytest
+
+    from aiomas.simulation import FaultPlan, LinkFaults
+    from agents import Echo
+
+    async def call_echo(sim):
+        a, b = sim.containers.values()
+        return await Echo(a).call(Echo(b).addr, "hi")
+
+    def test_simulation_runs(aiomas_simulation, aiomas_seed, aiomas_fault_plan):
+        assert aiomas_simulation.seed == aiomas_seed
+        assert aiomas_fault_plan == FaultPlan()
+        assert aiomas_simulation.run(call_echo, n=2) == "HI"
+        print("SEED", aiomas_seed)
+
+    class TestSlowLinks:
+        @pytest.fixture
+        def aiomas_fault_plan(self):
+            return FaultPlan(default=LinkFaults(latency=0.25))
+
+        def test_the_plan_can_be_overridden(self, aiomas_simulation):
+            async def main(sim):
+                await call_echo(sim)
+                return sim.log[-1].time
+
+            # A lookup and a call: four frames, one after the other.
+            assert aiomas_simulation.run(main, n=2) == 1.0
+
+        def test_fails(self, aiomas_simulation):
+            assert aiomas_simulation.run(call_echo, n=2) == "hi"
+"""
+
+
+def test_the_simulation_fixtures_report_the_seed(run: pytest.Pytester) -> None:
+    run.makepyfile(test_sim=SIMULATION_TESTS)
+    result = runpytest(run, "-s")
+    result.assert_outcomes(passed=2, failed=1)
+    seed = re.search(r"SEED (\d+)", result.stdout.str())
+    assert seed is not None
+    result.stdout.fnmatch_lines(
+        [
+            "*- aiomas simulation -*",
+            "seed: *",
+            "plan: FaultPlan(default=LinkFaults(latency=0.25*",
+            "replay: pytest --aiomas-seed=* test_sim.py::TestSlowLinks::test_fails",
+        ]
+    )
+    # The same test id gives the same seed in every run; the option sets it.
+    again = runpytest(run, "-s", "-k", "test_simulation_runs")
+    assert f"SEED {seed.group(1)}" in again.stdout.str()
+    chosen = runpytest(run, "-s", "--aiomas-seed=1234", "-k", "test_simulation_runs")
+    chosen.assert_outcomes(passed=1)
+    assert "SEED 1234" in chosen.stdout.str()
+
+
+def test_a_stuck_test_times_out_with_a_message(run: pytest.Pytester) -> None:
+    run.makepyfile(
+        test_stuck="""
+        import asyncio
+        import time
+
+        def test_sync_stuck(aiomas_external_clock):
+            time.sleep(30)
+
+        async def test_async_stuck(aiomas_external_clock):
+            await asyncio.Event().wait()
+
+        def test_plain_tests_are_not_bounded():
+            time.sleep(0.5)
+        """
+    )
+    result = runpytest(run, "-p", "no:timeout", "-o", "aiomas_timeout=0.2")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        ["*TestTimeout: The test took more than 0.2 s (aiomas_timeout)*"]
+    )
