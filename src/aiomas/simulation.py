@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import math
 import random
@@ -77,12 +76,14 @@ class _VirtualSelector(selectors.BaseSelector):
         start: float,
         autojump: bool,
         autojump_threshold: float,
-        on_stuck: Callable[[], None] | None,
+        on_stuck: Callable[[str], None] | None,
         wall_timeout: float | None,
+        horizon: float,
     ) -> None:
         self.real = selectors.DefaultSelector()
         self.now = start
         self.limit = math.inf if autojump else start
+        self.horizon = horizon
         self.autojump = autojump
         self.threshold = autojump_threshold
         self.idle_waiters: list[asyncio.Future[None]] = []
@@ -115,7 +116,7 @@ class _VirtualSelector(selectors.BaseSelector):
     ) -> list[tuple[selectors.SelectorKey, int]]:
         if self.wall_deadline is not None and time.monotonic() > self.wall_deadline:
             self.wall_deadline = None
-            self._stuck()
+            self._stuck("the run took longer than its wall-clock bound")
         events = self.real.select(0)
         if events or timeout == 0:
             return events
@@ -124,12 +125,18 @@ class _VirtualSelector(selectors.BaseSelector):
             events = self.real.select(wait)
             if events:
                 return events
-        if timeout is not None and self.now + timeout <= self.limit:
+        # With no timer, only advance() moves the time (the horizon does not).
+        limit = (
+            min(self.limit, self.horizon)
+            if timeout is not None or self.limit < math.inf
+            else math.inf
+        )
+        if timeout is not None and self.now + timeout <= limit:
             # Never stay put: a timer due in less than a float step.
             self.now = max(self.now + timeout, math.nextafter(self.now, math.inf))
             return []
-        if self.now < self.limit < math.inf:
-            self.now = self.limit  # Timers after the limit wait for it to move.
+        if self.now < limit < math.inf:
+            self.now = limit  # Timers after the limit wait for it to move.
             return []
         # Idle: nothing can run before the limit.
         waiters, self.idle_waiters = self.idle_waiters, []
@@ -140,14 +147,17 @@ class _VirtualSelector(selectors.BaseSelector):
                 woken = True
         if woken:
             return []
-        if timeout is None and self.on_stuck is not None:
-            self._stuck()
+        if self.on_stuck is not None:
+            if self.now >= self.horizon:
+                self._stuck(f"virtual time reached its end ({self.horizon:g} s)")
+            else:
+                self._stuck("every task waits and no timer is set")
             return []
         return self.real.select(None)
 
-    def _stuck(self) -> None:
+    def _stuck(self, reason: str) -> None:
         if self.on_stuck is not None:
-            self.on_stuck()
+            self.on_stuck(reason)
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -160,10 +170,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         autojump_threshold: Real seconds to wait for real I/O (a socket, a
             thread) before time jumps.  ``0`` polls it only: fine for
             LocalQueue and loopback TCP, whose data is there at once.
-        on_stuck: Called (from the loop) when every task waits and no timer
-            is set, instead of waiting for real I/O forever; also when
-            *wall_timeout* real seconds have passed.
+        on_stuck: Called (from the loop) with the reason, instead of waiting
+            for real I/O forever, when every task waits and no timer is set
+            (or only timers after *horizon*); also once *wall_timeout* real
+            seconds have passed.
         wall_timeout: See *on_stuck* (``None``: no bound).
+        horizon: The virtual time never passes this.
     """
 
     def __init__(
@@ -172,11 +184,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         start: float = 0.0,
         autojump: bool = True,
         autojump_threshold: float = 0.0,
-        on_stuck: Callable[[], None] | None = None,
+        on_stuck: Callable[[str], None] | None = None,
         wall_timeout: float | None = None,
+        horizon: float = math.inf,
     ) -> None:
         self._aiomas_selector = _VirtualSelector(
-            start, autojump, autojump_threshold, on_stuck, wall_timeout
+            start, autojump, autojump_threshold, on_stuck, wall_timeout, horizon
         )
         super().__init__(self._aiomas_selector)
 
@@ -256,7 +269,12 @@ async def run_until_idle(quiet_rounds: int = 5, max_rounds: int = 100_000) -> No
     for _ in range(max_rounds):
         await asyncio.sleep(0)
         now = _progress()
-        quiet = quiet + 1 if now == last else 0
+        same = (
+            now[0] == last[0]
+            and len(now[1]) == len(last[1])
+            and all(a is b for a, b in zip(now[1], last[1], strict=True))
+        )
+        quiet = quiet + 1 if same else 0
         if quiet >= quiet_rounds:
             return
         last = now
@@ -276,28 +294,31 @@ async def advance(dt: float) -> None:
     await loop.advance(dt)
 
 
-def _progress() -> tuple[object, ...]:
-    """Where every task of the running loop waits (changes when one moves)."""
+def _progress() -> tuple[list[object], list[object]]:
+    """Where every task of the running loop waits, and on what: the positions
+    (compared by value) and the awaited objects (compared by identity, and
+    kept alive, so a new object of a new wait never passes for the old one)."""
     current = asyncio.current_task()
-    marks: list[object] = []
-    for task in asyncio.all_tasks():
+    positions: list[object] = []
+    awaited_objects: list[object] = []
+    for task in sorted(asyncio.all_tasks(), key=id):
         if task is current:
             continue
-        marks.append((id(task), task.done()))
+        positions.append((id(task), task.done()))
         awaited: Any = task.get_coro()
         while awaited is not None:
+            awaited_objects.append(awaited)
             frame = getattr(awaited, "cr_frame", None) or getattr(
                 awaited, "gi_frame", None
             )
             if frame is None:
-                marks.append(id(awaited))
                 break
-            marks.append(frame.f_lasti)
+            positions.append(frame.f_lasti)
             awaited = getattr(awaited, "cr_await", None) or getattr(
                 awaited, "gi_yieldfrom", None
             )
-    marks.sort(key=repr)
-    return tuple(marks)
+        positions.append(None)  # the end of a task's chain
+    return positions, awaited_objects
 
 
 # --- The fault plan -----------------------------------------------------------
@@ -757,7 +778,7 @@ def run(
         main: The test program.
         seed: The network's seed.
         plan: The faults.
-        timeout: Virtual seconds *main* may take.
+        timeout: Virtual seconds *main* may take (the time never passes it).
         wall_timeout: Real seconds the run may take (``None``: no bound).
         log: Whether the network records its log.
 
@@ -765,25 +786,27 @@ def run(
         What *main* returns.
 
     Raises:
-        TimeoutError: if *main* takes more than *timeout* virtual seconds.
-        SimulationStuck: if every task waits for nothing that will come, or
-            the run took more than *wall_timeout* real seconds.
+        SimulationStuck: if every task waits for nothing that will come
+            before *timeout*, or the run took more than *wall_timeout* real
+            seconds.
     """
     stuck: list[SimulationStuck] = []
     holder: list[asyncio.Task[_T]] = []
 
-    def on_stuck() -> None:
+    def on_stuck(reason: str) -> None:
         if holder and not holder[0].done() and not stuck:
-            stuck.append(SimulationStuck("every task waits and no timer is set"))
+            stuck.append(SimulationStuck(reason))
             holder[0].cancel()
 
-    loop = VirtualTimeLoop(on_stuck=on_stuck, wall_timeout=wall_timeout)
+    loop = VirtualTimeLoop(
+        on_stuck=on_stuck, wall_timeout=wall_timeout, horizon=timeout
+    )
     description = f"seed={seed!r}, plan={plan!r}"
 
     async def program() -> _T:
         simulation = Simulation(seed, plan, log=log)
         try:
-            return await asyncio.wait_for(main(simulation), timeout)
+            return await main(simulation)
         finally:
             await simulation.close()
 
@@ -800,13 +823,15 @@ def run(
         exc.add_note(f"aiomas simulation: {description}")
         raise
     finally:
-        with contextlib.suppress(Exception):
-            _close(loop)
+        _close(loop)
         local_queue.clear_queue_cache()
 
 
 def _close(loop: VirtualTimeLoop) -> None:
-    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    pending = sorted(
+        (task for task in asyncio.all_tasks(loop) if not task.done()),
+        key=lambda task: task.get_name(),
+    )
     for task in pending:
         task.cancel()
     if pending:
