@@ -456,7 +456,9 @@ class _Link:
     __slots__ = ("busy_until", "in_flight", "reader")
 
     def __init__(self) -> None:
-        self.reader = wire.FrameReader(wire.MAX_FRAME_SIZE)
+        # A small shared buffer: a system has thousands of links, and bigger
+        # frames get a buffer of their own anyway.
+        self.reader = wire.FrameReader(wire.MAX_FRAME_SIZE, buffer_size=4096)
         # (arrival time, frame or None for the end), in delivery order.
         self.in_flight: collections.deque[tuple[float, bytes | None]] = (
             collections.deque()
