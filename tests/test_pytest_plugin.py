@@ -515,3 +515,48 @@ def test_a_stuck_test_times_out_with_a_message(run: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         ["*TestTimeout: The test took more than 0.2 s (aiomas_timeout)*"]
     )
+
+
+def test_async_tests_on_virtual_time(run: pytest.Pytester) -> None:
+    # What docs/simulation.rst suggests: pytest-asyncio makes its loops with
+    # VirtualTimeLoop, so that containers on AsyncioClock run on virtual time.
+    run.makeconftest(
+        HYGIENE_CONFTEST
+        + """
+    from aiomas.simulation import VirtualTimeLoop
+
+    def pytest_asyncio_loop_factories(config, item):
+        return {"virtual-time": VirtualTimeLoop}
+    """
+    )
+    run.makepyfile(
+        test_virtual="""
+        import asyncio
+        import time
+
+        from aiomas import simulation
+        from agents import Echo
+
+        async def test_an_hour_at_once(aiomas_local_containers):
+            here, there = await aiomas_local_containers()
+            echo, caller = Echo(there), Echo(here)
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, simulation.VirtualTimeLoop)
+            replies = []
+
+            async def tick():
+                while True:
+                    await here.clock.sleep(10)
+                    replies.append(await caller.call(echo.addr, "tick"))
+
+            task = asyncio.ensure_future(tick())
+            start = time.perf_counter()
+            await simulation.advance(3600)
+            assert time.perf_counter() - start < 20
+            assert replies == ["TICK"] * 360
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        """
+    )
+    result = runpytest(run)
+    result.assert_outcomes(passed=1)
