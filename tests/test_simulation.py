@@ -612,3 +612,36 @@ def test_plans_check_their_numbers() -> None:
     plan = FaultPlan(links=((("a", "b"), LinkFaults(drop=1)),))
     assert plan.link("a", "b").drop == 1
     assert plan.link("b", "a") == LinkFaults()
+
+
+def test_a_failing_restart_fails_the_run() -> None:
+    plan = FaultPlan(crashes=(Crash("sim-0", at=1, restart_after=1),))
+    starts = []
+
+    async def setup(container: aiomas.Container) -> None:
+        starts.append(asyncio.get_running_loop().time())
+        if len(starts) > 1:
+            raise RuntimeError("no disk")
+
+    async def main(sim: Simulation) -> None:
+        await sim.start(1, setup)
+        await asyncio.sleep(5)
+
+    with pytest.raises(RuntimeError, match="no disk"):
+        simulation.run(main, seed=0, plan=plan)
+    assert starts == [0, 2]
+
+
+def test_the_end_of_a_stream_travels_behind_the_data() -> None:
+    async def program(link: Link, client: channel.Channel) -> list[LogEntry]:
+        client.send("last words").cancel()
+        await client.close()
+        await asyncio.sleep(5)
+        return [e for e in link.sim.log if e.source == "c"]
+
+    log = on_link(FaultPlan(default=LinkFaults(latency=2)), program)
+    assert [(e.time, e.event) for e in log] == [
+        (0, "send"),
+        (2, "deliver"),
+        (2, "eof"),
+    ]

@@ -574,9 +574,12 @@ class SimulatedNetwork(local_queue.Network):
         link = self._links.get(route)
         if link is None:
             return
-        last = link.in_flight[-1][0] if link.in_flight else self._loop.time()
-        link.in_flight.append((last, None))
-        self._loop.call_at(last, self._pump, route, link)
+        # The end travels like a frame, behind the frames before it.
+        arrival = self._loop.time() + self.plan.link(route.source, route.target).latency
+        if link.in_flight:
+            arrival = max(arrival, link.in_flight[-1][0])
+        link.in_flight.append((arrival, None))
+        self._loop.call_at(arrival, self._pump, route, link)
 
     def _send_frame(
         self, route: Route, link: _Link, payload: bytes, faults: LinkFaults
@@ -745,14 +748,22 @@ class Simulation:
             await self._start(crash.node)
 
     async def close(self) -> None:
-        """Cancel pending crashes and shut all containers down."""
+        """Cancel pending crashes and shut all containers down.
+
+        Raises:
+            Exception: what a crash or restart raised (e.g. the *setup* of
+                a restarted container).
+        """
         for timer in self._timers:
             timer.cancel()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
         for name in reversed(list(self.containers)):
             await self.containers.pop(name).shutdown(as_coro=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
 
     async def __aenter__(self) -> Simulation:
         return self
