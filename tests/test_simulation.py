@@ -175,6 +175,18 @@ def test_a_stuck_run_fails_with_its_seed() -> None:
         simulation.run(periodic, seed=7, timeout=100)
 
 
+def test_a_stuck_clean_up_does_not_hang_the_run() -> None:
+    async def main(sim: Simulation) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_future()
+        finally:
+            await loop.create_future()  # a clean-up that never ends
+
+    with pytest.raises(SimulationStuck, match="no timer is set"):
+        simulation.run(main, seed=7)
+
+
 def test_a_failing_run_names_its_seed_and_plan() -> None:
     plan = FaultPlan(
         default=LinkFaults(latency=0.5, drop=0.1),

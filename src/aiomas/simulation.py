@@ -197,6 +197,15 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         """The virtual time (seconds)."""
         return self._aiomas_selector.now
 
+    @property
+    def horizon(self) -> float:
+        """The virtual time never passes this (settable)."""
+        return self._aiomas_selector.horizon
+
+    @horizon.setter
+    def horizon(self, value: float) -> None:
+        self._aiomas_selector.horizon = value
+
     async def run_until_idle(self) -> None:
         """Return once nothing can run without time passing: every task waits
         for a timer (or for nothing).  Time does not move meanwhile."""
@@ -807,9 +816,19 @@ def run(
     holder: list[asyncio.Task[_T]] = []
 
     def on_stuck(reason: str) -> None:
-        if holder and not holder[0].done() and not stuck:
+        if not stuck:
+            # Cancel the program; its clean-up may take time again.
             stuck.append(SimulationStuck(reason))
-            holder[0].cancel()
+            loop.horizon = math.inf
+            if holder:
+                holder[0].cancel()
+            return
+        # The clean-up is stuck, too: end every task, then give up.
+        stuck.append(SimulationStuck(reason))
+        if len(stuck) > 3:
+            raise stuck[0]
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
 
     loop = VirtualTimeLoop(
         on_stuck=on_stuck, wall_timeout=wall_timeout, horizon=timeout
@@ -847,10 +866,14 @@ def _close(loop: VirtualTimeLoop) -> None:
     )
     for task in pending:
         task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
+    try:
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except SimulationStuck:
+        pass  # The run already failed with it.
+    finally:
+        loop.close()
 
 
 def sweep(
