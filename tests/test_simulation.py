@@ -391,6 +391,26 @@ def test_jitter_draws_latency_and_keeps_the_order() -> None:
     assert len(set(delays)) > 10  # drawn, not fixed
 
 
+def test_exponential_jitter_has_a_long_tail() -> None:
+    faults = LinkFaults(latency=0, jitter=1, jitter_shape="exponential")
+
+    async def program(link: Link, client: channel.Channel) -> list[float]:
+        for i in range(200):
+            client.send(i)
+            await asyncio.sleep(10)  # far apart: no frame waits for another
+        sent = {e.payload: e.time for e in events(link, "send") if e.source == "c"}
+        return [
+            e.time - sent[e.payload] for e in events(link, "deliver") if e.source == "c"
+        ]
+
+    delays = on_link(FaultPlan(default=faults), program)
+    assert len(delays) == 200
+    assert 0.7 < sum(delays) / len(delays) < 1.3  # the mean
+    assert max(delays) > 3  # beyond any uniform draw from [0, 1]
+    with pytest.raises(ValueError, match="jitter_shape"):
+        LinkFaults(jitter_shape="normal")  # type: ignore[arg-type]
+
+
 def test_a_dropped_frame_is_never_seen() -> None:
     plan = FaultPlan(links=((("c", "s"), LinkFaults(drop=1.0)),))
 

@@ -67,9 +67,9 @@ def test_hypothesis_shrinks_a_failing_plan() -> None:
         return False
 
     smallest = find(
-        fault_plans(NODES[:2], horizon=10),
+        fault_plans(NODES[:2], horizon=10, max_partitions=1),
         breaks,
-        settings=settings(max_examples=100, database=None),
+        settings=settings(max_examples=30, database=None),
     )
     # What does not matter shrinks away: the delays, and all but the one
     # or two faults that break the call.

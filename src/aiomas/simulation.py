@@ -32,7 +32,7 @@ import random
 import selectors
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiomas import local_queue, wire
 from aiomas.agent import Container
@@ -339,8 +339,12 @@ class LinkFaults:
 
     Args:
         latency: Seconds every frame takes.
-        jitter: Extra seconds drawn uniformly from ``[0, jitter]`` per frame
-            (the order of a link's frames is kept, unless reordered).
+        jitter: Extra seconds drawn per frame: uniformly from ``[0,
+            jitter]``, or exponentially distributed with mean *jitter* (see
+            *jitter_shape*).  The order of a link's frames is kept, unless
+            reordered.
+        jitter_shape: ``"uniform"`` or ``"exponential"`` (a long tail of
+            late frames).
         drop: Probability that a frame is lost.
         duplicate: Probability that a frame arrives twice.
         reorder: Probability that a frame overtakes up to *reorder_window*
@@ -352,6 +356,7 @@ class LinkFaults:
 
     latency: float = 0.001
     jitter: float = 0.0
+    jitter_shape: Literal["uniform", "exponential"] = "uniform"
     drop: float = 0.0
     duplicate: float = 0.0
     reorder: float = 0.0
@@ -366,6 +371,8 @@ class LinkFaults:
                 )
         if self.latency < 0 or self.jitter < 0:
             raise ValueError("latency and jitter must not be negative")
+        if self.jitter_shape not in ("uniform", "exponential"):
+            raise ValueError(f"Unknown jitter_shape {self.jitter_shape!r}")
         if self.reorder_window < 1:
             raise ValueError("reorder_window must be at least 1")
         if self.bandwidth is not None and not self.bandwidth > 0:
@@ -628,7 +635,10 @@ class SimulatedNetwork(local_queue.Network):
             link.busy_until = departure
         arrival = departure + faults.latency
         if faults.jitter:
-            arrival += self.random.uniform(0, faults.jitter)
+            if faults.jitter_shape == "uniform":
+                arrival += self.random.uniform(0, faults.jitter)
+            else:
+                arrival += self.random.expovariate(1 / faults.jitter)
         in_flight = link.in_flight
         frames = [i for i, (_, item) in enumerate(in_flight) if item is not None]
         if reorder and frames:

@@ -34,6 +34,7 @@ def link_faults(
         LinkFaults,
         latency=delay,
         jitter=delay,
+        jitter_shape=st.sampled_from(["uniform", "exponential"]),
         drop=probability,
         duplicate=probability,
         reorder=probability,
