@@ -42,3 +42,18 @@ def test_compare_with_a_revision_prints_ratios(args: list[str]) -> None:
     (row,) = [line for line in result.stdout.splitlines() if "new/base" in line]
     assert row.startswith(args[-1])
     assert "A/A" in row
+
+
+def test_the_simulation_benchmark_runs() -> None:
+    script = str(ROOT / "benchmarks" / "simulation.py")
+    args = ["--containers", "10", "--duration", "60"]
+    result = subprocess.run(
+        [sys.executable, "-W", "error", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("10 containers, faults on: ")
+    assert result.stdout.rstrip().endswith("messages/s")

@@ -315,3 +315,39 @@ def test_container_script(unused_tcp_port: int) -> None:
             script.kill()
         _, stderr = script.communicate(timeout=20)
     assert stderr == ""
+
+
+def _sweep(*args: str) -> tuple[int, int | None]:
+    """Run a seed sweep of simulation_ledger.py: (failures, first failing seed)."""
+    out = run_example("simulation_ledger.py", *args).splitlines()
+    failures = int(out[0].split(": ")[1].split()[0])
+    first = int(out[1].rsplit(" ", 1)[1]) if failures else None
+    return failures, first
+
+
+def test_simulation_ledger_sweep_finds_replays_and_fixes(long_run: bool) -> None:
+    # The bug needs faults: a healthy network never shows it.
+    assert _sweep("--healthy", "sweep", "--seeds", "20") == (0, None)
+    failures, seed = _sweep("sweep", "--seeds", "100")
+    assert failures > 0
+    assert seed is not None
+    # The seed replays the failure, message by message, in any process.
+    replays = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        script = str(EXAMPLES / "simulation_ledger.py")
+        result = subprocess.run(
+            [sys.executable, "-W", "error", script, "replay", str(seed)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+            env=env,
+        )
+        assert result.stderr == ""
+        replays.append(result.stdout)
+    assert replays[0] == replays[1]
+    assert re.search(rf"buggy ledger, seed {seed}: balance \d+ != 390", replays[0])
+    # The fixed ledger passes every seed (1,000 of them with --aiomas-long).
+    seeds = "1000" if long_run else "100"
+    assert _sweep("--fixed", "sweep", "--seeds", seeds) == (0, None)

@@ -200,6 +200,8 @@ def test_module_exports() -> None:
         "LocalQueue",
         "LocalQueueServer",
         "LocalQueueTransport",
+        "Network",
+        "Route",
         "clear_queue_cache",
         "create_connection",
         "create_server",

@@ -21,6 +21,9 @@ FIXTURES = [
     "aiomas_local_containers",
     "aiomas_external_clock",
     "aiomas_clock_container",
+    "aiomas_seed",
+    "aiomas_fault_plan",
+    "aiomas_simulation",
 ]
 
 # Fails a test whose fixtures leave a task behind, collects garbage so that an
@@ -131,8 +134,13 @@ def test_the_entry_point_names_the_plugin(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.get_plugin("aiomas") is pytest_plugin
 
 
-def test_the_plugin_has_no_hooks() -> None:
-    assert [name for name in vars(pytest_plugin) if name.startswith("pytest_")] == []
+def test_the_plugin_hooks() -> None:
+    # The option, the timeout and the report; nothing else changes a run.
+    assert [name for name in vars(pytest_plugin) if name.startswith("pytest_")] == [
+        "pytest_addoption",
+        "pytest_runtest_call",
+        "pytest_runtest_makereport",
+    ]
 
 
 def test_all_fixtures_are_listed_and_prefixed(run: pytest.Pytester) -> None:
@@ -273,11 +281,36 @@ def test_the_fixtures_work(
             await aiomas_external_clock.advance(1)
             assert await reply == 3600
             assert loop.time() - start < 30  # an hour of clock time, no real hour
+
+        async def test_advance_settles_an_agent_that_calls_first(
+            aiomas_clock_container, aiomas_external_clock
+        ):
+            # The newcomer case: a woken agent makes an RPC call before it
+            # sleeps again; advance() waits for it, with no real-time sleep.
+            clock = aiomas_external_clock
+            echo = Echo(aiomas_clock_container)
+            caller = Echo(aiomas_clock_container)
+            replies = []
+
+            async def loop_forever():
+                while True:
+                    await clock.sleep(10)
+                    replies.append(await caller.call(echo.addr, f"t{clock.time():g}"))
+
+            task = asyncio.ensure_future(loop_forever())
+            await clock.run_until_idle()
+            await clock.advance(30)
+            assert replies == ["T10", "T20", "T30"]
+            await clock.advance(5)
+            assert replies == ["T10", "T20", "T30"]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         """
     )
     monkeypatch.setenv("PYTHONHASHSEED", "1")
     result = runpytest(run, "-s")
-    result.assert_outcomes(passed=10)
+    result.assert_outcomes(passed=11)
     order = re.search(r"ORDER: [\w ]+", result.stdout.str())
     assert order is not None
     # The same order in another process, with other hashes:
@@ -403,3 +436,127 @@ def test_harmless_without_pytest_asyncio(run: pytest.Pytester) -> None:
     )
     listed = runpytest(run, "-p", "no_pytest_asyncio", "-p", "no:asyncio", "--fixtures")
     assert all(name in listed.stdout.str() for name in FIXTURES)
+
+
+SIMULATION_TESTS = """
+    import pytest
+
+    from aiomas.simulation import FaultPlan, LinkFaults
+    from agents import Echo
+
+    async def call_echo(sim):
+        a, b = sim.containers.values()
+        return await Echo(a).call(Echo(b).addr, "hi")
+
+    def test_simulation_runs(aiomas_simulation, aiomas_seed, aiomas_fault_plan):
+        assert aiomas_simulation.seed == aiomas_seed
+        assert aiomas_fault_plan == FaultPlan()
+        assert aiomas_simulation.run(call_echo, n=2) == "HI"
+        print("SEED", aiomas_seed)
+
+    class TestSlowLinks:
+        @pytest.fixture
+        def aiomas_fault_plan(self):
+            return FaultPlan(default=LinkFaults(latency=0.25))
+
+        def test_the_plan_can_be_overridden(self, aiomas_simulation):
+            async def main(sim):
+                await call_echo(sim)
+                return sim.log[-1].time
+
+            # A lookup and a call: four frames, one after the other.
+            assert aiomas_simulation.run(main, n=2) == 1.0
+
+        def test_fails(self, aiomas_simulation):
+            assert aiomas_simulation.run(call_echo, n=2) == "hi"
+"""
+
+
+def test_the_simulation_fixtures_report_the_seed(run: pytest.Pytester) -> None:
+    run.makepyfile(test_sim=SIMULATION_TESTS)
+    result = runpytest(run, "-s")
+    result.assert_outcomes(passed=2, failed=1)
+    seed = re.search(r"SEED (\d+)", result.stdout.str())
+    assert seed is not None
+    result.stdout.fnmatch_lines(
+        [
+            "*- aiomas simulation -*",
+            "seed: *",
+            "plan: FaultPlan(default=LinkFaults(latency=0.25*",
+            "replay: pytest --aiomas-seed=* test_sim.py::TestSlowLinks::test_fails",
+        ]
+    )
+    # The same test id gives the same seed in every run; the option sets it.
+    again = runpytest(run, "-s", "-k", "test_simulation_runs")
+    assert f"SEED {seed.group(1)}" in again.stdout.str()
+    chosen = runpytest(run, "-s", "--aiomas-seed=1234", "-k", "test_simulation_runs")
+    chosen.assert_outcomes(passed=1)
+    assert "SEED 1234" in chosen.stdout.str()
+
+
+def test_a_stuck_test_times_out_with_a_message(run: pytest.Pytester) -> None:
+    run.makepyfile(
+        test_stuck="""
+        import asyncio
+        import time
+
+        def test_sync_stuck(aiomas_external_clock):
+            time.sleep(30)
+
+        async def test_async_stuck(aiomas_external_clock):
+            await asyncio.Event().wait()
+
+        def test_plain_tests_are_not_bounded():
+            time.sleep(0.5)
+        """
+    )
+    result = runpytest(run, "-p", "no:timeout", "-o", "aiomas_timeout=0.2")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        ["*TestTimeout: The test took more than 0.2 s (aiomas_timeout)*"]
+    )
+
+
+def test_async_tests_on_virtual_time(run: pytest.Pytester) -> None:
+    # What docs/simulation.rst suggests: pytest-asyncio makes its loops with
+    # VirtualTimeLoop, so that containers on AsyncioClock run on virtual time.
+    run.makeconftest(
+        HYGIENE_CONFTEST
+        + """
+    from aiomas.simulation import VirtualTimeLoop
+
+    def pytest_asyncio_loop_factories(config, item):
+        return {"virtual-time": VirtualTimeLoop}
+    """
+    )
+    run.makepyfile(
+        test_virtual="""
+        import asyncio
+        import time
+
+        from aiomas import simulation
+        from agents import Echo
+
+        async def test_an_hour_at_once(aiomas_local_containers):
+            here, there = await aiomas_local_containers()
+            echo, caller = Echo(there), Echo(here)
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, simulation.VirtualTimeLoop)
+            replies = []
+
+            async def tick():
+                while True:
+                    await here.clock.sleep(10)
+                    replies.append(await caller.call(echo.addr, "tick"))
+
+            task = asyncio.ensure_future(tick())
+            start = time.perf_counter()
+            await simulation.advance(3600)
+            assert time.perf_counter() - start < 20
+            assert replies == ["TICK"] * 360
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        """
+    )
+    result = runpytest(run)
+    result.assert_outcomes(passed=1)

@@ -20,6 +20,7 @@ from typing import Any, Final, Generic, TypeVar, cast
 from aiomas import rpc
 from aiomas._addresses import Endpoint, parse_url
 from aiomas.channel import Channel
+from aiomas.local_queue import LocalQueue
 
 __all__ = ["LOOKUP_TIMEOUT", "TIMEOUT_SLACK", "ConnectionPool"]
 
@@ -163,6 +164,9 @@ class ConnectionPool(Generic[_P]):
         kwargs = self._connect_kwargs
         if not isinstance(endpoint.addr, tuple):
             kwargs = {k: v for k, v in kwargs.items() if k != "ssl"}
+        if "local_addr" in kwargs and not isinstance(endpoint.addr, LocalQueue):
+            # A LocalQueue container's own queue means nothing to a socket.
+            kwargs = {k: v for k, v in kwargs.items() if k != "local_addr"}
         client = await rpc.open_connection(
             endpoint.addr, rpc_service=self._service, timeout=retry_for, **kwargs
         )

@@ -508,6 +508,9 @@ async def _create(
     if isinstance(addr, local_queue.LocalQueue):
         server = await channel_mod.start_server(addr, connected, **kwargs)
         base_url = local_base_url(addr.queue_id)
+        # Connections to other LocalQueue containers come from this queue
+        # (what a simulated network needs to know, see aiomas.simulation).
+        connect_kwargs["local_addr"] = addr
     elif isinstance(addr, str | os.PathLike):
         path = os.fspath(addr)
         server = await channel_mod.start_server(path, connected, **kwargs)
@@ -597,7 +600,8 @@ class _AgentRegistry:
         self.agents = rpc.ServiceDict()
         container.router.set_sub_router(self.agents.router, "agents")
         self._ids = itertools.count()
-        self._incoming: set[rpc.RpcClient] = set()
+        # A dict, not a set: closed in the order they came, in every process.
+        self._incoming: dict[rpc.RpcClient, None] = {}
         self._closed = False
 
     @property
@@ -638,10 +642,10 @@ class _AgentRegistry:
             cast(asyncio.Transport, channel.transport).abort()
             return
         client = rpc.RpcClient(channel, self.container)
-        self._incoming.add(client)
+        self._incoming[client] = None
         service = client.service
         assert service is not None  # We serve the container to every client.
-        service.add_done_callback(lambda _: self._incoming.discard(client))
+        service.add_done_callback(lambda _: self._incoming.pop(client, None))
 
     def close(self) -> asyncio.Future[list[Any]]:
         """Refuse new agents and connections from now on and close the

@@ -38,12 +38,14 @@ import itertools
 import weakref
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 __all__ = [
     "LocalQueue",
     "LocalQueueServer",
     "LocalQueueTransport",
+    "Network",
+    "Route",
     "clear_queue_cache",
     "create_connection",
     "create_server",
@@ -90,6 +92,7 @@ async def create_connection(
     lq: LocalQueue,
     *,
     loop: asyncio.AbstractEventLoop | None = None,
+    local_addr: LocalQueue | None = None,
     **kwds: Any,
 ) -> tuple[LocalQueueTransport, _P]:
     """Connect to the server bound to *lq*.
@@ -98,6 +101,9 @@ async def create_connection(
         protocol_factory: Makes the client's protocol.
         lq: The queue whose server to connect to.
         loop: Accepted for compatibility; must be ``None`` or the running loop.
+        local_addr: The queue the connection comes from (containers on a
+            LocalQueue pass their own), as TCP's *local_addr* names the local
+            end.  Only a :class:`Network` on *lq* looks at it.
         **kwds: Ignored (they are TCP options), except ``ssl``, which must be
             ``None`` or ``False``.
 
@@ -106,9 +112,14 @@ async def create_connection(
 
     Raises:
         ConnectionRefusedError: if no server is bound to *lq* or it is closed.
+        OSError: what the :class:`Network` on *lq* raises to refuse it.
         ValueError: if *ssl* asks for TLS or *loop* is not the running loop.
     """
     running = _check_arguments(loop, kwds)
+    network = lq.network
+    source = None if local_addr is None else local_addr.queue_id
+    if network is not None:
+        network.check_connect(source, lq.queue_id)
     to_server, to_client = _Pipe(), _Pipe()
     server_end = lq.new_connection(to_client, to_server)
     # As with TCP, the client's protocol is made once the server accepted.
@@ -124,6 +135,11 @@ async def create_connection(
         protocol,
         sockname=server_end.get_extra_info("peername"),
     )
+    if network is not None:
+        forth = Route(network, to_server, to_client, source, lq.queue_id)
+        back = Route(network, to_client, to_server, lq.queue_id, source)
+        to_server.route, to_client.route = forth, back
+        network.connection_made(forth, back)
     made = running.create_future()
     # Runs right after the transport's connection_made() callback.
     running.call_soon(_set_done, made)
@@ -190,6 +206,9 @@ class LocalQueue:
         """The queue's id."""
         self.server: LocalQueueServer | None = None
         """The server bound to this queue, or ``None``."""
+        self.network: Network | None = None
+        """The :class:`Network` that carries the data of new connections to
+        this queue (``None``: the data goes straight to the other end)."""
         # Numbers the connections, so each has a distinct peername.
         self._numbers = itertools.count(1)
 
@@ -232,6 +251,91 @@ class LocalQueue:
         if server is None:
             raise ConnectionRefusedError(f"No server is bound to {self!r}")
         return server.new_connection(sendq, recvq)
+
+
+class Network(Protocol):
+    """What carries the data of LocalQueue connections, e.g. a simulated
+    network with latency and faults (see :mod:`aiomas.simulation`).
+
+    Set it as :attr:`LocalQueue.network` of a queue: every connection made to
+    that queue from then on sends what its ends write through the network,
+    which hands it over when (and if) it wants with :meth:`Route.deliver`.
+    Connections to queues without a network cost nothing extra.
+    """
+
+    def check_connect(self, source: str | None, target: str) -> None:
+        """Called before a connection from *source* (a queue id, or ``None``
+        if unknown) to the queue *target* is made.
+
+        Raises:
+            OSError: to refuse the connection (the caller of
+                :func:`create_connection` gets it).
+        """
+
+    def connection_made(self, forth: Route, back: Route) -> None:
+        """A connection was made: *forth* carries the client's data to the
+        server, *back* the server's to the client."""
+
+    def carry(self, route: Route, chunk: bytes) -> None:
+        """An end wrote *chunk* to *route* (instead of it going to the
+        other end); deliver it later with :meth:`Route.deliver`, or never."""
+
+    def carry_end(self, route: Route) -> None:
+        """The writing end of *route* closed it; pass that on with
+        :meth:`Route.deliver_end` once the data before it is delivered."""
+
+
+class Route:
+    """One direction of a LocalQueue connection that goes through a
+    :class:`Network` (made by :func:`create_connection`).
+
+    Args:
+        network: The network that carries the data.
+        pipe: This direction.
+        reverse: The other direction.
+        source: The queue id of the writing end (``None`` if unknown).
+        target: The queue id of the reading end (``None`` if unknown).
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        pipe: DataQueue,
+        reverse: DataQueue,
+        source: str | None,
+        target: str | None,
+    ) -> None:
+        self.network = network
+        """The network that carries the data."""
+        self.source = source
+        """The queue id of the end that writes (``None``: not known)."""
+        self.target = target
+        """The queue id of the end that reads (``None``: not known)."""
+        self._pipe = _pipe_of(pipe)
+        self._reverse = _pipe_of(reverse)
+
+    def __repr__(self) -> str:
+        return f"<Route {self.source!r} -> {self.target!r}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the reader takes no more data (closed, or reset)."""
+        return self._pipe.closed
+
+    def deliver(self, chunk: bytes) -> None:
+        """Hand *chunk* to the reading end now (in a loop callback, as
+        LocalQueue always does); nothing happens if it stopped reading."""
+        self._pipe.arrive(chunk)
+
+    def deliver_end(self) -> None:
+        """Hand the end of the stream to the reading end (as :meth:`deliver`)."""
+        self._pipe.arrive_end()
+
+    def reset(self) -> None:
+        """Reset the whole connection: both ends lose it with a
+        :class:`ConnectionResetError`, data in it is dropped."""
+        self._pipe.reset()
+        self._reverse.reset()
 
 
 class LocalQueueServer(asyncio.AbstractServer):
@@ -740,6 +844,9 @@ class _Pipe(asyncio.Queue[bytes | None]):
         """Whether the reader stopped reading (or the pipe was reset)."""
         self.on_reader_done: Callable[[], object] = _ignore
         """Called once the reader has lost its connection."""
+        self.route: Route | None = None
+        """The route through a :class:`Network` that carries what is written,
+        or ``None`` (the data arrives at once)."""
         self._reset = False
         # Delivery callbacks scheduled and not yet run (see release()).
         self._scheduled = 0
@@ -790,10 +897,20 @@ class _Pipe(asyncio.Queue[bytes | None]):
         self.on_reader_done()
 
     def append(self, chunk: bytes) -> None:
-        """Add *chunk*, unless :attr:`closed`.
+        """Add *chunk*, unless :attr:`closed` (through :attr:`route`, if any).
 
         If a reader is attached, one delivery callback is scheduled for it.
         """
+        if self.closed:
+            return
+        route = self.route
+        if route is not None:
+            route.network.carry(route, chunk)
+            return
+        self.arrive(chunk)
+
+    def arrive(self, chunk: bytes) -> None:
+        """Add *chunk* for the reader now, unless :attr:`closed`."""
         if self.closed:
             return
         self.put_nowait(chunk)
@@ -804,6 +921,16 @@ class _Pipe(asyncio.Queue[bytes | None]):
 
     def end(self) -> None:
         """Add the end of the stream, unless :attr:`closed` (as :meth:`append`)."""
+        if self.closed:
+            return
+        route = self.route
+        if route is not None:
+            route.network.carry_end(route)
+            return
+        self.arrive_end()
+
+    def arrive_end(self) -> None:
+        """Add the end of the stream for the reader now, unless :attr:`closed`."""
         if self.closed:
             return
         self.put_nowait(None)

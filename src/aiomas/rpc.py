@@ -140,8 +140,10 @@ class RpcClient:
         self._channel = channel
         self._router = None if rpc_service is None else router_of(rpc_service)
         # Tasks of user callbacks, and of exposed coroutines answering calls.
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._calls: set[asyncio.Future[Any]] = set()
+        # Dicts, not sets: they are cancelled in the order they were made, so
+        # that a run on LocalQueue is the same in every process.
+        self._tasks: dict[asyncio.Future[Any], None] = {}
+        self._calls: dict[asyncio.Future[Any], None] = {}
         self._reset_callback: Callable[[BaseException], Any] | None = None
         self._closing = False
         self._remote = Proxy(channel, "")
@@ -209,7 +211,7 @@ class RpcClient:
     def _service_done(self, task: asyncio.Task[None]) -> None:
         # The connection is gone: calls still running over it could never
         # deliver their results, so they must not run on (maybe forever).
-        for call in self._calls:
+        for call in list(self._calls):
             call.cancel()
         if task.cancelled():
             return
@@ -237,11 +239,14 @@ class RpcClient:
             return
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(guarded(result))
-            self._tasks.add(task)
+            self._tasks[task] = None
             task.add_done_callback(lambda t: self._callback_done(t, name))
 
+    def _call_done(self, task: asyncio.Future[Any]) -> None:
+        self._calls.pop(task, None)
+
     def _callback_done(self, task: asyncio.Future[Any], name: str) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if task.cancelled():
             return
         exc = task.exception()
@@ -284,8 +289,8 @@ class RpcClient:
             task = asyncio.ensure_future(
                 _reply_when_done(request, result, self._channel.peername)
             )
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            self._calls[task] = None
+            task.add_done_callback(self._call_done)
             return
         _answer(request, RESULT, result)
 
