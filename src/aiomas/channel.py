@@ -49,6 +49,7 @@ from aiomas.protocol import (
     ResultReceived,
     format_exception,
 )
+from aiomas.nats import NatsEndpoint
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
 
 __all__ = [
@@ -68,8 +69,10 @@ DEFAULT_CODEC: Final = JSON
 
 Address: TypeAlias = (
     "tuple[str | None, int] | str | os.PathLike[str] | local_queue.LocalQueue"
+    " | NatsEndpoint"
 )
-"""A ``(host, port)`` tuple (TCP), a unix socket path or a LocalQueue."""
+"""A ``(host, port)`` tuple (TCP), a unix socket path, a LocalQueue or a
+container name on a NATS system (:class:`aiomas.nats.NatsEndpoint`)."""
 
 SerializerFactory: TypeAlias = Callable[
     [], tuple[type, Callable[[Any], Any], Callable[[Any], Any]]
@@ -1101,6 +1104,8 @@ async def start_server(
 
     if isinstance(addr, local_queue.LocalQueue):
         return await local_queue.create_server(factory, addr, **kwds)
+    if isinstance(addr, NatsEndpoint):
+        return await addr.create_server(factory)
     if isinstance(addr, str | os.PathLike):
         return await running.create_unix_server(factory, os.fspath(addr), **kwds)
     host, port = tcp_address(addr)
