@@ -31,7 +31,7 @@ MessageCallback = Callable[[bytes, str], None]
 
 def _import_nats() -> Any:
     try:
-        import nats  # noqa: PLC0415 (optional dependency, imported on use)
+        import nats
     except ImportError as exc:  # pragma: no cover (the dev extra has it)
         raise ImportError(
             "NATS support needs nats-py: pip install 'aiomas[nats]'"
@@ -202,7 +202,9 @@ class NatsPyClient:
         except errors.NoRespondersError:
             raise ConnectionRefusedError(f"Nobody serves {subject!r}") from None
         except errors.TimeoutError:
-            raise TimeoutError(f"No answer from {subject!r} within {timeout:.3g} s") from None
+            raise TimeoutError(
+                f"No answer from {subject!r} within {timeout:.3g} s"
+            ) from None
         except (errors.ConnectionClosedError, errors.ConnectionDrainingError) as exc:
             raise ConnectionResetError("The NATS connection is closed") from exc
         data_: bytes = msg.data

@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, Generic, TypeVar, cast
 
 from aiomas import rpc
-from aiomas._addresses import Endpoint, parse_url
+from aiomas._addresses import Endpoint, NatsName, parse_url
 from aiomas.channel import Channel
+from aiomas.nats import NatsLink
 
 __all__ = ["LOOKUP_TIMEOUT", "TIMEOUT_SLACK", "ConnectionPool"]
 
@@ -75,6 +76,7 @@ class ConnectionPool(Generic[_P]):
         "_make_proxy",
         "_proxies",
         "_service",
+        "nats_link",
     )
 
     def __init__(
@@ -93,6 +95,9 @@ class ConnectionPool(Generic[_P]):
         self._attempts: dict[str, _Attempt] = {}
         self._proxies: dict[str, weakref.WeakValueDictionary[str, _P]] = {}
         self._closed = False
+        self.nats_link: NatsLink | None = None
+        """The container's link to a NATS system, through which it reaches
+        ``nats://`` addresses (``None``: it has none)."""
 
     @property
     def clients(self) -> Mapping[str, rpc.RpcClient]:
@@ -161,10 +166,18 @@ class ConnectionPool(Generic[_P]):
             OSError: see :func:`aiomas.rpc.open_connection`.
         """
         kwargs = self._connect_kwargs
-        if not isinstance(endpoint.addr, tuple):
+        addr: Any = endpoint.addr
+        if not isinstance(addr, tuple):
             kwargs = {k: v for k, v in kwargs.items() if k != "ssl"}
+        if isinstance(addr, NatsName):
+            if self.nats_link is None:
+                raise ConnectionRefusedError(
+                    f"{self._service!r} is on no NATS system: it cannot reach "
+                    f"{endpoint.base_url}"
+                )
+            addr = self.nats_link.endpoint(addr.name)
         client = await rpc.open_connection(
-            endpoint.addr, rpc_service=self._service, timeout=retry_for, **kwargs
+            addr, rpc_service=self._service, timeout=retry_for, **kwargs
         )
         if self._closed:
             await client.close()

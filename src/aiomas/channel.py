@@ -37,6 +37,7 @@ from aiomas.exceptions import (
     ProtocolResetError,
     RemoteException,
 )
+from aiomas.nats import NatsEndpoint
 from aiomas.protocol import (
     JOINED_WRITE_LIMIT,
     Connection,
@@ -49,7 +50,6 @@ from aiomas.protocol import (
     ResultReceived,
     format_exception,
 )
-from aiomas.nats import NatsEndpoint
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
 
 __all__ = [

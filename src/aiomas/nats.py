@@ -50,7 +50,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 __all__ = [
     "DEFAULT_PORT",
@@ -165,7 +165,9 @@ class NatsConfig:
         Raises:
             ValueError: if *url* is not of that form.
         """
-        scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+        scheme, sep, rest = (
+            url.partition("://") if isinstance(url, str) else ("", "", "")
+        )
         if not sep or scheme not in _SCHEMES:
             raise ValueError(
                 f"Invalid NATS URL {url!r}: expected 'nats://host:port/name' "
@@ -188,7 +190,9 @@ class NatsConfig:
         )
         if not servers or not name:
             raise ValueError(f"Invalid NATS URL {url!r}: it needs a server and a name")
-        for key, values in urllib.parse.parse_qs(query, strict_parsing=bool(query)).items():
+        for key, values in urllib.parse.parse_qs(
+            query, strict_parsing=bool(query)
+        ).items():
             value = values[-1]
             if key == "creds":
                 settings["creds"] = value
@@ -265,7 +269,7 @@ async def connect(config: NatsConfig) -> NatsLink:
         ConnectionRefusedError: if no server could be reached.
         ImportError: if nats-py is not installed.
     """
-    from aiomas._nats_client import NatsPyClient  # noqa: PLC0415 (optional)
+    from aiomas._nats_client import NatsPyClient
 
     client = await NatsPyClient.connect(config)
     return NatsLink(client, config)
@@ -315,9 +319,7 @@ class NatsLink:
     async def discover(self, wait: float = 0.25) -> list[dict[str, Any]]:
         """The ``info`` of every container on the system that answers within
         *wait* seconds, by name."""
-        answers = await self.client.gather(
-            f"{self.config.prefix}.discover", b"", wait
-        )
+        answers = await self.client.gather(f"{self.config.prefix}.discover", b"", wait)
         found: dict[str, dict[str, Any]] = {}
         for data in answers:
             info = _decode(data)
@@ -544,7 +546,9 @@ class NatsServer(asyncio.AbstractServer):
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _finish_close(self, unsubscribe: list[Callable[[], Awaitable[None]]]) -> None:
+    async def _finish_close(
+        self, unsubscribe: list[Callable[[], Awaitable[None]]]
+    ) -> None:
         try:
             await asyncio.gather(*(stop() for stop in unsubscribe))
             await asyncio.gather(*list(self._pending - {asyncio.current_task()}))
@@ -644,7 +648,8 @@ class NatsTransport(asyncio.Transport):
         if self._held:
             self._held.append(b"")
             return
-        keep_open = self._protocol.eof_received() if self.peer_inbox else False
+        protocol = cast(asyncio.Protocol, self._protocol)
+        keep_open = protocol.eof_received() if self.peer_inbox else False
         if not keep_open:
             self._closing = True
             self._finish(None, say_goodbye=False)
@@ -652,12 +657,11 @@ class NatsTransport(asyncio.Transport):
     def _feed(self, data: bytes) -> None:
         protocol = self._protocol
         if not isinstance(protocol, asyncio.BufferedProtocol):
-            cast_protocol: Any = protocol
-            cast_protocol.data_received(data)
+            cast(asyncio.Protocol, protocol).data_received(data)
             return
         view = memoryview(data)
         while view:
-            buffer = protocol.get_buffer(len(view))
+            buffer = memoryview(protocol.get_buffer(len(view)))
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             view = view[size:]
@@ -713,7 +717,9 @@ class NatsTransport(asyncio.Transport):
         for start in range(0, size, limit):
             client.publish(peer, bytes(view[start : start + limit]))
 
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+    def writelines(
+        self, list_of_data: Iterable[bytes | bytearray | memoryview]
+    ) -> None:
         self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
@@ -722,7 +728,9 @@ class NatsTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+    def set_write_buffer_limits(
+        self, high: int | None = None, low: int | None = None
+    ) -> None:
         """NATS clients buffer on their own: there are no limits to set."""
 
     def is_closing(self) -> bool:
