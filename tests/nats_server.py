@@ -57,7 +57,7 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def config(self) -> str:
-        lines = [f"server_name: {self.name}", "listen: 127.0.0.1:%d" % self.port]
+        lines = [f"server_name: {self.name}", f"listen: 127.0.0.1:{self.port}"]
         if self.max_payload is not None:
             lines.append(f"max_payload: {self.max_payload}")
         if self.cluster_port is not None:
@@ -93,10 +93,12 @@ class NatsServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nats-server exited: {self.log()}")
-            with contextlib.suppress(OSError):
-                with socket.create_connection(("127.0.0.1", self.port), 1) as sock:
-                    if sock.recv(4) == b"INFO":
-                        return
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 1) as sock,
+            ):
+                if sock.recv(4) == b"INFO":
+                    return
             time.sleep(0.01)
         self.stop()
         raise RuntimeError(f"nats-server did not start in time: {self.log()}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,25 @@ def _import_nats() -> Any:
             "NATS support needs nats-py: pip install 'aiomas[nats]'"
         ) from exc
     return nats
+
+
+def _first_error(nats: Any, config: NatsConfig, errors: list[Exception]) -> OSError:
+    """The error to raise when no server of *config* took us, from what
+    nats-py reported on the way."""
+    servers = list(config.servers)
+    for exc in reversed(errors):
+        if isinstance(exc, nats.errors.AuthorizationError) or (
+            "authorization violation" in str(exc).lower()
+        ):
+            return PermissionError(
+                f"The NATS servers {servers} refused our credentials ({exc})"
+            )
+        if isinstance(exc, ssl.SSLError):
+            return ConnectionRefusedError(
+                f"TLS to the NATS servers {servers} failed: {exc}"
+            )
+    last = f" (last error: {errors[-1]})" if errors else ""
+    return ConnectionRefusedError(f"No NATS server of {servers} could be reached{last}")
 
 
 class NatsPyClient:
@@ -64,14 +84,27 @@ class NatsPyClient:
         """Connect to the servers of *config*.
 
         Raises:
-            ConnectionRefusedError: if no server could be reached.
+            ConnectionRefusedError: if no server could be reached (or TLS
+                to it failed).
+            PermissionError: if the servers refused our credentials.
             ImportError: if nats-py is not installed.
         """
         nats = _import_nats()
         holder: list[NatsPyClient] = []
+        # What went wrong while we connect for the first time (not logged:
+        # raised, if no server takes us).
+        first_errors: list[Exception] = []
+
+        attempt: asyncio.Future[Any] | None = None
 
         async def error_cb(exc: Exception) -> None:
-            if holder and isinstance(exc, nats.errors.SlowConsumerError):
+            if not holder:
+                first_errors.append(exc)
+                if isinstance(exc, ssl.SSLError) and attempt is not None:
+                    # nats-py hangs after a failed TLS handshake: give up.
+                    attempt.cancel()
+                return
+            if isinstance(exc, nats.errors.SlowConsumerError):
                 holder[0].slow_consumer(exc.sid)
                 return
             logger.warning("NATS: %s", exc or type(exc).__name__)
@@ -92,7 +125,9 @@ class NatsPyClient:
             "closed_cb": closed_cb,
             "connect_timeout": config.connect_timeout,
             "reconnect_time_wait": config.reconnect_time_wait,
-            "max_reconnect_attempts": config.max_reconnect_attempts,
+            # The first connect tries each server once; reconnects later try
+            # as often as configured (set below).
+            "max_reconnect_attempts": 1,
         }
         if config.tls is not None:
             options["tls"] = config.tls
@@ -105,12 +140,27 @@ class NatsPyClient:
             options["token"] = config.token
         if config.creds is not None:
             options["user_credentials"] = config.creds
+        # Each server is tried twice at most; the bound is for safety.
+        bound = (
+            2
+            * len(config.servers)
+            * (config.connect_timeout + config.reconnect_time_wait)
+        )
+        attempt = asyncio.ensure_future(nats.connect(**options))
         try:
-            nc = await nats.connect(**options)
+            nc = await asyncio.wait_for(attempt, bound)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # Our caller gave up.
+            raise _first_error(nats, config, first_errors) from None
+        except TimeoutError as exc:
+            raise _first_error(nats, config, first_errors) from exc
         except nats.errors.NoServersError as exc:
-            raise ConnectionRefusedError(
-                f"No NATS server of {list(config.servers)} could be reached"
-            ) from exc
+            raise _first_error(nats, config, first_errors) from exc
+        except nats.errors.Error as exc:
+            raise _first_error(nats, config, [*first_errors, exc]) from exc
+        nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
         client = cls(nc, nats.errors)
         holder.append(client)
         return client
@@ -181,6 +231,23 @@ class NatsPyClient:
                 logger.debug("NATS: unsubscribing from %s failed: %s", subject, exc)
 
         return unsubscribe
+
+    async def flush(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+        """Wait until the server has taken everything sent so far (e.g. a
+        subscription, before others are told about it).
+
+        Raises:
+            TimeoutError: if the server does not confirm within *timeout*.
+            ConnectionResetError: if the client is closed.
+        """
+        await self._drain_outgoing()
+        errors = self._errors
+        try:
+            await self._nc.flush(timeout=timeout)
+        except errors.TimeoutError:
+            raise TimeoutError("The NATS server did not answer a flush") from None
+        except errors.ConnectionClosedError as exc:
+            raise ConnectionResetError("The NATS connection is closed") from exc
 
     def slow_consumer(self, sid: int) -> None:
         overflow = self._overflow.pop(sid, None)

@@ -257,6 +257,7 @@ class MessagingClient(Protocol):
         overflow: Callable[[], None] | None = None,
     ) -> Callable[[], Awaitable[None]]: ...
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes: ...  # noqa: ASYNC109
+    async def flush(self, timeout: float = 2.0) -> None: ...  # noqa: ASYNC109
     async def gather(self, subject: str, data: bytes, wait: float) -> list[bytes]: ...
     async def close(self) -> None: ...
     async def abort(self) -> None: ...
@@ -495,6 +496,9 @@ class NatsServer(asyncio.AbstractServer):
             await client.subscribe(link.subject(self.name, "info"), self._answer_info),
             await client.subscribe(f"{link.config.prefix}.discover", self._answer_info),
         ]
+        # Serving starts when the server has our subscriptions: whoever hears
+        # of us from now on finds us (nobody else shares our connection).
+        await client.flush(link.config.connect_timeout)
         self._serving = True
 
     def describe(self) -> dict[str, Any]:
