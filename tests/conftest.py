@@ -231,6 +231,16 @@ class NatsEndpoint(Endpoint):
         return f"{self.url}/{name}?prefix={self.prefix}"
 
     @contextlib.asynccontextmanager
+    async def client_link(self) -> AsyncIterator[aiomas.nats.NatsLink]:
+        """A link of a container named ``client``."""
+        config = aiomas.nats.NatsConfig.from_url(self.container_url("client"))
+        link = await aiomas.nats.connect(config)
+        try:
+            yield link
+        finally:
+            await link.close()
+
+    @contextlib.asynccontextmanager
     async def serve(
         self, start_server: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> AsyncIterator[Any]:

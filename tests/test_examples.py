@@ -315,3 +315,24 @@ def test_container_script(unused_tcp_port: int) -> None:
             script.kill()
         _, stderr = script.communicate(timeout=20)
     assert stderr == ""
+
+
+def test_nats_containers(tmp_path: Path) -> None:
+    from .conftest import nats_missing
+    from .nats_server import NatsServer, running
+
+    if nats_missing():
+        pytest.skip(str(nats_missing()))
+    with running(NatsServer(tmp_path, "example")) as (server,):
+        lines = run_example("nats_containers.py", server.url).splitlines()
+    assert lines == [
+        "clerk at nats://office/0",
+        "on NATS: office, shop, warehouse",
+        "WarehouseProxy('nats://warehouse/0'): 3 spam in stock",
+        "nats://office/0 got 12 eggs",
+        "ShopProxy('nats://shop/0'): spam costs 1.5",
+        "nats://office/0 got 1 a bill",
+        "ConnectionRefusedError: [Errno 111] No container 'nobody' on the NATS "
+        "system (Nobody serves 'aiomas.nobody.connect')",
+        "done",
+    ]

@@ -39,7 +39,7 @@ __all__ = [
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
 
 # A container name on NATS is one subject token (see aiomas.nats.check_name).
-_NATS_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
+_NATS_NAME: Final = r"[A-Za-z0-9_-]+"
 
 _SCHEMES: Final = ("tcp", "ipc", "local", "nats")
 
@@ -166,7 +166,7 @@ def _locate(url: str) -> tuple[str, str, Any, str]:
     if scheme == "ipc":
         return scheme, ipc_base_url(location), location, aid
     if scheme == "nats":
-        if not _NATS_NAME.fullmatch(location):
+        if not re.fullmatch(_NATS_NAME, location):
             raise ValueError(
                 f"Invalid agent address {url!r}: a container name on NATS "
                 "consists of letters, digits, '_' and '-'"

@@ -236,18 +236,27 @@ class NatsPyClient:
         """Wait until the server has taken everything sent so far (e.g. a
         subscription, before others are told about it).
 
+        (nats-py's flush() writes its PING past the commands still queued, so
+        a message to ourselves, queued after them, is what tells.)
+
         Raises:
             TimeoutError: if the server does not confirm within *timeout*.
-            ConnectionResetError: if the client is closed.
         """
-        await self._drain_outgoing()
-        errors = self._errors
+        probe = self.new_inbox()
+        arrived = asyncio.get_running_loop().create_future()
+
+        def received(data: bytes, reply: str) -> None:
+            if not arrived.done():
+                arrived.set_result(None)
+
+        unsubscribe = await self.subscribe(probe, received)
         try:
-            await self._nc.flush(timeout=timeout)
-        except errors.TimeoutError:
-            raise TimeoutError("The NATS server did not answer a flush") from None
-        except errors.ConnectionClosedError as exc:
-            raise ConnectionResetError("The NATS connection is closed") from exc
+            self.publish(probe, b"")
+            await asyncio.wait_for(arrived, timeout)
+        except TimeoutError:
+            raise TimeoutError("The NATS server did not answer in time") from None
+        finally:
+            await unsubscribe()
 
     def slow_consumer(self, sid: int) -> None:
         overflow = self._overflow.pop(sid, None)

@@ -74,7 +74,7 @@ DEFAULT_PREFIX: Final = "aiomas"
 """The first token of every subject that aiomas uses."""
 
 _SCHEMES: Final = ("nats", "tls")
-_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
+_NAME: Final = r"[A-Za-z0-9_-]+"
 _VERSION: Final = 1
 
 
@@ -90,7 +90,7 @@ def check_name(name: str) -> str:
     Raises:
         ValueError: otherwise.
     """
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(_NAME, name):
         raise ValueError(
             f"A container name on NATS consists of letters, digits, '_' and '-', "
             f"got {name!r}"
@@ -629,8 +629,9 @@ class NatsTransport(asyncio.Transport):
         self._link.add(self)
         self._reading = True
         self._protocol.connection_made(self)
-        self._heartbeat = asyncio.ensure_future(self._beat())
-        self._deliver_held()
+        if not self._lost:
+            self._heartbeat = asyncio.ensure_future(self._beat())
+            self._deliver_held()
 
     # Receiving
 
@@ -640,20 +641,18 @@ class NatsTransport(asyncio.Transport):
         if reply:  # A heartbeat.
             self._link.client.publish(reply, b"")
             return
-        if not data:
-            self._eof()
-            return
-        if self._reading and not self._held:
+        # Held (an empty one for the end) until the connection is made --
+        # the answer to our connect request may come after the peer's first
+        # messages, through another subscription -- and while reading pauses.
+        if not self._reading or self._held:
+            self._held.append(data)
+        elif data:
             self._feed(data)
         else:
-            self._held.append(data)
+            self._eof()
 
     def _eof(self) -> None:
-        if self._held:
-            self._held.append(b"")
-            return
-        protocol = cast(asyncio.Protocol, self._protocol)
-        keep_open = protocol.eof_received() if self.peer_inbox else False
+        keep_open = cast(asyncio.Protocol, self._protocol).eof_received()
         if not keep_open:
             self._closing = True
             self._finish(None, say_goodbye=False)
