@@ -27,6 +27,8 @@ import aiomas
 import aiomas.nats
 from aiomas.agent import nats_link, state_of
 from aiomas.nats import NatsConfig
+from aiomas.subproc import ContainerProcess
+from aiomas.subproc.__main__ import container_kwargs, make_parser
 from aiomas.testing import settle
 
 from .conftest import TLSFiles, nats_missing
@@ -683,3 +685,82 @@ async def test_a_cluster_with_one_server_killed_during_calls(tmp_path: Path) -> 
         finally:
             for container in containers:
                 await container.shutdown(as_coro=True)
+
+
+# --- subprocess containers ----------------------------------------------------------
+
+
+async def test_a_killed_subprocess_container_fails_calls_within_the_bound(
+    fast_place: Place,
+) -> None:
+    """``python -m aiomas.subproc nats://...``: a container process on NATS,
+    driven by a master on NATS; SIGKILL with calls in flight makes them fail
+    within the heartbeat interval, and a new process takes the name again."""
+    from .test_subproc import CHILD_ENV, ROOT
+    from .test_subproc import __name__ as subproc_tests
+
+    url = f"{fast_place.nats_url}/child?{fast_place.nats_query}"
+    process = await ContainerProcess.start(
+        url, "--log-level", "warning", env=CHILD_ENV, cwd=str(ROOT)
+    )
+    try:
+        assert process.manager_addr == "nats://child/0"
+        async with fast_place.containers(1) as (master,):
+            manager = await master.connect(process.manager_addr)
+            worker, addr = await manager.spawn(f"{subproc_tests}:Worker", "w")
+            assert addr == "nats://child/1"
+            assert await worker.work(3) == "w: 3"
+            calls = [asyncio.ensure_future(worker.hang()) for _ in range(20)]
+            await asyncio.sleep(0.05)
+            start = time.monotonic()
+            await process.kill()
+            results = await asyncio.wait_for(
+                asyncio.gather(*calls, return_exceptions=True), WAIT
+            )
+            assert all(isinstance(r, ConnectionResetError) for r in results)
+            assert time.monotonic() - start < BEAT + 1
+            process = await ContainerProcess.start(
+                url, "--log-level", "warning", env=CHILD_ENV, cwd=str(ROOT)
+            )
+            manager = await master.connect(process.manager_addr, timeout=WAIT)
+            worker, _ = await manager.spawn(f"{subproc_tests}:Worker", "again")
+            assert await worker.work(1) == "again: 1"
+            await manager.stop()
+            assert await asyncio.wait_for(process.wait(), WAIT) == 0
+    finally:
+        await process.kill()
+
+
+async def test_a_subprocess_container_on_tcp_and_nats(place: Place) -> None:
+    from .test_subproc import CHILD_ENV, ROOT
+
+    process = await ContainerProcess.start(
+        "127.0.0.1:0",
+        "--nats",
+        f"{place.nats_url}/both?{place.nats_query}",
+        "--log-level",
+        "warning",
+        env=CHILD_ENV,
+        cwd=str(ROOT),
+    )
+    try:
+        assert process.manager_addr.startswith("tcp://127.0.0.1:")
+        async with place.containers(1) as (master,):
+            manager = await master.connect("nats://both/0")
+            await manager.stop()
+            assert await asyncio.wait_for(process.wait(), WAIT) == 0
+    finally:
+        await process.kill()
+
+
+def test_subprocess_command_line_checks_nats_urls() -> None:
+    parser = make_parser()
+    args = parser.parse_args(["nats://127.0.0.1:4222/c1"])
+    assert args.addr == "nats://127.0.0.1:4222/c1"
+    args = parser.parse_args(["127.0.0.1:0", "--nats", "nats://h/c"])
+    assert container_kwargs(args, parser)["nats"] == "nats://h/c"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["nats://127.0.0.1:4222/a.b"])
+    args = parser.parse_args(["nats://h/c", "--nats", "nats://h/d"])
+    with pytest.raises(SystemExit):
+        container_kwargs(args, parser)
