@@ -21,18 +21,18 @@ import sys
 import aiomas
 from aiomas.agent import nats_link
 
+STOCK = {"spam": 3, "eggs": 12}
+
 
 class Warehouse(aiomas.Agent):
-    stock = {"spam": 3, "eggs": 12}
-
     @aiomas.expose
     def count(self, item: str) -> int:
-        return self.stock.get(item, 0)
+        return STOCK.get(item, 0)
 
     @aiomas.expose
     async def deliver(self, item: str, to: aiomas.rpc.Proxy) -> str:
         # *to* arrived as a proxy to the agent that sent itself along.
-        receipt: str = await to.receive(item, self.stock[item])
+        receipt: str = await to.receive(item, STOCK[item])
         return receipt
 
 
