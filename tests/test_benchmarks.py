@@ -42,3 +42,22 @@ def test_compare_with_a_revision_prints_ratios(args: list[str]) -> None:
     (row,) = [line for line in result.stdout.splitlines() if "new/base" in line]
     assert row.startswith(args[-1])
     assert "A/A" in row
+
+
+def test_nats_against_tcp_prints_both() -> None:
+    from .conftest import nats_missing
+
+    if nats_missing():
+        pytest.skip(str(nats_missing()))
+    script = str(ROOT / "benchmarks" / "nats_vs_tcp.py")
+    result = subprocess.run(
+        [sys.executable, "-W", "error", script, "--seconds", "0.05", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["TCP", "NATS"]
+    assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]
