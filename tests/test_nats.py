@@ -192,6 +192,29 @@ async def test_large_messages_are_cut_into_pieces_of_max_payload(
                 await server.wait_closed()
 
 
+async def test_writers_wait_while_the_link_has_much_to_send(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """Flow control: over the link's high-water mark, every connection over it
+    is told to pause writing, and to resume under the low-water mark."""
+    async with links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c):
+        server = await aiomas.channel.start_server(s.endpoint("s"), echo_forever)
+        channel = await aiomas.channel.open_connection(c.endpoint("s"))
+        try:
+            c.client.high_water, c.client.low_water = 10_000, 1_000
+            protocol = channel.protocol
+            reply = channel.send("x" * 50_000)
+            assert protocol.writing_paused
+            assert channel.transport.get_write_buffer_size() > 10_000
+            assert await asyncio.wait_for(reply, WAIT) == "x" * 50_000
+            assert not protocol.writing_paused
+            assert channel.transport.get_write_buffer_size() == 0
+        finally:
+            await channel.close()
+            server.close()
+            await server.wait_closed()
+
+
 async def test_the_default_max_payload_is_read_from_the_server(
     nats_server: NatsServer, nats_prefix: str
 ) -> None:

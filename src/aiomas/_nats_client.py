@@ -74,6 +74,16 @@ class NatsPyClient:
         self._wake = asyncio.Event()
         self._writer = asyncio.ensure_future(self._write_loop())
         self._overflow: dict[int, Callable[[], None]] = {}
+        # Flow control: bytes queued here, and whether writers were told to
+        # wait (the NATS socket is slower than they are).
+        self._queued = 0
+        self.paused = False
+        """Whether more than :attr:`high_water` bytes wait to be sent."""
+        self.high_water = 4 * 2**20
+        self.low_water = 2**20
+        self.on_pressure: Callable[[bool], None] | None = None
+        """Called with ``True`` when :attr:`paused` starts, ``False`` when
+        it ends."""
         self.on_disconnect: Callable[[], None] | None = None
         """Called when the link to the server broke (nats-py reconnects)."""
         self.on_close: Callable[[], None] | None = None
@@ -187,10 +197,20 @@ class NatsPyClient:
         inbox: str = self._nc.new_inbox()
         return inbox
 
+    @property
+    def queued(self) -> int:
+        """The bytes published but not handed to nats-py yet."""
+        return self._queued
+
     def publish(self, subject: str, data: bytes, reply: str = "") -> None:
         """Send a message soon, after every message published before it."""
         self._outgoing.append((subject, data, reply))
+        self._queued += len(data)
         self._wake.set()
+        if not self.paused and self._queued > self.high_water:
+            self.paused = True
+            if self.on_pressure is not None:
+                self.on_pressure(True)
 
     async def subscribe(
         self,
@@ -318,6 +338,7 @@ class NatsPyClient:
         """Close the connection at once, dropping what is queued (as a
         process that dies does)."""
         self._outgoing.clear()
+        self._queued = 0
         self._writer.cancel()
         await asyncio.gather(self._writer, return_exceptions=True)
         if not self._nc.is_closed:
@@ -337,6 +358,11 @@ class NatsPyClient:
             except errors.Error as exc:
                 # A closed connection: its sessions are ending already.
                 logger.debug("NATS: publishing to %s failed: %s", subject, exc)
+            self._queued -= len(data)
+            if self.paused and self._queued <= self.low_water:
+                self.paused = False
+                if self.on_pressure is not None:
+                    self.on_pressure(False)
 
     async def _write_loop(self) -> None:
         wake = self._wake

@@ -241,9 +241,13 @@ class MessagingClient(Protocol):
 
     on_disconnect: Callable[[], None] | None
     on_close: Callable[[], None] | None
+    on_pressure: Callable[[bool], None] | None
+    paused: bool
 
     @property
     def max_payload(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
     @property
     def is_connected(self) -> bool: ...
     @property
@@ -293,6 +297,7 @@ class NatsLink:
         self._closing: asyncio.Task[None] | None = None
         client.on_disconnect = self._disconnected
         client.on_close = self._disconnected
+        client.on_pressure = self._pressure
 
     def __repr__(self) -> str:
         return f"NatsLink({self.config.name!r}, {list(self.config.servers)})"
@@ -365,6 +370,10 @@ class NatsLink:
             transport.close()
         await asyncio.sleep(0)  # let their connection_lost() run
         await self.client.close()
+
+    def _pressure(self, paused: bool) -> None:
+        for transport in list(self._transports):
+            transport.pressure(paused)
 
     def _disconnected(self) -> None:
         self._lose_all(
@@ -607,6 +616,7 @@ class NatsTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._heartbeat: asyncio.Task[None] | None = None
+        self._writing_paused = False
 
     def __repr__(self) -> str:
         return f"NatsTransport({self.get_extra_info('peername')!r})"
@@ -629,6 +639,8 @@ class NatsTransport(asyncio.Transport):
         self._link.add(self)
         self._reading = True
         self._protocol.connection_made(self)
+        if self._link.client.paused:
+            self.pressure(True)
         if not self._lost:
             self._heartbeat = asyncio.ensure_future(self._beat())
             self._deliver_held()
@@ -725,16 +737,30 @@ class NatsTransport(asyncio.Transport):
     ) -> None:
         self.write(b"".join(list_of_data))
 
+    def pressure(self, paused: bool) -> None:
+        """Tell the protocol to pause or resume writing: the link's send queue
+        is over its high-water mark, or back under its low-water mark."""
+        if paused == self._writing_paused or self._lost:
+            return
+        self._writing_paused = paused
+        protocol = self._protocol
+        if paused:
+            protocol.pause_writing()
+        else:
+            protocol.resume_writing()
+
     def can_write_eof(self) -> bool:
         return False
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        """What the link has queued to send (for every connection over it)."""
+        return self._link.client.queued
 
     def set_write_buffer_limits(
         self, high: int | None = None, low: int | None = None
     ) -> None:
-        """NATS clients buffer on their own: there are no limits to set."""
+        """The limits are the link's, shared by its connections (4 MiB and
+        1 MiB); they are not set per connection."""
 
     def is_closing(self) -> bool:
         return self._closing
