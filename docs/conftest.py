@@ -52,3 +52,25 @@ def _run_subprocess_guides_in_docs(
     name = _doctest_file(request)
     if name is not None and name.endswith(_GUIDES_WITH_SUBPROCESSES):
         monkeypatch.chdir(DOCS)
+
+
+@pytest.fixture(autouse=True)
+def _nats_server_for_nats_guide(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[None]:
+    """The NATS guide talks to a real nats-server: start one on a free
+    loopback port and give its URL to the examples as ``NATS``."""
+    name = _doctest_file(request)
+    if name is None or not name.endswith("nats.rst"):
+        yield
+        return
+    from tests.conftest import nats_missing
+    from tests.nats_server import NatsServer, running
+
+    missing = nats_missing()
+    if missing:
+        pytest.skip(missing)
+    namespace = request.getfixturevalue("doctest_namespace")
+    with running(NatsServer(tmp_path, "guide")) as (server,):
+        namespace["NATS"] = server.url
+        yield

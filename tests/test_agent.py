@@ -74,9 +74,13 @@ class Place:
     directory: Path | None = None
     create_kwargs: dict[str, Any] = field(default_factory=dict)
     count: int = 0
+    nats_url: str = ""  # for "nats": the server and the subject prefix
+    nats_query: str = ""
 
     def next_addr(self) -> Any:
         self.count += 1
+        if self.kind == "nats":
+            return f"{self.nats_url}/c{self.count}?{self.nats_query}"
         if self.kind == "tcp6":
             return ("::1", 0)
         if self.kind == "unix":
@@ -105,7 +109,19 @@ class Place:
             )
 
 
-TRANSPORTS = ["tcp4", "tcp6", "unix", "localqueue", "tls"]
+TRANSPORTS = ["tcp4", "tcp6", "unix", "localqueue", "tls", "nats"]
+
+
+def nats_place(request: pytest.FixtureRequest, query: str = "") -> Place:
+    """Containers on the session's NATS server, under a prefix of the test's
+    own."""
+    server = request.getfixturevalue("nats_server")
+    prefix = request.getfixturevalue("nats_prefix")
+    return Place(
+        "nats",
+        nats_url=server.url,
+        nats_query="&".join(part for part in (f"prefix={prefix}", query) if part),
+    )
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -123,6 +139,9 @@ def place(request: pytest.FixtureRequest, tls: TLSFiles) -> Iterator[Place]:
     if kind == "tls":
         certs = aiomas.SSLCerts(tls.cafile, tls.certfile, tls.keyfile)
         yield Place(kind, create_kwargs={"ssl": certs})
+        return
+    if kind == "nats":
+        yield nats_place(request)
         return
     yield Place(kind)
 

@@ -57,3 +57,22 @@ def test_the_simulation_benchmark_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("10 containers, faults on: ")
     assert result.stdout.rstrip().endswith("messages/s")
+
+
+def test_nats_against_tcp_prints_both() -> None:
+    from .conftest import nats_missing
+
+    if nats_missing():
+        pytest.skip(str(nats_missing()))
+    script = str(ROOT / "benchmarks" / "nats_vs_tcp.py")
+    result = subprocess.run(
+        [sys.executable, "-W", "error", script, "--seconds", "0.05", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["TCP", "NATS"]
+    assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]

@@ -27,7 +27,7 @@ from aiomas.exceptions import (
 )
 from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
-from .conftest import Endpoint, TLSFiles, ipv6_available
+from .conftest import Endpoint, NatsEndpoint, TLSFiles, ipv6_available
 from .helpers import (
     aiomas_records,
     black_hole,
@@ -427,6 +427,13 @@ async def test_tls_peer_certificate_is_available(tls: TLSFiles) -> None:
 
 
 async def test_connecting_to_nobody(endpoint: Endpoint) -> None:
+    if isinstance(endpoint, NatsEndpoint):
+        # Nobody has the name: "no responders".
+        async with endpoint.client_link() as link:
+            await check_connecting_to_nobody(
+                endpoint, link.endpoint("nobody"), ConnectionRefusedError
+            )
+        return
     if endpoint.kind == "unix":
         expected: type[OSError] = FileNotFoundError
         addr: Any = endpoint.server_addr
@@ -439,6 +446,12 @@ async def test_connecting_to_nobody(endpoint: Endpoint) -> None:
         server.close()
         await server.wait_closed()
         expected = ConnectionRefusedError
+    await check_connecting_to_nobody(endpoint, addr, expected)
+
+
+async def check_connecting_to_nobody(
+    endpoint: Endpoint, addr: Any, expected: type[OSError]
+) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     with pytest.raises(expected):

@@ -351,3 +351,24 @@ def test_simulation_ledger_sweep_finds_replays_and_fixes(long_run: bool) -> None
     # The fixed ledger passes every seed (1,000 of them with --aiomas-long).
     seeds = "1000" if long_run else "100"
     assert _sweep("--fixed", "sweep", "--seeds", seeds) == (0, None)
+
+
+def test_nats_containers(tmp_path: Path) -> None:
+    from .conftest import nats_missing
+    from .nats_server import NatsServer, running
+
+    if nats_missing():
+        pytest.skip(str(nats_missing()))
+    with running(NatsServer(tmp_path, "example")) as (server,):
+        lines = run_example("nats_containers.py", server.url).splitlines()
+    assert lines == [
+        "clerk at nats://office/0",
+        "on NATS: office, shop, warehouse",
+        "WarehouseProxy('nats://warehouse/0'): 3 spam in stock",
+        "nats://office/0 got 12 eggs",
+        "ShopProxy('nats://shop/0'): spam costs 1.5",
+        "nats://office/0 got 1 a bill",
+        "ConnectionRefusedError: [Errno 111] No container 'nobody' on the NATS "
+        "system (Nobody serves 'aiomas.nobody.connect')",
+        "done",
+    ]

@@ -40,6 +40,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -688,3 +689,109 @@ async def test_dead_peer_timeout_ends_calls_over_a_cut_link(lab: Lab) -> None:
             assert "TimeoutError" in str(outcome["cause"]), outcome
         assert_answered(await mesh.ping("A", mesh.url("B", "A")), "B")
         assert_answered(await mesh.ping("B", mesh.url("A", "B")), "A")
+
+
+# --- through a NATS server on B ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _nats_server_on(host: Host) -> Iterator[str]:
+    """Run a nats-server in *host* on all of its addresses (port 4222); yield
+    its URL on the control link."""
+    from .conftest import nats_missing
+    from .nats_server import find_binary
+
+    missing = nats_missing()
+    if missing:
+        pytest.skip(missing)
+    binary = find_binary()
+    assert binary is not None
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", host.netns, binary, "-a", "0.0.0.0", "-p", "4222"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                socket.create_connection((host.control_address, 4222), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.01)
+        yield f"nats://{host.control_address}:4222"
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _start_nats_container(host: Host, url: str) -> subprocess.Popen[bytes]:
+    """Start a container process in *host* that is on NATS only (*url*)."""
+    return subprocess.Popen(
+        [
+            *("ip", "netns", "exec", host.netns),
+            *(sys.executable, "-m", "aiomas.subproc", url, "--log-level", "warning"),
+        ],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+async def test_hosts_without_a_route_reach_each_other_through_nats(lab: Lab) -> None:
+    """A and C have no route to each other; their containers are on a NATS
+    server on B (A knows it as 172.31.12.2, C as 172.31.23.2) and call each
+    other by name.  The test process drives them through the same server."""
+    hosts = lab.hosts
+    b = hosts["B"]
+    with _nats_server_on(b) as control_url:
+        processes = {
+            name: _start_nats_container(
+                hosts[name],
+                f"nats://{b.link_addresses[name]}:4222/host-{name.lower()}",
+            )
+            for name in ("A", "C")
+        }
+        exit_codes: list[int] = []  # (checked above, after a clean stop)
+        try:
+            for name, process in processes.items():
+                assert process.stdout is not None
+                ready, _, _ = select.select([process.stdout], [], [], 30)
+                assert ready, f"the container on {name} did not start"
+                line = process.stdout.readline().decode().strip()
+                assert line == f"nats://host-{name.lower()}/0"
+            master = await aiomas.Container.create(
+                f"{control_url}/master", as_coro=True
+            )
+            try:
+                peers = {}
+                for name in ("A", "C"):
+                    manager = await master.connect(f"nats://host-{name.lower()}/0")
+                    peers[name], _ = await manager.spawn(PEER, name)
+                for caller, callee in (("A", "C"), ("C", "A")):
+                    outcome: Outcome = await asyncio.wait_for(
+                        peers[caller].ping_peer(f"nats://host-{callee.lower()}/1"),
+                        WAIT,
+                    )
+                    assert_answered(outcome, callee)
+                # Directly, A still cannot reach C.
+                direct = await asyncio.wait_for(
+                    peers["A"].ping_peer(f"tcp://{hosts['C'].link_addresses['B']}:9/0"),
+                    WAIT,
+                )
+                assert direct["errno"] == errno.ENETUNREACH, direct
+                for name in ("A", "C"):
+                    manager = await master.connect(f"nats://host-{name.lower()}/0")
+                    await manager.stop()
+                    code = await asyncio.to_thread(processes[name].wait, WAIT)
+                    assert code == 0, f"the container on {name} exited with {code}"
+            finally:
+                await master.shutdown(as_coro=True)
+        finally:
+            _stop_all(list(processes.values()), exit_codes)

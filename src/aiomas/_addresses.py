@@ -1,9 +1,10 @@
 """Agent addresses and the base URLs of containers, as plain text functions.
 
 An agent address is ``tcp://host:port/<id>`` (IPv6 hosts in brackets),
-``ipc://[<socket path>]/<id>`` for unix domain sockets or ``local://<queue
-id>/<id>`` for :mod:`aiomas.local_queue`; a container's base URL is that
-address without the id.  :func:`parse_url` reads the other spellings of the
+``ipc://[<socket path>]/<id>`` for unix domain sockets, ``local://<queue
+id>/<id>`` for :mod:`aiomas.local_queue` or ``nats://<container name>/<id>``
+for a container on a NATS system (:mod:`aiomas.nats`); a container's base URL
+is that address without the id.  :func:`parse_url` reads the other spellings of the
 original aiomas versions too; :func:`base_url_of` and the ``*_base_url``
 functions always write ours, so two spellings of one container compare equal.
 
@@ -15,6 +16,7 @@ for the machine's FQDN).  Used by :mod:`aiomas.agent`, which re-exports
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any, Final, NamedTuple
 
@@ -22,9 +24,11 @@ from aiomas import local_queue
 
 __all__ = [
     "Endpoint",
+    "NatsName",
     "base_url_of",
     "ipc_base_url",
     "local_base_url",
+    "nats_base_url",
     "parse_url",
     "split_host_port",
     "tcp_base_url",
@@ -34,7 +38,17 @@ __all__ = [
 # the machine by its fully qualified domain name instead.
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
 
-_SCHEMES: Final = ("tcp", "ipc", "local")
+# A container name on NATS is one subject token (see aiomas.nats.check_name).
+_NATS_NAME: Final = r"[A-Za-z0-9_-]+"
+
+_SCHEMES: Final = ("tcp", "ipc", "local", "nats")
+
+
+class NatsName(NamedTuple):
+    """A container on a NATS system, by name (what ``nats://<name>/<id>``
+    names); the container that connects reaches it over its own NATS link."""
+
+    name: str
 
 
 class Endpoint(NamedTuple):
@@ -42,9 +56,10 @@ class Endpoint(NamedTuple):
 
     base_url: str
     """The container's base URL, e.g. ``'tcp://localhost:5555/'``."""
-    addr: tuple[str, int] | str | local_queue.LocalQueue
+    addr: tuple[str, int] | str | local_queue.LocalQueue | NatsName
     """What :func:`aiomas.rpc.open_connection` needs: ``(host, port)``, a
-    socket path or a :class:`~aiomas.local_queue.LocalQueue`."""
+    socket path or a :class:`~aiomas.local_queue.LocalQueue`; or the
+    :class:`NatsName` of a container on NATS."""
 
 
 def parse_url(url: str) -> tuple[Endpoint, str]:
@@ -63,6 +78,8 @@ def parse_url(url: str) -> tuple[Endpoint, str]:
     scheme, base_url, where, aid = _locate(url)
     if scheme == "local":
         return Endpoint(base_url, local_queue.get_queue(where)), aid
+    if scheme == "nats":
+        return Endpoint(base_url, NatsName(where)), aid
     return Endpoint(base_url, where), aid
 
 
@@ -129,6 +146,11 @@ def local_base_url(queue_id: str) -> str:
     return f"local://{queue_id}/"
 
 
+def nats_base_url(name: str) -> str:
+    """The base URL of the container *name* on a NATS system."""
+    return f"nats://{name}/"
+
+
 def _locate(url: str) -> tuple[str, str, Any, str]:
     """Return the scheme of *url*, its container's base URL (in the spelling
     we write), where that container is (``(host, port)``, a socket path or a
@@ -143,6 +165,13 @@ def _locate(url: str) -> tuple[str, str, Any, str]:
         return scheme, _host_port_url(host, port), (host, port), aid
     if scheme == "ipc":
         return scheme, ipc_base_url(location), location, aid
+    if scheme == "nats":
+        if not re.fullmatch(_NATS_NAME, location):
+            raise ValueError(
+                f"Invalid agent address {url!r}: a container name on NATS "
+                "consists of letters, digits, '_' and '-'"
+            )
+        return scheme, nats_base_url(location), location, aid
     return scheme, local_base_url(location), location, aid
 
 
@@ -158,7 +187,7 @@ def _split_url(url: str) -> tuple[str, str, str]:
     if not sep or scheme not in _SCHEMES or not location or not aid:
         raise ValueError(
             f"Invalid agent address {url!r}: expected 'tcp://host:port/id', "
-            "'ipc://[path]/id' or 'local://queue_id/id'"
+            "'ipc://[path]/id', 'local://queue_id/id' or 'nats://name/id'"
         )
     return scheme, location, aid
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeAlias
 
 from aiomas import local_queue
+from aiomas.nats import NatsEndpoint
 
 __all__ = [
     "RETRY_DELAY_MAX",
@@ -141,8 +142,9 @@ def opener(
     kwds: dict[str, Any],
 ) -> Attempt:
     """Return what makes one attempt to connect to *addr*: a
-    :class:`~aiomas.local_queue.LocalQueue`, a unix socket path or a
-    ``(host, port)`` tuple.
+    :class:`~aiomas.local_queue.LocalQueue`, a
+    :class:`~aiomas.nats.NatsEndpoint`, a unix socket path or a ``(host,
+    port)`` tuple.
 
     Raises:
         ValueError: for a TCP address without a host.
@@ -154,6 +156,13 @@ def opener(
             return local_queue.create_connection(factory, lq, **kwds)
 
         return connect_locally
+    if isinstance(addr, NatsEndpoint):
+        endpoint = addr
+
+        def connect_nats() -> Awaitable[tuple[asyncio.BaseTransport, Any]]:
+            return endpoint.create_connection(factory)
+
+        return connect_nats
     if isinstance(addr, str | os.PathLike):
         path = os.fspath(addr)
 

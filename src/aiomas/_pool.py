@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, Generic, TypeVar, cast
 
 from aiomas import rpc
-from aiomas._addresses import Endpoint, parse_url
+from aiomas._addresses import Endpoint, NatsName, parse_url
 from aiomas.channel import Channel
 from aiomas.local_queue import LocalQueue
+from aiomas.nats import NatsLink
 
 __all__ = ["LOOKUP_TIMEOUT", "TIMEOUT_SLACK", "ConnectionPool"]
 
@@ -76,6 +77,7 @@ class ConnectionPool(Generic[_P]):
         "_make_proxy",
         "_proxies",
         "_service",
+        "nats_link",
     )
 
     def __init__(
@@ -94,6 +96,9 @@ class ConnectionPool(Generic[_P]):
         self._attempts: dict[str, _Attempt] = {}
         self._proxies: dict[str, weakref.WeakValueDictionary[str, _P]] = {}
         self._closed = False
+        self.nats_link: NatsLink | None = None
+        """The container's link to a NATS system, through which it reaches
+        ``nats://`` addresses (``None``: it has none)."""
 
     @property
     def clients(self) -> Mapping[str, rpc.RpcClient]:
@@ -162,13 +167,21 @@ class ConnectionPool(Generic[_P]):
             OSError: see :func:`aiomas.rpc.open_connection`.
         """
         kwargs = self._connect_kwargs
-        if not isinstance(endpoint.addr, tuple):
+        addr: Any = endpoint.addr
+        if not isinstance(addr, tuple):
             kwargs = {k: v for k, v in kwargs.items() if k != "ssl"}
         if "local_addr" in kwargs and not isinstance(endpoint.addr, LocalQueue):
             # A LocalQueue container's own queue means nothing to a socket.
             kwargs = {k: v for k, v in kwargs.items() if k != "local_addr"}
+        if isinstance(addr, NatsName):
+            if self.nats_link is None:
+                raise ConnectionRefusedError(
+                    f"{self._service!r} is on no NATS system: it cannot reach "
+                    f"{endpoint.base_url}"
+                )
+            addr = self.nats_link.endpoint(addr.name)
         client = await rpc.open_connection(
-            endpoint.addr, rpc_service=self._service, timeout=retry_for, **kwargs
+            addr, rpc_service=self._service, timeout=retry_for, **kwargs
         )
         if self._closed:
             await client.close()

@@ -12,9 +12,10 @@ On the wire a container is an RPC service with two entries:
   ``agents/3/spam``.
 
 Agent addresses are URLs: ``tcp://host:port/<id>`` (IPv6 hosts in brackets),
-``ipc://[<socket path>]/<id>`` for unix domain sockets and ``local://<queue
-id>/<id>`` for :mod:`aiomas.local_queue` (see :func:`parse_url` for the other
-spellings that are read).
+``ipc://[<socket path>]/<id>`` for unix domain sockets, ``local://<queue
+id>/<id>`` for :mod:`aiomas.local_queue` and ``nats://<container name>/<id>``
+for containers on a NATS system (see :func:`parse_url` for the other spellings
+that are read, and :mod:`aiomas.nats`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from typing import Any, Literal, NamedTuple, TypeVar, cast, overload
 
 from aiomas import channel as channel_mod
 from aiomas import local_queue, rpc, util
+from aiomas import nats as nats_mod
 from aiomas._addresses import (
     base_url_of,
     ipc_base_url,
     local_base_url,
+    nats_base_url,
     parse_url,
     split_host_port,
     tcp_base_url,
@@ -49,6 +52,7 @@ __all__ = [
     "AgentProxy",
     "Container",
     "SSLCerts",
+    "nats_link",
     "parse_url",
     "split_host_port",
 ]
@@ -61,6 +65,10 @@ _ContainerT = TypeVar("_ContainerT", bound="Container")
 # How often create() retries to get the same free port on all interfaces of a
 # host name (like "localhost") when asked for port 0.
 _SAME_PORT_ATTEMPTS = 5
+
+# How many agents a container lists when asked on NATS (a NATS message is
+# limited to 1 MB by default).
+_LISTED_AGENTS = 10_000
 
 
 class SSLCerts(NamedTuple):
@@ -215,7 +223,7 @@ class Container:
     @classmethod
     def create(
         cls: type[_ContainerT],
-        addr: Address,
+        addr: Address | nats_mod.NatsConfig,
         *,
         clock: BaseClock | None = None,
         codec: type[Codec] | None = None,
@@ -223,6 +231,7 @@ class Container:
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         dead_peer_timeout: float | None = None,
+        nats: str | nats_mod.NatsConfig | None = None,
         as_coro: Literal[False] = False,
     ) -> _ContainerT: ...
 
@@ -230,7 +239,7 @@ class Container:
     @classmethod
     def create(
         cls: type[_ContainerT],
-        addr: Address,
+        addr: Address | nats_mod.NatsConfig,
         *,
         clock: BaseClock | None = None,
         codec: type[Codec] | None = None,
@@ -238,13 +247,14 @@ class Container:
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         dead_peer_timeout: float | None = None,
+        nats: str | nats_mod.NatsConfig | None = None,
         as_coro: Literal[True],
     ) -> Coroutine[Any, Any, _ContainerT]: ...
 
     @classmethod
     def create(
         cls: type[_ContainerT],
-        addr: Address,
+        addr: Address | nats_mod.NatsConfig,
         *,
         clock: BaseClock | None = None,
         codec: type[Codec] | None = None,
@@ -252,6 +262,7 @@ class Container:
         ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         dead_peer_timeout: float | None = None,
+        nats: str | nats_mod.NatsConfig | None = None,
         as_coro: bool = False,
     ) -> _ContainerT | Coroutine[Any, Any, _ContainerT]:
         """Make a container with a server socket listening on *addr*.
@@ -262,7 +273,10 @@ class Container:
 
         Args:
             addr: A ``(host, port)`` tuple for TCP, a path for a unix domain
-                socket or a :class:`~aiomas.local_queue.LocalQueue`.  A host
+                socket, a :class:`~aiomas.local_queue.LocalQueue`, or a NATS
+                URL (``'nats://host:4222/<name>'``) or
+                :class:`~aiomas.nats.NatsConfig`: the container then is
+                ``nats://<name>/`` on that NATS system (see :doc:`/nats`).  A host
                 ``'0.0.0.0'``, ``'::'``, ``''`` or ``None`` listens on all
                 interfaces, and the agents' addresses use the machine's FQDN
                 (:func:`socket.getfqdn`).  Port ``0`` picks a free port.
@@ -286,6 +300,11 @@ class Container:
                 and the next :meth:`connect` opens a new one (see
                 :func:`aiomas.channel.open_connection`).  ``None`` leaves it
                 to the operating system (15 minutes, or never while idle).
+            nats: A NATS URL or :class:`~aiomas.nats.NatsConfig` for a
+                container that listens on *addr* and on NATS at once: its
+                agents are reachable as ``nats://<name>/<id>`` too (their
+                :attr:`Agent.addr` is the one on *addr*), and it can connect
+                to ``nats://`` addresses.
             as_coro: ``True`` returns a coroutine to ``await`` (for use inside
                 a running event loop); ``False`` runs the event loop until the
                 server listens.
@@ -294,12 +313,17 @@ class Container:
             The container (or, with *as_coro*, a coroutine returning it).
 
         Raises:
-            OSError: if the server socket cannot be bound.
+            OSError: if the server socket cannot be bound, no NATS server can
+                be reached (:class:`ConnectionRefusedError`) or another
+                container on the NATS system has the name (``EADDRINUSE``).
             TypeError: if *ssl* has the wrong type, an extra serializer is bad
                 (e.g. an unhashable key, see
                 :meth:`~aiomas.codecs.Codec.add_serializer`), or the subclass'
                 ``__init__`` does not call ``super().__init__()``.
-            ValueError: if *max_frame_size* is not a number from 0 to
+            ImportError: for NATS, if nats-py is not installed
+                (``pip install 'aiomas[nats]'``).
+            ValueError: if a NATS URL is invalid, *addr* and *nats* are both
+                on NATS, if *max_frame_size* is not a number from 0 to
                 2**32 - 1, *dead_peer_timeout* is not a positive finite
                 number, or two extra serializers are for the same type.
         """
@@ -310,7 +334,9 @@ class Container:
             "max_frame_size": max_frame_size,
             "dead_peer_timeout": dead_peer_timeout,
         }
-        coro = _create(cls, addr, clock, codec, extra_serializers, ssl, limits)
+        if nats is not None and _nats_config(addr) is not None:
+            raise ValueError("addr is on NATS already: pass nats=None")
+        coro = _create(cls, addr, clock, codec, extra_serializers, ssl, limits, nats)
         if as_coro:
             return coro
         return util.run_blocking(coro, "await Container.create(addr, as_coro=True)")
@@ -363,7 +389,8 @@ class Container:
             ValueError: if *url* is no valid agent address.
             LookupError: if the container at *url* has no agent with that id.
             ConnectionRefusedError: if nobody listens at a TCP address or
-                LocalQueue.
+                LocalQueue, no container of that name is on the NATS system
+                ("no responders"), or this container is on no NATS system.
             FileNotFoundError: if the unix domain socket does not exist.
             TimeoutError: if connecting or the lookup takes longer than
                 allowed (see *timeout*).
@@ -452,6 +479,12 @@ def _takes_loop(cls: type[Container]) -> bool:
     return len(required) == 4
 
 
+def nats_link(container: Container) -> nats_mod.NatsLink | None:
+    """The link of *container* to its NATS system (``None`` if it is on
+    none), e.g. for :meth:`~aiomas.nats.NatsLink.discover`."""
+    return state_of(container).pool.nats_link
+
+
 def state_of(container: Container) -> _ContainerState:
     """The parts that *container* is made of, for tests and debugging (see the
     design page of the documentation): ``registry`` (its agents and the
@@ -473,14 +506,66 @@ def state_of(container: Container) -> _ContainerState:
 
 async def _create(
     cls: type[_ContainerT],
-    addr: Address,
+    addr: Address | nats_mod.NatsConfig,
     clock: BaseClock | None,
     codec: type[Codec] | None,
     extra_serializers: Iterable[SerializerFactory] | None,
     ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None,
     limits: dict[str, Any],
+    nats: str | nats_mod.NatsConfig | None = None,
 ) -> _ContainerT:
     """Bind the server socket, then make the container (see Container.create)."""
+    nats_config = _nats_config(addr)
+    extra_config = _nats_config(nats)
+    if nats is not None and extra_config is None:
+        raise ValueError(f"nats must be a NATS URL or NatsConfig, got {nats!r}")
+    # Bad URLs fail before anything is opened.
+    links: list[nats_mod.NatsLink] = []
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        for config in (nats_config, extra_config):
+            if config is not None:
+                links.append(await nats_mod.connect(config))
+        return await _create_on(
+            cls, addr, clock, codec, extra_serializers, ssl, limits, links, servers
+        )
+    except BaseException:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        for link in links:
+            await link.close()
+        raise
+
+
+def _nats_config(addr: object) -> nats_mod.NatsConfig | None:
+    """The NATS configuration that *addr* stands for, or ``None``.
+
+    Raises:
+        ValueError: for an invalid NATS URL.
+    """
+    if isinstance(addr, nats_mod.NatsConfig):
+        return addr
+    if nats_mod.is_nats_url(addr):
+        return nats_mod.NatsConfig.from_url(cast(str, addr))
+    return None
+
+
+async def _create_on(
+    cls: type[_ContainerT],
+    addr: Address | nats_mod.NatsConfig,
+    clock: BaseClock | None,
+    codec: type[Codec] | None,
+    extra_serializers: Iterable[SerializerFactory] | None,
+    ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None,
+    limits: dict[str, Any],
+    links: list[nats_mod.NatsLink],
+    servers: list[asyncio.AbstractServer],
+) -> _ContainerT:
+    """Listen on *addr* and make the container.  *links* has the link of a
+    NATS *addr*, or else the link of the NATS system that the container
+    serves on as well, or nothing; the servers started go into *servers*
+    (closed by the caller if this fails)."""
     server_ctx, client_ctx = _ssl_contexts(ssl)
     # The order of the originals: the type ids of a container's custom types
     # are part of the wire format.
@@ -505,7 +590,15 @@ async def _create(
 
     socket_file = None
     server: asyncio.AbstractServer
-    if isinstance(addr, local_queue.LocalQueue):
+    nats_server: nats_mod.NatsServer | None = None
+    on_nats = _nats_config(addr) is not None
+    if on_nats:
+        link = links[0]
+        server = await channel_mod.start_server(
+            link.endpoint(link.config.name), connected, **kwargs
+        )
+        base_url = nats_base_url(link.config.name)
+    elif isinstance(addr, local_queue.LocalQueue):
         server = await channel_mod.start_server(addr, connected, **kwargs)
         base_url = local_base_url(addr.queue_id)
         # Connections to other LocalQueue containers come from this queue
@@ -517,11 +610,21 @@ async def _create(
         base_url = ipc_base_url(path)
         socket_file = (path, os.stat(path).st_ino)
     else:
-        host, port = addr
+        host, port = cast(tuple[Any, int], addr)
         if server_ctx is not None:
             kwargs["ssl"] = server_ctx
         server, port = await _serve_tcp(host, port, connected, kwargs)
         base_url = tcp_base_url(host, port)
+    servers.append(server)
+    if links and not on_nats:
+        # The container listens on NATS too.
+        link = links[0]
+        kwargs.pop("ssl", None)
+        extra = await channel_mod.start_server(
+            link.endpoint(link.config.name), connected, **kwargs
+        )
+        nats_server = cast(nats_mod.NatsServer, extra)
+        servers.append(nats_server)
     clock = AsyncioClock() if clock is None else clock
     try:
         if _takes_loop(cls):
@@ -531,12 +634,17 @@ async def _create(
             container = cls(base_url, clock, connect_kwargs)
         state = state_of(container)
     except BaseException:
-        server.close()
-        await server.wait_closed()
         _remove_socket_file(socket_file)
         raise
+    for nats_listener in servers:
+        if isinstance(nats_listener, nats_mod.NatsServer):
+            nats_listener.owns_link = True
+            nats_listener.info = state.registry.describe
     state.server = server
+    state.nats_server = nats_server
     state.socket_file = socket_file
+    if links:
+        state.pool.nats_link = links[0]
     made.append(container)
     return container
 
@@ -647,6 +755,17 @@ class _AgentRegistry:
         assert service is not None  # We serve the container to every client.
         service.add_done_callback(lambda _: self._incoming.pop(client, None))
 
+    def describe(self) -> dict[str, Any]:
+        """What the container tells about itself on NATS (see
+        :meth:`aiomas.nats.NatsLink.discover`): its agents' ids and class
+        names (up to 10,000 of them) and how many there are."""
+        agents = self.agents.dict
+        listed = dict(itertools.islice(agents.items(), _LISTED_AGENTS))
+        return {
+            "agents": {aid: type(agent).__name__ for aid, agent in listed.items()},
+            "agent_count": len(agents),
+        }
+
     def close(self) -> asyncio.Future[list[Any]]:
         """Refuse new agents and connections from now on and close the
         incoming connections.
@@ -669,7 +788,15 @@ class _ContainerState:
     """What a :class:`Container` is made of besides its public API: its agent
     registry, its connection pool, its server and its shutdown."""
 
-    __slots__ = ("clock", "pool", "registry", "server", "shutdown_task", "socket_file")
+    __slots__ = (
+        "clock",
+        "nats_server",
+        "pool",
+        "registry",
+        "server",
+        "shutdown_task",
+        "socket_file",
+    )
 
     def __init__(
         self,
@@ -682,6 +809,9 @@ class _ContainerState:
         self.registry = _AgentRegistry(container, base_url)
         self.pool = ConnectionPool(container, connect_kwargs, AgentProxy)
         self.server: asyncio.AbstractServer | None = None
+        # The NATS server of a container that listens on NATS besides its
+        # address (a container *on* NATS has it as its server).
+        self.nats_server: nats_mod.NatsServer | None = None
         # The unix socket file we listen on (path and inode), removed at shutdown.
         self.socket_file: tuple[str, int] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
@@ -690,15 +820,16 @@ class _ContainerState:
         """Close the server, the registry and the pool (once)."""
         if self.shutdown_task is None:
             # Everything refuses new work from here on, at once.
-            server = self.server
-            if server is not None:
-                server.close()
+            for server in (self.server, self.nats_server):
+                if server is not None:
+                    server.close()
             closing = asyncio.gather(self.pool.close(), self.registry.close())
             self.shutdown_task = asyncio.ensure_future(self._finish(closing))
         await asyncio.shield(self.shutdown_task)
 
     async def _finish(self, closing: asyncio.Future[Any]) -> None:
         await closing
-        if self.server is not None:
-            await self.server.wait_closed()
+        for server in (self.server, self.nats_server):
+            if server is not None:
+                await server.wait_closed()
         _remove_socket_file(self.socket_file)

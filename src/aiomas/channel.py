@@ -37,6 +37,7 @@ from aiomas.exceptions import (
     ProtocolResetError,
     RemoteException,
 )
+from aiomas.nats import NatsEndpoint
 from aiomas.protocol import (
     Connection,
     Event,
@@ -67,8 +68,10 @@ DEFAULT_CODEC: Final = JSON
 
 Address: TypeAlias = (
     "tuple[str | None, int] | str | os.PathLike[str] | local_queue.LocalQueue"
+    " | NatsEndpoint"
 )
-"""A ``(host, port)`` tuple (TCP), a unix socket path or a LocalQueue."""
+"""A ``(host, port)`` tuple (TCP), a unix socket path, a LocalQueue or a
+container name on a NATS system (:class:`aiomas.nats.NatsEndpoint`)."""
 
 SerializerFactory: TypeAlias = Callable[
     [], tuple[type, Callable[[Any], Any], Callable[[Any], Any]]
@@ -1038,6 +1041,8 @@ async def start_server(
 
     if isinstance(addr, local_queue.LocalQueue):
         return await local_queue.create_server(factory, addr, **kwds)
+    if isinstance(addr, NatsEndpoint):
+        return await addr.create_server(factory)
     if isinstance(addr, str | os.PathLike):
         return await running.create_unix_server(factory, os.fspath(addr), **kwds)
     host, port = tcp_address(addr)

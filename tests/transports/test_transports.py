@@ -1,5 +1,5 @@
 """One conformance suite for every transport that aiomas runs on: TCP over IPv4
-and IPv6, unix domain sockets, TLS and LocalQueue, each on asyncio's default
+and IPv6, unix domain sockets, TLS, LocalQueue and NATS, each on asyncio's default
 loop and on uvloop (whose transports are duck-typed: they do not subclass
 asyncio's transport classes).
 
@@ -22,7 +22,7 @@ from aiomas import local_queue
 from aiomas.rpc import ServiceDict, expose
 from aiomas.testing import TIME_UNIT
 
-from ..conftest import Endpoint, TLSFiles
+from ..conftest import Endpoint, NatsEndpoint, TLSFiles
 from ..helpers import echo_forever
 
 WAIT = 10.0
@@ -49,6 +49,9 @@ async def raw_connect(
     loop = asyncio.get_running_loop()
     if endpoint.kind == "localqueue":
         return await local_queue.create_connection(RawClient, addr)
+    if endpoint.kind == "nats":
+        transport, protocol = await addr.create_connection(RawClient)
+        return transport, protocol
     if endpoint.kind == "unix":
         return await loop.create_unix_connection(RawClient, addr)
     return await loop.create_connection(RawClient, *addr, **endpoint.client_kwargs)
@@ -198,6 +201,8 @@ async def container_addr(endpoint: Endpoint, number: int) -> Any:
         return f"{addr}{number}"
     if endpoint.kind == "localqueue":
         return aiomas.get_queue(f"{addr.queue_id}-{number}")
+    if isinstance(endpoint, NatsEndpoint):
+        return endpoint.container_url(f"c{number}")
     return addr
 
 

@@ -21,6 +21,7 @@ import arrow
 from aiomas import codecs
 from aiomas.agent import SSLCerts, split_host_port
 from aiomas.clocks import ExternalClock
+from aiomas.nats import NatsConfig, is_nats_url
 from aiomas.subproc import serve
 from aiomas.wire import DEFAULT_MAX_FRAME_SIZE, FrameReader
 
@@ -33,14 +34,26 @@ CODECS: dict[str, type[codecs.Codec]] = {
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def host_port(value: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[IPv6]:PORT`` for IPv6 addresses)."""
+def host_port(value: str) -> tuple[str, int] | str:
+    """Parse ``HOST:PORT`` (``[IPv6]:PORT`` for IPv6 addresses), or check a
+    NATS URL (``nats://HOST:PORT/NAME``, see :doc:`/nats`) and return it."""
+    if is_nats_url(value):
+        return nats_url(value)
     try:
         return split_host_port(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected HOST:PORT (e.g. 127.0.0.1:5555 or [::1]:5555), got {value!r}"
         ) from None
+
+
+def nats_url(value: str) -> str:
+    """Check that *value* is a NATS container URL."""
+    try:
+        NatsConfig.from_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def iso_date(value: str) -> str:
@@ -93,7 +106,14 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "addr",
         metavar="HOST:PORT",
         type=host_port,
-        help="address to listen on; port 0 picks a free port",
+        help="address to listen on; port 0 picks a free port (or a NATS URL, "
+        "nats://SERVER:PORT/NAME, for a container on that NATS system)",
+    )
+    parser.add_argument(
+        "--nats",
+        type=nats_url,
+        metavar="URL",
+        help="serve on this NATS system too (nats://SERVER:PORT/NAME)",
     )
     parser.add_argument(
         "--start-date",
@@ -156,6 +176,10 @@ def container_kwargs(
         "max_frame_size": args.max_frame_size,
         "dead_peer_timeout": args.dead_peer_timeout,
     }
+    if args.nats is not None:
+        if isinstance(args.addr, str):
+            parser.error("--nats is for a container on TCP: HOST:PORT is a NATS URL")
+        kwargs["nats"] = args.nats
     if args.start_date is not None:
         kwargs["clock"] = ExternalClock(args.start_date, init_time=args.init_time)
     tls_files = (args.cafile, args.certfile, args.keyfile)
@@ -166,7 +190,7 @@ def container_kwargs(
     return kwargs
 
 
-async def run_container(addr: tuple[str, int], kwargs: dict[str, Any]) -> None:
+async def run_container(addr: tuple[str, int] | str, kwargs: dict[str, Any]) -> None:
     """Run the container until its manager is stopped or SIGTERM arrives."""
     serving = asyncio.ensure_future(
         serve(addr, kwargs, lambda manager: print(manager.addr, flush=True))

@@ -1,0 +1,835 @@
+"""Connections between containers through a NATS system.
+
+A NATS connection carries byte streams, one per aiomas connection, so that the
+channel layer runs over it exactly as over TCP: the same frames, the same codec
+payloads.  :class:`NatsTransport` is an :class:`asyncio.Transport`; what it
+writes is published to the peer's subject, what arrives on its own subject is
+fed to its protocol.
+
+Sessions on subjects (``<prefix>`` is ``aiomas`` unless configured):
+
+- A container named ``c1`` subscribes to ``<prefix>.c1.connect``.  A client
+  subscribes to a fresh inbox, then sends a request ``{"v": 1, "inbox": ...,
+  "from": ...}`` (JSON) there.  The container subscribes to a fresh inbox of its
+  own and answers ``{"v": 1, "inbox": ...}``.  From then on each side publishes
+  its bytes to the other's inbox.  Nobody subscribed ("no responders"): the
+  client gets :class:`ConnectionRefusedError`, as from a TCP port nobody
+  listens on.
+- A message with a payload is a piece of the byte stream (a write larger than
+  the server's ``max_payload`` is cut into several messages: nothing about
+  sizes changes); an empty message without reply subject is the end of the
+  stream (a close); an empty message with a reply subject is a heartbeat,
+  answered with an empty message.
+- Every ``heartbeat_interval`` seconds each side sends a heartbeat to the other
+  side's inbox.  "No responders" (the peer's NATS connection ended, so its
+  inbox is gone) or no answer within ``heartbeat_timeout`` seconds closes the
+  connection: calls pending on it fail with :class:`ConnectionResetError`
+  within ``heartbeat_interval + heartbeat_timeout`` seconds after a container
+  vanished.
+- When our own link to the NATS server breaks, every connection over it is
+  closed at once (messages may have been lost while the client reconnects);
+  the next :meth:`aiomas.agent.Container.connect` opens a new one.
+- ``<prefix>.c1.info`` answers with ``{"v": 1, "name": "c1", ...}`` (whatever
+  the container adds, e.g. its agents) and ``<prefix>.discover`` gets the
+  same from every container on the system (see :meth:`NatsLink.discover`).
+
+The NATS client library sits behind :class:`MessagingClient`; nats-py, an
+optional dependency (``pip install 'aiomas[nats]'``), is imported only when a
+link is opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import re
+import ssl
+import urllib.parse
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Protocol, cast
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_PREFIX",
+    "MessagingClient",
+    "NatsConfig",
+    "NatsEndpoint",
+    "NatsLink",
+    "NatsServer",
+    "NatsTransport",
+    "check_name",
+    "connect",
+    "is_nats_url",
+]
+
+logger = logging.getLogger("aiomas.nats")
+
+DEFAULT_PORT: Final = 4222
+"""The port of a NATS server if a URL names none."""
+DEFAULT_PREFIX: Final = "aiomas"
+"""The first token of every subject that aiomas uses."""
+
+_SCHEMES: Final = ("nats", "tls")
+_NAME: Final = r"[A-Za-z0-9_-]+"
+_VERSION: Final = 1
+
+
+def is_nats_url(addr: object) -> bool:
+    """Whether *addr* is a NATS URL (``nats://...`` or ``tls://...``)."""
+    return isinstance(addr, str) and addr.partition("://")[0] in _SCHEMES
+
+
+def check_name(name: str) -> str:
+    """Return *name* if it can name a container on NATS (letters, digits,
+    ``_`` and ``-``: one subject token).
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if not isinstance(name, str) or not re.fullmatch(_NAME, name):
+        raise ValueError(
+            f"A container name on NATS consists of letters, digits, '_' and '-', "
+            f"got {name!r}"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """How a container reaches its NATS system, and its name there.
+
+    Usually made from a URL (:meth:`from_url`); make one directly to pass what
+    a URL cannot hold, e.g. an :class:`ssl.SSLContext`.
+    """
+
+    servers: tuple[str, ...]
+    """The servers to try, e.g. ``('nats://127.0.0.1:4222',)``; the client
+    learns the other servers of a cluster from them."""
+    name: str
+    """The container's name: its agents are ``nats://<name>/<id>``."""
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    """A NATS credentials file (JWT and NKey seed)."""
+    tls: ssl.SSLContext | None = None
+    """TLS to the servers (a ``tls://`` URL without it uses
+    :func:`ssl.create_default_context`)."""
+    tls_hostname: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    """The first token of every subject (containers see each other only with
+    the same prefix)."""
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 2.0
+    connect_timeout: float = 2.0
+    """Seconds for each attempt to reach a server."""
+    reconnect_time_wait: float = 0.5
+    max_reconnect_attempts: int = 60
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Free for the user (not sent anywhere)."""
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        check_name(self.prefix)
+        if not self.servers:
+            raise ValueError("A NatsConfig needs at least one server")
+        for value, what in (
+            (self.heartbeat_interval, "heartbeat_interval"),
+            (self.heartbeat_timeout, "heartbeat_timeout"),
+            (self.connect_timeout, "connect_timeout"),
+        ):
+            if not (isinstance(value, int | float) and value > 0):
+                raise ValueError(f"{what} must be a positive number, got {value!r}")
+
+    @property
+    def base_url(self) -> str:
+        """The address prefix of the container's agents: ``'nats://<name>/'``."""
+        return f"nats://{self.name}/"
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> NatsConfig:
+        """Read a container URL:
+        ``nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT][,HOST[:PORT]...]/NAME[?OPTIONS]``.
+
+        ``tls://`` instead of ``nats://`` uses TLS to the servers.  IPv6 hosts
+        go in brackets; the port defaults to 4222.  OPTIONS (``&``-separated):
+        ``creds=PATH`` (a credentials file), ``prefix=TOKEN``,
+        ``heartbeat=SECONDS`` (the interval; the timeout is twice that),
+        ``tls_hostname=NAME``.  *overrides* set any other field (e.g.
+        ``tls=context``).
+
+        Raises:
+            ValueError: if *url* is not of that form.
+        """
+        scheme, sep, rest = (
+            url.partition("://") if isinstance(url, str) else ("", "", "")
+        )
+        if not sep or scheme not in _SCHEMES:
+            raise ValueError(
+                f"Invalid NATS URL {url!r}: expected 'nats://host:port/name' "
+                "or 'tls://host:port/name'"
+            )
+        netloc, _, path = rest.partition("/")
+        name, _, query = path.partition("?")
+        userinfo, at, hosts = netloc.rpartition("@")
+        settings: dict[str, Any] = {}
+        if at:
+            user, colon, password = userinfo.partition(":")
+            user = urllib.parse.unquote(user)
+            if colon:
+                settings["user"] = user
+                settings["password"] = urllib.parse.unquote(password)
+            elif user:
+                settings["token"] = user
+        servers = tuple(
+            f"{scheme}://{_server(host, url)}" for host in hosts.split(",") if host
+        )
+        if not servers or not name:
+            raise ValueError(f"Invalid NATS URL {url!r}: it needs a server and a name")
+        for key, values in urllib.parse.parse_qs(
+            query, strict_parsing=bool(query)
+        ).items():
+            value = values[-1]
+            if key == "creds":
+                settings["creds"] = value
+            elif key == "prefix":
+                settings["prefix"] = value
+            elif key == "tls_hostname":
+                settings["tls_hostname"] = value
+            elif key == "heartbeat":
+                try:
+                    interval = float(value)
+                except ValueError:
+                    raise ValueError(f"Invalid heartbeat in {url!r}") from None
+                settings["heartbeat_interval"] = interval
+                settings["heartbeat_timeout"] = 2 * interval
+            else:
+                raise ValueError(f"Unknown option {key!r} in the NATS URL {url!r}")
+        if scheme == "tls" and "tls" not in overrides:
+            settings["tls"] = ssl.create_default_context()
+        settings.update(overrides)
+        return cls(servers=servers, name=name, **settings)
+
+    def with_name(self, name: str) -> NatsConfig:
+        """The same system under another container name."""
+        return replace(self, name=name)
+
+
+def _server(host: str, url: str) -> str:
+    """``host[:port]`` with the default port added."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise ValueError(f"Invalid NATS URL {url!r}: unclosed '['")
+        address, rest = host[: end + 1], host[end + 1 :]
+    else:
+        address, _, port = host.partition(":")
+        rest = f":{port}" if port else ""
+    if not rest:
+        return f"{address}:{DEFAULT_PORT}"
+    if not rest.startswith(":") or not rest[1:].isdigit() or int(rest[1:]) > 65535:
+        raise ValueError(f"Invalid NATS URL {url!r}: bad port in {host!r}")
+    return address + rest
+
+
+class MessagingClient(Protocol):
+    """What aiomas needs of a NATS client (see ``aiomas._nats_client``)."""
+
+    on_disconnect: Callable[[], None] | None
+    on_close: Callable[[], None] | None
+    on_pressure: Callable[[bool], None] | None
+    paused: bool
+
+    @property
+    def max_payload(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def is_connected(self) -> bool: ...
+    @property
+    def connected_url(self) -> str | None: ...
+    def new_inbox(self) -> str: ...
+    def publish(self, subject: str, data: bytes, reply: str = "") -> None: ...
+    async def subscribe(
+        self,
+        subject: str,
+        callback: Callable[[bytes, str], None],
+        overflow: Callable[[], None] | None = None,
+    ) -> Callable[[], Awaitable[None]]: ...
+    async def request(self, subject: str, data: bytes, timeout: float) -> bytes: ...  # noqa: ASYNC109
+    async def flush(self, timeout: float = 2.0) -> None: ...  # noqa: ASYNC109
+    async def gather(self, subject: str, data: bytes, wait: float) -> list[bytes]: ...
+    async def close(self) -> None: ...
+    async def abort(self) -> None: ...
+
+
+async def connect(config: NatsConfig) -> NatsLink:
+    """Open a link to the NATS system of *config*.
+
+    Raises:
+        ConnectionRefusedError: if no server could be reached.
+        ImportError: if nats-py is not installed.
+    """
+    from aiomas._nats_client import NatsPyClient
+
+    client = await NatsPyClient.connect(config)
+    return NatsLink(client, config)
+
+
+class NatsLink:
+    """A container's connection to a NATS system, shared by every aiomas
+    connection over it.
+
+    Args:
+        client: The NATS client (see :class:`MessagingClient`).
+        config: The system and our name on it.
+    """
+
+    def __init__(self, client: MessagingClient, config: NatsConfig) -> None:
+        self.client = client
+        self.config = config
+        self._transports: set[NatsTransport] = set()
+        self._closed = False
+        self._closing: asyncio.Task[None] | None = None
+        client.on_disconnect = self._disconnected
+        client.on_close = self._disconnected
+        client.on_pressure = self._pressure
+
+    def __repr__(self) -> str:
+        return f"NatsLink({self.config.name!r}, {list(self.config.servers)})"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def transports(self) -> frozenset[NatsTransport]:
+        """The open connections over this link."""
+        return frozenset(self._transports)
+
+    def subject(self, name: str, what: str) -> str:
+        """The subject *what* (``connect``, ``info``) of the container *name*."""
+        return f"{self.config.prefix}.{name}.{what}"
+
+    def endpoint(self, name: str) -> NatsEndpoint:
+        """The container *name* on this system, for
+        :func:`aiomas.channel.open_connection` and
+        :func:`aiomas.channel.start_server`."""
+        return NatsEndpoint(self, check_name(name))
+
+    async def discover(self, wait: float = 0.25) -> list[dict[str, Any]]:
+        """The ``info`` of every container on the system that answers within
+        *wait* seconds, by name."""
+        answers = await self.client.gather(f"{self.config.prefix}.discover", b"", wait)
+        found: dict[str, dict[str, Any]] = {}
+        for data in answers:
+            info = _decode(data)
+            if info is not None and isinstance(info.get("name"), str):
+                found[info["name"]] = info
+        return [found[name] for name in sorted(found)]
+
+    async def info(self, name: str, timeout: float = 1.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """The ``info`` of the container *name*.
+
+        Raises:
+            ConnectionRefusedError: if there is no such container.
+            TimeoutError: if it does not answer within *timeout* seconds.
+        """
+        data = await self.client.request(self.subject(name, "info"), b"", timeout)
+        info = _decode(data)
+        if info is None:
+            raise ConnectionResetError(f"{name!r} sent an undecodable info")
+        return info
+
+    def add(self, transport: NatsTransport) -> None:
+        self._transports.add(transport)
+
+    def discard(self, transport: NatsTransport) -> None:
+        self._transports.discard(transport)
+
+    async def close(self) -> None:
+        """Close every connection over the link, then the link (once)."""
+        self._closed = True
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def abort(self) -> None:
+        """Cut the link at once, as a process that dies does (for tests)."""
+        self._closed = True
+        await self.client.abort()
+        self._lose_all(ConnectionResetError("Our link to the NATS system was cut"))
+
+    async def _close(self) -> None:
+        for transport in list(self._transports):
+            transport.close()
+        await asyncio.sleep(0)  # let their connection_lost() run
+        await self.client.close()
+
+    def _pressure(self, paused: bool) -> None:
+        for transport in list(self._transports):
+            transport.pressure(paused)
+
+    def _disconnected(self) -> None:
+        self._lose_all(
+            ConnectionResetError(
+                "The link to the NATS server broke (messages may have been lost)"
+            )
+        )
+
+    def _lose_all(self, exc: Exception) -> None:
+        for transport in list(self._transports):
+            transport.lose(exc)
+
+
+class NatsEndpoint:
+    """A container name on a NATS system: what :func:`aiomas.channel.open_connection`
+    connects to and :func:`aiomas.channel.start_server` serves."""
+
+    __slots__ = ("link", "name")
+
+    def __init__(self, link: NatsLink, name: str) -> None:
+        self.link = link
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"NatsEndpoint(nats://{self.name}/)"
+
+    @property
+    def base_url(self) -> str:
+        return f"nats://{self.name}/"
+
+    async def create_connection(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol]
+    ) -> tuple[NatsTransport, asyncio.BaseProtocol]:
+        """Open a connection to the container.
+
+        Raises:
+            ConnectionRefusedError: if no container of that name is on the
+                system ("no responders").
+            TimeoutError: if it did not answer within ``connect_timeout``.
+            ConnectionResetError: if our link is closed.
+        """
+        link = self.link
+        if link.closed:
+            raise ConnectionResetError(f"{link!r} is closed")
+        client = link.client
+        protocol = protocol_factory()
+        transport = NatsTransport(link, protocol, peername=self.base_url)
+        await transport.listen()
+        request = {"v": _VERSION, "inbox": transport.inbox, "from": link.config.name}
+        try:
+            answer = _decode(
+                await client.request(
+                    link.subject(self.name, "connect"),
+                    json.dumps(request).encode(),
+                    link.config.connect_timeout,
+                )
+            )
+            if answer is None or not isinstance(answer.get("inbox"), str):
+                raise ConnectionRefusedError(
+                    f"The container {self.name!r} refused the connection: {answer}"
+                )
+        except ConnectionRefusedError as exc:
+            await transport.discard()
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED,
+                f"No container {self.name!r} on the NATS system ({exc})",
+            ) from None
+        except BaseException:
+            await transport.discard()
+            raise
+        transport.start(answer["inbox"])
+        return transport, protocol
+
+    async def create_server(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol]
+    ) -> NatsServer:
+        """Serve the container's name.
+
+        Raises:
+            OSError: (``EADDRINUSE``) if another container has that name.
+        """
+        server = NatsServer(self.link, self.name, protocol_factory)
+        await server.start()
+        return server
+
+
+class NatsServer(asyncio.AbstractServer):
+    """Accepts the connections to one container name (see
+    :meth:`NatsEndpoint.create_server`)."""
+
+    def __init__(
+        self,
+        link: NatsLink,
+        name: str,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+    ) -> None:
+        self.link = link
+        self.name = name
+        self._factory = protocol_factory
+        self._loop = asyncio.get_running_loop()
+        self._unsubscribe: list[Callable[[], Awaitable[None]]] = []
+        self._serving = False
+        self._closed = self._loop.create_future()
+        self._pending: set[asyncio.Task[None]] = set()
+        self.info: Callable[[], dict[str, Any]] = dict
+        """Adds to the container's ``info`` (set by the container)."""
+        self.owns_link = False
+        """Whether :meth:`wait_closed` closes the link too."""
+
+    def __repr__(self) -> str:
+        return f"NatsServer(nats://{self.name}/)"
+
+    async def start(self) -> None:
+        link = self.link
+        try:
+            await link.info(self.name, timeout=link.config.connect_timeout)
+        except ConnectionRefusedError:
+            pass  # Nobody has the name: ours.
+        except TimeoutError:
+            pass  # Somebody subscribed but does not answer: take it.
+        else:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"A container named {self.name!r} is on the NATS system already",
+            )
+        client = link.client
+        self._unsubscribe = [
+            await client.subscribe(link.subject(self.name, "connect"), self._accept),
+            await client.subscribe(link.subject(self.name, "info"), self._answer_info),
+            await client.subscribe(f"{link.config.prefix}.discover", self._answer_info),
+        ]
+        # Serving starts when the server has our subscriptions: whoever hears
+        # of us from now on finds us (nobody else shares our connection).
+        await client.flush(link.config.connect_timeout)
+        self._serving = True
+
+    def describe(self) -> dict[str, Any]:
+        """The container's ``info``: ``v``, ``name`` and what :attr:`info` adds."""
+        return {
+            **self.info(),
+            "v": _VERSION,
+            "name": self.name,
+            "base_url": f"nats://{self.name}/",
+        }
+
+    def _answer_info(self, data: bytes, reply: str) -> None:
+        if reply:
+            self.link.client.publish(reply, json.dumps(self.describe()).encode())
+
+    def _accept(self, data: bytes, reply: str) -> None:
+        request = _decode(data)
+        inbox = None if request is None else request.get("inbox")
+        if not reply or not isinstance(inbox, str) or not self._serving:
+            logger.warning(
+                "NATS: ignored a bad connect request to %s: %r", self.name, data[:200]
+            )
+            return
+        peer = request.get("from") if request else None
+        task = asyncio.ensure_future(self._open(inbox, reply, peer))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _open(self, inbox: str, reply: str, peer: object) -> None:
+        peername = f"nats://{peer}/" if isinstance(peer, str) else inbox
+        transport = NatsTransport(self.link, self._factory(), peername=peername)
+        await transport.listen()
+        if not self._serving:
+            await transport.discard()
+            return
+        self.link.client.publish(
+            reply, json.dumps({"v": _VERSION, "inbox": transport.inbox}).encode()
+        )
+        transport.start(inbox)
+
+    def close(self) -> None:
+        """Stop accepting connections (those open stay open)."""
+        if not self._serving and self._closed.done():
+            return
+        self._serving = False
+        unsubscribe, self._unsubscribe = self._unsubscribe, []
+        task = asyncio.ensure_future(self._finish_close(unsubscribe))
+        task.add_done_callback(lambda _: None)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _finish_close(
+        self, unsubscribe: list[Callable[[], Awaitable[None]]]
+    ) -> None:
+        try:
+            await asyncio.gather(*(stop() for stop in unsubscribe))
+            await asyncio.gather(*list(self._pending - {asyncio.current_task()}))
+        finally:
+            if not self._closed.done():
+                self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed (and, if it owns the link, the
+        link too)."""
+        await asyncio.shield(self._closed)
+        if self.owns_link:
+            await self.link.close()
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    async def start_serving(self) -> None:
+        """It serves from the start."""
+
+    async def serve_forever(self) -> None:
+        await asyncio.shield(self._closed)
+
+
+def _decode(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class NatsTransport(asyncio.Transport):
+    """One aiomas connection over a NATS link (see the module docstring)."""
+
+    def __init__(
+        self, link: NatsLink, protocol: asyncio.BaseProtocol, *, peername: str
+    ) -> None:
+        super().__init__({"peername": peername, "sockname": link.config.base_url})
+        self._link = link
+        self._protocol = protocol
+        self._loop = asyncio.get_running_loop()
+        self.inbox = link.client.new_inbox()
+        self.peer_inbox: str | None = None
+        self._unsubscribe: Callable[[], Awaitable[None]] | None = None
+        # What arrived before connection_made() or while reading is paused.
+        self._held: deque[bytes] = deque()
+        self._reading = False
+        self._closing = False
+        self._lost = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._writing_paused = False
+
+    def __repr__(self) -> str:
+        return f"NatsTransport({self.get_extra_info('peername')!r})"
+
+    async def listen(self) -> None:
+        """Subscribe to our inbox (before anybody knows it)."""
+        self._unsubscribe = await self._link.client.subscribe(
+            self.inbox, self._received, self._overflow
+        )
+
+    async def discard(self) -> None:
+        """Give up a transport that was never started."""
+        self._closing = self._lost = True
+        if self._unsubscribe is not None:
+            await self._unsubscribe()
+
+    def start(self, peer_inbox: str) -> None:
+        """Connect to the peer's inbox and tell the protocol."""
+        self.peer_inbox = peer_inbox
+        self._link.add(self)
+        self._reading = True
+        self._protocol.connection_made(self)
+        if self._link.client.paused:
+            self.pressure(True)
+        if not self._lost:
+            self._heartbeat = asyncio.ensure_future(self._beat())
+            self._deliver_held()
+
+    # Receiving
+
+    def _received(self, data: bytes, reply: str) -> None:
+        if self._lost:
+            return
+        if reply:  # A heartbeat.
+            self._link.client.publish(reply, b"")
+            return
+        # Held (an empty one for the end) until the connection is made --
+        # the answer to our connect request may come after the peer's first
+        # messages, through another subscription -- and while reading pauses.
+        if not self._reading or self._held:
+            self._held.append(data)
+        elif data:
+            self._feed(data)
+        else:
+            self._eof()
+
+    def _eof(self) -> None:
+        keep_open = cast(asyncio.Protocol, self._protocol).eof_received()
+        if not keep_open:
+            self._closing = True
+            self._finish(None, say_goodbye=False)
+
+    def _feed(self, data: bytes) -> None:
+        protocol = self._protocol
+        if not isinstance(protocol, asyncio.BufferedProtocol):
+            cast(asyncio.Protocol, protocol).data_received(data)
+            return
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(protocol.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            view = view[size:]
+            protocol.buffer_updated(size)
+            if self._lost:
+                return
+            if view and not self._reading:
+                self._held.appendleft(bytes(view))
+                return
+
+    def _deliver_held(self) -> None:
+        held = self._held
+        while held and self._reading and not self._lost:
+            data = held.popleft()
+            if data:
+                self._feed(data)
+            else:
+                self._eof()
+
+    def _overflow(self) -> None:
+        self.lose(
+            ConnectionResetError(
+                "The NATS client dropped messages of this connection (we did not "
+                "keep up reading)"
+            )
+        )
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._lost:
+            self._reading = True
+            self._loop.call_soon(self._deliver_held)
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    # Sending
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self.peer_inbox is None:
+            return
+        client = self._link.client
+        peer = self.peer_inbox
+        limit = client.max_payload
+        size = len(data)
+        if size <= limit:
+            if size:
+                client.publish(peer, bytes(data))
+            return
+        view = memoryview(data)
+        for start in range(0, size, limit):
+            client.publish(peer, bytes(view[start : start + limit]))
+
+    def writelines(
+        self, list_of_data: Iterable[bytes | bytearray | memoryview]
+    ) -> None:
+        self.write(b"".join(list_of_data))
+
+    def pressure(self, paused: bool) -> None:
+        """Tell the protocol to pause or resume writing: the link's send queue
+        is over its high-water mark, or back under its low-water mark."""
+        if paused == self._writing_paused or self._lost:
+            return
+        self._writing_paused = paused
+        protocol = self._protocol
+        if paused:
+            protocol.pause_writing()
+        else:
+            protocol.resume_writing()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        """What the link has queued to send (for every connection over it)."""
+        return self._link.client.queued
+
+    def set_write_buffer_limits(
+        self, high: int | None = None, low: int | None = None
+    ) -> None:
+        """The limits are the link's, shared by its connections (4 MiB and
+        1 MiB); they are not set per connection."""
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Send the end of the stream after what was written, and close."""
+        if self._closing:
+            return
+        self._closing = True
+        self._finish(None, say_goodbye=True)
+
+    def abort(self) -> None:
+        self.close()
+
+    def lose(self, exc: Exception) -> None:
+        """End the connection with *exc* (the peer vanished, the link broke)."""
+        if self._lost:
+            return
+        self._closing = True
+        self._finish(exc, say_goodbye=False)
+
+    def _finish(self, exc: Exception | None, *, say_goodbye: bool) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        link = self._link
+        if say_goodbye and self.peer_inbox is not None:
+            link.client.publish(self.peer_inbox, b"")
+        link.discard(self)
+        heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat is not asyncio.current_task():
+            heartbeat.cancel()
+        self._held.clear()
+        unsubscribe = self._unsubscribe
+        if self.peer_inbox is not None:
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+        if unsubscribe is not None:
+            task = asyncio.ensure_future(unsubscribe())
+            # Tracked by the link's close() through the client; nothing to wait for.
+            task.add_done_callback(_ignore)
+
+    async def _beat(self) -> None:
+        config = self._link.config
+        client = self._link.client
+        peer = self.peer_inbox
+        assert peer is not None
+        while not self._lost:
+            await asyncio.sleep(config.heartbeat_interval)
+            if self._lost or not client.is_connected:
+                continue
+            try:
+                await client.request(peer, b"", config.heartbeat_timeout)
+            except ConnectionRefusedError:
+                self.lose(
+                    ConnectionResetError(
+                        f"{self.get_extra_info('peername')} left the NATS system"
+                    )
+                )
+            except TimeoutError:
+                self.lose(
+                    ConnectionResetError(
+                        f"{self.get_extra_info('peername')} did not answer a "
+                        f"heartbeat within {config.heartbeat_timeout:.3g} s"
+                    )
+                )
+            except ConnectionResetError as exc:
+                self.lose(exc)
+
+
+def _ignore(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
