@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import inspect
 import logging
 import os
@@ -31,6 +32,7 @@ from aiomas._connect import (
 )
 from aiomas._guards import guarded, stops_the_process, without_tracebacks
 from aiomas.codecs import JSON, Codec
+from aiomas.deadlines import Deadline
 from aiomas.exceptions import (
     ConnectionLostError,
     ProtocolError,
@@ -39,8 +41,10 @@ from aiomas.exceptions import (
 )
 from aiomas.protocol import (
     JOINED_WRITE_LIMIT,
+    CancelReceived,
     Connection,
     Event,
+    ExtendedRequestReceived,
     FailureReceived,
     ProtocolViolation,
     ReplyUndecodable,
@@ -56,6 +60,7 @@ __all__ = [
     "Address",
     "Channel",
     "ChannelProtocol",
+    "ExtendedRequest",
     "Request",
     "open_connection",
     "start_server",
@@ -228,6 +233,29 @@ class Request:
         return protocol.core
 
 
+class ExtendedRequest(Request):
+    """A request that came with metadata of the wire extension (see
+    :doc:`/deadlines`): a :class:`Request` with :attr:`deadline` and
+    :attr:`meta`.  You don't create requests yourself."""
+
+    __slots__ = ("deadline", "meta")
+
+    def __init__(
+        self,
+        content: Any,
+        message_id: int,
+        protocol: ChannelProtocol,
+        deadline: float | None,
+        meta: dict[str, Any],
+    ) -> None:
+        super().__init__(content, message_id, protocol)
+        self.deadline = deadline
+        """The seconds the requester gave us for it (relative to its arrival),
+        or ``None``."""
+        self.meta = meta
+        """All of its metadata."""
+
+
 class Channel:
     """A request-reply channel between two endpoints.
 
@@ -254,7 +282,9 @@ class Channel:
         "_loop",
         "_peername",
         "_recv_waiter",
+        "cancel_handler",
         "codec",
+        "extended",
         "protocol",
         "request_handler",
         "transport",
@@ -280,6 +310,15 @@ class Channel:
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
         """Set by :meth:`set_request_handler`."""
+        self.extended = False
+        """Whether the peer agreed to the wire extension (see
+        :meth:`offer_extensions`, :meth:`take_offer`); read it, don't set
+        it."""
+        self.cancel_handler: Callable[[int, bool], None] | None = None
+        """Called with ``(message_id, held)`` when the peer cancels its
+        request *message_id* (wire extension only); *held* says the request
+        never left the core (see :class:`aiomas.protocol.CancelReceived`).
+        Set by :mod:`aiomas.rpc`."""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_error is not None else "open"
@@ -339,6 +378,99 @@ class Channel:
             # now we wait for a reply of our own and must read again.
             protocol.update_reading()
         return future
+
+    # The wire extension (see docs/deadlines.rst): new methods only, so that
+    # the plain path above stays as it is.
+
+    def offer_extensions(self) -> asyncio.Future[Any]:
+        """Offer the wire extension to the peer (see
+        :meth:`aiomas.protocol.Connection.offer_extensions`).
+
+        Only for a peer that serves RPC: the offer is an RPC call to a
+        reserved path.  Returns the future of the probe; when it is done,
+        :attr:`extended` says whether the peer agreed (a failure reply or a
+        closed connection leave the channel plain; the future then keeps
+        that error, retrieved).
+
+        Raises:
+            ConnectionResetError: if the channel is already closed.
+        """
+        if self._closed_error is not None:
+            raise self.connection_error()
+        future = self._loop.create_future()
+        self._core.offer_extensions(future)
+        future.add_done_callback(self._offer_answered)
+        self.protocol.flush()
+        return future
+
+    def _offer_answered(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        self.extended = bool(self._core.offer_answered(future.result()))
+
+    def take_offer(self, request: Request) -> bool:
+        """If *request* is the peer's offer of the wire extension, answer it,
+        agree and return ``True`` (the request is then answered); else return
+        ``False`` (see :meth:`aiomas.protocol.Connection.take_offer`)."""
+        if type(request) is not Request or self._closed_error is not None:
+            return False
+        if not self._core.take_offer(request.message_id, request.content):
+            return False
+        self.extended = bool(self._core.extensions)
+        self.protocol.flush()
+        return True
+
+    def send_cancellable(
+        self, content: Any, deadline: Deadline | None = None
+    ) -> asyncio.Future[Any]:
+        """Send a request like :meth:`send`, bounded by *deadline* and
+        cancelled on the peer when given up.
+
+        When *deadline* passes first, the future fails with
+        :class:`~aiomas.exceptions.DeadlineExceeded` (at once if it has
+        passed already: then nothing is sent).  If the peer agreed to the
+        wire extension, the request carries the time left, and when the
+        future is cancelled or its deadline passes, the peer gets a cancel
+        for it.  Without the extension the deadline is ours alone and
+        nothing more is sent.
+
+        Raises:
+            SerializationError, ValueError, ConnectionResetError: see
+                :meth:`send`.
+        """
+        if self._closed_error is not None:
+            raise self.connection_error()
+        future = self._loop.create_future()
+        time_left = None
+        if deadline is not None:
+            time_left = deadline.remaining()
+            if time_left <= 0:
+                future.set_exception(deadline.exceeded())
+                return future
+        core = self._core
+        msg_id = core.send_request_with_meta(content, future, deadline=time_left)
+        protocol = self.protocol
+        try:
+            protocol.flush()
+        except BaseException:
+            core.discard_request(msg_id)
+            raise
+        if protocol.reading_paused:
+            protocol.update_reading()
+        timer = None
+        if deadline is not None:
+            timer = deadline.call_at_expiry(_expire, future, deadline)
+        if timer is not None or self.extended:
+            future.add_done_callback(functools.partial(self._call_ended, msg_id, timer))
+        return future
+
+    def _call_ended(self, msg_id: int, timer: Any, future: asyncio.Future[Any]) -> None:
+        """A call of :meth:`send_cancellable` has ended: if we gave up on it,
+        the peer is told (if it agreed; else its late reply is dropped)."""
+        if timer is not None:
+            timer.cancel()
+        if self._core.cancel_request(msg_id):
+            self.protocol.flush()
 
     def set_request_handler(self, handler: Callable[[Request], None]) -> None:
         """Pass every request to *handler* as soon as it arrives, instead of
@@ -443,6 +575,25 @@ class Channel:
                 future.set_exception(event.error)
         elif type(event) is RequestRejected:
             self._log_rejected(event)
+        elif type(event) is ExtendedRequestReceived:
+            self._extended_request(event)
+        elif type(event) is CancelReceived:
+            cancel_handler = self.cancel_handler
+            if cancel_handler is not None:
+                cancel_handler(event.message_id, event.held)
+
+    def _extended_request(self, event: ExtendedRequestReceived) -> None:
+        request = ExtendedRequest(
+            event.content, event.message_id, self.protocol, event.deadline, event.meta
+        )
+        handler = self.request_handler
+        if handler is not None:
+            handler(request)
+            return
+        self._incoming.append(request)
+        waiter = self._recv_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _log_rejected(self, event: RequestRejected) -> None:
         peer = self._peername
@@ -478,6 +629,17 @@ class Channel:
             held = core.next_held_request()
             if held is None:
                 break
+            if type(held) is ExtendedRequestReceived:
+                handler(
+                    ExtendedRequest(
+                        held.content,
+                        held.message_id,
+                        self.protocol,
+                        held.deadline,
+                        held.meta,
+                    )
+                )
+                continue
             handler(Request(held.content, held.message_id, self.protocol))
 
     def connection_lost(self, reason: BaseException) -> None:
@@ -500,6 +662,11 @@ class Channel:
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _expire(future: asyncio.Future[Any], deadline: Deadline) -> None:
+    if not future.done():
+        future.set_exception(deadline.exceeded())
 
 
 class _UnansweredClose(ConnectionResetError):

@@ -36,8 +36,9 @@ from aiomas._routing import (
     router_of,
     short_repr,
 )
-from aiomas.channel import Address, Channel, Request
-from aiomas.exceptions import SerializationError
+from aiomas.channel import Address, Channel, ExtendedRequest, Request
+from aiomas.deadlines import Clock, Deadline, LoopClock, context_with, current_deadline
+from aiomas.exceptions import DeadlineExceeded, SerializationError
 from aiomas.wire import FAILURE, RESULT
 
 # Routing needs no connection and no loop: it lives in aiomas._routing, and its
@@ -113,8 +114,14 @@ class Proxy:
         Raises (when awaited):
             RemoteException: if the remote function raised (or does not exist).
             ConnectionResetError: if the connection closes before the reply.
+            DeadlineExceeded: if the current deadline (see
+                :func:`aiomas.deadline`) passes first.
         """
-        return self._channel.send([self._path, args, kwargs])
+        channel = self._channel
+        deadline = current_deadline()
+        if deadline is None and not channel.extended:
+            return channel.send([self._path, args, kwargs])
+        return channel.send_cancellable([self._path, args, kwargs], deadline)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Proxy):
@@ -134,10 +141,29 @@ class RpcClient:
     Args:
         channel: The :class:`~aiomas.channel.Channel` to the peer.
         rpc_service: An RPC service to serve to the peer, or ``None``.
+        extensions: Accept the peer's offer of the wire extension (deadlines
+            and cancels that reach the peer, see :doc:`/deadlines`), which
+            it makes with its first request; :meth:`offer_extensions` makes
+            one.  Off by default: the connection then speaks exactly the
+            plain wire format.
+        clock: The clock of the deadlines of requests served (default: the
+            event loop's, :class:`~aiomas.deadlines.LoopClock`); a container
+            passes its own.
     """
 
-    def __init__(self, channel: Channel, rpc_service: Any = None) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        rpc_service: Any = None,
+        *,
+        extensions: bool = False,
+        clock: Clock | None = None,
+    ) -> None:
         self._channel = channel
+        self._clock = clock
+        # Calls that the peer may cancel (wire extension only), by message id.
+        self._cancellable: dict[int, asyncio.Future[Any]] = {}
+        self._offer: asyncio.Future[Any] | None = None
         self._router = None if rpc_service is None else router_of(rpc_service)
         # Tasks of user callbacks, and of exposed coroutines answering calls.
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -147,12 +173,19 @@ class RpcClient:
         self._remote = Proxy(channel, "")
         _install_proxy_serializer(channel, self._router)
         self._service: asyncio.Task[None] | None = None
-        if self._router is None:
-            channel.set_request_handler(self._no_service)
+        base_handler = (
+            self._no_service if self._router is None else self.handler_for(self._router)
+        )
+        if extensions:
+            channel.cancel_handler = self._cancel_call
+            channel.set_request_handler(
+                functools.partial(self._first_request, base_handler)
+            )
         else:
             # Serve at once: with TLS, the first request may arrive in the same
             # loop iteration as the connection, before any task has started.
-            channel.set_request_handler(self.handler_for(self._router))
+            channel.set_request_handler(base_handler)
+        if self._router is not None:
             self._service = asyncio.ensure_future(
                 rpc_service_process(self, self._router, channel)
             )
@@ -162,6 +195,52 @@ class RpcClient:
     def channel(self) -> Channel:
         """The communication :class:`~aiomas.channel.Channel` of this instance."""
         return self._channel
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        """The features of the wire extension agreed with the peer (empty
+        while none are, e.g. before the answer to an offer)."""
+        return self._channel.protocol.core.extensions
+
+    def offer_extensions(self) -> None:
+        """Offer the wire extension to the peer (what
+        :func:`open_connection` does with ``extensions=True``).  Calls made
+        before the answer arrives use the plain format; see
+        :meth:`wait_extensions`.
+
+        Raises:
+            RuntimeError: if an offer was made already.
+            ConnectionResetError: if the connection is closed.
+        """
+        if self._offer is not None:
+            raise RuntimeError("the wire extension was offered already")
+        self._channel.cancel_handler = self._cancel_call
+        self._offer = self._channel.offer_extensions()
+
+    async def wait_extensions(self) -> frozenset[str]:
+        """Wait for the answer to our offer (if any) and return
+        :attr:`extensions`."""
+        if self._offer is not None:
+            await asyncio.wait([self._offer])
+        return self.extensions
+
+    def _first_request(
+        self, handler: Callable[[Request], None], request: Request
+    ) -> None:
+        """Take the peer's offer of the wire extension, if this is one; then
+        hand every request to *handler*."""
+        channel = self._channel
+        if channel.request_handler is not None:
+            channel.set_request_handler(handler)
+        if not channel.take_offer(request):
+            handler(request)
+
+    def _cancel_call(self, message_id: int, held: bool) -> None:
+        """The peer cancelled its request *message_id*: cancel its call (the
+        call then sends no reply)."""
+        call = self._cancellable.pop(message_id, None)
+        if call is not None:
+            call.cancel()
 
     @property
     def service(self) -> asyncio.Task[None] | None:
@@ -281,12 +360,70 @@ class RpcClient:
             _fail_call(request, exc, self._channel.peername)
             return
         if type(result) not in _PLAIN_TYPES and inspect.isawaitable(result):
+            if self._channel.extended:
+                self._start_cancellable(request, result)
+                return
             task = asyncio.ensure_future(
                 _reply_when_done(request, result, self._channel.peername)
             )
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
             return
+        _answer(request, RESULT, result)
+
+    def _start_cancellable(self, request: Request, awaitable: Any) -> None:
+        """Run the call in *request* (the wire extension was agreed): under
+        its deadline if it has one, and so that the peer can cancel it."""
+        peer = self._channel.peername
+        seconds = request.deadline if isinstance(request, ExtendedRequest) else None
+        if seconds is None:
+            task = asyncio.ensure_future(_reply_when_done(request, awaitable, peer))
+        else:
+            clock = self._clock
+            if clock is None:
+                clock = self._clock = LoopClock()
+            deadline = Deadline(clock.time() + seconds, clock)
+            task = asyncio.get_running_loop().create_task(
+                _reply_in_time(request, awaitable, peer, deadline),
+                context=context_with(deadline),
+            )
+            # The peer gives up at the deadline (and sends a cancel); this
+            # side stops then too, in case the cancel comes late.
+            timer = deadline.call_at_expiry(task.cancel)
+            task.add_done_callback(lambda _: timer.cancel())
+        message_id = request.message_id
+        self._calls.add(task)
+        self._cancellable[message_id] = task
+        task.add_done_callback(functools.partial(self._cancellable_done, message_id))
+
+    def _cancellable_done(self, message_id: int, task: asyncio.Future[Any]) -> None:
+        self._calls.discard(task)
+        if self._cancellable.get(message_id) is task:
+            del self._cancellable[message_id]
+
+
+async def _reply_in_time(
+    request: Request, awaitable: Any, peer: Any, deadline: Deadline
+) -> None:
+    """:func:`_reply_when_done` for a request with a deadline: a call that
+    ends because the deadline passed sends no reply (its caller gave up at
+    that moment, and told us or will)."""
+    try:
+        result = await awaitable
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        _fail_call(request, exc, peer)
+    except DeadlineExceeded as exc:
+        if deadline.expired():
+            return
+        _fail_call(request, exc, peer)
+    except BaseException as exc:
+        if stops_the_process(exc):
+            raise
+        _fail_call(request, exc, peer)
+    else:
         _answer(request, RESULT, result)
 
 
@@ -441,25 +578,41 @@ async def rpc_service_process(
 
 
 async def open_connection(
-    addr: Address, *, rpc_service: Any = None, **kwds: Any
+    addr: Address,
+    *,
+    rpc_service: Any = None,
+    extensions: bool = False,
+    clock: Clock | None = None,
+    **kwds: Any,
 ) -> RpcClient:
     """Connect to *addr* and return an :class:`RpcClient`.
 
     Args:
         addr: See :func:`aiomas.channel.open_connection`.
         rpc_service: An RPC service to serve to the peer, so that it can call back.
+        extensions: Offer the wire extension (deadlines and cancels that reach
+            the peer, see :doc:`/deadlines`) with the first request; a peer
+            that does not speak it answers with a failure, and everything
+            stays plain.  Off by default.
+        clock: See :class:`RpcClient`.
         **kwds: Passed to :func:`aiomas.channel.open_connection`.
     """
     if rpc_service is not None:
         router_of(rpc_service)
     channel = await channel_mod.open_connection(addr, **kwds)
-    return RpcClient(channel, rpc_service)
+    client = RpcClient(channel, rpc_service, extensions=extensions, clock=clock)
+    if extensions:
+        client.offer_extensions()
+    return client
 
 
 async def start_server(
     addr: Address,
     rpc_service: Any,
     client_connected_cb: Callable[[RpcClient], Any] | None = None,
+    *,
+    extensions: bool = False,
+    clock: Clock | None = None,
     **kwds: Any,
 ) -> asyncio.AbstractServer:
     """Start a server on *addr* that serves *rpc_service* to every client.
@@ -469,6 +622,9 @@ async def start_server(
         rpc_service: An object with a ``router`` attribute (a :class:`Router`).
         client_connected_cb: Called with the :class:`RpcClient` of every new
             connection (may be a coroutine function).
+        extensions: Accept a client's offer of the wire extension (see
+            :func:`open_connection`).  Off by default.
+        clock: See :class:`RpcClient`.
         **kwds: Passed to :func:`aiomas.channel.start_server`.
 
     Raises:
@@ -477,7 +633,7 @@ async def start_server(
     router_of(rpc_service)
 
     def connected(channel: Channel) -> None:
-        client = RpcClient(channel, rpc_service)
+        client = RpcClient(channel, rpc_service, extensions=extensions, clock=clock)
         if client_connected_cb is not None:
             client.run_callback(client_connected_cb, client)
 
