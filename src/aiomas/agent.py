@@ -224,6 +224,7 @@ class Container:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         dead_peer_timeout: float | None = None,
         as_coro: Literal[False] = False,
+        extensions: bool = False,
     ) -> _ContainerT: ...
 
     @overload
@@ -239,6 +240,7 @@ class Container:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         dead_peer_timeout: float | None = None,
         as_coro: Literal[True],
+        extensions: bool = False,
     ) -> Coroutine[Any, Any, _ContainerT]: ...
 
     @classmethod
@@ -253,6 +255,7 @@ class Container:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         dead_peer_timeout: float | None = None,
         as_coro: bool = False,
+        extensions: bool = False,
     ) -> _ContainerT | Coroutine[Any, Any, _ContainerT]:
         """Make a container with a server socket listening on *addr*.
 
@@ -289,6 +292,12 @@ class Container:
             as_coro: ``True`` returns a coroutine to ``await`` (for use inside
                 a running event loop); ``False`` runs the event loop until the
                 server listens.
+            extensions: Speak the wire extension with containers that speak
+                it too (deadlines and cancels that reach the peer, see
+                :doc:`/deadlines`): offer it on every connection we open,
+                accept it on those opened to us.  Requests served under a
+                deadline run on the container's *clock*.  Off by default:
+                every connection speaks exactly the plain wire format.
 
         Returns:
             The container (or, with *as_coro*, a coroutine returning it).
@@ -310,7 +319,9 @@ class Container:
             "max_frame_size": max_frame_size,
             "dead_peer_timeout": dead_peer_timeout,
         }
-        coro = _create(cls, addr, clock, codec, extra_serializers, ssl, limits)
+        coro = _create(
+            cls, addr, clock, codec, extra_serializers, ssl, limits, extensions
+        )
         if as_coro:
             return coro
         return util.run_blocking(coro, "await Container.create(addr, as_coro=True)")
@@ -479,6 +490,7 @@ async def _create(
     extra_serializers: Iterable[SerializerFactory] | None,
     ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None,
     limits: dict[str, Any],
+    extensions: bool = False,
 ) -> _ContainerT:
     """Bind the server socket, then make the container (see Container.create)."""
     server_ctx, client_ctx = _ssl_contexts(ssl)
@@ -493,6 +505,11 @@ async def _create(
     connect_kwargs = dict(kwargs)
     if client_ctx is not None:
         connect_kwargs["ssl"] = client_ctx
+    clock = AsyncioClock() if clock is None else clock
+    if extensions:
+        # (For rpc.open_connection(), and read by the agent registry.)
+        connect_kwargs["extensions"] = True
+        connect_kwargs["clock"] = clock
     made: list[Container] = []
 
     def connected(channel: Channel) -> None:
@@ -519,7 +536,6 @@ async def _create(
             kwargs["ssl"] = server_ctx
         server, port = await _serve_tcp(host, port, connected, kwargs)
         base_url = tcp_base_url(host, port)
-    clock = AsyncioClock() if clock is None else clock
     try:
         if _takes_loop(cls):
             loop = asyncio.get_running_loop()
@@ -589,10 +605,22 @@ class _AgentRegistry:
         base_url: The address prefix of the container's agents.
     """
 
-    __slots__ = ("_closed", "_ids", "_incoming", "agents", "base_url", "container")
+    __slots__ = (
+        "_closed",
+        "_ids",
+        "_incoming",
+        "agents",
+        "base_url",
+        "container",
+        "extensions",
+    )
 
-    def __init__(self, container: Container, base_url: str) -> None:
+    def __init__(
+        self, container: Container, base_url: str, extensions: bool = False
+    ) -> None:
         self.container = container
+        self.extensions = extensions
+        """Whether connections to us may agree on the wire extension."""
         self.base_url = base_url
         self.agents = rpc.ServiceDict()
         container.router.set_sub_router(self.agents.router, "agents")
@@ -637,7 +665,15 @@ class _AgentRegistry:
         if self._closed:
             cast(asyncio.Transport, channel.transport).abort()
             return
-        client = rpc.RpcClient(channel, self.container)
+        if self.extensions:
+            client = rpc.RpcClient(
+                channel,
+                self.container,
+                extensions=True,
+                clock=self.container.clock,
+            )
+        else:
+            client = rpc.RpcClient(channel, self.container)
         self._incoming.add(client)
         service = client.service
         assert service is not None  # We serve the container to every client.
@@ -675,7 +711,9 @@ class _ContainerState:
         connect_kwargs: dict[str, Any],
     ) -> None:
         self.clock = clock
-        self.registry = _AgentRegistry(container, base_url)
+        self.registry = _AgentRegistry(
+            container, base_url, bool(connect_kwargs.get("extensions"))
+        )
         self.pool = ConnectionPool(container, connect_kwargs, AgentProxy)
         self.server: asyncio.AbstractServer | None = None
         # The unix socket file we listen on (path and inode), removed at shutdown.
