@@ -73,6 +73,14 @@ class LoopClock:
         self._loop = asyncio.get_running_loop() if loop is None else loop
         self.time: Callable[[], float] = self._loop.time
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LoopClock):
+            return NotImplemented
+        return self._loop is other._loop
+
+    def __hash__(self) -> int:
+        return hash(self._loop)
+
     def call_in(
         self, dt: float, func: Callable[..., Any], *args: Any
     ) -> asyncio.TimerHandle:
@@ -180,7 +188,7 @@ class DeadlineScope:
             raise RuntimeError("this deadline scope has been entered already")
         new = Deadline.after(self._seconds, self._clock)
         outer = _current.get()
-        if outer is not None and outer.clock is new.clock and outer.when <= new.when:
+        if outer is not None and outer.clock == new.clock and outer.when <= new.when:
             # A nested deadline never gives more time than the outer one,
             # whose scope cancels the task in time.
             self._token = _current.set(outer)
