@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import functools
 import inspect
 import logging
 import os
@@ -440,15 +439,25 @@ class Channel:
         """
         if self._closed_error is not None:
             raise self.connection_error()
-        future = self._loop.create_future()
         time_left = None
         if deadline is not None:
             time_left = deadline.remaining()
             if time_left <= 0:
-                future.set_exception(deadline.exceeded())
-                return future
+                failed = self._loop.create_future()
+                failed.set_exception(deadline.exceeded())
+                return failed
         core = self._core
-        msg_id = core.send_request_with_meta(content, future, deadline=time_left)
+        future: asyncio.Future[Any]
+        if self.extended:
+            # (Tells us when it is cancelled: no callback for every reply.)
+            future = call = _CancellableCall(loop=self._loop)
+            call.channel = self
+            call.message_id = msg_id = core.send_request_with_meta(
+                content, future, deadline=time_left
+            )
+        else:
+            future = self._loop.create_future()
+            msg_id = core.send_request(content, future)
         protocol = self.protocol
         try:
             protocol.flush()
@@ -457,19 +466,27 @@ class Channel:
             raise
         if protocol.reading_paused:
             protocol.update_reading()
-        timer = None
-        if deadline is not None:
-            timer = deadline.call_at_expiry(_expire, future, deadline)
-        if timer is not None or self.extended:
-            future.add_done_callback(functools.partial(self._call_ended, msg_id, timer))
+        if deadline is not None and deadline.task is not asyncio.current_task():
+            # No timer cancels the task that made the call when the deadline
+            # passes (e.g. a task started inside a deadline scope): the call
+            # needs a timer of its own.
+            timer = deadline.call_at_expiry(self._expire, future, msg_id, deadline)
+            future.add_done_callback(lambda _: timer.cancel())
         return future
 
-    def _call_ended(self, msg_id: int, timer: Any, future: asyncio.Future[Any]) -> None:
-        """A call of :meth:`send_cancellable` has ended: if we gave up on it,
-        the peer is told (if it agreed; else its late reply is dropped)."""
-        if timer is not None:
-            timer.cancel()
-        if self._core.cancel_request(msg_id):
+    def _expire(
+        self, future: asyncio.Future[Any], msg_id: int, deadline: Deadline
+    ) -> None:
+        if not future.done():
+            future.set_exception(deadline.exceeded())
+            self.give_up(msg_id)
+
+    def give_up(self, message_id: int) -> None:
+        """We gave up on our request *message_id*: if the peer agreed to the
+        wire extension, tell it to cancel (see
+        :meth:`aiomas.protocol.Connection.cancel_request`); otherwise its late
+        reply is dropped when it comes."""
+        if self._core.cancel_request(message_id):
             self.protocol.flush()
 
     def set_request_handler(self, handler: Callable[[Request], None]) -> None:
@@ -664,9 +681,20 @@ class Channel:
             waiter.set_result(None)
 
 
-def _expire(future: asyncio.Future[Any], deadline: Deadline) -> None:
-    if not future.done():
-        future.set_exception(deadline.exceeded())
+class _CancellableCall(asyncio.Future[Any]):
+    """The future of a call on a channel with the wire extension: cancelling
+    it tells the peer."""
+
+    __slots__ = ("channel", "message_id")
+
+    channel: Channel
+    message_id: int
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self.channel.give_up(self.message_id)
+        return True
 
 
 class _UnansweredClose(ConnectionResetError):

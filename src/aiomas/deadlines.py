@@ -97,11 +97,15 @@ class Deadline:
         clock: The clock it is on.
     """
 
-    __slots__ = ("clock", "when")
+    __slots__ = ("clock", "task", "when")
 
     def __init__(self, when: float, clock: Clock) -> None:
         self.when = when
         self.clock = clock
+        self.task: asyncio.Future[Any] | None = None
+        """The task that is cancelled when the deadline passes (by a
+        :func:`deadline` scope, or by RPC for the call it serves), or
+        ``None``: calls made in it need no timer of their own."""
 
     @classmethod
     def after(cls, seconds: float, clock: Clock | None = None) -> Deadline:
@@ -197,6 +201,7 @@ class DeadlineScope:
         self._cancelling = task.cancelling()
         self._timer = new.call_at_expiry(self._expire)
         self._token = _current.set(new)
+        new.task = task
         return new
 
     def _expire(self) -> None:
@@ -215,6 +220,9 @@ class DeadlineScope:
             self._timer.cancel()
             self._timer = None
         if self._token is not None:
+            deadline = _current.get()
+            if deadline is not None and deadline.task is self._task:
+                deadline.task = None  # No timer guards it any more.
             _current.reset(self._token)
         task = self._task
         # As asyncio.timeout(): a cancel of our own becomes the error; one

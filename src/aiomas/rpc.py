@@ -387,14 +387,25 @@ class RpcClient:
                 _reply_in_time(request, awaitable, peer, deadline),
                 context=context_with(deadline),
             )
-            # The peer gives up at the deadline (and sends a cancel); this
-            # side stops then too, in case the cancel comes late.
-            timer = deadline.call_at_expiry(task.cancel)
+            deadline.task = task  # (Calls it makes need no timers of their own.)
+            # The peer gives up at the deadline and sends a cancel, which
+            # usually arrives first.  If not, the call stops at the deadline
+            # and fails, so that a caller that waits after all gets an answer.
+            timer = deadline.call_at_expiry(self._expired, request, task)
             task.add_done_callback(lambda _: timer.cancel())
         message_id = request.message_id
         self._calls.add(task)
         self._cancellable[message_id] = task
         task.add_done_callback(functools.partial(self._cancellable_done, message_id))
+
+    def _expired(self, request: Request, task: asyncio.Future[Any]) -> None:
+        """The deadline of the call in *request* has passed, and the peer has
+        not cancelled it (yet): fail it, and stop it."""
+        if self._cancellable.get(request.message_id) is task:
+            del self._cancellable[request.message_id]
+        if not task.done():
+            _answer(request, FAILURE, DeadlineExceeded("the deadline passed"))
+            task.cancel()
 
     def _cancellable_done(self, message_id: int, task: asyncio.Future[Any]) -> None:
         self._calls.discard(task)
