@@ -493,3 +493,36 @@ async def test_containers_stay_plain_by_default() -> None:
     finally:
         await one.shutdown(as_coro=True)
         await two.shutdown(as_coro=True)
+
+
+async def test_a_call_from_a_task_started_in_the_scope_has_its_own_timer() -> None:
+    service = Sleeper()
+    async with rpc_pair(Endpoint("tcp4", ("127.0.0.1", 0)), service) as (client, _):
+
+        async def call_sleep() -> None:
+            await client.remote.sleep()
+
+        async with aiomas.deadline(50 * TIME_UNIT) as deadline:
+            # The task carries the deadline on, but no scope cancels it.
+            call = asyncio.ensure_future(call_sleep())
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(call, WAIT)
+        await asyncio.wait_for(service.finished.wait(), WAIT)
+        (cancelled_at,) = service.cancelled
+        assert cancelled_at - deadline.when < CANCEL_SLACK
+        await settle()
+        assert client.channel.waiting_for_replies == 0
+
+
+async def test_a_served_call_past_its_deadline_fails_if_no_cancel_came() -> None:
+    service = Sleeper()
+    async with rpc_pair(Endpoint("tcp4", ("127.0.0.1", 0)), service) as (client, _):
+        deadline = Deadline.after(30 * TIME_UNIT)
+        # As if a timer guarded this task: the call has none, and nobody
+        # cancels it here; the peer answers at the deadline.
+        deadline.task = asyncio.current_task()
+        call = client.channel.send_cancellable(["sleep", [], {}], deadline)
+        with pytest.raises(aiomas.RemoteException, match="DeadlineExceeded"):
+            await asyncio.wait_for(call, WAIT)
+        await asyncio.wait_for(service.finished.wait(), WAIT)
+        assert client.channel.waiting_for_replies == 0
