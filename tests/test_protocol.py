@@ -844,3 +844,16 @@ def test_nothing_is_cancelled_on_a_closed_connection() -> None:
     msg_id = client.send_request("x")
     client.connection_lost()
     assert client.cancel_request(msg_id) is False
+
+
+@pytest.mark.parametrize("message", [[5, 0, None], [3, 0, ["x", {}]]])
+def test_a_message_of_a_feature_not_agreed_breaks_the_protocol(
+    message: list[Any],
+) -> None:
+    client, server = connection_pair()
+    client.offer_extensions(features=["cancel"])
+    (offer,) = transfer(client, server)
+    assert server.take_offer(offer.message_id, offer.content)
+    (event,) = receive(server, [jframe(message)])
+    assert isinstance(event, ProtocolViolation)
+    assert f"Unknown message type {message[0]}" in str(event.error)
