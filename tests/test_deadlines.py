@@ -16,6 +16,7 @@ import aiomas
 from aiomas import local_queue
 from aiomas.deadlines import Deadline, LoopClock, current_deadline
 from aiomas.exceptions import AiomasError, DeadlineExceeded
+from aiomas.exceptions import SerializationError as SerializationError_
 from aiomas.testing import TIME_UNIT, settle
 
 from .conftest import Endpoint
@@ -526,3 +527,141 @@ async def test_a_served_call_past_its_deadline_fails_if_no_cancel_came() -> None
             await asyncio.wait_for(call, WAIT)
         await asyncio.wait_for(service.finished.wait(), WAIT)
         assert client.channel.waiting_for_replies == 0
+
+
+# --- Quorum calls ----------------------------------------------------------------
+
+
+class Voter:
+    router = aiomas.rpc.Service()
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer  # None: silent (sleeps until cancelled)
+        self.cancelled = asyncio.Event()
+        self.deadline_left: float | None = None
+        self.started = 0
+
+    @aiomas.expose
+    async def vote(self) -> Any:
+        self.started += 1
+        self.deadline_left = aiomas.remaining()
+        if self.answer is None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@contextlib.asynccontextmanager
+async def voters(
+    answers: list[Any], kind: str = "tcp"
+) -> AsyncIterator[tuple[list[Voter], list[aiomas.rpc.RpcClient]]]:
+    services = [Voter(answer) for answer in answers]
+    servers, clients = [], []
+    try:
+        for index, service in enumerate(services):
+            addr: Any = (
+                ("127.0.0.1", 0)
+                if kind == "tcp"
+                else aiomas.get_queue(f"voter-{index}")
+            )
+            server = await aiomas.rpc.start_server(addr, service, extensions=True)
+            servers.append(server)
+            if kind == "tcp":
+                addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+            client = await aiomas.rpc.open_connection(addr, extensions=True)
+            clients.append(client)
+            await client.wait_extensions()
+        yield services, clients
+    finally:
+        for client in clients:
+            await client.close()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "localqueue"])
+async def test_a_quorum_of_3_of_5_cancels_the_two_silent_callees(kind: str) -> None:
+    async with voters([1, 2, None, 3, None], kind) as (services, clients):
+        calls = {i: (lambda c=c: c.remote.vote()) for i, c in enumerate(clients)}
+        outcome = await aiomas.rpc.quorum(calls, 3, within=WAIT)
+        assert outcome.reached
+        assert outcome.results == {0: 1, 1: 2, 3: 3}
+        assert outcome.failures == {}
+        assert outcome.cancelled == {2, 4}
+        for index in (2, 4):
+            await asyncio.wait_for(services[index].cancelled.wait(), WAIT)
+        await settle()
+        assert all(c.channel.waiting_for_replies == 0 for c in clients)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "localqueue"])
+async def test_a_quorum_not_reached_returns_at_the_deadline(kind: str) -> None:
+    loop = asyncio.get_running_loop()
+    async with voters([1, 2, None, 3, None], kind) as (services, clients):
+        calls = {f"v{i}": (lambda c=c: c.remote.vote()) for i, c in enumerate(clients)}
+        start = loop.time()
+        outcome = await aiomas.rpc.quorum(calls, 0.8, within=100 * TIME_UNIT)
+        elapsed = loop.time() - start
+        assert 100 * TIME_UNIT <= elapsed < 100 * TIME_UNIT + CANCEL_SLACK + 0.05
+        assert not outcome.reached
+        assert outcome.needed == 4
+        assert outcome.results == {"v0": 1, "v1": 2, "v3": 3}
+        assert outcome.cancelled == {"v2", "v4"}
+        for index in (2, 4):
+            await asyncio.wait_for(services[index].cancelled.wait(), WAIT)
+            left = services[index].deadline_left
+            assert left is not None
+            assert 0 < left <= 100 * TIME_UNIT
+
+
+async def test_a_quorum_that_cannot_be_reached_returns_early() -> None:
+    async with voters([ValueError("no"), ValueError("nay"), None]) as (
+        services,
+        clients,
+    ):
+        calls = {i: (lambda c=c: c.remote.vote()) for i, c in enumerate(clients)}
+        outcome = await aiomas.rpc.quorum(calls, 2)
+        assert not outcome.reached
+        assert set(outcome.failures) == {0, 1}
+        assert all(
+            isinstance(e, aiomas.RemoteException) for e in outcome.failures.values()
+        )
+        assert outcome.cancelled == {2}
+        await asyncio.wait_for(services[2].cancelled.wait(), WAIT)
+
+
+async def test_quorum_arguments_and_calls_that_fail_at_once() -> None:
+    async def answer() -> int:
+        return 42
+
+    def broken() -> Any:
+        raise SerializationError_("cannot encode")
+
+    with pytest.raises(ValueError, match="needed must be"):
+        await aiomas.rpc.quorum({1: answer}, 2)
+    with pytest.raises(ValueError, match="fraction"):
+        await aiomas.rpc.quorum({1: answer}, 1.5)
+    outcome = await aiomas.rpc.quorum({"a": answer, "b": broken}, 0.5)
+    assert outcome.reached
+    assert outcome.results == {"a": 42}
+    assert isinstance(outcome.failures["b"], SerializationError_)
+    assert (await aiomas.rpc.quorum({}, 0)).reached
+
+
+async def test_a_cancelled_quorum_cancels_its_calls() -> None:
+    async with voters([None, None]) as (services, clients):
+        calls = {i: (lambda c=c: c.remote.vote()) for i, c in enumerate(clients)}
+        task = asyncio.ensure_future(aiomas.rpc.quorum(calls, 1))
+        while sum(service.started for service in services) < 2:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for service in services:
+            await asyncio.wait_for(service.cancelled.wait(), WAIT)

@@ -18,12 +18,15 @@ Objects with a router can also be sent as arguments or results: they arrive as a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
+import math
 import weakref
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
 
 from aiomas import channel as channel_mod
 from aiomas import protocol
@@ -46,12 +49,14 @@ from aiomas.wire import FAILURE, RESULT
 # autodoc makes from __all__).
 __all__ = [
     "Proxy",
+    "Quorum",
     "Router",
     "RpcClient",
     "Service",
     "ServiceDict",
     "expose",
     "open_connection",
+    "quorum",
     "rpc_service_process",
     "start_server",
 ]
@@ -649,3 +654,146 @@ async def start_server(
             client.run_callback(client_connected_cb, client)
 
     return await channel_mod.start_server(addr, connected, **kwds)
+
+
+_K = TypeVar("_K", bound=Hashable)
+
+
+@dataclass
+class Quorum(Generic[_K]):
+    """What :func:`quorum` returns: per callee (by the keys of its *calls*),
+    the answers, the failures, and the calls that were still pending."""
+
+    needed: int
+    """How many answers were needed."""
+    results: dict[_K, Any] = field(default_factory=dict)
+    """The answers, by callee."""
+    failures: dict[_K, BaseException] = field(default_factory=dict)
+    """The errors of the calls that failed (e.g.
+    :class:`~aiomas.exceptions.RemoteException`), by callee."""
+    cancelled: set[_K] = field(default_factory=set)
+    """The callees whose calls were still pending when the quorum was reached
+    or the deadline passed: they were cancelled (on their peers too, where
+    the connection agreed to the wire extension)."""
+
+    @property
+    def reached(self) -> bool:
+        """Whether at least :attr:`needed` callees answered."""
+        return len(self.results) >= self.needed
+
+
+async def quorum(
+    calls: Mapping[_K, Callable[[], Awaitable[Any]]],
+    needed: float,
+    *,
+    within: float | None = None,
+    clock: Clock | None = None,
+) -> Quorum[_K]:
+    """Make all *calls* at once; return when *needed* of them have answered,
+    when so many failed that they cannot, or when *within* seconds have
+    passed.
+
+    The calls still pending then are cancelled -- on their peers too, over
+    connections that agreed to the wire extension (see :doc:`/deadlines`).
+    ``quorum()`` itself never raises for a call: every callee's outcome is in
+    the :class:`Quorum` it returns.
+
+    Args:
+        calls: By callee (any key), a function without arguments that makes
+            the call, e.g. ``lambda: proxy.method(x)``.  It is called under
+            the quorum's deadline, so the call carries the time left.
+        needed: How many answers are needed: a number of calls (``0`` to
+            ``len(calls)``), or a fraction of them, a float between 0 and 1
+            such as ``0.5`` (rounded up; a whole number such as ``1.0`` is
+            a number of calls).
+        within: Seconds until the calls are given up (default: no limit
+            beyond the current deadline, which the calls carry anyway).
+        clock: The clock of *within* (default: the event loop's; in a
+            container, ``container.clock``).
+
+    Raises:
+        ValueError: if *needed* is out of range.
+    """
+    keys = list(calls)
+    if isinstance(needed, float) and not needed.is_integer():
+        if not 0 < needed < 1:
+            raise ValueError(f"a fraction must be between 0 and 1, not {needed!r}")
+        count = math.ceil(needed * len(keys))
+    else:
+        count = int(needed)
+        if not 0 <= count <= len(keys):
+            raise ValueError(f"needed must be 0 to {len(keys)}, not {needed!r}")
+    outcome: Quorum[_K] = Quorum(count)
+    deadline = None if within is None else Deadline.after(within, clock)
+    context = contextvars.copy_context() if deadline is None else context_with(deadline)
+    running: dict[asyncio.Future[Any], _K] = {}
+    for key in keys:
+        try:
+            future = context.run(_start_call, calls[key])
+        except Exception as exc:
+            outcome.failures[key] = exc
+        else:
+            running[future] = key
+    loop = asyncio.get_running_loop()
+    expired: asyncio.Future[None] = loop.create_future()
+    timer = None
+    if deadline is not None:
+        timer = deadline.call_at_expiry(_set_unless_done, expired)
+    pending: set[asyncio.Future[Any]] = set(running)
+    try:
+        while (
+            pending
+            and not expired.done()
+            and len(outcome.results) < count
+            and len(outcome.failures) <= len(keys) - count
+        ):
+            done, pending = await asyncio.wait(
+                {*pending, expired}, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(expired)
+            for future in done:
+                if future is not expired:
+                    _record(outcome, running[future], future, deadline)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if not expired.done():
+            expired.cancel()
+        for future in pending:
+            future.cancel()
+            outcome.cancelled.add(running[future])
+        if pending:
+            # (Tasks of coroutine calls end in their next step.)
+            await asyncio.wait(pending)
+    return outcome
+
+
+def _start_call(make_call: Callable[[], Awaitable[Any]]) -> asyncio.Future[Any]:
+    return asyncio.ensure_future(make_call())
+
+
+def _set_unless_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _record(
+    outcome: Quorum[Any],
+    key: Any,
+    future: asyncio.Future[Any],
+    deadline: Deadline | None,
+) -> None:
+    if future.cancelled():
+        outcome.cancelled.add(key)
+        return
+    error = future.exception()
+    if error is None:
+        outcome.results[key] = future.result()
+    elif (
+        isinstance(error, DeadlineExceeded)
+        and deadline is not None
+        and deadline.expired()
+    ):
+        outcome.cancelled.add(key)  # Given up at the deadline (and told).
+    else:
+        outcome.failures[key] = error
