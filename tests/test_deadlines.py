@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -63,6 +63,13 @@ class Sleeper:
     @aiomas.expose
     async def remaining_time(self) -> float | None:
         return aiomas.remaining()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll *condition* until it holds (at most WAIT seconds)."""
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 @contextlib.asynccontextmanager
@@ -207,8 +214,7 @@ async def test_cancelling_the_callers_task_cancels_the_handler(
     service = Sleeper()
     async with rpc_pair(endpoint, service) as (client, _):
         call = asyncio.ensure_future(client.remote.sleep())
-        while not service.started:
-            await asyncio.sleep(0.001)
+        await wait_until(lambda: service.started > 0)
         call.cancel()
         await asyncio.wait_for(service.finished.wait(), WAIT)
         with pytest.raises(asyncio.CancelledError):
@@ -227,7 +233,7 @@ async def test_without_the_extension_the_deadline_is_ours_alone(
         with pytest.raises(DeadlineExceeded):
             async with aiomas.deadline(50 * TIME_UNIT):
                 await client.remote.sleep()
-        await settle()
+        await wait_until(lambda: service.started == 1)
         # The peer knew nothing: its handler runs on, and our request waits
         # for its late reply (dropped when it comes).
         assert service.cancelled == []
@@ -320,6 +326,7 @@ async def test_a_spec_peer_never_sees_an_unknown_frame(
             await settle()
             # The late replies to both are dropped quietly.
             (peer,) = peers
+            await wait_until(lambda: len(peer.deferred) == 2)
             for msg_id in peer.deferred:
                 peer.reply(1, msg_id, "late")
             assert await client.remote.add(2, 2) == 4
@@ -399,12 +406,10 @@ async def test_many_cancelled_calls_leave_nothing_behind(kind: str) -> None:
         for _ in range(10):
             calls = [client.remote.sleep() for _ in range(200)]
             total += len(calls)
-            while service.started < total:
-                await asyncio.sleep(0.001)
+            await wait_until(lambda: service.started == total)  # noqa: B023
             for call in calls:
                 call.cancel()
-            while len(service.cancelled) < total:
-                await asyncio.sleep(0.001)
+            await wait_until(lambda: len(service.cancelled) == total)  # noqa: B023
         await settle()
         assert client.channel.waiting_for_replies == 0
         assert server_end.channel.waiting_for_replies == 0
@@ -456,6 +461,7 @@ async def test_containers_use_their_external_clock() -> None:
         proxy = await one.connect(slow.addr)
         call = asyncio.ensure_future(_call_with_deadline(proxy, clock))
         # Wall time passes, simulated time does not: nothing expires.
+        await wait_until(lambda: bool(slow.remaining))
         await asyncio.sleep(50 * TIME_UNIT)
         assert not call.done()
         clock.set_time(9.5)
@@ -658,8 +664,7 @@ async def test_a_cancelled_quorum_cancels_its_calls() -> None:
     async with voters([None, None]) as (services, clients):
         calls = {i: (lambda c=c: c.remote.vote()) for i, c in enumerate(clients)}
         task = asyncio.ensure_future(aiomas.rpc.quorum(calls, 1))
-        while sum(service.started for service in services) < 2:
-            await asyncio.sleep(0.001)
+        await wait_until(lambda: sum(service.started for service in services) == 2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
