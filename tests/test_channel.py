@@ -1203,3 +1203,120 @@ async def test_a_transport_without_abort_is_closed_after_a_violation() -> None:
     assert protocol.is_closed()
     with pytest.raises(ProtocolResetError):
         await protocol.write(b"\0\0\0\1", b"x")
+
+
+# --- The wire extension on a channel (see docs/deadlines.rst) -------------------
+
+
+def jframe(message: Any) -> bytes:
+    return wire.frame(aiomas.JSON().encode(message))
+
+
+OFFER = [0, 0, ["__aiomas__/extensions", [1, ["cancel", "deadline"]], {}]]
+
+
+async def test_a_channel_takes_an_offer_and_reads_requests_with_metadata() -> None:
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = FakeTransport(protocol)
+    channel = protocol.channel
+    assert channel is not None
+    feed(protocol, transport, [jframe([0, 0, "not an offer"]), jframe(OFFER)])
+    plain = await channel.recv()
+    assert not channel.take_offer(plain)
+    offer = await channel.recv()
+    assert not channel.extended
+    assert channel.take_offer(offer)
+    assert channel.extended
+    assert transport.written == jframe([1, 0, [1, ["cancel", "deadline"]]])
+    feed(protocol, transport, [jframe([3, 1, ["x", {"deadline": 2}]])])
+    request = await channel.recv()
+    assert isinstance(request, aiomas.channel.ExtendedRequest)
+    assert (request.content, request.deadline, request.meta) == (
+        "x",
+        2.0,
+        {"deadline": 2},
+    )
+    await request.reply("y")
+    assert transport.written.endswith(jframe([1, 1, "y"]))
+    # Without a cancel handler, a cancel is ignored.
+    feed(protocol, transport, [jframe([4, 1, None])])
+    assert not transport.closed
+    # A closed channel takes no offer.
+    transport.lose_connection()
+    assert not channel.take_offer(Request(OFFER[2], 5, protocol))
+
+
+async def test_held_requests_with_metadata_reach_the_handler() -> None:
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = FakeTransport(protocol)
+    channel = protocol.channel
+    assert channel is not None
+    feed(protocol, transport, [jframe(OFFER)])
+    assert channel.take_offer(await channel.recv())
+    handled: list[Request] = []
+    cancels: list[tuple[int, bool]] = []
+    channel.set_request_handler(handled.append)
+    channel.cancel_handler = lambda msg_id, held: cancels.append((msg_id, held))
+    # Waiting for a reply of our own, we read on while writing is paused.
+    question = channel.send("q")
+    transport.set_write_buffer_limits(high=1)
+    assert protocol.writing_paused
+    feed(
+        protocol,
+        transport,
+        [
+            jframe([3, 1, ["a", {"deadline": 1}]])
+            + jframe([3, 2, ["b", {}]])
+            + jframe([4, 2, None])
+        ],
+    )
+    assert handled == []
+    assert cancels == [(2, True)]
+    transport.consume()
+    await settle()
+    (request,) = handled
+    assert isinstance(request, aiomas.channel.ExtendedRequest)
+    assert (request.content, request.deadline) == ("a", 1.0)
+    transport.lose_connection()
+    with pytest.raises(ConnectionResetError):
+        await question
+
+
+async def test_send_cancellable_without_the_extension_sends_plain_requests() -> None:
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = FakeTransport(protocol)
+    channel = protocol.channel
+    assert channel is not None
+    deadline = aiomas.deadlines.Deadline.after(60)
+    call = channel.send_cancellable("x", deadline)
+    assert transport.written == jframe([0, 0, "x"])
+    call.cancel()
+    await settle()
+    # Not agreed: no cancel is sent, and the id waits for its late reply.
+    assert transport.written == jframe([0, 0, "x"])
+    assert channel.waiting_for_replies == 1
+    feed(protocol, transport, [jframe([1, 0, "late"])])
+    assert channel.waiting_for_replies == 0
+    # A deadline that has passed fails the call at once; nothing is sent.
+    late = channel.send_cancellable("y", aiomas.deadlines.Deadline.after(-1))
+    with pytest.raises(aiomas.DeadlineExceeded):
+        await late
+    assert channel.protocol.core.requests_sent == 1
+    transport.lose_connection()
+    with pytest.raises(ConnectionResetError):
+        channel.send_cancellable("z")
+    with pytest.raises(ConnectionResetError):
+        channel.offer_extensions()
+
+
+async def test_an_offer_whose_connection_ends_leaves_the_channel_plain() -> None:
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = FakeTransport(protocol)
+    channel = protocol.channel
+    assert channel is not None
+    offer = channel.offer_extensions()
+    assert transport.written == jframe(OFFER)
+    transport.lose_connection()
+    await settle()
+    assert offer.done()
+    assert not channel.extended

@@ -781,3 +781,264 @@ def test_on_data_is_forgotten_when_the_connection_ends() -> None:
     other.on_data = print
     list(other.receive_data(jframe([9, 0, None])))
     assert other.on_data is None
+
+
+# --- The wire extension (docs/wire-format.rst, "Extension 1") ------------------
+
+
+def agreed_pair() -> tuple[Connection, Connection]:
+    """A client and a server core that agreed on the whole extension."""
+    client, server = connection_pair()
+    msg_id = client.offer_extensions()
+    (offer,) = transfer(client, server)
+    assert isinstance(offer, RequestReceived)
+    assert server.take_offer(offer.message_id, offer.content)
+    (answer,) = transfer(server, client)
+    assert isinstance(answer, ResultReceived)
+    assert answer.message_id == msg_id
+    assert client.offer_answered(answer.content) == protocol.EXTENSION_FEATURES
+    return client, server
+
+
+def test_the_offer_is_a_plain_rpc_call_to_the_reserved_path() -> None:
+    client, server = connection_pair()
+    assert client.extensions == frozenset()
+    assert client.offer_extensions(token="t") == 0
+    data = b"".join(client.data_to_send())
+    assert data == jframe(
+        [0, 0, ["__aiomas__/extensions", [1, ["cancel", "deadline"]], {}]]
+    )
+    (offer,) = server.receive_data(data)
+    assert offer == RequestReceived(
+        0, ["__aiomas__/extensions", [1, ["cancel", "deadline"]], {}]
+    )
+    assert server.take_offer(offer.message_id, offer.content)
+    assert server.extensions == {"cancel", "deadline"}
+    reply = b"".join(server.data_to_send())
+    assert reply == jframe([1, 0, [1, ["cancel", "deadline"]]])
+    (answer,) = client.receive_data(reply)
+    assert answer == ResultReceived(0, [1, ["cancel", "deadline"]], "t")
+    assert client.offer_answered(answer.content) == {"cancel", "deadline"}
+
+
+def test_an_offer_of_some_features_agrees_on_those() -> None:
+    client, server = connection_pair()
+    client.offer_extensions(features=["cancel"])
+    (offer,) = transfer(client, server)
+    assert server.take_offer(offer.message_id, offer.content)
+    assert sent_messages(server) == [[1, 0, [1, ["cancel"]]]]
+    assert client.offer_answered([1, ["cancel"]]) == {"cancel"}
+    # Without "deadline", requests stay plain.
+    client.send_request_with_meta("x", deadline=1.0)
+    assert sent_messages(client)[-1] == [0, 1, "x"]
+
+
+def test_a_later_version_of_the_extension_is_answered_with_ours() -> None:
+    _, server = connection_pair()
+    offer = ["__aiomas__/extensions", [7, ["cancel", "deadline", "future"]], {}]
+    assert server.take_offer(3, offer)
+    assert sent_messages(server) == [[1, 3, [1, ["cancel", "deadline"]]]]
+
+
+def test_unknown_features_cannot_be_offered() -> None:
+    client, _ = connection_pair()
+    with pytest.raises(ValueError, match="unknown extension features"):
+        client.offer_extensions(features=["cancel", "teleport"])
+    assert client.data_to_send() == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "ohai",
+        ["calc/add", [1, 2], {}],
+        ["__aiomas__/extensions", [], {}],
+        ["__aiomas__/extensions", [0, ["cancel"]], {}],
+        ["__aiomas__/extensions", [1, "cancel"], {}],
+        ["__aiomas__/extensions", [1, [1, 2]], {}],
+        ["__aiomas__/extensions", ["1", ["cancel"]], {}],
+    ],
+)
+def test_anything_else_is_no_offer(content: Any) -> None:
+    _, server = connection_pair()
+    assert not server.take_offer(0, content)
+    assert server.extensions == frozenset()
+    assert server.data_to_send() == []
+
+
+@pytest.mark.parametrize(
+    "answer", [None, "x", [1], [0, ["cancel"]], [1, "cancel"], ["1", []], [1, [3]]]
+)
+def test_an_answer_that_is_no_agreement_leaves_the_connection_plain(
+    answer: Any,
+) -> None:
+    client, _ = connection_pair()
+    client.offer_extensions()
+    assert client.offer_answered(answer) == frozenset()
+    client.data_to_send()
+    client.send_request_with_meta("x", deadline=1.0)
+    assert client.cancel_request(1) is False
+    assert sent_messages(client) == [[0, 1, "x"]]
+
+
+def test_a_spec_peer_fails_the_offer_and_everything_stays_plain() -> None:
+    client, server = connection_pair()
+    client.offer_extensions()
+    (offer,) = transfer(client, server)
+    server.send_failure(offer.message_id, "LookupError: no such path\n")
+    (failure,) = transfer(server, client)
+    assert isinstance(failure, FailureReceived)
+    assert client.extensions == frozenset()
+    msg_id = client.send_request_with_meta(["f", [], {}], deadline=2.0)
+    assert sent_messages(client) == [[0, msg_id, ["f", [], {}]]]
+    # A cancel is not sent either: the request waits for its late reply.
+    assert client.cancel_request(msg_id) is False
+    assert client.data_to_send() == []
+    assert client.waiting_for_replies == 1
+    server.send_result(msg_id, "late")
+    assert transfer(server, client) == [ResultReceived(msg_id, "late", None)]
+
+
+def test_without_agreement_extension_messages_break_the_protocol() -> None:
+    _, server = connection_pair()
+    (event,) = receive(server, [jframe([3, 0, ["x", {"deadline": 1}]])])
+    assert isinstance(event, ProtocolViolation)
+    assert "Unknown message type 3" in str(event.error)
+    _, server = connection_pair()
+    (event,) = receive(server, [jframe([4, 0, None])])
+    assert isinstance(event, ProtocolViolation)
+
+
+def test_a_request_with_a_deadline_byte_by_byte() -> None:
+    client, server = agreed_pair()
+    msg_id = client.send_request_with_meta(["f", [1], {}], "token", deadline=1.5)
+    data = b"".join(client.data_to_send())
+    assert data == jframe([3, msg_id, [["f", [1], {}], {"deadline": 1.5}]])
+    (event,) = server.receive_data(data)
+    assert event == protocol.ExtendedRequestReceived(
+        msg_id, ["f", [1], {}], 1.5, {"deadline": 1.5}
+    )
+    server.send_result(msg_id, 2)
+    assert transfer(server, client) == [ResultReceived(msg_id, 2, "token")]
+    # Without a deadline, a request is plain even when agreed.
+    plain = client.send_request_with_meta("y")
+    assert sent_messages(client) == [[0, plain, "y"]]
+
+
+def test_a_cancel_byte_by_byte_and_the_late_reply_dropped() -> None:
+    client, server = agreed_pair()
+    msg_id = client.send_request("slow", "token")
+    transfer(client, server)
+    assert client.cancel_request(msg_id) is True
+    assert client.waiting_for_replies == 0
+    data = b"".join(client.data_to_send())
+    assert data == jframe([4, msg_id, None])
+    assert list(server.receive_data(data)) == [protocol.CancelReceived(msg_id)]
+    # A reply that crossed the cancel is dropped without an event.
+    server.send_result(msg_id, "late")
+    server.send_failure(msg_id, "late failure")
+    assert transfer(server, client) == []
+    assert not client.closed
+    # Cancelling again, or an id that waits for nothing, sends nothing.
+    assert client.cancel_request(msg_id) is False
+    assert client.cancel_request(99) is False
+    assert client.data_to_send() == []
+
+
+def test_a_reply_for_an_id_never_sent_still_breaks_the_protocol() -> None:
+    client, _ = agreed_pair()
+    (event,) = receive(client, [jframe([1, 50, "x"])])
+    assert isinstance(event, ProtocolViolation)
+    assert "unknown message id 50" in str(event.error)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("x", "must be [content, meta]"),
+        (["x", "meta"], "must be a map"),
+        (["x", {"deadline": -1}], "invalid deadline -1"),
+        (["x", {"deadline": "soon"}], "invalid deadline 'soon'"),
+        (["x", {"deadline": True}], "invalid deadline True"),
+        (["x", {"deadline": 1e400}], "invalid deadline inf"),
+    ],
+)
+def test_a_malformed_request_with_metadata_gets_a_failure(
+    content: Any, why: str
+) -> None:
+    _, server = agreed_pair()
+    (event,) = receive(server, [jframe([3, 5, content])])
+    assert isinstance(event, RequestRejected)
+    assert event.reason == "malformed"
+    assert why in event.text
+    ((msg_type, msg_id, text),) = sent_messages(server)
+    assert (msg_type, msg_id) == (2, 5)
+    assert why in text
+
+
+def test_unknown_metadata_is_kept_but_ignored() -> None:
+    _, server = agreed_pair()
+    (event,) = receive(server, [jframe([3, 0, ["x", {"trace": "abc"}]])])
+    assert event == protocol.ExtendedRequestReceived(0, "x", None, {"trace": "abc"})
+
+
+def test_an_undecodable_request_with_metadata_gets_a_failure() -> None:
+    @serializable
+    class Unknown:
+        def __init__(self, a: int) -> None:
+            self.a = a
+
+    sender = Connection(JSON())
+    sender.codec.add_serializer(*Unknown.__serializer__())
+    _, server = agreed_pair()
+    payload = sender.codec.encode([3, 0, [Unknown(1), {"deadline": 1}]])
+    (event,) = receive(server, [frame(payload)])
+    assert isinstance(event, RequestRejected)
+    assert event.reason == "undecodable"
+    assert sent_messages(server)[0][:2] == [2, 0]
+
+
+def test_a_cancelled_held_request_never_comes_out() -> None:
+    _, server = agreed_pair()
+    server.hold_requests = True
+    server.pause_writing()
+    assert receive(server, [jframe([0, 0, "a"]), jframe([3, 1, ["b", {}]])]) == []
+    assert server.held_requests == 2
+    assert receive(server, [jframe([4, 1, None])]) == [
+        protocol.CancelReceived(1, held=True)
+    ]
+    assert receive(server, [jframe([4, 9, None])]) == [protocol.CancelReceived(9)]
+    server.resume_writing()
+    assert server.next_held_request() == RequestReceived(0, "a")
+    assert server.next_held_request() is None
+
+
+def test_a_held_request_with_metadata_comes_out_as_it_came() -> None:
+    _, server = agreed_pair()
+    server.hold_requests = True
+    server.pause_writing()
+    assert receive(server, [jframe([3, 1, ["b", {"deadline": 2}]])]) == []
+    server.resume_writing()
+    assert server.next_held_request() == protocol.ExtendedRequestReceived(
+        1, "b", 2.0, {"deadline": 2}
+    )
+
+
+def test_nothing_is_cancelled_on_a_closed_connection() -> None:
+    client, _ = agreed_pair()
+    msg_id = client.send_request("x")
+    client.connection_lost()
+    assert client.cancel_request(msg_id) is False
+
+
+@pytest.mark.parametrize("message", [[5, 0, None], [3, 0, ["x", {}]]])
+def test_a_message_of_a_feature_not_agreed_breaks_the_protocol(
+    message: list[Any],
+) -> None:
+    client, server = connection_pair()
+    client.offer_extensions(features=["cancel"])
+    (offer,) = transfer(client, server)
+    assert server.take_offer(offer.message_id, offer.content)
+    (event,) = receive(server, [jframe(message)])
+    assert isinstance(event, ProtocolViolation)
+    assert f"Unknown message type {message[0]}" in str(event.error)

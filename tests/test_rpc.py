@@ -626,3 +626,85 @@ async def test_a_second_rpc_client_on_a_channel_serves_its_own_service() -> None
     finally:
         server.close()
         await server.wait_closed()
+
+
+# --- The wire extension (see docs/deadlines.rst) ---------------------------------
+
+
+async def test_an_extension_server_serves_clients_that_do_not_offer() -> None:
+    service = ServiceDict({"add": expose(lambda a, b: a + b)})
+    server = await aiomas.rpc.start_server(("127.0.0.1", 0), service, extensions=True)
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(("127.0.0.1", port))
+    try:
+        assert await client.wait_extensions() == frozenset()
+        assert await client.remote.add(1, 2) == 3
+        assert await client.remote.add(3, 4) == 7
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_offer_is_made_once() -> None:
+    service = ServiceDict({"add": expose(lambda a, b: a + b)})
+    server = await aiomas.rpc.start_server(("127.0.0.1", 0), service, extensions=True)
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(("127.0.0.1", port), extensions=True)
+    try:
+        with pytest.raises(RuntimeError, match="offered already"):
+            client.offer_extensions()
+        assert await client.wait_extensions() == {"cancel", "deadline"}
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_end_without_a_service_takes_the_offer_too() -> None:
+    ends: list[aiomas.rpc.RpcClient] = []
+
+    async def connected(channel: aiomas.channel.Channel) -> None:
+        ends.append(aiomas.rpc.RpcClient(channel, extensions=True))
+
+    server = await aiomas.channel.start_server(("127.0.0.1", 0), connected)
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(("127.0.0.1", port), extensions=True)
+    try:
+        assert await client.wait_extensions() == {"cancel", "deadline"}
+        with pytest.raises(aiomas.RemoteException, match="serves no RPC service"):
+            await client.remote.spam()
+    finally:
+        await client.close()
+        for end in ends:
+            await end.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_closing_cancels_the_calls_the_peer_may_cancel() -> None:
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    ends: list[aiomas.rpc.RpcClient] = []
+    service = ServiceDict({"forever": expose(forever)})
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), service, ends.append, extensions=True
+    )
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    client = await aiomas.rpc.open_connection(("127.0.0.1", port), extensions=True)
+    try:
+        await client.wait_extensions()
+        call = client.remote.forever()
+        await asyncio.wait_for(started.wait(), 10)
+        (end,) = ends
+        await end.close()
+        with pytest.raises(ConnectionResetError):
+            await call
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

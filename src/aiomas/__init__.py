@@ -9,6 +9,7 @@ from aiomas import (
     channel,
     clocks,
     codecs,
+    deadlines,
     exceptions,
     local_queue,
     protocol,
@@ -20,9 +21,11 @@ from aiomas import (
 from aiomas.agent import Agent, Container, SSLCerts
 from aiomas.clocks import AsyncioClock, BaseClock, ExternalClock
 from aiomas.codecs import JSON, MsgPack, MsgPackBlosc, serializable
+from aiomas.deadlines import deadline, remaining
 from aiomas.exceptions import (
     AiomasError,
     ConnectionLostError,
+    DeadlineExceeded,
     DecodeError,
     ProtocolError,
     ProtocolResetError,
@@ -48,6 +51,7 @@ __all__ = [
     "BaseClock",
     "ConnectionLostError",
     "Container",
+    "DeadlineExceeded",
     "DecodeError",
     "ExternalClock",
     "MsgPack",
@@ -62,6 +66,8 @@ __all__ = [
     "clocks",
     "codecs",
     "create_task",
+    "deadline",
+    "deadlines",
     "exceptions",
     "expose",
     "get_queue",
@@ -69,6 +75,7 @@ __all__ = [
     "make_ssl_client_context",
     "make_ssl_server_context",
     "protocol",
+    "remaining",
     "rpc",
     "run",
     "serializable",

@@ -233,6 +233,7 @@ class Container:
         dead_peer_timeout: float | None = None,
         nats: str | nats_mod.NatsConfig | None = None,
         as_coro: Literal[False] = False,
+        extensions: bool = False,
     ) -> _ContainerT: ...
 
     @overload
@@ -249,6 +250,7 @@ class Container:
         dead_peer_timeout: float | None = None,
         nats: str | nats_mod.NatsConfig | None = None,
         as_coro: Literal[True],
+        extensions: bool = False,
     ) -> Coroutine[Any, Any, _ContainerT]: ...
 
     @classmethod
@@ -264,6 +266,7 @@ class Container:
         dead_peer_timeout: float | None = None,
         nats: str | nats_mod.NatsConfig | None = None,
         as_coro: bool = False,
+        extensions: bool = False,
     ) -> _ContainerT | Coroutine[Any, Any, _ContainerT]:
         """Make a container with a server socket listening on *addr*.
 
@@ -308,6 +311,12 @@ class Container:
             as_coro: ``True`` returns a coroutine to ``await`` (for use inside
                 a running event loop); ``False`` runs the event loop until the
                 server listens.
+            extensions: Speak the wire extension with containers that speak
+                it too (deadlines and cancels that reach the peer, see
+                :doc:`/deadlines`): offer it on every connection we open,
+                accept it on those opened to us.  Requests served under a
+                deadline run on the container's *clock*.  Off by default:
+                every connection speaks exactly the plain wire format.
 
         Returns:
             The container (or, with *as_coro*, a coroutine returning it).
@@ -336,7 +345,9 @@ class Container:
         }
         if nats is not None and _nats_config(addr) is not None:
             raise ValueError("addr is on NATS already: pass nats=None")
-        coro = _create(cls, addr, clock, codec, extra_serializers, ssl, limits, nats)
+        coro = _create(
+            cls, addr, clock, codec, extra_serializers, ssl, limits, nats, extensions
+        )
         if as_coro:
             return coro
         return util.run_blocking(coro, "await Container.create(addr, as_coro=True)")
@@ -513,6 +524,7 @@ async def _create(
     ssl: SSLCerts | tuple[ssl_mod.SSLContext, ssl_mod.SSLContext] | None,
     limits: dict[str, Any],
     nats: str | nats_mod.NatsConfig | None = None,
+    extensions: bool = False,
 ) -> _ContainerT:
     """Bind the server socket, then make the container (see Container.create)."""
     nats_config = _nats_config(addr)
@@ -527,7 +539,16 @@ async def _create(
             if config is not None:
                 links.append(await nats_mod.connect(config))
         return await _create_on(
-            cls, addr, clock, codec, extra_serializers, ssl, limits, links, servers
+            cls,
+            addr,
+            clock,
+            codec,
+            extra_serializers,
+            ssl,
+            limits,
+            links,
+            servers,
+            extensions,
         )
     except BaseException:
         for server in servers:
@@ -561,6 +582,7 @@ async def _create_on(
     limits: dict[str, Any],
     links: list[nats_mod.NatsLink],
     servers: list[asyncio.AbstractServer],
+    extensions: bool = False,
 ) -> _ContainerT:
     """Listen on *addr* and make the container.  *links* has the link of a
     NATS *addr*, or else the link of the NATS system that the container
@@ -578,6 +600,11 @@ async def _create_on(
     connect_kwargs = dict(kwargs)
     if client_ctx is not None:
         connect_kwargs["ssl"] = client_ctx
+    clock = AsyncioClock() if clock is None else clock
+    if extensions:
+        # (For rpc.open_connection(), and read by the agent registry.)
+        connect_kwargs["extensions"] = True
+        connect_kwargs["clock"] = clock
     made: list[Container] = []
 
     def connected(channel: Channel) -> None:
@@ -625,7 +652,6 @@ async def _create_on(
         )
         nats_server = cast(nats_mod.NatsServer, extra)
         servers.append(nats_server)
-    clock = AsyncioClock() if clock is None else clock
     try:
         if _takes_loop(cls):
             loop = asyncio.get_running_loop()
@@ -700,10 +726,22 @@ class _AgentRegistry:
         base_url: The address prefix of the container's agents.
     """
 
-    __slots__ = ("_closed", "_ids", "_incoming", "agents", "base_url", "container")
+    __slots__ = (
+        "_closed",
+        "_ids",
+        "_incoming",
+        "agents",
+        "base_url",
+        "container",
+        "extensions",
+    )
 
-    def __init__(self, container: Container, base_url: str) -> None:
+    def __init__(
+        self, container: Container, base_url: str, extensions: bool = False
+    ) -> None:
         self.container = container
+        self.extensions = extensions
+        """Whether connections to us may agree on the wire extension."""
         self.base_url = base_url
         self.agents = rpc.ServiceDict()
         container.router.set_sub_router(self.agents.router, "agents")
@@ -749,7 +787,15 @@ class _AgentRegistry:
         if self._closed:
             cast(asyncio.Transport, channel.transport).abort()
             return
-        client = rpc.RpcClient(channel, self.container)
+        if self.extensions:
+            client = rpc.RpcClient(
+                channel,
+                self.container,
+                extensions=True,
+                clock=self.container.clock,
+            )
+        else:
+            client = rpc.RpcClient(channel, self.container)
         self._incoming[client] = None
         service = client.service
         assert service is not None  # We serve the container to every client.
@@ -806,7 +852,9 @@ class _ContainerState:
         connect_kwargs: dict[str, Any],
     ) -> None:
         self.clock = clock
-        self.registry = _AgentRegistry(container, base_url)
+        self.registry = _AgentRegistry(
+            container, base_url, bool(connect_kwargs.get("extensions"))
+        )
         self.pool = ConnectionPool(container, connect_kwargs, AgentProxy)
         self.server: asyncio.AbstractServer | None = None
         # The NATS server of a container that listens on NATS besides its

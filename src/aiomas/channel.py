@@ -31,6 +31,7 @@ from aiomas._connect import (
 )
 from aiomas._guards import guarded, stops_the_process, without_tracebacks
 from aiomas.codecs import JSON, Codec
+from aiomas.deadlines import Deadline
 from aiomas.exceptions import (
     ConnectionLostError,
     ProtocolError,
@@ -39,8 +40,10 @@ from aiomas.exceptions import (
 )
 from aiomas.nats import NatsEndpoint
 from aiomas.protocol import (
+    CancelReceived,
     Connection,
     Event,
+    ExtendedRequestReceived,
     FailureReceived,
     ProtocolViolation,
     ReplyUndecodable,
@@ -56,6 +59,7 @@ __all__ = [
     "Address",
     "Channel",
     "ChannelProtocol",
+    "ExtendedRequest",
     "Request",
     "open_connection",
     "start_server",
@@ -211,6 +215,29 @@ class Request:
         return protocol.core
 
 
+class ExtendedRequest(Request):
+    """A request that came with metadata of the wire extension (see
+    :doc:`/deadlines`): a :class:`Request` with :attr:`deadline` and
+    :attr:`meta`.  You don't create requests yourself."""
+
+    __slots__ = ("deadline", "meta")
+
+    def __init__(
+        self,
+        content: Any,
+        message_id: int,
+        protocol: ChannelProtocol,
+        deadline: float | None,
+        meta: dict[str, Any],
+    ) -> None:
+        super().__init__(content, message_id, protocol)
+        self.deadline = deadline
+        """The seconds the requester gave us for it (relative to its arrival),
+        or ``None``."""
+        self.meta = meta
+        """All of its metadata."""
+
+
 class Channel:
     """A request-reply channel between two endpoints.
 
@@ -237,7 +264,9 @@ class Channel:
         "_loop",
         "_peername",
         "_recv_waiter",
+        "cancel_handler",
         "codec",
+        "extended",
         "protocol",
         "request_handler",
         "transport",
@@ -267,6 +296,15 @@ class Channel:
         # core forgets its receivers when the connection ends).
         self._core.on_request = self._request_arrived
         self._core.on_result = _set_result
+        self.extended = False
+        """Whether the peer agreed to the wire extension (see
+        :meth:`offer_extensions`, :meth:`take_offer`); read it, don't set
+        it."""
+        self.cancel_handler: Callable[[int, bool], None] | None = None
+        """Called with ``(message_id, held)`` when the peer cancels its
+        request *message_id* (wire extension only); *held* says the request
+        never left the core (see :class:`aiomas.protocol.CancelReceived`).
+        Set by :mod:`aiomas.rpc`."""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_error is not None else "open"
@@ -322,6 +360,111 @@ class Channel:
             # now we wait for a reply of our own and must read again.
             protocol.update_reading()
         return future
+
+    # The wire extension (see docs/deadlines.rst): new methods only, so that
+    # the plain path above stays as it is.
+
+    def offer_extensions(self) -> asyncio.Future[Any]:
+        """Offer the wire extension to the peer (see
+        :meth:`aiomas.protocol.Connection.offer_extensions`).
+
+        Only for a peer that serves RPC: the offer is an RPC call to a
+        reserved path.  Returns the future of the probe; when it is done,
+        :attr:`extended` says whether the peer agreed (a failure reply or a
+        closed connection leave the channel plain; the future then keeps
+        that error, retrieved).
+
+        Raises:
+            ConnectionResetError: if the channel is already closed.
+        """
+        if self._closed_error is not None:
+            raise self.connection_error()
+        future = self._loop.create_future()
+        self._core.offer_extensions(future)
+        future.add_done_callback(self._offer_answered)
+        return future
+
+    def _offer_answered(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        self.extended = bool(self._core.offer_answered(future.result()))
+
+    def take_offer(self, request: Request) -> bool:
+        """If *request* is the peer's offer of the wire extension, answer it,
+        agree and return ``True`` (the request is then answered); else return
+        ``False`` (see :meth:`aiomas.protocol.Connection.take_offer`)."""
+        if type(request) is not Request or self._closed_error is not None:
+            return False
+        if not self._core.take_offer(request.message_id, request.content):
+            return False
+        self.extended = bool(self._core.extensions)
+        return True
+
+    def send_cancellable(
+        self, content: Any, deadline: Deadline | None = None
+    ) -> asyncio.Future[Any]:
+        """Send a request like :meth:`send`, bounded by *deadline* and
+        cancelled on the peer when given up.
+
+        When *deadline* passes first, the future fails with
+        :class:`~aiomas.exceptions.DeadlineExceeded` (at once if it has
+        passed already: then nothing is sent).  If the peer agreed to the
+        wire extension, the request carries the time left, and when the
+        future is cancelled or its deadline passes, the peer gets a cancel
+        for it.  Without the extension the deadline is ours alone and
+        nothing more is sent.
+
+        Raises:
+            SerializationError, ValueError, ConnectionResetError: see
+                :meth:`send`.
+        """
+        if self._closed_error is not None:
+            raise self.connection_error()
+        time_left = None
+        if deadline is not None:
+            time_left = deadline.remaining()
+            if time_left <= 0:
+                failed = self._loop.create_future()
+                failed.set_exception(deadline.exceeded())
+                return failed
+        core = self._core
+        future: asyncio.Future[Any]
+        if self.extended:
+            # (Tells us when it is cancelled: no callback for every reply.)
+            future = call = _CancellableCall(loop=self._loop)
+            call.channel = self
+            call.message_id = msg_id = core.send_request_with_meta(
+                content, future, deadline=time_left
+            )
+        else:
+            future = self._loop.create_future()
+            msg_id = core.send_request(content, future)
+        # (The core writes it, or gathers it with the replies of the read
+        # being handled.)
+        protocol = self.protocol
+        if protocol.reading_paused:
+            protocol.update_reading()
+        if deadline is not None and deadline.task is not asyncio.current_task():
+            # No timer cancels the task that made the call when the deadline
+            # passes (e.g. a task started inside a deadline scope): the call
+            # needs a timer of its own.
+            timer = deadline.call_at_expiry(self._expire, future, msg_id, deadline)
+            future.add_done_callback(lambda _: timer.cancel())
+        return future
+
+    def _expire(
+        self, future: asyncio.Future[Any], msg_id: int, deadline: Deadline
+    ) -> None:
+        if not future.done():
+            future.set_exception(deadline.exceeded())
+            self.give_up(msg_id)
+
+    def give_up(self, message_id: int) -> None:
+        """We gave up on our request *message_id*: if the peer agreed to the
+        wire extension, tell it to cancel (see
+        :meth:`aiomas.protocol.Connection.cancel_request`); otherwise its late
+        reply is dropped when it comes."""
+        self._core.cancel_request(message_id)
 
     def set_request_handler(self, handler: Callable[[Request], None]) -> None:
         """Pass every request to *handler* as soon as it arrives, instead of
@@ -416,6 +559,25 @@ class Channel:
                 future.set_exception(event.error)
         elif type(event) is RequestRejected:
             self._log_rejected(event)
+        elif type(event) is ExtendedRequestReceived:
+            self._extended_request(event)
+        elif type(event) is CancelReceived:
+            cancel_handler = self.cancel_handler
+            if cancel_handler is not None:
+                cancel_handler(event.message_id, event.held)
+
+    def _extended_request(self, event: ExtendedRequestReceived) -> None:
+        request = ExtendedRequest(
+            event.content, event.message_id, self.protocol, event.deadline, event.meta
+        )
+        handler = self.request_handler
+        if handler is not None:
+            handler(request)
+            return
+        self._incoming.append(request)
+        waiter = self._recv_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _request_arrived(self, message_id: int, content: Any) -> None:
         # (The core's on_request receiver: see ChannelProtocol.connection_made.)
@@ -463,6 +625,17 @@ class Channel:
             held = core.next_held_request()
             if held is None:
                 break
+            if type(held) is ExtendedRequestReceived:
+                handler(
+                    ExtendedRequest(
+                        held.content,
+                        held.message_id,
+                        self.protocol,
+                        held.deadline,
+                        held.meta,
+                    )
+                )
+                continue
             handler(Request(held.content, held.message_id, self.protocol))
 
     def connection_lost(self, reason: BaseException) -> None:
@@ -491,6 +664,22 @@ def _set_result(future: asyncio.Future[Any], content: Any) -> None:
     """The core's ``on_result`` receiver: a reply to one of our calls."""
     if not future.done():
         future.set_result(content)
+
+
+class _CancellableCall(asyncio.Future[Any]):
+    """The future of a call on a channel with the wire extension: cancelling
+    it tells the peer."""
+
+    __slots__ = ("channel", "message_id")
+
+    channel: Channel
+    message_id: int
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self.channel.give_up(self.message_id)
+        return True
 
 
 class _UnansweredClose(ConnectionResetError):

@@ -11,9 +11,11 @@ Every error that aiomas defines derives from :class:`AiomasError`:
     ├── ConnectionLostError  the connection broke (a network or transport error,
     │   │                    not a clean close): also a ConnectionResetError
     │   └── ProtocolResetError  it was cut because the peer broke the protocol
-    └── ProtocolError        the peer sent bytes that break the wire protocol
-        │                    (also a RuntimeError, as aiomas 1.x raised for it)
-        └── ProtocolResetError  (the same class as above)
+    ├── ProtocolError        the peer sent bytes that break the wire protocol
+    │   │                    (also a RuntimeError, as aiomas 1.x raised for it)
+    │   └── ProtocolResetError  (the same class as above)
+    └── DeadlineExceeded     the deadline of a call (aiomas.deadline()) passed:
+                             also a TimeoutError
 
 A connection that ends while requests are in flight fails them, and every later
 ``send()`` or ``recv()`` on it, with a :class:`ConnectionResetError`:
@@ -39,6 +41,7 @@ from typing import Any
 __all__ = [
     "AiomasError",
     "ConnectionLostError",
+    "DeadlineExceeded",
     "DecodeError",
     "ProtocolError",
     "ProtocolResetError",
@@ -110,4 +113,14 @@ class ProtocolResetError(ProtocolError, ConnectionLostError):
     handles it) and a :class:`ProtocolError` (so also a :class:`RuntimeError`,
     as the 1.0.3 documentation promises).  The :class:`ProtocolError` that
     ended the connection is its ``__cause__``.
+    """
+
+
+class DeadlineExceeded(AiomasError, TimeoutError):
+    """The deadline of an :func:`aiomas.deadline` scope (or of the request
+    being served) passed before the work in it was done.
+
+    Raised at the end of the scope, and by a call made when no time is left;
+    ``except TimeoutError`` catches it, as it catches :func:`asyncio.timeout`'s
+    error.
     """

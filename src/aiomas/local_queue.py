@@ -34,6 +34,7 @@ serves nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import weakref
 from collections.abc import Callable, Iterable
@@ -831,7 +832,13 @@ class _Pipe(asyncio.Queue[bytes | None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._call_soon = asyncio.get_running_loop().call_soon
+        # Deliveries run in an empty context of their own, as a socket's
+        # reads do, not in the writer's: context variables that the writer
+        # has set (e.g. the current deadline, see aiomas.deadlines) must not
+        # reach the reader's code.
+        self._call_soon = partial(
+            asyncio.get_running_loop().call_soon, context=contextvars.Context()
+        )
         self.reader: object | None = None
         """The end reading this pipe (compared, never called), or ``None``."""
         self.writer: object | None = None

@@ -59,6 +59,16 @@ __all__ = [
     "failure_text",
     "format_exception",
 ]
+# The wire extension (see "Extension 1" in docs/wire-format.rst).
+__all__ += [
+    "CANCEL",
+    "EXTENSIONS_PATH",
+    "EXTENSIONS_VERSION",
+    "EXTENSION_FEATURES",
+    "REQUEST_WITH_META",
+    "CancelReceived",
+    "ExtendedRequestReceived",
+]
 
 MAX_HELD_REQUESTS: Final = 1024
 """Requests held back while the peer does not read its replies; more are
@@ -68,6 +78,24 @@ MAX_UNREAD_FAILURE_BYTES: Final = 2**20
 """Failure replies that the core itself sends (to malformed, undecodable or
 refused requests) while writing is paused: beyond this many bytes the peer is
 cut off."""
+
+EXTENSIONS_VERSION: Final = 1
+"""The version of the wire extension this core speaks."""
+
+EXTENSION_FEATURES: Final = frozenset({"cancel", "deadline"})
+"""The features of the wire extension this core supports."""
+
+EXTENSIONS_PATH: Final = "__aiomas__/extensions"
+"""The reserved RPC path of the extension probe: a peer that does not know
+the extension answers a call to it with a failure reply."""
+
+REQUEST_WITH_META: Final = 3
+"""Message type of a request with metadata, ``[3, id, [content, meta]]``
+(feature ``"deadline"``)."""
+
+CANCEL: Final = 4
+"""Message type of a cancel, ``[4, id, null]``: the requester gave up on its
+request *id* (feature ``"cancel"``)."""
 
 # Payloads above this size are handed out separately from their header, so
 # that they are not copied once more just to prepend four bytes.
@@ -136,6 +164,33 @@ class RequestRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtendedRequestReceived:
+    """The peer sent a request with metadata (only after the extension was
+    agreed); answer it like a :class:`RequestReceived`.
+
+    *deadline* is the time left for it in seconds, as the peer sent it
+    (relative: the hosts' clocks differ), or ``None``; *meta* is all of the
+    request's metadata (keys this side does not know included).
+    """
+
+    message_id: int
+    content: Any
+    deadline: float | None
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReceived:
+    """The peer gave up on its request *message_id* (only after the extension
+    was agreed): stop working on it and send no reply.  *held* says whether
+    the core dropped it from the requests it held back (it never reached the
+    consumer then)."""
+
+    message_id: int
+    held: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolViolation:
     """The peer broke the protocol: close the connection.  Nothing received
     afterwards is looked at."""
@@ -150,6 +205,8 @@ Event: TypeAlias = (
     | ReplyUndecodable
     | RequestRejected
     | ProtocolViolation
+    | ExtendedRequestReceived
+    | CancelReceived
 )
 """What :meth:`Connection.events` yields."""
 
@@ -176,6 +233,36 @@ class _NewResultReceived:
     message_id: int
     content: Any
     token: Any
+
+
+_NOT_PENDING: Final = object()
+
+
+class _LateReply(Exception):
+    """A reply to a request that we cancelled: dropped without an event."""
+
+
+def _valid_features(value: Any) -> frozenset[str] | None:
+    """The feature names in *value* (a list of strings), or ``None``."""
+    if type(value) not in _SEQUENCES or len(value) > 64:
+        return None
+    if not all(type(name) is str and len(name) <= 64 for name in value):
+        return None
+    return frozenset(value)
+
+
+def _valid_deadline(meta: dict[Any, Any]) -> float | None:
+    """The ``"deadline"`` of request metadata *meta*.
+
+    Raises:
+        ValueError: if it is not a finite number of seconds >= 0.
+    """
+    value = meta.get("deadline")
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 <= value < float("inf"):
+        raise ValueError(f"invalid deadline {abbreviate(value)}")
+    return float(value)
 
 
 def format_exception(exc: BaseException) -> str:
@@ -253,6 +340,7 @@ class Connection:
     __slots__ = (
         "_decode",
         "_encode",
+        "_extensions",
         "_held",
         "_next_id",
         "_out",
@@ -310,7 +398,7 @@ class Connection:
         always passed on, and whoever reads them controls the pace."""
         # Made when the first request is held: most connections never hold
         # one, and there may be thousands of connections.
-        self._held: deque[RequestReceived] | None = None
+        self._held: deque[RequestReceived | ExtendedRequestReceived] | None = None
         self._refusing = False
         self._unread_failure_bytes = 0
         self.on_request: Callable[[int, Any], object] | None = None
@@ -339,6 +427,9 @@ class Connection:
         self.closed = False
         """Whether the connection has ended (:meth:`connection_lost`, or a
         protocol violation).  Read it; don't set it."""
+        # The features of the wire extension agreed with the peer: none until
+        # an offer was answered (see offer_extensions()).
+        self._extensions: frozenset[str] = frozenset()
 
     # --- State ---------------------------------------------------------------
 
@@ -488,10 +579,14 @@ class Connection:
             elif msg_type == FAILURE:
                 token = self._reply_arrived(msg_id)
                 return FailureReceived(msg_id, failure_text(content), token)
+            elif self._extensions:
+                return self._extended_event(msg_type, msg_id, content)
             else:
                 raise ProtocolError(f"Unknown message type {msg_type!r}")
         except ProtocolError as exc:
             return self._violation(exc)
+        except _LateReply:
+            return None
         # Outside the try: what a receiver raises is its own, not the peer's.
         receiver(first, content)
         return None
@@ -502,6 +597,9 @@ class Connection:
         try:
             token = pending.pop(msg_id)
         except KeyError:
+            if "cancel" in self._extensions and 0 <= msg_id < self._next_id:
+                # It crossed our cancel on the wire.
+                raise _LateReply from None
             raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
         if not pending and self._next_id - self._pending_since > _FRESH_PENDING_AFTER:
             # A dict keeps its size after a burst of calls: start afresh (not
@@ -510,7 +608,9 @@ class Connection:
             self._pending_since = self._next_id
         return token
 
-    def _hold(self, request: RequestReceived) -> RequestRejected | None:
+    def _hold(
+        self, request: RequestReceived | ExtendedRequestReceived
+    ) -> RequestRejected | None:
         """Our write buffer is full (the peer does not read its replies): hold
         the request back, or refuse it if too many wait already."""
         held = self._held
@@ -545,13 +645,16 @@ class Connection:
             or len(message) != 3
             or type(message[0]) is not int
             or type(message[1]) is not int
-            or message[0] not in (REQUEST, RESULT, FAILURE)
+            or not (
+                message[0] in (REQUEST, RESULT, FAILURE)
+                or (message[0] == REQUEST_WITH_META and "deadline" in self._extensions)
+            )
         ):
             hint = _codec_hint(payload, self.codec)
             raise ProtocolError(f"Cannot decode message: {error}{hint}") from error
         msg_type, msg_id, _ = message
         text = f"Cannot decode the content of message {msg_id}: {error}"
-        if msg_type == REQUEST:
+        if msg_type in (REQUEST, REQUEST_WITH_META):
             failure = f"SerializationError: {text}\n"
             self._send_own_failure(msg_id, failure)
             return RequestRejected(msg_id, "undecodable", failure)
@@ -755,6 +858,155 @@ class Connection:
             chunks.append(group[0] if len(group) == 1 else b"".join(group))
         return chunks
 
+    # --- The wire extension (docs/wire-format.rst, "Extension 1") ----------
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        """The features of the wire extension agreed with the peer (empty
+        until an offer was answered): only these are ever sent."""
+        return self._extensions
+
+    def offer_extensions(
+        self, token: Any = None, features: Iterable[str] = EXTENSION_FEATURES
+    ) -> int:
+        """Offer the wire extension to the peer: send the probe, an ordinary
+        request (an RPC call to :data:`EXTENSIONS_PATH`), and return its
+        message id.  Pass the content of its result to :meth:`offer_answered`;
+        a failure reply means the peer does not speak the extension (nothing
+        changes).  Until then, everything is sent in the plain format.
+
+        Raises:
+            ValueError: if *features* has a feature this core does not know.
+        """
+        offered = sorted(features)
+        unknown = set(offered) - EXTENSION_FEATURES
+        if unknown:
+            raise ValueError(f"unknown extension features {sorted(unknown)}")
+        return self.send_request(
+            [EXTENSIONS_PATH, [EXTENSIONS_VERSION, offered], {}], token
+        )
+
+    def offer_answered(self, content: Any) -> frozenset[str]:
+        """The peer answered our offer with the result *content*: agree on
+        the features it names (those we support) and return them.
+
+        A result that is not ``[version, [feature, ...]]`` with a version
+        >= 1 agrees on nothing (and the connection stays plain).
+        """
+        if type(content) in _SEQUENCES and len(content) == 2:
+            version, names = content
+            features = _valid_features(names)
+            if type(version) is int and version >= 1 and features is not None:
+                self._extensions = features & EXTENSION_FEATURES
+        return self._extensions
+
+    def take_offer(
+        self,
+        message_id: int,
+        content: Any,
+        features: Iterable[str] = EXTENSION_FEATURES,
+    ) -> bool:
+        """If *content* of request *message_id* is an extension offer, answer
+        it (with the features both sides support, at most *features*), agree
+        on them and return ``True``; else return ``False`` and do nothing.
+
+        Only a user of the connection that opted in calls this (RPC does, for
+        the first request of a connection).
+        """
+        if not (
+            type(content) in _SEQUENCES
+            and len(content) == 3
+            and content[0] == EXTENSIONS_PATH
+            and type(content[1]) in _SEQUENCES
+            and len(content[1]) == 2
+            and type(content[1][0]) is int
+            and content[1][0] >= 1
+        ):
+            return False
+        offered = _valid_features(content[1][1])
+        if offered is None:
+            return False
+        agreed = offered & EXTENSION_FEATURES & frozenset(features)
+        version = min(content[1][0], EXTENSIONS_VERSION)
+        self.send_result(message_id, [version, sorted(agreed)])
+        self._extensions = agreed
+        return True
+
+    def send_request_with_meta(
+        self, content: Any, token: Any = None, *, deadline: float | None = None
+    ) -> int:
+        """Send a request like :meth:`send_request`, with *deadline* (the
+        seconds the peer has for it) if the peer agreed to feature
+        ``"deadline"``; otherwise (or with no deadline) as a plain request.
+
+        Raises:
+            SerializationError, ValueError: see :meth:`send_request`; also
+                ValueError if *deadline* is not a finite number >= 0.
+        """
+        if deadline is None or "deadline" not in self._extensions:
+            return self.send_request(content, token)
+        meta = {"deadline": deadline}
+        _valid_deadline(meta)
+        msg_id = self._next_id
+        self._next_id = msg_id + 1
+        self._queue(self._encode([REQUEST_WITH_META, msg_id, [content, meta]]))
+        self._pending[msg_id] = token
+        try:
+            self._release()
+        except BaseException:
+            del self._pending[msg_id]  # It never left.
+            raise
+        return msg_id
+
+    def cancel_request(self, message_id: int) -> bool:
+        """We gave up on our request *message_id*.
+
+        If the peer agreed to feature ``"cancel"``, send it a cancel and forget
+        the request at once (a reply that crosses the cancel is dropped
+        without an event), and return ``True``.  Otherwise nothing is sent and
+        the request waits for its (late) reply as before: return ``False``.
+        Nothing happens for an id that waits for no reply.
+        """
+        if "cancel" not in self._extensions or self.closed:
+            return False
+        if self._pending.pop(message_id, _NOT_PENDING) is _NOT_PENDING:
+            return False
+        self._send(CANCEL, message_id, None)
+        return True
+
+    def _extended_event(self, msg_type: int, msg_id: int, content: Any) -> Event | None:
+        """The event of a message of the extension (which was agreed).
+
+        Raises:
+            ProtocolError: for a message type that was not agreed.
+        """
+        extensions = self._extensions
+        if msg_type == REQUEST_WITH_META and "deadline" in extensions:
+            try:
+                if type(content) not in _SEQUENCES or len(content) != 2:
+                    raise ValueError("the content must be [content, meta]")
+                body, meta = content
+                if type(meta) is not dict:
+                    raise ValueError("the metadata must be a map")
+                deadline = _valid_deadline(meta)
+            except ValueError as exc:
+                text = f"ProtocolError: a request with metadata is malformed: {exc}\n"
+                self._send_own_failure(msg_id, text)
+                return RequestRejected(msg_id, "malformed", text)
+            request = ExtendedRequestReceived(msg_id, body, deadline, meta)
+            if self.hold_requests and (self._writing_paused or self._held):
+                return self._hold(request)
+            return request
+        if msg_type == CANCEL and "cancel" in extensions:
+            held = self._held
+            if held:
+                for index, waiting in enumerate(held):
+                    if waiting.message_id == msg_id:
+                        del held[index]
+                        return CancelReceived(msg_id, held=True)
+            return CancelReceived(msg_id)
+        raise ProtocolError(f"Unknown message type {msg_type!r}")
+
     # --- Flow control and the end ---------------------------------------------
 
     def pause_writing(self) -> None:
@@ -769,7 +1021,7 @@ class Connection:
         self._writing_paused = False
         self._unread_failure_bytes = 0
 
-    def next_held_request(self) -> RequestReceived | None:
+    def next_held_request(self) -> RequestReceived | ExtendedRequestReceived | None:
         """Return the oldest held request, unless writing is paused (again)."""
         held = self._held
         if self._writing_paused or not held:

@@ -18,12 +18,15 @@ Objects with a router can also be sent as arguments or results: they arrive as a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
+import math
 import weakref
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
 
 from aiomas import channel as channel_mod
 from aiomas import protocol
@@ -36,8 +39,9 @@ from aiomas._routing import (
     router_of,
     short_repr,
 )
-from aiomas.channel import Address, Channel, Request
-from aiomas.exceptions import SerializationError
+from aiomas.channel import Address, Channel, ExtendedRequest, Request
+from aiomas.deadlines import Clock, Deadline, LoopClock, context_with, current_deadline
+from aiomas.exceptions import DeadlineExceeded, SerializationError
 from aiomas.wire import FAILURE, RESULT
 
 # Routing needs no connection and no loop: it lives in aiomas._routing, and its
@@ -45,12 +49,14 @@ from aiomas.wire import FAILURE, RESULT
 # autodoc makes from __all__).
 __all__ = [
     "Proxy",
+    "Quorum",
     "Router",
     "RpcClient",
     "Service",
     "ServiceDict",
     "expose",
     "open_connection",
+    "quorum",
     "rpc_service_process",
     "start_server",
 ]
@@ -113,8 +119,14 @@ class Proxy:
         Raises (when awaited):
             RemoteException: if the remote function raised (or does not exist).
             ConnectionResetError: if the connection closes before the reply.
+            DeadlineExceeded: if the current deadline (see
+                :func:`aiomas.deadline`) passes first.
         """
-        return self._channel.send([self._path, args, kwargs])
+        channel = self._channel
+        deadline = current_deadline()
+        if deadline is None and not channel.extended:
+            return channel.send([self._path, args, kwargs])
+        return channel.send_cancellable([self._path, args, kwargs], deadline)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Proxy):
@@ -134,10 +146,29 @@ class RpcClient:
     Args:
         channel: The :class:`~aiomas.channel.Channel` to the peer.
         rpc_service: An RPC service to serve to the peer, or ``None``.
+        extensions: Accept the peer's offer of the wire extension (deadlines
+            and cancels that reach the peer, see :doc:`/deadlines`), which
+            it makes with its first request; :meth:`offer_extensions` makes
+            one.  Off by default: the connection then speaks exactly the
+            plain wire format.
+        clock: The clock of the deadlines of requests served (default: the
+            event loop's, :class:`~aiomas.deadlines.LoopClock`); a container
+            passes its own.
     """
 
-    def __init__(self, channel: Channel, rpc_service: Any = None) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        rpc_service: Any = None,
+        *,
+        extensions: bool = False,
+        clock: Clock | None = None,
+    ) -> None:
         self._channel = channel
+        self._clock = clock
+        # Calls that the peer may cancel (wire extension only), by message id.
+        self._cancellable: dict[int, asyncio.Future[Any]] = {}
+        self._offer: asyncio.Future[Any] | None = None
         self._router = None if rpc_service is None else router_of(rpc_service)
         # Tasks of user callbacks, and of exposed coroutines answering calls.
         # Dicts, not sets: they are cancelled in the order they were made, so
@@ -149,12 +180,19 @@ class RpcClient:
         self._remote = Proxy(channel, "")
         _install_proxy_serializer(channel, self._router)
         self._service: asyncio.Task[None] | None = None
-        if self._router is None:
-            channel.set_request_handler(self._no_service)
+        base_handler = (
+            self._no_service if self._router is None else self.handler_for(self._router)
+        )
+        if extensions:
+            channel.cancel_handler = self._cancel_call
+            channel.set_request_handler(
+                functools.partial(self._first_request, base_handler)
+            )
         else:
             # Serve at once: with TLS, the first request may arrive in the same
             # loop iteration as the connection, before any task has started.
-            channel.set_request_handler(self.handler_for(self._router))
+            channel.set_request_handler(base_handler)
+        if self._router is not None:
             self._service = asyncio.ensure_future(
                 rpc_service_process(self, self._router, channel)
             )
@@ -164,6 +202,52 @@ class RpcClient:
     def channel(self) -> Channel:
         """The communication :class:`~aiomas.channel.Channel` of this instance."""
         return self._channel
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        """The features of the wire extension agreed with the peer (empty
+        while none are, e.g. before the answer to an offer)."""
+        return self._channel.protocol.core.extensions
+
+    def offer_extensions(self) -> None:
+        """Offer the wire extension to the peer (what
+        :func:`open_connection` does with ``extensions=True``).  Calls made
+        before the answer arrives use the plain format; see
+        :meth:`wait_extensions`.
+
+        Raises:
+            RuntimeError: if an offer was made already.
+            ConnectionResetError: if the connection is closed.
+        """
+        if self._offer is not None:
+            raise RuntimeError("the wire extension was offered already")
+        self._channel.cancel_handler = self._cancel_call
+        self._offer = self._channel.offer_extensions()
+
+    async def wait_extensions(self) -> frozenset[str]:
+        """Wait for the answer to our offer (if any) and return
+        :attr:`extensions`."""
+        if self._offer is not None:
+            await asyncio.wait([self._offer])
+        return self.extensions
+
+    def _first_request(
+        self, handler: Callable[[Request], None], request: Request
+    ) -> None:
+        """Take the peer's offer of the wire extension, if this is one; then
+        hand every request to *handler*."""
+        channel = self._channel
+        if channel.request_handler is not None:
+            channel.set_request_handler(handler)
+        if not channel.take_offer(request):
+            handler(request)
+
+    def _cancel_call(self, message_id: int, held: bool) -> None:
+        """The peer cancelled its request *message_id*: cancel its call (the
+        call then sends no reply)."""
+        call = self._cancellable.pop(message_id, None)
+        if call is not None:
+            call.cancel()
 
     @property
     def service(self) -> asyncio.Task[None] | None:
@@ -286,12 +370,81 @@ class RpcClient:
             _fail_call(request, exc, self._channel.peername)
             return
         if type(result) not in _PLAIN_TYPES and inspect.isawaitable(result):
+            if self._channel.extended:
+                self._start_cancellable(request, result)
+                return
             task = asyncio.ensure_future(
                 _reply_when_done(request, result, self._channel.peername)
             )
             self._calls[task] = None
             task.add_done_callback(self._call_done)
             return
+        _answer(request, RESULT, result)
+
+    def _start_cancellable(self, request: Request, awaitable: Any) -> None:
+        """Run the call in *request* (the wire extension was agreed): under
+        its deadline if it has one, and so that the peer can cancel it."""
+        peer = self._channel.peername
+        seconds = request.deadline if isinstance(request, ExtendedRequest) else None
+        if seconds is None:
+            task = asyncio.ensure_future(_reply_when_done(request, awaitable, peer))
+        else:
+            clock = self._clock
+            if clock is None:
+                clock = self._clock = LoopClock()
+            deadline = Deadline(clock.time() + seconds, clock)
+            task = asyncio.get_running_loop().create_task(
+                _reply_in_time(request, awaitable, peer, deadline),
+                context=context_with(deadline),
+            )
+            deadline.task = task  # (Calls it makes need no timers of their own.)
+            # The peer gives up at the deadline and sends a cancel, which
+            # usually arrives first.  If not, the call stops at the deadline
+            # and fails, so that a caller that waits after all gets an answer.
+            timer = deadline.call_at_expiry(self._expired, request, task)
+            task.add_done_callback(lambda _: timer.cancel())
+        message_id = request.message_id
+        self._calls[task] = None
+        self._cancellable[message_id] = task
+        task.add_done_callback(functools.partial(self._cancellable_done, message_id))
+
+    def _expired(self, request: Request, task: asyncio.Future[Any]) -> None:
+        """The deadline of the call in *request* has passed, and the peer has
+        not cancelled it (yet): fail it, and stop it."""
+        if self._cancellable.get(request.message_id) is task:
+            del self._cancellable[request.message_id]
+        if not task.done():
+            _answer(request, FAILURE, DeadlineExceeded("the deadline passed"))
+            task.cancel()
+
+    def _cancellable_done(self, message_id: int, task: asyncio.Future[Any]) -> None:
+        self._calls.pop(task, None)
+        if self._cancellable.get(message_id) is task:
+            del self._cancellable[message_id]
+
+
+async def _reply_in_time(
+    request: Request, awaitable: Any, peer: Any, deadline: Deadline
+) -> None:
+    """:func:`_reply_when_done` for a request with a deadline: a call that
+    ends because the deadline passed sends no reply (its caller gave up at
+    that moment, and told us or will)."""
+    try:
+        result = await awaitable
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        _fail_call(request, exc, peer)
+    except DeadlineExceeded as exc:
+        if deadline.expired():
+            return
+        _fail_call(request, exc, peer)
+    except BaseException as exc:
+        if stops_the_process(exc):
+            raise
+        _fail_call(request, exc, peer)
+    else:
         _answer(request, RESULT, result)
 
 
@@ -446,25 +599,41 @@ async def rpc_service_process(
 
 
 async def open_connection(
-    addr: Address, *, rpc_service: Any = None, **kwds: Any
+    addr: Address,
+    *,
+    rpc_service: Any = None,
+    extensions: bool = False,
+    clock: Clock | None = None,
+    **kwds: Any,
 ) -> RpcClient:
     """Connect to *addr* and return an :class:`RpcClient`.
 
     Args:
         addr: See :func:`aiomas.channel.open_connection`.
         rpc_service: An RPC service to serve to the peer, so that it can call back.
+        extensions: Offer the wire extension (deadlines and cancels that reach
+            the peer, see :doc:`/deadlines`) with the first request; a peer
+            that does not speak it answers with a failure, and everything
+            stays plain.  Off by default.
+        clock: See :class:`RpcClient`.
         **kwds: Passed to :func:`aiomas.channel.open_connection`.
     """
     if rpc_service is not None:
         router_of(rpc_service)
     channel = await channel_mod.open_connection(addr, **kwds)
-    return RpcClient(channel, rpc_service)
+    client = RpcClient(channel, rpc_service, extensions=extensions, clock=clock)
+    if extensions:
+        client.offer_extensions()
+    return client
 
 
 async def start_server(
     addr: Address,
     rpc_service: Any,
     client_connected_cb: Callable[[RpcClient], Any] | None = None,
+    *,
+    extensions: bool = False,
+    clock: Clock | None = None,
     **kwds: Any,
 ) -> asyncio.AbstractServer:
     """Start a server on *addr* that serves *rpc_service* to every client.
@@ -474,6 +643,9 @@ async def start_server(
         rpc_service: An object with a ``router`` attribute (a :class:`Router`).
         client_connected_cb: Called with the :class:`RpcClient` of every new
             connection (may be a coroutine function).
+        extensions: Accept a client's offer of the wire extension (see
+            :func:`open_connection`).  Off by default.
+        clock: See :class:`RpcClient`.
         **kwds: Passed to :func:`aiomas.channel.start_server`.
 
     Raises:
@@ -482,8 +654,151 @@ async def start_server(
     router_of(rpc_service)
 
     def connected(channel: Channel) -> None:
-        client = RpcClient(channel, rpc_service)
+        client = RpcClient(channel, rpc_service, extensions=extensions, clock=clock)
         if client_connected_cb is not None:
             client.run_callback(client_connected_cb, client)
 
     return await channel_mod.start_server(addr, connected, **kwds)
+
+
+_K = TypeVar("_K", bound=Hashable)
+
+
+@dataclass
+class Quorum(Generic[_K]):
+    """What :func:`quorum` returns: per callee (by the keys of its *calls*),
+    the answers, the failures, and the calls that were still pending."""
+
+    needed: int
+    """How many answers were needed."""
+    results: dict[_K, Any] = field(default_factory=dict)
+    """The answers, by callee."""
+    failures: dict[_K, BaseException] = field(default_factory=dict)
+    """The errors of the calls that failed (e.g.
+    :class:`~aiomas.exceptions.RemoteException`), by callee."""
+    cancelled: set[_K] = field(default_factory=set)
+    """The callees whose calls were still pending when the quorum was reached
+    or the deadline passed: they were cancelled (on their peers too, where
+    the connection agreed to the wire extension)."""
+
+    @property
+    def reached(self) -> bool:
+        """Whether at least :attr:`needed` callees answered."""
+        return len(self.results) >= self.needed
+
+
+async def quorum(
+    calls: Mapping[_K, Callable[[], Awaitable[Any]]],
+    needed: float,
+    *,
+    within: float | None = None,
+    clock: Clock | None = None,
+) -> Quorum[_K]:
+    """Make all *calls* at once; return when *needed* of them have answered,
+    when so many failed that they cannot, or when *within* seconds have
+    passed.
+
+    The calls still pending then are cancelled -- on their peers too, over
+    connections that agreed to the wire extension (see :doc:`/deadlines`).
+    ``quorum()`` itself never raises for a call: every callee's outcome is in
+    the :class:`Quorum` it returns.
+
+    Args:
+        calls: By callee (any key), a function without arguments that makes
+            the call, e.g. ``lambda: proxy.method(x)``.  It is called under
+            the quorum's deadline, so the call carries the time left.
+        needed: How many answers are needed: a number of calls (``0`` to
+            ``len(calls)``), or a fraction of them, a float between 0 and 1
+            such as ``0.5`` (rounded up; a whole number such as ``1.0`` is
+            a number of calls).
+        within: Seconds until the calls are given up (default: no limit
+            beyond the current deadline, which the calls carry anyway).
+        clock: The clock of *within* (default: the event loop's; in a
+            container, ``container.clock``).
+
+    Raises:
+        ValueError: if *needed* is out of range.
+    """
+    keys = list(calls)
+    if isinstance(needed, float) and not needed.is_integer():
+        if not 0 < needed < 1:
+            raise ValueError(f"a fraction must be between 0 and 1, not {needed!r}")
+        count = math.ceil(needed * len(keys))
+    else:
+        count = int(needed)
+        if not 0 <= count <= len(keys):
+            raise ValueError(f"needed must be 0 to {len(keys)}, not {needed!r}")
+    outcome: Quorum[_K] = Quorum(count)
+    deadline = None if within is None else Deadline.after(within, clock)
+    context = contextvars.copy_context() if deadline is None else context_with(deadline)
+    running: dict[asyncio.Future[Any], _K] = {}
+    for key in keys:
+        try:
+            future = context.run(_start_call, calls[key])
+        except Exception as exc:
+            outcome.failures[key] = exc
+        else:
+            running[future] = key
+    loop = asyncio.get_running_loop()
+    expired: asyncio.Future[None] = loop.create_future()
+    timer = None
+    if deadline is not None:
+        timer = deadline.call_at_expiry(_set_unless_done, expired)
+    pending: set[asyncio.Future[Any]] = set(running)
+    try:
+        while (
+            pending
+            and not expired.done()
+            and len(outcome.results) < count
+            and len(outcome.failures) <= len(keys) - count
+        ):
+            done, pending = await asyncio.wait(
+                {*pending, expired}, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(expired)
+            for future in done:
+                if future is not expired:
+                    _record(outcome, running[future], future, deadline)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if not expired.done():
+            expired.cancel()
+        for future in pending:
+            future.cancel()
+            outcome.cancelled.add(running[future])
+        if pending:
+            # (Tasks of coroutine calls end in their next step.)
+            await asyncio.wait(pending)
+    return outcome
+
+
+def _start_call(make_call: Callable[[], Awaitable[Any]]) -> asyncio.Future[Any]:
+    return asyncio.ensure_future(make_call())
+
+
+def _set_unless_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _record(
+    outcome: Quorum[Any],
+    key: Any,
+    future: asyncio.Future[Any],
+    deadline: Deadline | None,
+) -> None:
+    if future.cancelled():
+        outcome.cancelled.add(key)
+        return
+    error = future.exception()
+    if error is None:
+        outcome.results[key] = future.result()
+    elif (
+        isinstance(error, DeadlineExceeded)
+        and deadline is not None
+        and deadline.expired()
+    ):
+        outcome.cancelled.add(key)  # Given up at the deadline (and told).
+    else:
+        outcome.failures[key] = error
