@@ -21,8 +21,10 @@ from aiomas.testing import TIME_UNIT, settle
 
 from .conftest import Endpoint
 
-# How late a peer may cancel a handler after the caller's deadline.
-CANCEL_SLACK = 50 * TIME_UNIT
+# How late a peer may cancel a handler after the caller's deadline.  (A few
+# milliseconds on a quiet machine; 50 ms was exceeded once, at 180 ms, with 6
+# test processes and other work on 2 cores, so CI gets more room.)
+CANCEL_SLACK = 200 * TIME_UNIT
 WAIT = 10.0
 
 
