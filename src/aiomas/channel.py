@@ -567,21 +567,22 @@ class Channel:
                 cancel_handler(event.message_id, event.held)
 
     def _extended_request(self, event: ExtendedRequestReceived) -> None:
-        request = ExtendedRequest(
-            event.content, event.message_id, self.protocol, event.deadline, event.meta
+        self._deliver(
+            ExtendedRequest(
+                event.content,
+                event.message_id,
+                self.protocol,
+                event.deadline,
+                event.meta,
+            )
         )
-        handler = self.request_handler
-        if handler is not None:
-            handler(request)
-            return
-        self._incoming.append(request)
-        waiter = self._recv_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _request_arrived(self, message_id: int, content: Any) -> None:
-        # (The core's on_request receiver: see ChannelProtocol.connection_made.)
-        request = Request(content, message_id, self.protocol)
+        # (The core's on_request receiver: see Channel.__init__.)
+        self._deliver(Request(content, message_id, self.protocol))
+
+    def _deliver(self, request: Request) -> None:
+        """Pass *request* to the request handler, or queue it for recv()."""
         handler = self.request_handler
         if handler is not None:
             handler(request)
