@@ -93,6 +93,14 @@ def test_demo_command() -> None:
     assert "all tasks finished:" in result.stdout
 
 
+def test_demo_command_on_uvloop() -> None:
+    result = run_aiomas(
+        "demo", "--containers", "1", "--bidders", "2", "--loop", "uvloop"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "all tasks finished:" in result.stdout
+
+
 def test_bench_command_prints_a_table() -> None:
     result = run_aiomas(
         "bench",
@@ -145,7 +153,7 @@ def test_bench_in_process_prints_rounds_with_the_load_and_the_a_a_band() -> None
             load, floor, ours, ratio, aa = (
                 float(cell.replace(",", "")) for cell in row.split()[1:]
             )
-            assert load >= 0 and floor > 0 and ours > 0
+            assert min(load + 1, floor, ours) > 0
             assert ratio == pytest.approx(ours / floor, rel=0.01, abs=0.001)
             assert aa > 0
         assert median.split()[0] == "median"

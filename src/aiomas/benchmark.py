@@ -323,29 +323,29 @@ async def library_side(layer: str, codec: str, lib: Any = aiomas) -> Side:
             ("127.0.0.1", port), codec=codec_cls
         )
 
-        async def close() -> None:
+        async def close_channel() -> None:
             await channel.close()
             server.close()
             await server.wait_closed()
 
-        return channel.send, close
+        return channel.send, close_channel
     if layer == "rpc":
         service = lib.rpc.ServiceDict({"echo": lib.expose(lambda content: content)})
         server = await lib.rpc.start_server(addr, service, codec=codec_cls)
         port = server.sockets[0].getsockname()[1]
         client = await lib.rpc.open_connection(("127.0.0.1", port), codec=codec_cls)
 
-        async def close() -> None:
+        async def close_rpc() -> None:
             await client.close()
             server.close()
             await server.wait_closed()
 
-        return client.remote.echo, close
+        return client.remote.echo, close_rpc
     if layer != "agent":
         raise ValueError(f"unknown layer {layer!r}")
 
-    class Echo(lib.Agent):  # type: ignore[name-defined,misc]
-        @lib.expose
+    class Echo(lib.Agent):  # type: ignore[misc]
+        @lib.expose  # type: ignore[untyped-decorator]
         def echo(self, content: Any) -> Any:
             return content
 
@@ -416,9 +416,7 @@ async def measure_in_process(
         await take_turns(sends, content, workload.in_flight, 1, seconds)  # warm up
         results = []
         for _ in range(rounds):
-            rates = await take_turns(
-                sends, content, workload.in_flight, turns, seconds
-            )
+            rates = await take_turns(sends, content, workload.in_flight, turns, seconds)
             scale = workload.mib()
             results.append(
                 RoundResult(
@@ -481,10 +479,7 @@ def run_in_process(
 
 def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
     """Run *coro* on a new event loop of the kind *loop_name*."""
-    factory = None
-    if loop_name == "uvloop":
-        factory = importlib.import_module("uvloop").new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=aiomas.util.loop_factory(loop_name)) as runner:
         return runner.run(coro)
 
 
@@ -591,12 +586,11 @@ def run_agent_creation(number: int, rounds: int) -> None:
 def _available_loops(wanted: Sequence[str]) -> list[str]:
     loops = []
     for name in wanted:
-        if name == "uvloop":
-            try:
-                importlib.import_module("uvloop")
-            except ImportError:
-                print("uvloop is not installed: skipping it (pip install uvloop)")
-                continue
+        try:
+            aiomas.util.loop_factory(name)
+        except ImportError as exc:
+            print(f"{exc}: skipping it")
+            continue
         loops.append(name)
     return loops
 
@@ -638,8 +632,8 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--loop",
         nargs="+",
-        choices=["asyncio", "uvloop"],
-        default=["asyncio", "uvloop"],
+        choices=aiomas.util.LOOPS,
+        default=list(aiomas.util.LOOPS),
         help="event loops to measure on (default: both)",
     )
     parser.add_argument(
