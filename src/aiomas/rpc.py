@@ -360,6 +360,9 @@ class RpcClient:
 
     def _handle(self, router: Router, request: Request) -> None:
         """Run the call in *request*; reply now if it is synchronous."""
+        if type(request) is ExtendedRequest and request.deadline is not None:
+            self._handle_in_time(router, request, request.deadline)
+            return
         try:
             path, args, kwargs = _parse_call(request.content)
             func = router.resolve(path)
@@ -381,29 +384,52 @@ class RpcClient:
             return
         _answer(request, RESULT, result)
 
+    def _handle_in_time(self, router: Router, request: Request, seconds: float) -> None:
+        """:meth:`_handle` for a request that came with *seconds* left: the
+        function runs under that deadline (a plain function too, so that it
+        can read it and the calls and tasks it starts inherit it)."""
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = LoopClock()
+        deadline = Deadline(clock.time() + seconds, clock)
+        context = context_with(deadline)
+        try:
+            path, args, kwargs = _parse_call(request.content)
+            func = router.resolve(path)
+            result = context.run(func, *args, **kwargs)
+        except BaseException as exc:
+            if stops_the_process(exc):
+                raise
+            _fail_call(request, exc, self._channel.peername)
+            return
+        if type(result) in _PLAIN_TYPES or not inspect.isawaitable(result):
+            _answer(request, RESULT, result)
+            return
+        task = asyncio.get_running_loop().create_task(
+            _reply_in_time(request, result, self._channel.peername, deadline),
+            context=context,
+        )
+        deadline.task = task  # (Calls it makes need no timers of their own.)
+        # The peer gives up at the deadline and sends a cancel, which usually
+        # arrives first.  If not, the call stops at the deadline and fails,
+        # so that a caller that waits after all gets an answer.
+        timer = deadline.call_at_expiry(self._expired, request, task)
+
+        def served(_: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            deadline.release()  # (Calls it left running keep the deadline.)
+
+        task.add_done_callback(served)
+        self._track_cancellable(request.message_id, task)
+
     def _start_cancellable(self, request: Request, awaitable: Any) -> None:
-        """Run the call in *request* (the wire extension was agreed): under
-        its deadline if it has one, and so that the peer can cancel it."""
+        """Run the call in *request* (the wire extension was agreed, the
+        request has no deadline) so that the peer can cancel it."""
         peer = self._channel.peername
-        seconds = request.deadline if isinstance(request, ExtendedRequest) else None
-        if seconds is None:
-            task = asyncio.ensure_future(_reply_when_done(request, awaitable, peer))
-        else:
-            clock = self._clock
-            if clock is None:
-                clock = self._clock = LoopClock()
-            deadline = Deadline(clock.time() + seconds, clock)
-            task = asyncio.get_running_loop().create_task(
-                _reply_in_time(request, awaitable, peer, deadline),
-                context=context_with(deadline),
-            )
-            deadline.task = task  # (Calls it makes need no timers of their own.)
-            # The peer gives up at the deadline and sends a cancel, which
-            # usually arrives first.  If not, the call stops at the deadline
-            # and fails, so that a caller that waits after all gets an answer.
-            timer = deadline.call_at_expiry(self._expired, request, task)
-            task.add_done_callback(lambda _: timer.cancel())
-        message_id = request.message_id
+        task = asyncio.ensure_future(_reply_when_done(request, awaitable, peer))
+        self._track_cancellable(request.message_id, task)
+
+    def _track_cancellable(self, message_id: int, task: asyncio.Future[Any]) -> None:
         self._calls[task] = None
         self._cancellable[message_id] = task
         task.add_done_callback(functools.partial(self._cancellable_done, message_id))
