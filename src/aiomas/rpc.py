@@ -250,6 +250,13 @@ class RpcClient:
             call.cancel()
 
     @property
+    def calls_in_progress(self) -> int:
+        """How many of the peer's calls to coroutines are being served now
+        (their tasks run; each ends with an answer, or without one when the
+        peer cancelled it)."""
+        return len(self._calls)
+
+    @property
     def service(self) -> asyncio.Task[None] | None:
         """The task serving our RPC service on this connection (or ``None``)."""
         return self._service
@@ -420,19 +427,23 @@ class RpcClient:
             deadline.release()  # (Calls it left running keep the deadline.)
 
         task.add_done_callback(served)
-        self._track_cancellable(request.message_id, task)
+        self._track_cancellable(request.message_id, task, result)
 
     def _start_cancellable(self, request: Request, awaitable: Any) -> None:
         """Run the call in *request* (the wire extension was agreed, the
         request has no deadline) so that the peer can cancel it."""
         peer = self._channel.peername
         task = asyncio.ensure_future(_reply_when_done(request, awaitable, peer))
-        self._track_cancellable(request.message_id, task)
+        self._track_cancellable(request.message_id, task, awaitable)
 
-    def _track_cancellable(self, message_id: int, task: asyncio.Future[Any]) -> None:
+    def _track_cancellable(
+        self, message_id: int, task: asyncio.Future[Any], awaitable: Any
+    ) -> None:
         self._calls[task] = None
         self._cancellable[message_id] = task
-        task.add_done_callback(functools.partial(self._cancellable_done, message_id))
+        task.add_done_callback(
+            functools.partial(self._cancellable_done, message_id, awaitable)
+        )
 
     def _expired(self, request: Request, task: asyncio.Future[Any]) -> None:
         """The deadline of the call in *request* has passed, and the peer has
@@ -443,10 +454,17 @@ class RpcClient:
             _answer(request, FAILURE, DeadlineExceeded("the deadline passed"))
             task.cancel()
 
-    def _cancellable_done(self, message_id: int, task: asyncio.Future[Any]) -> None:
+    def _cancellable_done(
+        self, message_id: int, awaitable: Any, task: asyncio.Future[Any]
+    ) -> None:
         self._calls.pop(task, None)
         if self._cancellable.get(message_id) is task:
             del self._cancellable[message_id]
+        if task.cancelled() and inspect.iscoroutine(awaitable):
+            # A cancel that came before the task ran at all: the function's
+            # coroutine never started, and must not warn that it was never
+            # awaited.  (Closing one that ran is a no-op.)
+            awaitable.close()
 
 
 async def _reply_in_time(
