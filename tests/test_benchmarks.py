@@ -76,3 +76,25 @@ def test_nats_against_tcp_prints_both() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["TCP", "NATS"]
     assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]
+
+
+def test_the_deadlines_benchmark_prints_latencies_and_costs() -> None:
+    script = str(ROOT / "benchmarks" / "deadlines.py")
+    args = ["latency", "cost", "--repeat", "3", "--slices", "2"]
+    result = subprocess.run(
+        [sys.executable, "-W", "error", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for kind in ("tcp", "unix", "tls", "localqueue"):
+        (row,) = [line for line in lines if line.strip().startswith(f"{kind} ")]
+        assert "caller" in row
+        assert "p99" in row
+    assert sum("handler" in line for line in lines) == 4
+    (row,) = [line for line in lines if line.strip().startswith("ext in block")]
+    assert "calls/s" in row
+    assert "ratio" in row
