@@ -34,6 +34,8 @@ median of the per-round ratios to ``plain``):
 ``extended``, ``in-block``) over a LocalQueue and exit, for
 ``valgrind --tool=callgrind``: the difference between *N* and 0 round trips,
 divided by *N*, is the instructions per round trip (client and server).
+Side ``plain`` runs on revisions from before the extension too (put their
+``src`` first on ``PYTHONPATH``).
 
 Benchmarks are run on purpose, never as tests; nothing here is asserted.
 """
@@ -110,15 +112,16 @@ async def connection(
         addr = str(Path(directory) / f"s-{time.monotonic_ns()}")
     else:
         addr = aiomas.get_queue(f"bench-{time.monotonic_ns()}")
-    server = await aiomas.rpc.start_server(
-        addr, service, extensions=extensions, **server_kwargs
-    )
+    if extensions:
+        # (Only then: so that plain connections run on revisions from before
+        # the extension, too, for the callgrind mode.)
+        server_kwargs["extensions"] = client_kwargs["extensions"] = True
+    server = await aiomas.rpc.start_server(addr, service, **server_kwargs)
     if kind in ("tcp", "tls"):
         addr = server.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
-    client = await aiomas.rpc.open_connection(
-        addr, extensions=extensions, **client_kwargs
-    )
-    await client.wait_extensions()
+    client = await aiomas.rpc.open_connection(addr, **client_kwargs)
+    if extensions:
+        await client.wait_extensions()
     try:
         yield client
     finally:

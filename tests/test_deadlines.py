@@ -507,13 +507,15 @@ async def test_many_cancelled_calls_leave_nothing_behind(
             for sent in range(batch, total + 1, batch):
                 if sent % (2 * batch):
                     # Cancelled by the caller, while the handlers run.
+                    started = service.started + batch
                     calls = [client.remote.sleep() for _ in range(batch)]
-                    await wait_until(lambda: service.started == sent)  # noqa: B023
+                    await wait_until(lambda: service.started == started)  # noqa: B023
                     for call in calls:
                         call.cancel()
                 else:
                     # Cancelled by the caller's deadline (some may not have
-                    # started on the peer yet).
+                    # started on the peer yet; on a loaded machine the last
+                    # ones may not even be sent).
                     with pytest.raises(DeadlineExceeded):
                         async with aiomas.deadline(20 * TIME_UNIT):
                             await asyncio.gather(
@@ -524,7 +526,7 @@ async def test_many_cancelled_calls_leave_nothing_behind(
                 assert client.channel.waiting_for_replies == 0
         await settle()
         assert service.started >= total // 2
-        assert client.channel.protocol.core.requests_sent >= total
+        assert client.channel.protocol.core.requests_sent > total // 2
         # Each side's tables and tasks: nothing left of the calls.
         assert client.channel.waiting_for_replies == 0
         assert server_end.calls_in_progress == 0
