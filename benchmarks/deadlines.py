@@ -31,7 +31,8 @@ median of the per-round ratios to ``plain``):
   block: what a pending timer costs the event loop alone, for reference.
 
 ``callgrind KIND N``: make *N* round trips of side *KIND* (``plain``,
-``extended``, ``in-block``) over a LocalQueue and exit, for
+``extended``, ``in-block``, ``plain-in-block``, ``plain-in-timeout``) over a
+LocalQueue and exit, for
 ``valgrind --tool=callgrind``: the difference between *N* and 0 round trips,
 divided by *N*, is the instructions per round trip (client and server).
 Side ``plain`` runs on revisions from before the extension too (put their
@@ -245,14 +246,25 @@ async def cost(slices: int) -> None:
         )
 
 
+CALLGRIND_SIDES: dict[str, tuple[bool, Block]] = {
+    # kind: (extension, block around the calls)
+    "plain": (False, no_block),
+    "extended": (True, no_block),
+    "in-block": (True, deadline_block),
+    "plain-in-block": (False, deadline_block),
+    "plain-in-timeout": (False, timeout_block),
+}
+
+
 async def callgrind(kind: str, n: int) -> None:
+    extensions, block = CALLGRIND_SIDES[kind]
     with tempfile.TemporaryDirectory(prefix="aiomas-") as directory:
         async with connection(
-            "localqueue", Service(), directory, extensions=kind != "plain"
+            "localqueue", Service(), directory, extensions=extensions
         ) as client:
             echo = client.remote.echo
             await echo("warm up")
-            async with deadline_block() if kind == "in-block" else no_block():
+            async with block():
                 for _ in range(n):
                     await echo("ohai")
 
