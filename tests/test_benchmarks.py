@@ -44,19 +44,24 @@ def test_compare_with_a_revision_prints_ratios(args: list[str]) -> None:
     assert "A/A" in row
 
 
-def test_the_simulation_benchmark_runs() -> None:
-    script = str(ROOT / "benchmarks" / "simulation.py")
-    args = ["--containers", "10", "--duration", "60"]
+def run_benchmark(name: str, *args: str, timeout: float = 60) -> str:
+    """Run ``benchmarks/NAME`` with *args*; return what it printed (it must
+    succeed)."""
     result = subprocess.run(
-        [sys.executable, "-W", "error", script, *args],
+        [sys.executable, "-W", "error", str(ROOT / "benchmarks" / name), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("10 containers, faults on: ")
-    assert result.stdout.rstrip().endswith("messages/s")
+    return result.stdout
+
+
+def test_the_simulation_benchmark_runs() -> None:
+    stdout = run_benchmark("simulation.py", "--containers", "10", "--duration", "60")
+    assert stdout.startswith("10 containers, faults on: ")
+    assert stdout.rstrip().endswith("messages/s")
 
 
 def test_nats_against_tcp_prints_both() -> None:
@@ -64,15 +69,20 @@ def test_nats_against_tcp_prints_both() -> None:
 
     if nats_missing():
         pytest.skip(str(nats_missing()))
-    script = str(ROOT / "benchmarks" / "nats_vs_tcp.py")
-    result = subprocess.run(
-        [sys.executable, "-W", "error", script, "--seconds", "0.05", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    stdout = run_benchmark("nats_vs_tcp.py", "--seconds", "0.05", "--rounds", "1")
+    lines = stdout.splitlines()
     assert lines[0].split() == ["TCP", "NATS"]
     assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]
+
+
+def test_the_deadlines_benchmark_prints_latencies_and_costs() -> None:
+    args = ["latency", "cost", "--repeat", "3", "--slices", "2"]
+    lines = run_benchmark("deadlines.py", *args, timeout=120).splitlines()
+    for kind in ("tcp", "unix", "tls", "localqueue"):
+        (row,) = [line for line in lines if line.strip().startswith(f"{kind} ")]
+        assert "caller" in row
+        assert "p99" in row
+    assert sum("handler" in line for line in lines) == 4
+    (row,) = [line for line in lines if line.strip().startswith("ext in block")]
+    assert "calls/s" in row
+    assert "ratio" in row

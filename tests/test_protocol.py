@@ -1024,6 +1024,49 @@ def test_a_held_request_with_metadata_comes_out_as_it_came() -> None:
     )
 
 
+def test_requests_with_metadata_go_to_their_receiver() -> None:
+    _, server = agreed_pair()
+    received: list[tuple[Any, ...]] = []
+    server.on_request_with_meta = lambda *args: received.append(args)
+    frames = [
+        jframe([3, 0, ["a", {"deadline": 1.5}]]),
+        jframe([0, 1, "plain"]),  # (no on_request: an event)
+        jframe([3, 2, ["b", {"trace": "t"}]]),
+        jframe([3, 3, ["c", {"deadline": -1}]]),  # malformed: answered
+    ]
+    events = receive(server, frames)
+    assert received == [
+        (0, "a", 1.5, {"deadline": 1.5}),
+        (2, "b", None, {"trace": "t"}),
+    ]
+    assert events[0] == RequestReceived(1, "plain")
+    assert isinstance(events[1], RequestRejected)
+    assert events[1].reason == "malformed"
+    assert len(events) == 2
+    # Held back while writing is paused: they come out as events.
+    server.hold_requests = True
+    server.pause_writing()
+    assert receive(server, [jframe([3, 4, ["d", {"deadline": 2}]])]) == []
+    assert len(received) == 2
+    server.resume_writing()
+    assert server.next_held_request() == protocol.ExtendedRequestReceived(
+        4, "d", 2.0, {"deadline": 2}
+    )
+    server.connection_lost()
+    assert server.on_request_with_meta is None
+
+
+def test_a_request_with_metadata_breaks_the_protocol_without_deadline() -> None:
+    client, server = connection_pair()
+    client.offer_extensions(features=["cancel"])
+    (offer,) = transfer(client, server)
+    assert server.take_offer(offer.message_id, offer.content)
+    server.on_request_with_meta = lambda *args: None
+    (event,) = receive(server, [jframe([3, 0, ["a", {"deadline": 1}]])])
+    assert isinstance(event, protocol.ProtocolViolation)
+    assert server.on_request_with_meta is None
+
+
 def test_nothing_is_cancelled_on_a_closed_connection() -> None:
     client, _ = agreed_pair()
     msg_id = client.send_request("x")

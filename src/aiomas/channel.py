@@ -34,6 +34,7 @@ from aiomas.codecs import JSON, Codec
 from aiomas.deadlines import Deadline
 from aiomas.exceptions import (
     ConnectionLostError,
+    DeadlineExceeded,
     ProtocolError,
     ProtocolResetError,
     RemoteException,
@@ -295,6 +296,7 @@ class Channel:
         # The two messages of every call skip the core's event objects (the
         # core forgets its receivers when the connection ends).
         self._core.on_request = self._request_arrived
+        self._core.on_request_with_meta = self._request_with_meta_arrived
         self._core.on_result = _set_result
         self.extended = False
         """Whether the peer agreed to the wire extension (see
@@ -428,36 +430,31 @@ class Channel:
                 failed.set_exception(deadline.exceeded())
                 return failed
         core = self._core
-        future: asyncio.Future[Any]
+        # (Tells us when it is cancelled: no callback for every reply.)
+        call = _CancellableCall(loop=self._loop)
+        call.channel = self
+        call.deadline = deadline
         if self.extended:
-            # (Tells us when it is cancelled: no callback for every reply.)
-            future = call = _CancellableCall(loop=self._loop)
-            call.channel = self
-            call.message_id = msg_id = core.send_request_with_meta(
-                content, future, deadline=time_left
-            )
+            msg_id = core.send_request_with_meta(content, call, deadline=time_left)
         else:
-            future = self._loop.create_future()
-            msg_id = core.send_request(content, future)
+            msg_id = core.send_request(content, call)
+        call.message_id = msg_id
         # (The core writes it, or gathers it with the replies of the read
         # being handled.)
         protocol = self.protocol
         if protocol.reading_paused:
             protocol.update_reading()
-        if deadline is not None and deadline.task is not asyncio.current_task():
-            # No timer cancels the task that made the call when the deadline
-            # passes (e.g. a task started inside a deadline scope): the call
-            # needs a timer of its own.
-            timer = deadline.call_at_expiry(self._expire, future, msg_id, deadline)
-            future.add_done_callback(lambda _: timer.cancel())
-        return future
-
-    def _expire(
-        self, future: asyncio.Future[Any], msg_id: int, deadline: Deadline
-    ) -> None:
-        if not future.done():
-            future.set_exception(deadline.exceeded())
-            self.give_up(msg_id)
+        if deadline is not None:
+            if deadline.task is asyncio.current_task():
+                # The deadline's timer cancels this task, and with it the
+                # call -- unless the call outlives the task's guard.
+                deadline.guard(call)
+            else:
+                # No timer cancels the task that made the call when the
+                # deadline passes (e.g. a task started inside a deadline
+                # scope): the call needs a timer of its own.
+                call.unguarded()
+        return call
 
     def give_up(self, message_id: int) -> None:
         """We gave up on our request *message_id*: if the peer agreed to the
@@ -567,14 +564,20 @@ class Channel:
                 cancel_handler(event.message_id, event.held)
 
     def _extended_request(self, event: ExtendedRequestReceived) -> None:
+        self._request_with_meta_arrived(
+            event.message_id, event.content, event.deadline, event.meta
+        )
+
+    def _request_with_meta_arrived(
+        self,
+        message_id: int,
+        content: Any,
+        deadline: float | None,
+        meta: dict[str, Any],
+    ) -> None:
+        # (The core's on_request_with_meta receiver: see Channel.__init__.)
         self._deliver(
-            ExtendedRequest(
-                event.content,
-                event.message_id,
-                self.protocol,
-                event.deadline,
-                event.meta,
-            )
+            ExtendedRequest(content, message_id, self.protocol, deadline, meta)
         )
 
     def _request_arrived(self, message_id: int, content: Any) -> None:
@@ -668,12 +671,15 @@ def _set_result(future: asyncio.Future[Any], content: Any) -> None:
 
 
 class _CancellableCall(asyncio.Future[Any]):
-    """The future of a call on a channel with the wire extension: cancelling
-    it tells the peer."""
+    """The future of a call made by :meth:`Channel.send_cancellable`:
+    cancelling it tells the peer (with the wire extension), and once its
+    deadline has passed it fails with nothing but
+    :class:`~aiomas.exceptions.DeadlineExceeded`."""
 
-    __slots__ = ("channel", "message_id")
+    __slots__ = ("channel", "deadline", "message_id")
 
     channel: Channel
+    deadline: Deadline | None
     message_id: int
 
     def cancel(self, msg: Any = None) -> bool:
@@ -681,6 +687,36 @@ class _CancellableCall(asyncio.Future[Any]):
             return False
         self.channel.give_up(self.message_id)
         return True
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        deadline = self.deadline
+        if (
+            deadline is not None
+            and not isinstance(exception, DeadlineExceeded)
+            and deadline.expired()
+        ):
+            # Its deadline passed before the failure came (e.g. the peer's
+            # own DeadlineExceeded, which its timer sent just before ours
+            # fired): the caller learns the one thing that matters.
+            error = deadline.exceeded()
+            error.__cause__ = (
+                exception if isinstance(exception, BaseException) else exception()
+            )
+            exception = error
+        super().set_exception(exception)
+
+    def unguarded(self) -> None:
+        """Keep the deadline with a timer of its own (see
+        :meth:`aiomas.deadlines.Deadline.guard`)."""
+        deadline = self.deadline
+        assert deadline is not None
+        timer = deadline.call_at_expiry(self._expire, deadline)
+        self.add_done_callback(lambda _: timer.cancel())
+
+    def _expire(self, deadline: Deadline) -> None:
+        if not self.done():
+            self.set_exception(deadline.exceeded())
+            self.channel.give_up(self.message_id)
 
 
 class _UnansweredClose(ConnectionResetError):

@@ -22,7 +22,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aiomas.exceptions import DeadlineExceeded
 
@@ -30,6 +30,7 @@ __all__ = [
     "Clock",
     "Deadline",
     "DeadlineScope",
+    "Guarded",
     "LoopClock",
     "context_with",
     "current_deadline",
@@ -38,8 +39,26 @@ __all__ = [
 ]
 
 
+# Guarded calls a deadline keeps before it forgets the ended ones.
+_PRUNE_AT: Final = 64
+
+
 class _Cancellable(Protocol):
     def cancel(self) -> None: ...
+
+
+class Guarded(Protocol):
+    """A call that relies on the timer of its deadline's task (see
+    :meth:`Deadline.guard`)."""
+
+    def done(self) -> bool:
+        """Whether it has ended."""
+        ...
+
+    def unguarded(self) -> None:
+        """The task stopped guarding the deadline while the call is pending:
+        from now on the call must keep the deadline itself."""
+        ...
 
 
 class Clock(Protocol):
@@ -97,7 +116,7 @@ class Deadline:
         clock: The clock it is on.
     """
 
-    __slots__ = ("clock", "task", "when")
+    __slots__ = ("_guarded", "_prune_at", "clock", "task", "when")
 
     def __init__(self, when: float, clock: Clock) -> None:
         self.when = when
@@ -105,7 +124,10 @@ class Deadline:
         self.task: asyncio.Future[Any] | None = None
         """The task that is cancelled when the deadline passes (by a
         :func:`deadline` scope, or by RPC for the call it serves), or
-        ``None``: calls made in it need no timer of their own."""
+        ``None``: calls made in it need no timer of their own, as long as
+        they :meth:`guard` themselves (see :meth:`release`)."""
+        self._guarded: list[Guarded] | None = None
+        self._prune_at = _PRUNE_AT
 
     @classmethod
     def after(cls, seconds: float, clock: Clock | None = None) -> Deadline:
@@ -130,6 +152,32 @@ class Deadline:
         handle with a ``cancel()`` method."""
         handle: _Cancellable = self.clock.call_in(self.remaining(), func, *args)
         return handle
+
+    def guard(self, call: Guarded) -> None:
+        """Record *call*, made by :attr:`task` and bounded by its timer: if
+        the task stops guarding the deadline (:meth:`release`) before the
+        call has ended -- a future kept beyond its ``async with`` block --,
+        ``call.unguarded()`` is called."""
+        guarded = self._guarded
+        if guarded is None:
+            self._guarded = [call]
+            return
+        if len(guarded) >= self._prune_at:
+            # A long block makes many calls: forget the ended ones, so the
+            # list stays as long as the calls pending (amortized O(1)).
+            guarded[:] = [waiting for waiting in guarded if not waiting.done()]
+            self._prune_at = max(_PRUNE_AT, 2 * len(guarded))
+        guarded.append(call)
+
+    def release(self) -> None:
+        """:attr:`task` stops guarding the deadline (its block or its request
+        has ended): the guarded calls still pending must keep it themselves
+        (see :meth:`guard`)."""
+        self.task = None
+        guarded, self._guarded = self._guarded, None
+        for call in guarded or ():
+            if not call.done():
+                call.unguarded()
 
     def exceeded(self) -> DeadlineExceeded:
         """The error for work that missed it."""
@@ -222,7 +270,7 @@ class DeadlineScope:
         if self._token is not None:
             deadline = _current.get()
             if deadline is not None and deadline.task is self._task:
-                deadline.task = None  # No timer guards it any more.
+                deadline.release()  # No timer guards it any more.
             _current.reset(self._token)
         task = self._task
         # As asyncio.timeout(): a cancel of our own becomes the error; one

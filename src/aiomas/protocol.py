@@ -360,6 +360,7 @@ class Connection:
         "hold_requests",
         "on_data",
         "on_request",
+        "on_request_with_meta",
         "on_result",
     )
 
@@ -405,6 +406,13 @@ class Connection:
         """If set, ``on_request(message_id, content)`` is called for each
         request instead of making a :class:`RequestReceived` event (requests
         held back still come as events from :meth:`next_held_request`)."""
+        self.on_request_with_meta: (
+            Callable[[int, Any, float | None, dict[str, Any]], object] | None
+        ) = None
+        """If set, ``on_request_with_meta(message_id, content, deadline,
+        meta)`` is called for each request with metadata (wire extension)
+        instead of making an :class:`ExtendedRequestReceived` event, as
+        :attr:`on_request` is for plain requests."""
         self.on_result: Callable[[Any, Any], object] | None = None
         """If set, ``on_result(token, content)`` is called for each result
         instead of making a :class:`ResultReceived` event.
@@ -543,6 +551,8 @@ class Connection:
         ``None`` if it made none (or went to a receiver, see
         :attr:`on_request`)."""
         receiver: Callable[[Any, Any], object] | None
+        meta_receiver: Callable[[int, Any, float | None, dict[str, Any]], object]
+        request_with_meta: tuple[Any, float | None, dict[str, Any]]
         try:
             try:
                 message = self._decode(payload)
@@ -580,7 +590,14 @@ class Connection:
                 token = self._reply_arrived(msg_id)
                 return FailureReceived(msg_id, failure_text(content), token)
             elif self._extensions:
-                return self._extended_event(msg_type, msg_id, content)
+                on_meta = self.on_request_with_meta
+                if msg_type != REQUEST_WITH_META or on_meta is None:
+                    return self._extended_event(msg_type, msg_id, content)
+                parsed = self._request_with_meta(msg_id, content)
+                if not isinstance(parsed, tuple):
+                    return parsed  # refused, malformed or held back
+                meta_receiver, request_with_meta = on_meta, parsed
+                receiver = None
             else:
                 raise ProtocolError(f"Unknown message type {msg_type!r}")
         except ProtocolError as exc:
@@ -588,6 +605,9 @@ class Connection:
         except _LateReply:
             return None
         # Outside the try: what a receiver raises is its own, not the peer's.
+        if receiver is None:
+            meta_receiver(msg_id, *request_with_meta)
+            return None
         receiver(first, content)
         return None
 
@@ -685,7 +705,8 @@ class Connection:
 
     def _violation(self, error: ProtocolError) -> ProtocolViolation:
         self.closed = True
-        self.on_request = self.on_result = self.on_data = None
+        self.on_request = self.on_request_with_meta = None
+        self.on_result = self.on_data = None
         self._held = None
         self._payloads.clear()
         self._taken = 0
@@ -974,6 +995,33 @@ class Connection:
         self._send(CANCEL, message_id, None)
         return True
 
+    def _request_with_meta(
+        self, msg_id: int, content: Any
+    ) -> tuple[Any, float | None, dict[str, Any]] | RequestRejected | None:
+        """The ``(content, deadline, meta)`` of request *msg_id* with
+        metadata (extension agreed), or what became of it instead: refused
+        or held back (see :meth:`_hold`), or malformed (answered).
+
+        Raises:
+            ProtocolError: if feature ``"deadline"`` was not agreed.
+        """
+        if "deadline" not in self._extensions:
+            raise ProtocolError(f"Unknown message type {REQUEST_WITH_META!r}")
+        try:
+            if type(content) not in _SEQUENCES or len(content) != 2:
+                raise ValueError("the content must be [content, meta]")
+            body, meta = content
+            if type(meta) is not dict:
+                raise ValueError("the metadata must be a map")
+            deadline = _valid_deadline(meta)
+        except ValueError as exc:
+            text = f"ProtocolError: a request with metadata is malformed: {exc}\n"
+            self._send_own_failure(msg_id, text)
+            return RequestRejected(msg_id, "malformed", text)
+        if self.hold_requests and (self._writing_paused or self._held):
+            return self._hold(ExtendedRequestReceived(msg_id, body, deadline, meta))
+        return body, deadline, meta
+
     def _extended_event(self, msg_type: int, msg_id: int, content: Any) -> Event | None:
         """The event of a message of the extension (which was agreed).
 
@@ -981,22 +1029,11 @@ class Connection:
             ProtocolError: for a message type that was not agreed.
         """
         extensions = self._extensions
-        if msg_type == REQUEST_WITH_META and "deadline" in extensions:
-            try:
-                if type(content) not in _SEQUENCES or len(content) != 2:
-                    raise ValueError("the content must be [content, meta]")
-                body, meta = content
-                if type(meta) is not dict:
-                    raise ValueError("the metadata must be a map")
-                deadline = _valid_deadline(meta)
-            except ValueError as exc:
-                text = f"ProtocolError: a request with metadata is malformed: {exc}\n"
-                self._send_own_failure(msg_id, text)
-                return RequestRejected(msg_id, "malformed", text)
-            request = ExtendedRequestReceived(msg_id, body, deadline, meta)
-            if self.hold_requests and (self._writing_paused or self._held):
-                return self._hold(request)
-            return request
+        if msg_type == REQUEST_WITH_META:
+            parsed = self._request_with_meta(msg_id, content)
+            if not isinstance(parsed, tuple):
+                return parsed
+            return ExtendedRequestReceived(msg_id, *parsed)
         if msg_type == CANCEL and "cancel" in extensions:
             held = self._held
             if held:
@@ -1038,7 +1075,8 @@ class Connection:
         requests that will never get a reply, in the order they were sent, and
         forget them."""
         self.closed = True
-        self.on_request = self.on_result = self.on_data = None
+        self.on_request = self.on_request_with_meta = None
+        self.on_result = self.on_data = None
         self._held = None
         self._payloads.clear()
         self._taken = 0

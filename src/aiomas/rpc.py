@@ -250,6 +250,13 @@ class RpcClient:
             call.cancel()
 
     @property
+    def calls_in_progress(self) -> int:
+        """How many of the peer's calls to coroutines are being served now
+        (their tasks run; each ends with an answer, or without one when the
+        peer cancelled it)."""
+        return len(self._calls)
+
+    @property
     def service(self) -> asyncio.Task[None] | None:
         """The task serving our RPC service on this connection (or ``None``)."""
         return self._service
@@ -360,6 +367,9 @@ class RpcClient:
 
     def _handle(self, router: Router, request: Request) -> None:
         """Run the call in *request*; reply now if it is synchronous."""
+        if type(request) is ExtendedRequest and request.deadline is not None:
+            self._handle_in_time(router, request, request.deadline)
+            return
         try:
             path, args, kwargs = _parse_call(request.content)
             func = router.resolve(path)
@@ -381,32 +391,61 @@ class RpcClient:
             return
         _answer(request, RESULT, result)
 
+    def _handle_in_time(self, router: Router, request: Request, seconds: float) -> None:
+        """:meth:`_handle` for a request that came with *seconds* left: the
+        function runs under that deadline (a plain function too, so that it
+        can read it and the calls and tasks it starts inherit it)."""
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = LoopClock()
+        deadline = Deadline(clock.time() + seconds, clock)
+        context = context_with(deadline)
+        # (As in _handle(), which every plain call takes: kept apart, so that
+        # that path has no extra frame.)
+        try:
+            path, args, kwargs = _parse_call(request.content)
+            func = router.resolve(path)
+            result = context.run(func, *args, **kwargs)
+        except BaseException as exc:
+            if stops_the_process(exc):
+                raise
+            _fail_call(request, exc, self._channel.peername)
+            return
+        if type(result) in _PLAIN_TYPES or not inspect.isawaitable(result):
+            _answer(request, RESULT, result)
+            return
+        task = asyncio.get_running_loop().create_task(
+            _reply_in_time(request, result, self._channel.peername, deadline),
+            context=context,
+        )
+        deadline.task = task  # (Calls it makes need no timers of their own.)
+        # The peer gives up at the deadline and sends a cancel, which usually
+        # arrives first.  If not, the call stops at the deadline and fails,
+        # so that a caller that waits after all gets an answer.
+        timer = deadline.call_at_expiry(self._expired, request, task)
+
+        def served(_: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            deadline.release()  # (Calls it left running keep the deadline.)
+
+        task.add_done_callback(served)
+        self._track_cancellable(request.message_id, task, result)
+
     def _start_cancellable(self, request: Request, awaitable: Any) -> None:
-        """Run the call in *request* (the wire extension was agreed): under
-        its deadline if it has one, and so that the peer can cancel it."""
+        """Run the call in *request* (the wire extension was agreed, the
+        request has no deadline) so that the peer can cancel it."""
         peer = self._channel.peername
-        seconds = request.deadline if isinstance(request, ExtendedRequest) else None
-        if seconds is None:
-            task = asyncio.ensure_future(_reply_when_done(request, awaitable, peer))
-        else:
-            clock = self._clock
-            if clock is None:
-                clock = self._clock = LoopClock()
-            deadline = Deadline(clock.time() + seconds, clock)
-            task = asyncio.get_running_loop().create_task(
-                _reply_in_time(request, awaitable, peer, deadline),
-                context=context_with(deadline),
-            )
-            deadline.task = task  # (Calls it makes need no timers of their own.)
-            # The peer gives up at the deadline and sends a cancel, which
-            # usually arrives first.  If not, the call stops at the deadline
-            # and fails, so that a caller that waits after all gets an answer.
-            timer = deadline.call_at_expiry(self._expired, request, task)
-            task.add_done_callback(lambda _: timer.cancel())
-        message_id = request.message_id
+        task = asyncio.ensure_future(_reply_when_done(request, awaitable, peer))
+        self._track_cancellable(request.message_id, task, awaitable)
+
+    def _track_cancellable(
+        self, message_id: int, task: asyncio.Future[Any], awaitable: Any
+    ) -> None:
         self._calls[task] = None
         self._cancellable[message_id] = task
-        task.add_done_callback(functools.partial(self._cancellable_done, message_id))
+        task.add_done_callback(
+            functools.partial(self._cancellable_done, message_id, awaitable)
+        )
 
     def _expired(self, request: Request, task: asyncio.Future[Any]) -> None:
         """The deadline of the call in *request* has passed, and the peer has
@@ -417,10 +456,17 @@ class RpcClient:
             _answer(request, FAILURE, DeadlineExceeded("the deadline passed"))
             task.cancel()
 
-    def _cancellable_done(self, message_id: int, task: asyncio.Future[Any]) -> None:
+    def _cancellable_done(
+        self, message_id: int, awaitable: Any, task: asyncio.Future[Any]
+    ) -> None:
         self._calls.pop(task, None)
         if self._cancellable.get(message_id) is task:
             del self._cancellable[message_id]
+        if task.cancelled() and inspect.iscoroutine(awaitable):
+            # A cancel that came before the task ran at all: the function's
+            # coroutine never started, and must not warn that it was never
+            # awaited.  (Closing one that ran is a no-op.)
+            awaitable.close()
 
 
 async def _reply_in_time(
