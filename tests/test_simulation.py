@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -440,6 +441,29 @@ def test_a_duplicated_frame_arrives_twice() -> None:
 
     program.answer = False  # type: ignore[attr-defined]
     on_link(plan, program)
+
+
+def test_duplicates_reach_handlers_twice_and_callers_once() -> None:
+    """At-least-once delivery: a duplicated request runs its handler twice;
+    the caller takes the first reply and drops the repeats (duplicated
+    replies, and the replies to the duplicated requests)."""
+    plan = FaultPlan(default=LinkFaults(duplicate=1.0))
+
+    async def main(sim: Simulation) -> None:
+        here, there = await sim.start(2)
+        echo = Echo(there)
+        proxy = await here.connect(echo.addr)
+        replies = [await proxy.echo(i) for i in range(5)]
+        assert replies == list(range(5))
+        assert echo.calls == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+        await asyncio.sleep(1)  # every repeat has arrived
+        assert await proxy.echo("still connected") == "still connected"
+        assert not {"reset", "eof"} & {e.event for e in sim.log}
+        # Every frame (a request, or one of the two replies to it) came twice.
+        kinds = collections.Counter(e.event for e in sim.log)
+        assert kinds["deliver"] == 2 * kinds["send"] == 2 * kinds["duplicate"]
+
+    simulation.run(main, seed=0, plan=plan)
 
 
 def test_reordered_frames_overtake_others_within_the_window() -> None:
