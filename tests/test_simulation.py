@@ -501,6 +501,75 @@ def test_bandwidth_queues_frames() -> None:
     on_link(plan, program)
 
 
+def test_a_slow_link_pauses_its_writer() -> None:
+    """Frames waiting for the link's bandwidth fill the writer's buffer, as
+    a socket's unsent data does: pause_writing() above the high-water mark,
+    resume_writing() at the low-water mark."""
+    plan = FaultPlan(default=LinkFaults(latency=0, bandwidth=1000))
+
+    async def main(sim: Simulation) -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        queue = local_queue.get_queue("slow")
+        sim.network.attach(queue)
+        flow: list[tuple[str, float]] = []
+        received: list[bytes] = []
+
+        class Writer(asyncio.Protocol):
+            def pause_writing(self) -> None:
+                flow.append(("pause", loop.time()))
+
+            def resume_writing(self) -> None:
+                flow.append(("resume", loop.time()))
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                received.append(data)
+
+        server = await local_queue.create_server(Sink, queue)
+        transport, _ = await local_queue.create_connection(Writer, queue)
+        transport.set_write_buffer_limits(high=2000, low=1200)
+        frame = wire.frame(b"x" * (300 - wire.HEADER_SIZE))
+        for _ in range(10):
+            transport.write(frame)
+        # 3,000 bytes wait; each frame takes 0.3 s to send.
+        assert transport.get_write_buffer_size() == 3000
+        assert flow == [("pause", 0)]
+        await asyncio.sleep(10)
+        assert len(received) == 10
+        assert transport.get_write_buffer_size() == 0
+        transport.close()
+        server.close()
+        await asyncio.sleep(1)
+        return flow
+
+    flow = simulation.run(main, seed=0, plan=plan)
+    # Under 1,200 bytes after the sixth frame left.
+    assert flow == [("pause", 0), ("resume", pytest.approx(1.8))]
+
+
+def test_drain_waits_for_a_slow_link() -> None:
+    plan = FaultPlan(default=LinkFaults(latency=0.1, bandwidth=100_000))
+
+    async def program(link: Link, client: channel.Channel) -> None:
+        loop = asyncio.get_running_loop()
+        reply = client.send("big")
+        await asyncio.sleep(1)
+        (request,) = link.requests
+        start = loop.time()
+        await request.reply("x" * 100_000)  # above the 64 KiB high-water mark
+        # It returns once at most 16 KiB wait (the low-water mark); the
+        # link sends a frame in slices of 4 KiB, as a socket sends segments.
+        size = wire.HEADER_SIZE + len(b'[1, 0, "' + b"x" * 100_000 + b'"]')
+        low, piece = 16 * 1024, 4 * 1024
+        elapsed = loop.time() - start
+        assert (size - low) / 100_000 <= elapsed <= (size - low + piece) / 100_000
+        assert await reply == "x" * 100_000
+        assert loop.time() - start == pytest.approx(size / 100_000 + 0.1)
+
+    program.answer = False  # type: ignore[attr-defined]
+    on_link(plan, program)
+
+
 def test_frames_split_across_writes_are_carried_whole() -> None:
     async def main(sim: Simulation) -> list[bytes]:
         received: list[bytes] = []
