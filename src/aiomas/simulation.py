@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import math
 import random
 import selectors
@@ -528,6 +529,18 @@ class SimulatedNetwork(local_queue.Network):
                     self._reset_across,
                     partition,
                 )
+
+    def digest(self) -> str:
+        """A SHA-256 hex digest of the :attr:`log`: the same for the same
+        run on every supported Python and platform (compare it to tell
+        whether two runs were the same, message by message)."""
+        digest = hashlib.sha256()
+        for entry in self.log:
+            digest.update(
+                f"{entry.time!r} {entry.event} {entry.source} {entry.target} "
+                f"{entry.payload.hex()}\n".encode()
+            )
+        return digest.hexdigest()
 
     def attach(self, lq: LocalQueue) -> None:
         """Carry the data of new connections to *lq*."""
