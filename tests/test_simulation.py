@@ -751,6 +751,80 @@ def test_a_crashed_container_restarts() -> None:
     ]
 
 
+class Slow(aiomas.Agent):
+    @aiomas.expose
+    async def work(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+
+CUT_AT_5 = Partition(("sim-0",), ("sim-1",), start=5, duration=20)
+
+
+def test_a_call_across_a_partition_ends_with_its_deadline() -> None:
+    async def main(sim: Simulation) -> list[tuple[float, str]]:
+        here, there = await sim.start(2)
+        proxy = await here.connect(Echo(there).addr)
+        loop = asyncio.get_running_loop()
+        outcomes = []
+        for at in (6, 30):  # in the partition, after it healed
+            await asyncio.sleep(at - loop.time())
+            try:
+                async with aiomas.deadline(2):
+                    reply = await proxy.echo(at)
+                outcomes.append((loop.time(), reply))
+            except aiomas.DeadlineExceeded:
+                outcomes.append((loop.time(), "deadline exceeded"))
+        return outcomes
+
+    plan = FaultPlan(partitions=(CUT_AT_5,))
+    assert simulation.run(main, seed=0, plan=plan) == [
+        (8, "deadline exceeded"),
+        (pytest.approx(30.002), 30),  # the same connection: nothing was reset
+    ]
+
+
+def test_dead_peer_detection_fails_calls_across_a_partition() -> None:
+    async def main(sim: Simulation) -> list[str]:
+        here, there = await sim.start(2)
+        addr = Echo(there).addr
+        proxy = await here.connect(addr)
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(6)
+        outcomes = []
+        try:
+            await proxy.echo("lost")  # no timeout of its own
+        except ConnectionError as exc:
+            outcomes.append(f"{loop.time():g}: {type(exc).__name__}")
+        try:
+            await here.connect(addr)
+        except TimeoutError as exc:
+            outcomes.append(f"{loop.time():g}: {exc}")
+        await asyncio.sleep(26 - loop.time())  # healed at 25
+        proxy = await here.connect(addr)
+        outcomes.append(f"{loop.time():g}: {await proxy.echo('again')}")
+        return outcomes
+
+    plan = FaultPlan(partitions=(CUT_AT_5,), dead_peer_timeout=3)
+    assert simulation.run(main, seed=0, plan=plan) == [
+        "8: ConnectionLostError",  # a ConnectionResetError
+        "8: sim-0 cannot reach sim-1 (partition)",
+        "26.002: again",
+    ]
+
+
+def test_a_crash_fails_the_calls_in_flight() -> None:
+    async def main(sim: Simulation) -> float:
+        here, there = await sim.start(2)
+        proxy = await here.connect(Slow(there).addr)
+        with pytest.raises(ConnectionResetError, match="sim-1"):
+            await proxy.work(60)
+        return asyncio.get_running_loop().time()
+
+    plan = FaultPlan(crashes=(Crash("sim-1", at=5),))
+    assert simulation.run(main, seed=0, plan=plan) == 5
+
+
 def test_sweep_finds_the_failing_seeds() -> None:
     async def main(sim: Simulation) -> None:
         if sim.network.random.random() < 0.3:
