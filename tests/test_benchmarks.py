@@ -55,8 +55,8 @@ def test_the_simulation_benchmark_runs() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("10 containers, faults on: ")
-    assert result.stdout.rstrip().endswith("messages/s")
+    assert result.stdout.startswith("10 containers (any peer), faults on: ")
+    assert result.stdout.rstrip().endswith("per CPU second)")
 
 
 def test_nats_against_tcp_prints_both() -> None:
