@@ -340,6 +340,47 @@ def test_a_run_is_the_same_on_every_python() -> None:
     )
 
 
+def test_real_time_does_not_change_a_run() -> None:
+    """Nothing in the library sets a timer by the wall clock (e.g. the
+    channel's memory trim after a connection ended): a run that takes longer
+    in real time is the same run, down to its last timer."""
+    plan = FaultPlan(
+        crashes=(
+            Crash("sim-1", at=1, restart_after=0.25),
+            Crash("sim-1", at=1.5, restart_after=0.25),
+        )
+    )
+
+    def once(pause: float) -> tuple[str, float]:
+        networks: list[simulation.SimulatedNetwork] = []
+        ended: list[float] = []
+        agents: list[Echo] = []
+
+        async def setup(container: aiomas.Container) -> None:
+            agents.append(Echo(container))
+
+        async def main(sim: Simulation) -> None:
+            networks.append(sim.network)
+            loop = asyncio.get_running_loop()
+            here, _ = await sim.start(2, setup)
+            proxy = await here.connect(agents[1].addr)
+            await proxy.echo("before the crashes")
+            await asyncio.sleep(1.3 - loop.time())  # restarted at 1.25
+            proxy = await here.connect(agents[-1].addr)
+            await proxy.echo("between the crashes")
+            time.sleep(pause)  # the loop blocks: real time passes
+            try:
+                await loop.create_future()  # until no timer is left
+            finally:
+                ended.append(loop.time())
+
+        with pytest.raises(SimulationStuck):
+            simulation.run(main, seed=0, plan=plan)
+        return networks[0].digest(), ended[0]
+
+    assert once(1.2) == once(0)
+
+
 # --- Each fault on one link ---------------------------------------------------------
 
 
