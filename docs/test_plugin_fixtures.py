@@ -10,6 +10,7 @@ module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiomas
 from aiomas.pytest_plugin import LocalContainerFactory, SteppingClock
@@ -63,6 +64,21 @@ class Heartbeat(aiomas.Agent):
         for _ in range(count):
             await clock.sleep(1)
             self.beats.append(clock.time())
+
+
+class Poller(aiomas.Agent):
+    """Every ten seconds of its container's clock, asks another agent."""
+
+    def __init__(self, container: aiomas.Container) -> None:
+        super().__init__(container)
+        self.answers: list[str] = []
+
+    async def run(self, addr: str) -> None:
+        clock = self.container.clock
+        other = await self.container.connect(addr)
+        while True:
+            await clock.sleep(10)
+            self.answers.append(await other.echo(f"t{clock.time():g}"))
 
 
 #
@@ -121,3 +137,20 @@ async def test_the_heartbeat_follows_the_clock(
     await aiomas_external_clock.advance(0.5)
     assert heartbeat.beats == [1, 2, 3]
     await task
+
+
+async def test_a_woken_agent_that_calls_another(
+    aiomas_clock_container: aiomas.Container,
+    aiomas_external_clock: SteppingClock,
+) -> None:
+    echo = Echo(aiomas_clock_container)
+    poller = Poller(aiomas_clock_container)
+    task = asyncio.ensure_future(poller.run(echo.addr))
+    await aiomas_external_clock.run_until_idle()  # it sleeps now
+    # Each wake-up makes an RPC call before the next sleep; advance() waits
+    # for that call, so no real time passes and nothing hangs:
+    await aiomas_external_clock.advance(30)
+    assert poller.answers == ["T10", "T20", "T30"]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import time
 
@@ -104,18 +103,17 @@ def run(
 ) -> tuple[int | str, str]:
     """Run the scenario with *seed* and *plan*; return the balance (or the
     error) and a digest of the message log."""
-    logs: list[list[simulation.LogEntry]] = []
+    networks: list[simulation.SimulatedNetwork] = []
 
     async def main(sim: simulation.Simulation) -> int:
-        logs.append(sim.log)
+        networks.append(sim.network)
         return await scenario(sim, fixed)
 
     try:
         outcome: int | str = simulation.run(main, seed=seed, plan=plan)
     except AssertionError as exc:
         outcome = str(exc)
-    digest = hashlib.sha256(repr(logs[0]).encode()).hexdigest()[:16]
-    return outcome, digest
+    return outcome, networks[0].digest()[:16]
 
 
 def main() -> None:

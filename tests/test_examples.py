@@ -19,12 +19,12 @@ from aiomas.testing import TIME_UNIT
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run_example(name: str, *args: str) -> str:
+def run_example(name: str, *args: str, timeout: float = 30) -> str:
     result = subprocess.run(
         [sys.executable, "-W", "error", str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -318,17 +318,18 @@ def test_container_script(unused_tcp_port: int) -> None:
 
 
 def _sweep(*args: str) -> tuple[int, int | None]:
-    """Run a seed sweep of simulation_ledger.py: (failures, first failing seed)."""
-    out = run_example("simulation_ledger.py", *args).splitlines()
+    """Run a seed sweep of simulation_ledger.py: (failures, first failing seed).
+    It must end within a minute (the issue's bound), even on a loaded machine."""
+    out = run_example("simulation_ledger.py", *args, timeout=60).splitlines()
     failures = int(out[0].split(": ")[1].split()[0])
     first = int(out[1].rsplit(" ", 1)[1]) if failures else None
     return failures, first
 
 
-def test_simulation_ledger_sweep_finds_replays_and_fixes(long_run: bool) -> None:
+def test_simulation_ledger_sweep_finds_replays_and_fixes() -> None:
     # The bug needs faults: a healthy network never shows it.
     assert _sweep("--healthy", "sweep", "--seeds", "20") == (0, None)
-    failures, seed = _sweep("sweep", "--seeds", "100")
+    failures, seed = _sweep("sweep", "--seeds", "1000")
     assert failures > 0
     assert seed is not None
     # The seed replays the failure, message by message, in any process.
@@ -348,9 +349,9 @@ def test_simulation_ledger_sweep_finds_replays_and_fixes(long_run: bool) -> None
         replays.append(result.stdout)
     assert replays[0] == replays[1]
     assert re.search(rf"buggy ledger, seed {seed}: balance \d+ != 390", replays[0])
-    # The fixed ledger passes every seed (1,000 of them with --aiomas-long).
-    seeds = "1000" if long_run else "100"
-    assert _sweep("--fixed", "sweep", "--seeds", seeds) == (0, None)
+    # The fixed ledger passes 1,000 seeds (in a few seconds: the sweep
+    # prints its wall time).
+    assert _sweep("--fixed", "sweep", "--seeds", "1000") == (0, None)
 
 
 def test_nats_containers(tmp_path: Path) -> None:

@@ -107,6 +107,28 @@ def test_a_reply_for_a_request_never_sent_is_a_violation() -> None:
     assert list(client.buffer_updated(0)) == []
 
 
+def test_a_repeated_reply_is_dropped() -> None:
+    # A network that delivers a message twice (or a peer that answers twice):
+    # the caller keeps the first answer, drops the rest and stays connected.
+    client = Connection(JSON())
+    first = client.send_request("a", "token a")
+    client.send_request("b", "token b")
+    events = list(
+        client.receive_data(
+            jframe([1, first, "A"])
+            + jframe([1, first, "again"])
+            + jframe([2, first, "failure"])
+            + jframe([1, 1, "B"])
+        )
+    )
+    assert events == [
+        ResultReceived(0, "A", "token a"),
+        ResultReceived(1, "B", "token b"),
+    ]
+    assert not client.closed
+    assert client.waiting_for_replies == 0
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -297,6 +298,89 @@ def test_the_same_seed_gives_the_same_run() -> None:
     assert other_log != log
 
 
+EVERY_FAULT = FaultPlan(
+    default=LinkFaults(
+        latency=0.01,
+        jitter=0.02,
+        jitter_shape="exponential",
+        drop=0.05,
+        duplicate=0.05,
+        reorder=0.3,
+    ),
+    links=((("sim-1", "sim-2"), LinkFaults(jitter=0.03, bandwidth=5000)),),
+    partitions=(
+        Partition(("sim-0", "sim-1"), ("sim-2", "sim-3"), start=0.3, duration=0.5),
+        Partition(("sim-2",), ("sim-0",), start=1.0, duration=0.2, one_way=True),
+    ),
+    crashes=(Crash("sim-3", at=0.5, restart_after=0.4),),
+    dead_peer_timeout=0.2,
+)
+
+
+def test_a_run_is_the_same_on_every_python() -> None:
+    """The digest of a run with every kind of fault is pinned: CI runs this
+    on each supported Python, so they all replay it message by message (the
+    network draws only with version-stable random methods, and nothing
+    iterates over a hash-ordered set)."""
+    logs: list[simulation.SimulatedNetwork] = []
+
+    async def main(sim: Simulation) -> list[str]:
+        logs.append(sim.network)
+        return await chatter(sim)
+
+    outcomes = simulation.run(main, seed=2024, plan=EVERY_FAULT)
+    events = collections.Counter(entry.event for entry in logs[0].log)
+    assert set(events) == {
+        "send", "deliver", "drop", "duplicate", "reorder", "cut", "reset",
+        "refuse", "crash", "restart",
+    }  # fmt: skip
+    assert len(outcomes) == 60
+    assert logs[0].digest() == (
+        "3974974c519a04b9c1eef1d058909105567d0463443fea14bf450062710fb94a"
+    )
+
+
+def test_real_time_does_not_change_a_run() -> None:
+    """Nothing in the library sets a timer by the wall clock (e.g. the
+    channel's memory trim after a connection ended): a run that takes longer
+    in real time is the same run, down to its last timer."""
+    plan = FaultPlan(
+        crashes=(
+            Crash("sim-1", at=1, restart_after=0.25),
+            Crash("sim-1", at=1.5, restart_after=0.25),
+        )
+    )
+
+    def once(pause: float) -> tuple[str, float]:
+        networks: list[simulation.SimulatedNetwork] = []
+        ended: list[float] = []
+        agents: list[Echo] = []
+
+        async def setup(container: aiomas.Container) -> None:
+            agents.append(Echo(container))
+
+        async def main(sim: Simulation) -> None:
+            networks.append(sim.network)
+            loop = asyncio.get_running_loop()
+            here, _ = await sim.start(2, setup)
+            proxy = await here.connect(agents[1].addr)
+            await proxy.echo("before the crashes")
+            await asyncio.sleep(1.3 - loop.time())  # restarted at 1.25
+            proxy = await here.connect(agents[-1].addr)
+            await proxy.echo("between the crashes")
+            time.sleep(pause)  # the loop blocks: real time passes
+            try:
+                await loop.create_future()  # until no timer is left
+            finally:
+                ended.append(loop.time())
+
+        with pytest.raises(SimulationStuck):
+            simulation.run(main, seed=0, plan=plan)
+        return networks[0].digest(), ended[0]
+
+    assert once(1.2) == once(0)
+
+
 # --- Each fault on one link ---------------------------------------------------------
 
 
@@ -442,6 +526,29 @@ def test_a_duplicated_frame_arrives_twice() -> None:
     on_link(plan, program)
 
 
+def test_duplicates_reach_handlers_twice_and_callers_once() -> None:
+    """At-least-once delivery: a duplicated request runs its handler twice;
+    the caller takes the first reply and drops the repeats (duplicated
+    replies, and the replies to the duplicated requests)."""
+    plan = FaultPlan(default=LinkFaults(duplicate=1.0))
+
+    async def main(sim: Simulation) -> None:
+        here, there = await sim.start(2)
+        echo = Echo(there)
+        proxy = await here.connect(echo.addr)
+        replies = [await proxy.echo(i) for i in range(5)]
+        assert replies == list(range(5))
+        assert echo.calls == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+        await asyncio.sleep(1)  # every repeat has arrived
+        assert await proxy.echo("still connected") == "still connected"
+        assert not {"reset", "eof"} & {e.event for e in sim.log}
+        # Every frame (a request, or one of the two replies to it) came twice.
+        kinds = collections.Counter(e.event for e in sim.log)
+        assert kinds["deliver"] == 2 * kinds["send"] == 2 * kinds["duplicate"]
+
+    simulation.run(main, seed=0, plan=plan)
+
+
 def test_reordered_frames_overtake_others_within_the_window() -> None:
     plan = FaultPlan(default=LinkFaults(latency=1, reorder=0.5, reorder_window=2))
 
@@ -474,6 +581,75 @@ def test_bandwidth_queues_frames() -> None:
             pytest.approx(2 * size / 1000),
         ]
 
+    on_link(plan, program)
+
+
+def test_a_slow_link_pauses_its_writer() -> None:
+    """Frames waiting for the link's bandwidth fill the writer's buffer, as
+    a socket's unsent data does: pause_writing() above the high-water mark,
+    resume_writing() at the low-water mark."""
+    plan = FaultPlan(default=LinkFaults(latency=0, bandwidth=1000))
+
+    async def main(sim: Simulation) -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        queue = local_queue.get_queue("slow")
+        sim.network.attach(queue)
+        flow: list[tuple[str, float]] = []
+        received: list[bytes] = []
+
+        class Writer(asyncio.Protocol):
+            def pause_writing(self) -> None:
+                flow.append(("pause", loop.time()))
+
+            def resume_writing(self) -> None:
+                flow.append(("resume", loop.time()))
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                received.append(data)
+
+        server = await local_queue.create_server(Sink, queue)
+        transport, _ = await local_queue.create_connection(Writer, queue)
+        transport.set_write_buffer_limits(high=2000, low=1200)
+        frame = wire.frame(b"x" * (300 - wire.HEADER_SIZE))
+        for _ in range(10):
+            transport.write(frame)
+        # 3,000 bytes wait; each frame takes 0.3 s to send.
+        assert transport.get_write_buffer_size() == 3000
+        assert flow == [("pause", 0)]
+        await asyncio.sleep(10)
+        assert len(received) == 10
+        assert transport.get_write_buffer_size() == 0
+        transport.close()
+        server.close()
+        await asyncio.sleep(1)
+        return flow
+
+    flow = simulation.run(main, seed=0, plan=plan)
+    # Under 1,200 bytes after the sixth frame left.
+    assert flow == [("pause", 0), ("resume", pytest.approx(1.8))]
+
+
+def test_drain_waits_for_a_slow_link() -> None:
+    plan = FaultPlan(default=LinkFaults(latency=0.1, bandwidth=100_000))
+
+    async def program(link: Link, client: channel.Channel) -> None:
+        loop = asyncio.get_running_loop()
+        reply = client.send("big")
+        await asyncio.sleep(1)
+        (request,) = link.requests
+        start = loop.time()
+        await request.reply("x" * 100_000)  # above the 64 KiB high-water mark
+        # It returns once at most 16 KiB wait (the low-water mark); the
+        # link sends a frame in slices of 4 KiB, as a socket sends segments.
+        size = wire.HEADER_SIZE + len(b'[1, 0, "' + b"x" * 100_000 + b'"]')
+        low, piece = 16 * 1024, 4 * 1024
+        elapsed = loop.time() - start
+        assert (size - low) / 100_000 <= elapsed <= (size - low + piece) / 100_000
+        assert await reply == "x" * 100_000
+        assert loop.time() - start == pytest.approx(size / 100_000 + 0.1)
+
+    program.answer = False  # type: ignore[attr-defined]
     on_link(plan, program)
 
 
@@ -614,6 +790,80 @@ def test_a_crashed_container_restarts() -> None:
         "8: ConnectionRefusedError",
         "12: 12",
     ]
+
+
+class Slow(aiomas.Agent):
+    @aiomas.expose
+    async def work(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+
+CUT_AT_5 = Partition(("sim-0",), ("sim-1",), start=5, duration=20)
+
+
+def test_a_call_across_a_partition_ends_with_its_deadline() -> None:
+    async def main(sim: Simulation) -> list[tuple[float, str]]:
+        here, there = await sim.start(2)
+        proxy = await here.connect(Echo(there).addr)
+        loop = asyncio.get_running_loop()
+        outcomes = []
+        for at in (6, 30):  # in the partition, after it healed
+            await asyncio.sleep(at - loop.time())
+            try:
+                async with aiomas.deadline(2):
+                    reply = await proxy.echo(at)
+                outcomes.append((loop.time(), reply))
+            except aiomas.DeadlineExceeded:
+                outcomes.append((loop.time(), "deadline exceeded"))
+        return outcomes
+
+    plan = FaultPlan(partitions=(CUT_AT_5,))
+    assert simulation.run(main, seed=0, plan=plan) == [
+        (8, "deadline exceeded"),
+        (pytest.approx(30.002), 30),  # the same connection: nothing was reset
+    ]
+
+
+def test_dead_peer_detection_fails_calls_across_a_partition() -> None:
+    async def main(sim: Simulation) -> list[str]:
+        here, there = await sim.start(2)
+        addr = Echo(there).addr
+        proxy = await here.connect(addr)
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(6)
+        outcomes = []
+        try:
+            await proxy.echo("lost")  # no timeout of its own
+        except ConnectionError as exc:
+            outcomes.append(f"{loop.time():g}: {type(exc).__name__}")
+        try:
+            await here.connect(addr)
+        except TimeoutError as exc:
+            outcomes.append(f"{loop.time():g}: {exc}")
+        await asyncio.sleep(26 - loop.time())  # healed at 25
+        proxy = await here.connect(addr)
+        outcomes.append(f"{loop.time():g}: {await proxy.echo('again')}")
+        return outcomes
+
+    plan = FaultPlan(partitions=(CUT_AT_5,), dead_peer_timeout=3)
+    assert simulation.run(main, seed=0, plan=plan) == [
+        "8: ConnectionLostError",  # a ConnectionResetError
+        "8: sim-0 cannot reach sim-1 (partition)",
+        "26.002: again",
+    ]
+
+
+def test_a_crash_fails_the_calls_in_flight() -> None:
+    async def main(sim: Simulation) -> float:
+        here, there = await sim.start(2)
+        proxy = await here.connect(Slow(there).addr)
+        with pytest.raises(ConnectionResetError, match="sim-1"):
+            await proxy.work(60)
+        return asyncio.get_running_loop().time()
+
+    plan = FaultPlan(crashes=(Crash("sim-1", at=5),))
+    assert simulation.run(main, seed=0, plan=plan) == 5
 
 
 def test_sweep_finds_the_failing_seeds() -> None:

@@ -13,9 +13,9 @@ import asyncio
 import ctypes
 import inspect
 import logging
+import math
 import os
 import sys
-import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -91,9 +91,13 @@ _CLOSE_TIMEOUT: Final = 10.0
 # 20 to 25 MiB more after 10,000 short connections (each with buffers of
 # 64 KiB and more), for good.  So a while after connections ended, it is asked
 # to give it back -- at most once per this many seconds (it takes about 1 ms
-# per 10 MiB freed).
+# per 10 MiB freed).  The interval is in each loop's own time, so that a loop
+# on virtual time (aiomas.simulation) sets the same timers in every run.
 _TRIM_INTERVAL: Final = 1.0
-_next_trim = 0.0  # time.monotonic() before which no trim is scheduled
+# Per loop: the loop.time() before which no trim is scheduled.
+_next_trims: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -112,11 +116,12 @@ _malloc_trim = _find_malloc_trim()
 def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:
     """Have free heap memory returned to the system in a while (a connection
     has ended and freed its buffers)."""
-    global _next_trim
-    now = time.monotonic()
-    if _malloc_trim is None or now < _next_trim:
+    if _malloc_trim is None:
         return
-    _next_trim = now + _TRIM_INTERVAL
+    now = loop.time()
+    if now < _next_trims.get(loop, -math.inf):
+        return
+    _next_trims[loop] = now + _TRIM_INTERVAL
     loop.call_later(_TRIM_INTERVAL, _malloc_trim, 0)
 
 

@@ -279,7 +279,11 @@ class Network(Protocol):
 
     def carry(self, route: Route, chunk: bytes) -> None:
         """An end wrote *chunk* to *route* (instead of it going to the
-        other end); deliver it later with :meth:`Route.deliver`, or never."""
+        other end); deliver it later with :meth:`Route.deliver`, or never.
+
+        Data the network holds back before sending it (a slow link) can
+        count for the writer's buffer and flow control, as a socket's unsent
+        data does: see :meth:`Route.buffered`."""
 
     def carry_end(self, route: Route) -> None:
         """The writing end of *route* closed it; pass that on with
@@ -331,6 +335,21 @@ class Route:
     def deliver_end(self) -> None:
         """Hand the end of the stream to the reading end (as :meth:`deliver`)."""
         self._pipe.arrive_end()
+
+    def buffered(self, nbytes: int) -> None:
+        """*nbytes* that the writer wrote wait in the network to be sent:
+        they count for the writer's buffer (``get_write_buffer_size()``, and
+        ``pause_writing()`` above its high-water mark) until :meth:`sent`.
+
+        Call it within :meth:`Network.carry`, so that the ``write()`` that
+        passed them finds its buffer full."""
+        self._pipe.buffered(nbytes)
+
+    def sent(self, nbytes: int) -> None:
+        """*nbytes* counted by :meth:`buffered` left the writer's buffer
+        (its ``resume_writing()`` comes at the low-water mark).  Nothing
+        happens once the connection was reset."""
+        self._pipe.taken(nbytes)
 
     def reset(self) -> None:
         """Reset the whole connection: both ends lose it with a
@@ -976,6 +995,12 @@ class _Pipe(asyncio.Queue[bytes | None]):
     def give_back(self, rest: bytes) -> None:
         """Put *rest*, the unread end of the chunk just received, first again."""
         self._remainder = rest
+
+    def buffered(self, nbytes: int) -> None:
+        """*nbytes* more wait in a :class:`Network` for the reader: they
+        count for the writer's buffer until :meth:`taken`."""
+        if not self._reset:
+            self.pending += nbytes
 
     def taken(self, nbytes: int) -> None:
         """The reader has taken *nbytes* more: they leave the writer's buffer."""

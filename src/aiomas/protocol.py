@@ -239,7 +239,8 @@ _NOT_PENDING: Final = object()
 
 
 class _LateReply(Exception):
-    """A reply to a request that we cancelled: dropped without an event."""
+    """A reply to a request that we cancelled or that was answered already:
+    dropped without an event."""
 
 
 def _valid_features(value: Any) -> frozenset[str] | None:
@@ -339,6 +340,7 @@ class Connection:
 
     __slots__ = (
         "_decode",
+        "_discarded",
         "_encode",
         "_extensions",
         "_held",
@@ -385,9 +387,16 @@ class Connection:
         self._next_id = 0
         # Ids of our requests that wait for a reply.  An id stays here until its
         # reply arrives or the connection ends, even if the caller gave up on
-        # it, so that a late reply is told from a reply to a request never sent.
+        # it (unless a cancel was sent), so that a late reply is told from a
+        # reply to a request never sent; an id below _next_id that is not here
+        # (nor discarded) was answered, and another reply for it is dropped
+        # (as is a reply for an id whose request could not be encoded: only a
+        # peer that makes ids up sends one, and it harms nobody).
         self._pending: dict[int, Any] = {}  # message id -> token
         self._pending_since = 0  # _next_id when _pending was made
+        # Ids below _next_id that never left (see discard_request()); made
+        # when the first one is discarded.
+        self._discarded: set[int] | None = None
         self._out: list[_Chunk] = []
         self.bytes_to_send = 0
         """Bytes waiting in :meth:`data_to_send` (read it; don't set it)."""
@@ -617,8 +626,11 @@ class Connection:
         try:
             token = pending.pop(msg_id)
         except KeyError:
-            if "cancel" in self._extensions and 0 <= msg_id < self._next_id:
-                # It crossed our cancel on the wire.
+            discarded = self._discarded
+            if 0 <= msg_id < self._next_id and not (discarded and msg_id in discarded):
+                # It crossed our cancel on the wire, or it repeats a reply
+                # that came already (a network that delivers a message
+                # twice, as the simulated one can): the caller has its answer.
                 raise _LateReply from None
             raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
         if not pending and self._next_id - self._pending_since > _FRESH_PENDING_AFTER:
@@ -751,14 +763,18 @@ class Connection:
             else:
                 on_data(frame)  # (what _release() would do, without a queue)
         except BaseException:
-            del self._pending[msg_id]  # It never left.
+            self.discard_request(msg_id)  # It never left.
             raise
         return msg_id
 
     def discard_request(self, message_id: int) -> None:
         """Forget our request *message_id*: it never left (writing it
-        failed), so no reply will come."""
-        self._pending.pop(message_id, None)
+        failed), so no reply will come (a reply for it is a violation)."""
+        if self._pending.pop(message_id, _NOT_PENDING) is _NOT_PENDING:
+            return
+        if self._discarded is None:
+            self._discarded = set()
+        self._discarded.add(message_id)
 
     def send_result(self, message_id: int, content: Any) -> None:
         """Answer request *message_id* with *content*.
@@ -975,7 +991,7 @@ class Connection:
         try:
             self._release()
         except BaseException:
-            del self._pending[msg_id]  # It never left.
+            self.discard_request(msg_id)  # It never left.
             raise
         return msg_id
 

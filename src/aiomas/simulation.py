@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import math
 import random
 import selectors
@@ -351,7 +352,11 @@ class LinkFaults:
             frames still in flight on its link.
         reorder_window: See *reorder*.
         bandwidth: Bytes per second a link sends (``None``: no limit); a
-            frame waits for the frames before it to be sent.
+            frame waits for the frames before it to be sent.  What waits
+            counts for the writer's buffer, as a socket's unsent data does:
+            above its high-water mark the writer's protocol gets
+            ``pause_writing()`` (so ``drain()`` waits), at the low-water mark
+            ``resume_writing()``.
     """
 
     latency: float = 0.001
@@ -466,6 +471,11 @@ class LogEntry:
 # --- The network --------------------------------------------------------------
 
 
+# The piece of a big write that leaves a slow link's writer buffer at once
+# (see SimulatedNetwork._hold()).
+_SEGMENT = 4096
+
+
 class _Link:
     """The state of one direction of one connection."""
 
@@ -519,6 +529,18 @@ class SimulatedNetwork(local_queue.Network):
                     self._reset_across,
                     partition,
                 )
+
+    def digest(self) -> str:
+        """A SHA-256 hex digest of the :attr:`log`: the same for the same
+        run on every supported Python and platform (compare it to tell
+        whether two runs were the same, message by message)."""
+        digest = hashlib.sha256()
+        for entry in self.log:
+            digest.update(
+                f"{entry.time!r} {entry.event} {entry.source} {entry.target} "
+                f"{entry.payload.hex()}\n".encode()
+            )
+        return digest.hexdigest()
 
     def attach(self, lq: LocalQueue) -> None:
         """Carry the data of new connections to *lq*."""
@@ -574,17 +596,29 @@ class SimulatedNetwork(local_queue.Network):
         link = self._links.get(route)
         if link is None:
             return  # reset by a crash or partition: the data is gone
+        faults = self.plan.link(route.source, route.target)
+        start = max(self._loop.time(), link.busy_until)
         try:
             payloads = link.reader.feed(chunk)
         except ProtocolError:
             # Not aiomas frames: carry them unharmed, like one frame.
-            self._schedule(
-                route, link, chunk, self.plan.link(route.source, route.target)
-            )
-            return
-        faults = self.plan.link(route.source, route.target)
-        for payload in payloads:
-            self._send_frame(route, link, bytes(payload), faults)
+            self._schedule(route, link, chunk, faults)
+        else:
+            for payload in payloads:
+                self._send_frame(route, link, bytes(payload), faults)
+        if faults.bandwidth is not None and link.busy_until > self._loop.time():
+            self._hold(route, len(chunk), start, link.busy_until)
+
+    def _hold(self, route: Route, size: int, start: float, end: float) -> None:
+        """The writer's buffer holds what waits for the link (flow control):
+        *size* bytes, which leave it from *start* to *end* in pieces, as a
+        socket sends segments.  (The bytes of a frame still incomplete count
+        as sent with the frames before them.)"""
+        route.buffered(size)
+        call_at = self._loop.call_at
+        for offset in range(_SEGMENT, size, _SEGMENT):
+            call_at(start + (end - start) * offset / size, route.sent, _SEGMENT)
+        call_at(end, route.sent, size - (size - 1) // _SEGMENT * _SEGMENT)
 
     def carry_end(self, route: Route) -> None:
         link = self._links.get(route)
