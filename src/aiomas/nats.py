@@ -46,6 +46,7 @@ import json
 import logging
 import re
 import ssl
+import struct
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -75,7 +76,7 @@ DEFAULT_PREFIX: Final = "aiomas"
 
 _SCHEMES: Final = ("nats", "tls")
 _NAME: Final = r"[A-Za-z0-9_-]+"
-_VERSION: Final = 1
+_VERSION: Final = 2
 
 
 def is_nats_url(addr: object) -> bool:
@@ -240,6 +241,7 @@ class MessagingClient(Protocol):
     """What aiomas needs of a NATS client (see ``aiomas._nats_client``)."""
 
     on_disconnect: Callable[[], None] | None
+    on_reconnect: Callable[[], None] | None
     on_close: Callable[[], None] | None
     on_pressure: Callable[[bool], None] | None
     paused: bool
@@ -296,7 +298,8 @@ class NatsLink:
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         client.on_disconnect = self._disconnected
-        client.on_close = self._disconnected
+        client.on_reconnect = self._reconnected
+        client.on_close = self._gone
         client.on_pressure = self._pressure
 
     def __repr__(self) -> str:
@@ -376,10 +379,22 @@ class NatsLink:
             transport.pressure(paused)
 
     def _disconnected(self) -> None:
+        # The connections stay: their heartbeats end them if the link does
+        # not come back in time (see NatsTransport).
+        logger.warning(
+            "NATS: %s lost its link to the server; reconnecting", self.config.name
+        )
+
+    def _reconnected(self) -> None:
+        logger.warning(
+            "NATS: %s reconnected to %s", self.config.name, self.client.connected_url
+        )
+        for transport in list(self._transports):
+            transport.resync()
+
+    def _gone(self) -> None:
         self._lose_all(
-            ConnectionResetError(
-                "The link to the NATS server broke (messages may have been lost)"
-            )
+            ConnectionResetError("The link to the NATS system is closed for good")
         )
 
     def _lose_all(self, exc: Exception) -> None:
@@ -597,8 +612,32 @@ def _decode(data: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# Messages on a session's inboxes (see the module docstring): a kind byte and
+# stream offsets (unsigned 64-bit, big-endian).
+_DATA: Final = b"D"  # offset, then the bytes at that offset of the stream
+_ACK: Final = b"A"  # what the sender of the ack has received
+_RESEND: Final = b"R"  # received, sent: resend what I lack; here is what I sent
+_END: Final = b"E"  # sent: the stream ends after that many bytes
+_BEAT: Final = b"H"  # sent, with a reply subject: answered with an ack
+_OFFSET: Final = struct.Struct(">cQ")
+_TWO_OFFSETS: Final = struct.Struct(">cQQ")
+ACK_EVERY: Final = 256 * 1024
+"""A receiver acknowledges at least every this many bytes (and with every
+heartbeat answer), so that the sender may forget them."""
+UNACKED_HIGH: Final = 8 * 2**20
+"""Writers are told to pause when this many bytes wait for an ack..."""
+UNACKED_LOW: Final = 2 * 2**20
+"""...and to resume when the acks brought it under this."""
+
+
 class NatsTransport(asyncio.Transport):
-    """One aiomas connection over a NATS link (see the module docstring)."""
+    """One aiomas connection over a NATS link (see the module docstring).
+
+    The byte stream survives a reconnect of either side's link (to the same
+    or another server): every piece carries its offset, the receiver drops
+    duplicates and asks for what it lacks, the sender keeps what was not
+    acknowledged yet and sends it again when asked.
+    """
 
     def __init__(
         self, link: NatsLink, protocol: asyncio.BaseProtocol, *, peername: str
@@ -616,7 +655,19 @@ class NatsTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._heartbeat: asyncio.Task[None] | None = None
+        self._link_paused = False
         self._writing_paused = False
+        # Sending: the offset of the next byte, and the pieces the peer has
+        # not acknowledged yet (offset, bytes), in order.
+        self._sent = 0
+        self._acked = 0
+        self._unacked: deque[tuple[int, bytes]] = deque()
+        self._unacked_size = 0
+        # Receiving: the bytes of the stream so far, up to where we told the
+        # peer, and when we last asked for a resend (and from where).
+        self._received = 0
+        self._received_acked = 0
+        self._asked: tuple[int, float] | None = None
 
     def __repr__(self) -> str:
         return f"NatsTransport({self.get_extra_info('peername')!r})"
@@ -624,7 +675,7 @@ class NatsTransport(asyncio.Transport):
     async def listen(self) -> None:
         """Subscribe to our inbox (before anybody knows it)."""
         self._unsubscribe = await self._link.client.subscribe(
-            self.inbox, self._received, self._overflow
+            self.inbox, self._received_message, self._overflow
         )
 
     async def discard(self) -> None:
@@ -645,23 +696,91 @@ class NatsTransport(asyncio.Transport):
             self._heartbeat = asyncio.ensure_future(self._beat())
             self._deliver_held()
 
+    @property
+    def stream_offsets(self) -> tuple[int, int, int]:
+        """Bytes sent, acknowledged by the peer, and received so far."""
+        return self._sent, self._acked, self._received
+
     # Receiving
 
-    def _received(self, data: bytes, reply: str) -> None:
+    def _received_message(self, data: bytes, reply: str) -> None:
         if self._lost:
             return
-        if reply:  # A heartbeat.
-            self._link.client.publish(reply, b"")
+        kind = data[:1]
+        try:
+            if kind == _DATA:
+                _, offset = _OFFSET.unpack_from(data)
+                self._received_data(offset, data, _OFFSET.size)
+            elif kind == _ACK:
+                self._acknowledged(_OFFSET.unpack(data)[1])
+            elif kind == _BEAT and reply:
+                sent = _OFFSET.unpack(data)[1]
+                self._publish(reply, _OFFSET.pack(_ACK, self._received))
+                self._received_acked = self._received
+                self._check_complete(sent)
+            elif kind == _RESEND:
+                _, received, sent = _TWO_OFFSETS.unpack(data)
+                self._resend(received)
+                self._check_complete(sent)
+            elif kind == _END:
+                self._received_end(_OFFSET.unpack(data)[1])
+            else:
+                raise ValueError(f"unknown message kind {kind!r}")
+        except (struct.error, ValueError) as exc:
+            logger.warning(
+                "NATS: %s sent a bad message (%s): %r",
+                self.get_extra_info("peername"),
+                exc,
+                data[:40],
+            )
+            self.lose(ConnectionResetError(f"The peer broke the NATS session: {exc}"))
+
+    def _received_data(self, offset: int, data: bytes, start: int) -> None:
+        received = self._received
+        end = offset + len(data) - start
+        if end <= received:
+            return  # Sent again: we have it.
+        if offset > received:
+            self._ask_for(received)  # Something before it was lost.
             return
-        # Held (an empty one for the end) until the connection is made --
-        # the answer to our connect request may come after the peer's first
-        # messages, through another subscription -- and while reading pauses.
+        piece = data[start + received - offset :]
+        self._received = end
+        self._asked = None
+        if end - self._received_acked >= ACK_EVERY:
+            self._received_acked = end
+            self._send_to_peer(_OFFSET.pack(_ACK, end))
+        # Held until the connection is made -- the answer to our connect
+        # request may come after the peer's first messages, through another
+        # subscription -- and while reading pauses.
         if not self._reading or self._held:
-            self._held.append(data)
-        elif data:
-            self._feed(data)
+            self._held.append(piece)
+        else:
+            self._feed(piece)
+
+    def _received_end(self, offset: int) -> None:
+        if offset > self._received:
+            self._ask_for(self._received)
+            return
+        if not self._reading or self._held:
+            self._held.append(b"")
         else:
             self._eof()
+
+    def _check_complete(self, sent: int) -> None:
+        """The peer has sent *sent* bytes: ask for what did not arrive."""
+        if sent > self._received:
+            self._ask_for(self._received)
+
+    def _ask_for(self, received: int) -> None:
+        """Ask the peer to send everything after *received* again (once per
+        gap and heartbeat interval: the answer takes a round trip)."""
+        now = self._loop.time()
+        asked = self._asked
+        interval = self._link.config.heartbeat_interval
+        if asked is not None and asked[0] == received and now - asked[1] < interval:
+            return
+        self._asked = (received, now)
+        self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, received, self._sent))
 
     def _eof(self) -> None:
         keep_open = cast(asyncio.Protocol, self._protocol).eof_received()
@@ -717,30 +836,77 @@ class NatsTransport(asyncio.Transport):
 
     # Sending
 
+    def _publish(self, subject: str, data: bytes) -> None:
+        self._link.client.publish(subject, data)
+
+    def _send_to_peer(self, data: bytes) -> None:
+        if self.peer_inbox is not None:
+            self._link.client.publish(self.peer_inbox, data)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self.peer_inbox is None:
             return
-        client = self._link.client
-        peer = self.peer_inbox
-        limit = client.max_payload
         size = len(data)
-        if size <= limit:
-            if size:
-                client.publish(peer, bytes(data))
+        if not size:
             return
+        limit = self._link.client.max_payload - _OFFSET.size
         view = memoryview(data)
         for start in range(0, size, limit):
-            client.publish(peer, bytes(view[start : start + limit]))
+            piece = bytes(view[start : start + limit])
+            self._unacked.append((self._sent, piece))
+            self._unacked_size += len(piece)
+            self._send_to_peer(_OFFSET.pack(_DATA, self._sent) + piece)
+            self._sent += len(piece)
+        if self._unacked_size > UNACKED_HIGH:
+            self._update_pressure()
 
     def writelines(
         self, list_of_data: Iterable[bytes | bytearray | memoryview]
     ) -> None:
         self.write(b"".join(list_of_data))
 
+    def _acknowledged(self, received: int) -> None:
+        """Forget what the peer has received."""
+        if received > self._sent:
+            raise ValueError(f"ack of {received} bytes, {self._sent} were sent")
+        if received <= self._acked:
+            return
+        self._acked = received
+        unacked = self._unacked
+        while unacked and unacked[0][0] + len(unacked[0][1]) <= received:
+            self._unacked_size -= len(unacked.popleft()[1])
+        if self._writing_paused and self._unacked_size <= UNACKED_LOW:
+            self._update_pressure()
+
+    def _resend(self, received: int) -> None:
+        """Send again what the peer lacks (after *received* bytes)."""
+        self._acknowledged(received)
+        for offset, piece in self._unacked:
+            skip = max(received - offset, 0)
+            self._send_to_peer(_OFFSET.pack(_DATA, offset + skip) + piece[skip:])
+
+    def resync(self) -> None:
+        """Our link is back (maybe through another server): tell the peer
+        what we have and have sent, so that each side resends what the
+        other lacks."""
+        if not self._lost and self.peer_inbox is not None:
+            self._asked = (self._received, self._loop.time())
+            self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, self._received, self._sent))
+
     def pressure(self, paused: bool) -> None:
-        """Tell the protocol to pause or resume writing: the link's send queue
-        is over its high-water mark, or back under its low-water mark."""
-        if paused == self._writing_paused or self._lost:
+        """The link's send queue is over its high-water mark (*paused*), or
+        back under its low-water mark: tell the protocol."""
+        self._link_paused = paused
+        self._update_pressure()
+
+    def _update_pressure(self) -> None:
+        if self._lost:
+            return
+        if self._writing_paused:
+            paused = self._link_paused or self._unacked_size > UNACKED_LOW
+        else:
+            paused = self._link_paused or self._unacked_size > UNACKED_HIGH
+        if paused == self._writing_paused:
             return
         self._writing_paused = paused
         protocol = self._protocol
@@ -787,13 +953,14 @@ class NatsTransport(asyncio.Transport):
             return
         self._lost = True
         link = self._link
-        if say_goodbye and self.peer_inbox is not None:
-            link.client.publish(self.peer_inbox, b"")
+        if say_goodbye:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
         link.discard(self)
         heartbeat = self._heartbeat
         if heartbeat is not None and heartbeat is not asyncio.current_task():
             heartbeat.cancel()
         self._held.clear()
+        self._unacked.clear()
         unsubscribe = self._unsubscribe
         if self.peer_inbox is not None:
             self._loop.call_soon(self._protocol.connection_lost, exc)
@@ -803,31 +970,50 @@ class NatsTransport(asyncio.Transport):
             task.add_done_callback(_ignore)
 
     async def _beat(self) -> None:
+        """Every heartbeat_interval, ask the peer what it has received; end
+        the connection when no answer came for interval + timeout seconds
+        (the peer is gone, or one of the links did not come back)."""
         config = self._link.config
         client = self._link.client
         peer = self.peer_inbox
         assert peer is not None
-        while not self._lost:
-            await asyncio.sleep(config.heartbeat_interval)
-            if self._lost or not client.is_connected:
-                continue
-            try:
-                await client.request(peer, b"", config.heartbeat_timeout)
-            except ConnectionRefusedError:
+        loop = self._loop
+        bound = config.heartbeat_interval + config.heartbeat_timeout
+        deadline = loop.time() + bound
+        why = "did not answer"
+        while True:
+            await asyncio.sleep(
+                max(min(config.heartbeat_interval, deadline - loop.time()), 0)
+            )
+            if self._lost:
+                return
+            if client.is_connected:
+                timeout = min(config.heartbeat_timeout, deadline - loop.time())
+                try:
+                    answer = await client.request(
+                        peer, _OFFSET.pack(_BEAT, self._sent), max(timeout, 0.01)
+                    )
+                except ConnectionRefusedError:
+                    why = "left the NATS system (no responders)"
+                except TimeoutError:
+                    why = "did not answer"
+                except ConnectionResetError as exc:
+                    self.lose(exc)
+                    return
+                else:
+                    self._received_message(answer, "")
+                    deadline = loop.time() + bound
+                    continue
+            else:
+                why = "is out of reach: our link to the NATS system is down"
+            if loop.time() >= deadline:
                 self.lose(
                     ConnectionResetError(
-                        f"{self.get_extra_info('peername')} left the NATS system"
+                        f"{self.get_extra_info('peername')} {why}: no heartbeat "
+                        f"answered for {bound:.3g} s"
                     )
                 )
-            except TimeoutError:
-                self.lose(
-                    ConnectionResetError(
-                        f"{self.get_extra_info('peername')} did not answer a "
-                        f"heartbeat within {config.heartbeat_timeout:.3g} s"
-                    )
-                )
-            except ConnectionResetError as exc:
-                self.lose(exc)
+                return
 
 
 def _ignore(task: asyncio.Future[Any]) -> None:
