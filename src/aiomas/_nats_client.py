@@ -328,11 +328,16 @@ class NatsPyClient:
         return data_
 
     async def gather(self, subject: str, data: bytes, wait: float) -> list[bytes]:
-        """Send *data* to *subject* and collect the answers that arrive
-        within *wait* seconds."""
+        """Send *data* to *subject* and collect the (non-empty) answers that
+        arrive within *wait* seconds."""
         inbox = self.new_inbox()
         answers: list[bytes] = []
-        unsubscribe = await self.subscribe(inbox, lambda data, _: answers.append(data))
+
+        def answered(data: bytes, reply: str) -> None:
+            if data:  # (Not the server's empty "no responders" status.)
+                answers.append(data)
+
+        unsubscribe = await self.subscribe(inbox, answered)
         try:
             self.publish(subject, data, inbox)
             await asyncio.sleep(wait)

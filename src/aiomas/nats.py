@@ -41,7 +41,9 @@ link is opened.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
+import functools
 import json
 import logging
 import re
@@ -56,6 +58,8 @@ from typing import Any, Final, Protocol, cast
 __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_PREFIX",
+    "SERVICES_PREFIX",
+    "SERVICE_VERSION",
     "MessagingClient",
     "NatsConfig",
     "NatsEndpoint",
@@ -72,11 +76,18 @@ logger = logging.getLogger("aiomas.nats")
 DEFAULT_PORT: Final = 4222
 """The port of a NATS server if a URL names none."""
 DEFAULT_PREFIX: Final = "aiomas"
-"""The first token of every subject that aiomas uses."""
+"""The first token of every subject that aiomas uses, and the name of the
+containers' service in NATS's services API."""
+SERVICES_PREFIX: Final = "$SRV"
+"""The subjects of NATS's services API (``$SRV.PING``, ``$SRV.INFO``,
+``$SRV.STATS``, each also ``.<service>`` and ``.<service>.<id>``)."""
+_VERSION: Final = 2
+SERVICE_VERSION: Final = f"{_VERSION}.0.0"
+"""The version every container gives in the services API: that of the
+session protocol on NATS."""
 
 _SCHEMES: Final = ("nats", "tls")
 _NAME: Final = r"[A-Za-z0-9_-]+"
-_VERSION: Final = 2
 
 
 def is_nats_url(addr: object) -> bool:
@@ -316,7 +327,7 @@ class NatsLink:
         return frozenset(self._transports)
 
     def subject(self, name: str, what: str) -> str:
-        """The subject *what* (``connect``, ``info``) of the container *name*."""
+        """The subject *what* (``connect``) of the container *name*."""
         return f"{self.config.prefix}.{name}.{what}"
 
     def endpoint(self, name: str) -> NatsEndpoint:
@@ -326,28 +337,49 @@ class NatsLink:
         return NatsEndpoint(self, check_name(name))
 
     async def discover(self, wait: float = 0.25) -> list[dict[str, Any]]:
-        """The ``info`` of every container on the system that answers within
-        *wait* seconds, by name."""
-        answers = await self.client.gather(f"{self.config.prefix}.discover", b"", wait)
+        """The :meth:`info` of every container on the system (with our
+        prefix) that answers the services API's ``INFO`` within *wait*
+        seconds, sorted by name."""
+        answers = await self.client.gather(
+            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}", b"", wait
+        )
         found: dict[str, dict[str, Any]] = {}
         for data in answers:
-            info = _decode(data)
-            if info is not None and isinstance(info.get("name"), str):
+            info = _container_info(data)
+            if info is not None:
                 found[info["name"]] = info
         return [found[name] for name in sorted(found)]
 
     async def info(self, name: str, timeout: float = 1.0) -> dict[str, Any]:  # noqa: ASYNC109
-        """The ``info`` of the container *name*.
+        """What the container *name* tells about itself: ``name``,
+        ``base_url``, ``agents`` (id to class name), ``agent_count`` and
+        ``service`` (its whole ``INFO`` answer of the services API).
 
         Raises:
             ConnectionRefusedError: if there is no such container.
             TimeoutError: if it does not answer within *timeout* seconds.
         """
-        data = await self.client.request(self.subject(name, "info"), b"", timeout)
-        info = _decode(data)
+        data = await self.client.request(
+            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}.{check_name(name)}",
+            b"",
+            timeout,
+        )
+        info = _container_info(data)
         if info is None:
             raise ConnectionResetError(f"{name!r} sent an undecodable info")
         return info
+
+    async def lookup(self, name: str, wait: float = 0.25) -> list[str]:
+        """The addresses of the agents called *name* (their id or their
+        class name) on every container that answers within *wait* seconds,
+        sorted."""
+        found = [
+            info["base_url"] + aid
+            for info in await self.discover(wait)
+            for aid, kind in info["agents"].items()
+            if name in (aid, kind)
+        ]
+        return sorted(found)
 
     def add(self, transport: NatsTransport) -> None:
         self._transports.add(transport)
@@ -494,7 +526,13 @@ class NatsServer(asyncio.AbstractServer):
         self._closed = self._loop.create_future()
         self._pending: set[asyncio.Task[None]] = set()
         self.info: Callable[[], dict[str, Any]] = dict
-        """Adds to the container's ``info`` (set by the container)."""
+        """Adds to the container's ``INFO`` answer (set by the container:
+        ``agents`` and ``agent_count``)."""
+        self._started = (
+            datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6]
+            + "Z"
+        )
+        self._accepted = self._refused = 0
         self.owns_link = False
         """Whether :meth:`wait_closed` closes the link too."""
 
@@ -504,7 +542,9 @@ class NatsServer(asyncio.AbstractServer):
     async def start(self) -> None:
         link = self.link
         try:
-            await link.info(self.name, timeout=link.config.connect_timeout)
+            await link.client.request(
+                self._control("PING"), b"", link.config.connect_timeout
+            )
         except ConnectionRefusedError:
             pass  # Nobody has the name: ours.
         except TimeoutError:
@@ -516,37 +556,77 @@ class NatsServer(asyncio.AbstractServer):
             )
         client = link.client
         self._unsubscribe = [
-            await client.subscribe(link.subject(self.name, "connect"), self._accept),
-            await client.subscribe(link.subject(self.name, "info"), self._answer_info),
-            await client.subscribe(f"{link.config.prefix}.discover", self._answer_info),
+            await client.subscribe(link.subject(self.name, "connect"), self._accept)
         ]
+        # The services API: every verb for all services, for ours, for us.
+        service = link.config.prefix
+        for verb in ("PING", "INFO", "STATS"):
+            answer = functools.partial(self._answer_control, verb)
+            for subject in (
+                f"{SERVICES_PREFIX}.{verb}",
+                f"{SERVICES_PREFIX}.{verb}.{service}",
+                self._control(verb),
+            ):
+                self._unsubscribe.append(await client.subscribe(subject, answer))
         # Serving starts when the server has our subscriptions: whoever hears
         # of us from now on finds us (nobody else shares our connection).
         await client.flush(link.config.connect_timeout)
         self._serving = True
 
-    def describe(self) -> dict[str, Any]:
-        """The container's ``info``: ``v``, ``name`` and what :attr:`info` adds."""
-        return {
-            **self.info(),
-            "v": _VERSION,
-            "name": self.name,
-            "base_url": f"nats://{self.name}/",
-        }
+    def _control(self, verb: str) -> str:
+        """Our subject of the services API's *verb*."""
+        return f"{SERVICES_PREFIX}.{verb}.{self.link.config.prefix}.{self.name}"
 
-    def _answer_info(self, data: bytes, reply: str) -> None:
-        if reply:
-            self.link.client.publish(reply, json.dumps(self.describe()).encode())
+    def describe(self, verb: str = "INFO") -> dict[str, Any]:
+        """The container's answer to the services API's *verb* (``PING``,
+        ``INFO`` or ``STATS``), with what :attr:`info` adds to ``INFO``."""
+        link = self.link
+        answer: dict[str, Any] = {
+            "type": f"io.nats.micro.v1.{verb.lower()}_response",
+            "name": link.config.prefix,
+            "id": self.name,
+            "version": SERVICE_VERSION,
+            "metadata": {"aiomas.base_url": f"nats://{self.name}/"},
+        }
+        endpoint = {
+            "name": "connect",
+            "subject": link.subject(self.name, "connect"),
+            "queue_group": "",
+        }
+        if verb == "INFO":
+            answer["description"] = "An aiomas container"
+            answer["endpoints"] = [{**endpoint, "metadata": {}}]
+            answer.update(self.info())
+        elif verb == "STATS":
+            answer["started"] = self._started
+            answer["endpoints"] = [
+                {
+                    **endpoint,
+                    "num_requests": self._accepted,
+                    "num_errors": self._refused,
+                    "last_error": "",
+                    "processing_time": 0,
+                    "average_processing_time": 0,
+                    "data": None,
+                }
+            ]
+        return answer
+
+    def _answer_control(self, verb: str, data: bytes, reply: str) -> None:
+        if reply and self._serving:
+            self.link.client.publish(reply, json.dumps(self.describe(verb)).encode())
 
     def _accept(self, data: bytes, reply: str) -> None:
         request = _decode(data)
         inbox = None if request is None else request.get("inbox")
         if not reply or not isinstance(inbox, str) or not self._serving:
+            self._refused += 1
             logger.warning(
                 "NATS: ignored a bad connect request to %s: %r", self.name, data[:200]
             )
             return
         peer = request.get("from") if request else None
+        self._accepted += 1
         task = asyncio.ensure_future(self._open(inbox, reply, peer))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -602,6 +682,26 @@ class NatsServer(asyncio.AbstractServer):
 
     async def serve_forever(self) -> None:
         await asyncio.shield(self._closed)
+
+
+def _container_info(data: bytes) -> dict[str, Any] | None:
+    """What :meth:`NatsLink.info` returns, from an ``INFO`` answer (``None``
+    if it is not a container's)."""
+    service = _decode(data)
+    if service is None:
+        return None
+    name = service.get("id")
+    agents = service.get("agents")
+    if not isinstance(name, str) or not isinstance(agents, dict):
+        return None
+    count = service.get("agent_count")
+    return {
+        "name": name,
+        "base_url": f"nats://{name}/",
+        "agents": agents,
+        "agent_count": count if isinstance(count, int) else len(agents),
+        "service": service,
+    }
 
 
 def _decode(data: bytes) -> dict[str, Any] | None:
