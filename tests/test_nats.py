@@ -866,6 +866,164 @@ async def test_user_and_password(tmp_path: Path) -> None:
             await good.shutdown(as_coro=True)
 
 
+async def test_a_token(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path, "token", settings="authorization { token: s3cr3t }")
+    with running(server):
+        base = f"127.0.0.1:{server.port}"
+        one = await aiomas.Container.create(f"nats://s3cr3t@{base}/one", as_coro=True)
+        two = await aiomas.Container.create(f"nats://s3cr3t@{base}/two", as_coro=True)
+        try:
+            proxy = await two.connect(Callee(one).addr)
+            assert await proxy.spam(1) == "spam"
+            with pytest.raises(PermissionError):
+                await aiomas.Container.create(f"nats://wrong@{base}/bad", as_coro=True)
+        finally:
+            await one.shutdown(as_coro=True)
+            await two.shutdown(as_coro=True)
+
+
+def _new_seed(kind: int) -> bytes:
+    """A fresh NKey seed of *kind* (nkeys.PREFIX_BYTE_USER, ...)."""
+    import os
+
+    import nkeys
+
+    seed: bytes = nkeys.encode_seed(os.urandom(32), kind)
+    return seed
+
+
+async def test_an_nkey(tmp_path: Path) -> None:
+    import nkeys
+
+    seed = _new_seed(nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    settings = f"authorization {{ users: [ {{ nkey: {public} }} ] }}"
+    server = NatsServer(tmp_path, "nkey", settings=settings)
+    with running(server):
+        base = f"127.0.0.1:{server.port}"
+        one = await aiomas.Container.create(
+            f"nats://{base}/one?nkey={seed_file}", as_coro=True
+        )
+        try:
+            two = await aiomas.Container.create(
+                NatsConfig.from_url(f"nats://{base}/two", nkey=str(seed_file)),
+                as_coro=True,
+            )
+            try:
+                proxy = await two.connect(Callee(one).addr)
+                assert await proxy.spam(1) == "spam"
+            finally:
+                await two.shutdown(as_coro=True)
+            other = tmp_path / "other.nk"
+            other.write_bytes(_new_seed(nkeys.PREFIX_BYTE_USER))
+            with pytest.raises(PermissionError):
+                await aiomas.Container.create(
+                    f"nats://{base}/bad?nkey={other}", as_coro=True
+                )
+        finally:
+            await one.shutdown(as_coro=True)
+
+
+def _jwt(claims: dict[str, Any], issuer: Any) -> str:
+    """A NATS JWT of *claims*, signed by the NKey pair *issuer*."""
+    import base64
+    import hashlib
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    claims = {"iat": int(time.time()), "iss": issuer.public_key.decode(), **claims}
+    body = json.dumps(claims, separators=(",", ":")).encode()
+    claims["jti"] = base64.b32encode(hashlib.sha256(body).digest()).decode().rstrip("=")
+    head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    payload = b64(json.dumps(claims, separators=(",", ":")).encode())
+    signature = issuer.sign(f"{head}.{payload}".encode())
+    return f"{head}.{payload}.{b64(signature)}"
+
+
+async def test_a_credentials_file(tmp_path: Path) -> None:
+    """Operator mode: an operator, an account and a user, their JWTs, and the
+    user's ``.creds`` file (JWT and seed), as ``nsc`` makes them."""
+    import nkeys
+
+    operator = nkeys.from_seed(bytearray(_new_seed(nkeys.PREFIX_BYTE_OPERATOR)))
+    account = nkeys.from_seed(bytearray(_new_seed(nkeys.PREFIX_BYTE_ACCOUNT)))
+    user_seed = _new_seed(nkeys.PREFIX_BYTE_USER)
+    user = nkeys.from_seed(bytearray(user_seed))
+    operator_jwt = _jwt(
+        {
+            "sub": operator.public_key.decode(),
+            "name": "op",
+            "nats": {"type": "operator", "version": 2},
+        },
+        operator,
+    )
+    account_public = account.public_key.decode()
+    account_jwt = _jwt(
+        {
+            "sub": account_public,
+            "name": "grid",
+            "nats": {
+                "type": "account",
+                "version": 2,
+                "limits": {"subs": -1, "conn": -1, "data": -1, "payload": -1},
+            },
+        },
+        operator,
+    )
+    user_jwt = _jwt(
+        {
+            "sub": user.public_key.decode(),
+            "name": "grid-a",
+            "nats": {
+                "type": "user",
+                "version": 2,
+                "pub": {},
+                "sub": {},
+                "subs": -1,
+                "data": -1,
+                "payload": -1,
+            },
+        },
+        account,
+    )
+    creds = tmp_path / "grid-a.creds"
+    creds.write_text(
+        "-----BEGIN NATS USER JWT-----\n"
+        f"{user_jwt}\n"
+        "------END NATS USER JWT------\n\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{user_seed.decode()}\n"
+        "------END USER NKEY SEED------\n"
+    )
+    settings = "\n".join(
+        [
+            f"operator: {operator_jwt}",
+            "resolver: MEMORY",
+            f"resolver_preload: {{ {account_public}: {account_jwt} }}",
+        ]
+    )
+    server = NatsServer(tmp_path, "operator", settings=settings)
+    with running(server):
+        base = f"127.0.0.1:{server.port}"
+        one = await aiomas.Container.create(
+            f"nats://{base}/one?creds={creds}", as_coro=True
+        )
+        two = await aiomas.Container.create(
+            f"nats://{base}/two?creds={creds}", as_coro=True
+        )
+        try:
+            proxy = await two.connect(Callee(one).addr)
+            assert await proxy.spam(1) == "spam"
+            with pytest.raises(PermissionError):
+                await aiomas.Container.create(f"nats://{base}/anonymous", as_coro=True)
+        finally:
+            await one.shutdown(as_coro=True)
+            await two.shutdown(as_coro=True)
+
+
 # --- a cluster of three servers -------------------------------------------------------
 
 

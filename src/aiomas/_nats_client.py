@@ -166,6 +166,8 @@ class NatsPyClient:
             options["token"] = config.token
         if config.creds is not None:
             options["user_credentials"] = config.creds
+        if config.nkey is not None:
+            options["nkeys_seed"] = config.nkey
         # Each server is tried twice at most; the bound is for safety.
         bound = (
             2

@@ -128,6 +128,9 @@ class NatsConfig:
     token: str | None = None
     creds: str | None = None
     """A NATS credentials file (JWT and NKey seed)."""
+    nkey: str | None = None
+    """A file with the NKey seed of the user (for a server that lists the
+    user's public NKey)."""
     tls: ssl.SSLContext | None = None
     """TLS to the servers (a ``tls://`` URL without it uses
     :func:`ssl.create_default_context`)."""
@@ -169,10 +172,10 @@ class NatsConfig:
 
         ``tls://`` instead of ``nats://`` uses TLS to the servers.  IPv6 hosts
         go in brackets; the port defaults to 4222.  OPTIONS (``&``-separated):
-        ``creds=PATH`` (a credentials file), ``prefix=TOKEN``,
-        ``heartbeat=SECONDS`` (the interval; the timeout is twice that),
-        ``tls_hostname=NAME``.  *overrides* set any other field (e.g.
-        ``tls=context``).
+        ``creds=PATH`` (a credentials file), ``nkey=PATH`` (an NKey seed
+        file), ``prefix=TOKEN``, ``heartbeat=SECONDS`` (the interval; the
+        timeout is twice that), ``tls_hostname=NAME``.  *overrides* set any
+        other field (e.g. ``tls=context``).
 
         Raises:
             ValueError: if *url* is not of that form.
@@ -206,8 +209,8 @@ class NatsConfig:
             query, strict_parsing=bool(query)
         ).items():
             value = values[-1]
-            if key == "creds":
-                settings["creds"] = value
+            if key in ("creds", "nkey"):
+                settings[key] = value
             elif key == "prefix":
                 settings["prefix"] = value
             elif key == "tls_hostname":
