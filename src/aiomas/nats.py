@@ -9,29 +9,27 @@ fed to its protocol.
 Sessions on subjects (``<prefix>`` is ``aiomas`` unless configured):
 
 - A container named ``c1`` subscribes to ``<prefix>.c1.connect``.  A client
-  subscribes to a fresh inbox, then sends a request ``{"v": 1, "inbox": ...,
+  subscribes to a fresh inbox, then sends a request ``{"v": 2, "inbox": ...,
   "from": ...}`` (JSON) there.  The container subscribes to a fresh inbox of its
-  own and answers ``{"v": 1, "inbox": ...}``.  From then on each side publishes
-  its bytes to the other's inbox.  Nobody subscribed ("no responders"): the
-  client gets :class:`ConnectionRefusedError`, as from a TCP port nobody
-  listens on.
-- A message with a payload is a piece of the byte stream (a write larger than
-  the server's ``max_payload`` is cut into several messages: nothing about
-  sizes changes); an empty message without reply subject is the end of the
-  stream (a close); an empty message with a reply subject is a heartbeat,
-  answered with an empty message.
-- Every ``heartbeat_interval`` seconds each side sends a heartbeat to the other
-  side's inbox.  "No responders" (the peer's NATS connection ended, so its
-  inbox is gone) or no answer within ``heartbeat_timeout`` seconds closes the
-  connection: calls pending on it fail with :class:`ConnectionResetError`
-  within ``heartbeat_interval + heartbeat_timeout`` seconds after a container
-  vanished.
-- When our own link to the NATS server breaks, every connection over it is
-  closed at once (messages may have been lost while the client reconnects);
-  the next :meth:`aiomas.agent.Container.connect` opens a new one.
-- ``<prefix>.c1.info`` answers with ``{"v": 1, "name": "c1", ...}`` (whatever
-  the container adds, e.g. its agents) and ``<prefix>.discover`` gets the
-  same from every container on the system (see :meth:`NatsLink.discover`).
+  own and answers ``{"v": 2, "inbox": ...}``.  From then on each side publishes
+  to the other's inbox.  Nobody subscribed ("no responders"): the client gets
+  :class:`ConnectionRefusedError`, as from a TCP port nobody listens on.
+- Each message on an inbox is a kind byte and stream offsets: ``D`` (data at
+  an offset; a write larger than the server's ``max_payload`` is cut into
+  several), ``A`` (acknowledged up to), ``R`` (resend after; I sent so
+  much), ``E`` (the end, a close) and ``H`` (a heartbeat, with a reply
+  subject; answered with an ``A``).  The receiver drops what it has and asks
+  for what it lacks; the sender keeps what is not acknowledged and sends it
+  again when asked, so the stream survives a reconnect of either side's link,
+  to the same server or another one of the cluster.
+- Every ``heartbeat_interval`` seconds each side sends a heartbeat to the
+  other.  No answer ("no responders", a timeout, or our own link down) for
+  ``heartbeat_interval + heartbeat_timeout`` seconds ends the connection:
+  calls pending on it fail with :class:`ConnectionResetError` within that
+  bound after a container vanished or a link broke for good.
+- Each container answers NATS's services API (``$SRV.PING``, ``$SRV.INFO``,
+  ``$SRV.STATS``) as an instance of the service ``<prefix>`` with its name
+  as id; its ``INFO`` lists its agents (see :meth:`NatsLink.discover`).
 
 The NATS client library sits behind :class:`MessagingClient`; nats-py, an
 optional dependency (``pip install 'aiomas[nats]'``), is imported only when a
