@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(nats_missing() is not None, reason=str(nats_miss
 
 WAIT = 10.0
 # Heartbeats for the tests that wait for one to fail (seconds).
-BEAT = 0.1
+BEAT = 0.25
 
 
 @pytest.fixture
@@ -428,7 +428,7 @@ async def test_a_peer_that_stops_answering_heartbeats_is_dropped(
             assert json.loads(requests[0])["from"] == "c"
             start = time.monotonic()
             with pytest.raises(
-                ConnectionResetError, match="did not answer: no heartbeat answered"
+                ConnectionResetError, match="did not answer: nothing heard from it"
             ):
                 await asyncio.wait_for(channel.send("anyone?"), WAIT)
             assert time.monotonic() - start < 2 * BEAT + 1
@@ -805,7 +805,7 @@ async def test_a_server_down_for_longer_fails_calls_within_the_bound(
         await asyncio.sleep(0.05)
         start = time.monotonic()
         own_server.kill()
-        with pytest.raises(ConnectionResetError, match="no heartbeat answered"):
+        with pytest.raises(ConnectionResetError, match="nothing heard from it"):
             await asyncio.wait_for(pending, WAIT)
         assert time.monotonic() - start < 4 * BEAT + 1
         own_server.start()
@@ -1105,7 +1105,7 @@ async def test_a_killed_subprocess_container_fails_calls_within_the_bound(
 ) -> None:
     """``python -m aiomas.subproc nats://...``: a container process on NATS,
     driven by a master on NATS; SIGKILL with calls in flight makes them fail
-    within the heartbeat interval, and a new process takes the name again."""
+    within interval + timeout, and a new process takes the name again."""
     from .test_subproc import CHILD_ENV, ROOT
     from .test_subproc import __name__ as subproc_tests
 
@@ -1128,7 +1128,7 @@ async def test_a_killed_subprocess_container_fails_calls_within_the_bound(
                 asyncio.gather(*calls, return_exceptions=True), WAIT
             )
             assert all(isinstance(r, ConnectionResetError) for r in results)
-            assert time.monotonic() - start < BEAT + 1
+            assert time.monotonic() - start < 3 * BEAT + 1
             process = await ContainerProcess.start(
                 url, "--log-level", "warning", env=CHILD_ENV, cwd=str(ROOT)
             )

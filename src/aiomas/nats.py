@@ -769,6 +769,7 @@ class NatsTransport(asyncio.Transport):
         self._received = 0
         self._received_acked = 0
         self._asked: tuple[int, float] | None = None
+        self._heard = self._loop.time()
 
     def __repr__(self) -> str:
         return f"NatsTransport({self.get_extra_info('peername')!r})"
@@ -807,6 +808,9 @@ class NatsTransport(asyncio.Transport):
     def _received_message(self, data: bytes, reply: str) -> None:
         if self._lost:
             return
+        # Whatever comes from the peer shows it is there (a busy peer may
+        # answer heartbeats late: they queue behind its data).
+        self._heard = self._loop.time()
         kind = data[:1]
         try:
             if kind == _DATA:
@@ -1072,8 +1076,9 @@ class NatsTransport(asyncio.Transport):
 
     async def _beat(self) -> None:
         """Every heartbeat_interval, ask the peer what it has received; end
-        the connection when no answer came for interval + timeout seconds
-        (the peer is gone, or one of the links did not come back)."""
+        the connection when nothing came from the peer for interval +
+        timeout seconds (it is gone, or one of the links did not come
+        back)."""
         config = self._link.config
         client = self._link.client
         peer = self.peer_inbox
@@ -1083,6 +1088,7 @@ class NatsTransport(asyncio.Transport):
         deadline = loop.time() + bound
         why = "did not answer"
         while True:
+            deadline = max(deadline, self._heard + bound)
             await asyncio.sleep(
                 max(min(config.heartbeat_interval, deadline - loop.time()), 0)
             )
@@ -1107,11 +1113,12 @@ class NatsTransport(asyncio.Transport):
                     continue
             else:
                 why = "is out of reach: our link to the NATS system is down"
+            deadline = max(deadline, self._heard + bound)
             if loop.time() >= deadline:
                 self.lose(
                     ConnectionResetError(
-                        f"{self.get_extra_info('peername')} {why}: no heartbeat "
-                        f"answered for {bound:.3g} s"
+                        f"{self.get_extra_info('peername')} {why}: nothing "
+                        f"heard from it for {bound:.3g} s"
                     )
                 )
                 return
