@@ -157,6 +157,8 @@ async def mesh_round(
     )
     elapsed = time.perf_counter() - start
     latencies.sort()
+    if not latencies:
+        return 0.0, float("nan"), float("nan")
     return (
         len(latencies) / elapsed,
         latencies[len(latencies) // 2] * 1000,
@@ -250,7 +252,7 @@ async def mesh(args: argparse.Namespace, url: str) -> None:
     sides: dict[str, Figures] = {k: {} for k in meshes}
     try:
         for kind in meshes:  # warm up
-            await mesh_round(meshes[kind][1], 0.2)
+            await mesh_round(meshes[kind][1], 1.0)
         for r in range(args.rounds):
             for kind in list(meshes)[r % 3 :] + list(meshes)[: r % 3]:
                 rate, p50, p99 = await mesh_round(meshes[kind][1], args.mesh_seconds)

@@ -78,6 +78,24 @@ async def links(
             await link.close()
 
 
+@contextlib.asynccontextmanager
+async def echo_channel(
+    server_link: aiomas.nats.NatsLink, client_link: aiomas.nats.NatsLink
+) -> AsyncIterator[aiomas.channel.Channel]:
+    """A channel from *client_link* to an echo server on *server_link*."""
+    name = server_link.config.name
+    server = await aiomas.channel.start_server(server_link.endpoint(name), echo_forever)
+    try:
+        channel = await aiomas.channel.open_connection(client_link.endpoint(name))
+        try:
+            yield channel
+        finally:
+            await channel.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def url_of(place: Place) -> str:
     return f"{place.nats_url}/%s?{place.nats_query}"
 
@@ -172,13 +190,7 @@ async def test_large_messages_are_cut_into_pieces_of_max_payload(
     with running(small):
         async with links(small.url, "server", "client") as (server_link, client_link):
             assert client_link.client.max_payload == 4096
-            server = await aiomas.channel.start_server(
-                server_link.endpoint("server"), echo_forever
-            )
-            channel = await aiomas.channel.open_connection(
-                client_link.endpoint("server")
-            )
-            try:
+            async with echo_channel(server_link, client_link) as channel:
                 big = "x" * 100_000 + "end"
                 sizes = [
                     await channel.send(big),
@@ -186,10 +198,6 @@ async def test_large_messages_are_cut_into_pieces_of_max_payload(
                 ]
                 assert sizes[0] == big
                 assert sizes[1:] == [i * "y" for i in range(50)]
-            finally:
-                await channel.close()
-                server.close()
-                await server.wait_closed()
 
 
 class LossyClient:
@@ -242,9 +250,7 @@ async def test_lost_pieces_of_the_stream_are_sent_again(
         lossy = aiomas.nats.NatsLink(
             cast(aiomas.nats.MessagingClient, lossy_client), config
         )
-        server = await aiomas.channel.start_server(s.endpoint("s"), echo_forever)
-        channel = await aiomas.channel.open_connection(lossy.endpoint("s"))
-        try:
+        async with echo_channel(s, lossy) as channel:
             # One at a time: each third request is the tail, found by a heartbeat.
             for i in range(6):
                 assert await asyncio.wait_for(channel.send(i), WAIT) == i
@@ -259,10 +265,6 @@ async def test_lost_pieces_of_the_stream_are_sent_again(
             await asyncio.sleep(3 * BEAT)  # A heartbeat answer acks it all.
             sent, acked, _ = transport.stream_offsets
             assert sent == acked
-        finally:
-            await channel.close()
-            server.close()
-            await server.wait_closed()
 
 
 async def test_messages_dropped_by_the_client_end_the_connection(
@@ -321,22 +323,18 @@ async def test_writers_wait_while_the_link_has_much_to_send(
 ) -> None:
     """Flow control: over the link's high-water mark, every connection over it
     is told to pause writing, and to resume under the low-water mark."""
-    async with links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c):
-        server = await aiomas.channel.start_server(s.endpoint("s"), echo_forever)
-        channel = await aiomas.channel.open_connection(c.endpoint("s"))
-        try:
-            c.client.high_water, c.client.low_water = 10_000, 1_000
-            protocol = channel.protocol
-            reply = channel.send("x" * 50_000)
-            assert protocol.writing_paused
-            assert channel.transport.get_write_buffer_size() > 10_000
-            assert await asyncio.wait_for(reply, WAIT) == "x" * 50_000
-            assert not protocol.writing_paused
-            assert channel.transport.get_write_buffer_size() == 0
-        finally:
-            await channel.close()
-            server.close()
-            await server.wait_closed()
+    async with (
+        links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c),
+        echo_channel(s, c) as channel,
+    ):
+        c.client.high_water, c.client.low_water = 10_000, 1_000
+        protocol = channel.protocol
+        reply = channel.send("x" * 50_000)
+        assert protocol.writing_paused
+        assert channel.transport.get_write_buffer_size() > 10_000
+        assert await asyncio.wait_for(reply, WAIT) == "x" * 50_000
+        assert not protocol.writing_paused
+        assert channel.transport.get_write_buffer_size() == 0
 
 
 async def test_the_default_max_payload_is_read_from_the_server(

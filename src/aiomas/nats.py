@@ -879,6 +879,8 @@ class NatsTransport(asyncio.Transport):
     def _ask_for(self, received: int) -> None:
         """Ask the peer to send everything after *received* again (once per
         gap and heartbeat interval: the answer takes a round trip)."""
+        if self.peer_inbox is None:
+            return  # Not started: the first heartbeat will tell.
         now = self._loop.time()
         asked = self._asked
         interval = self._link.config.heartbeat_interval
