@@ -66,13 +66,28 @@ def test_nats_against_tcp_prints_both() -> None:
         pytest.skip(str(nats_missing()))
     script = str(ROOT / "benchmarks" / "nats_vs_tcp.py")
     result = subprocess.run(
-        [sys.executable, "-W", "error", script, "--seconds", "0.05", "--rounds", "1"],
+        [
+            *(sys.executable, "-W", "error", script, "--seconds", "0.05"),
+            *("--rounds", "2", "--mesh-containers", "3", "--mesh-agents", "12"),
+            *("--mesh-seconds", "0.1"),
+        ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].split() == ["TCP", "NATS"]
-    assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]
+    lines = [line for line in result.stdout.splitlines() if line]
+    header = ["TCP", "TCP'", "NATS", "NATS/TCP", "A/A", "band"]
+    assert lines[0] == "Two containers, one agent each"
+    assert lines[1].split() == header
+    assert [line.split()[0] for line in lines[2:6]] == [
+        "sequential",
+        "p50",
+        "p99",
+        "100",
+    ]
+    assert lines[6].startswith("Mesh: 12 agents in 3 containers")
+    assert lines[7] == "Mesh"
+    assert lines[8].split() == header
+    assert [line.split()[0] for line in lines[9:]] == ["all", "p50", "p99"]
