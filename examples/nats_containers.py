@@ -65,12 +65,8 @@ async def main(server: str) -> None:
         assert link is not None
         found = await link.discover()
         print("on NATS:", ", ".join(info["name"] for info in found))
-        (warehouse_addr,) = [
-            info["base_url"] + aid
-            for info in found
-            for aid, kind in info["agents"].items()
-            if kind == "Warehouse"
-        ]
+        # Any container that has a Warehouse agent (NATS's services API).
+        (warehouse_addr,) = await link.lookup("Warehouse")
         warehouse = await office.connect(warehouse_addr)
         print(f"{warehouse}: {await warehouse.count('spam')} spam in stock")
         print(await warehouse.deliver("eggs", clerk))

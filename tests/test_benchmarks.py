@@ -71,10 +71,23 @@ def test_nats_against_tcp_prints_both() -> None:
 
     if nats_missing():
         pytest.skip(str(nats_missing()))
-    stdout = run_benchmark("nats_vs_tcp.py", "--seconds", "0.05", "--rounds", "1")
-    lines = stdout.splitlines()
-    assert lines[0].split() == ["TCP", "NATS"]
-    assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]
+    args = ["--seconds", "0.05", "--rounds", "2", "--mesh-containers", "3"]
+    args += ["--mesh-agents", "12", "--mesh-seconds", "0.1"]
+    stdout = run_benchmark("nats_vs_tcp.py", *args, timeout=120)
+    lines = [line for line in stdout.splitlines() if line]
+    header = ["TCP", "TCP'", "NATS", "NATS/TCP", "A/A", "band"]
+    assert lines[0] == "Two containers, one agent each"
+    assert lines[1].split() == header
+    assert [line.split()[0] for line in lines[2:6]] == [
+        "sequential",
+        "p50",
+        "p99",
+        "100",
+    ]
+    assert lines[6].startswith("Mesh: 12 agents in 3 containers")
+    assert lines[7] == "Mesh"
+    assert lines[8].split() == header
+    assert [line.split()[0] for line in lines[9:]] == ["all", "p50", "p99"]
 
 
 def test_the_deadlines_benchmark_prints_latencies_and_costs() -> None:

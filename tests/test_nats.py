@@ -16,9 +16,9 @@ import errno
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import arrow
 import pytest
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(nats_missing() is not None, reason=str(nats_miss
 
 WAIT = 10.0
 # Heartbeats for the tests that wait for one to fail (seconds).
-BEAT = 0.1
+BEAT = 0.25
 
 
 @pytest.fixture
@@ -76,6 +76,24 @@ async def links(
     finally:
         for link in opened:
             await link.close()
+
+
+@contextlib.asynccontextmanager
+async def echo_channel(
+    server_link: aiomas.nats.NatsLink, client_link: aiomas.nats.NatsLink
+) -> AsyncIterator[aiomas.channel.Channel]:
+    """A channel from *client_link* to an echo server on *server_link*."""
+    name = server_link.config.name
+    server = await aiomas.channel.start_server(server_link.endpoint(name), echo_forever)
+    try:
+        channel = await aiomas.channel.open_connection(client_link.endpoint(name))
+        try:
+            yield channel
+        finally:
+            await channel.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def url_of(place: Place) -> str:
@@ -172,13 +190,7 @@ async def test_large_messages_are_cut_into_pieces_of_max_payload(
     with running(small):
         async with links(small.url, "server", "client") as (server_link, client_link):
             assert client_link.client.max_payload == 4096
-            server = await aiomas.channel.start_server(
-                server_link.endpoint("server"), echo_forever
-            )
-            channel = await aiomas.channel.open_connection(
-                client_link.endpoint("server")
-            )
-            try:
+            async with echo_channel(server_link, client_link) as channel:
                 big = "x" * 100_000 + "end"
                 sizes = [
                     await channel.send(big),
@@ -186,10 +198,124 @@ async def test_large_messages_are_cut_into_pieces_of_max_payload(
                 ]
                 assert sizes[0] == big
                 assert sizes[1:] == [i * "y" for i in range(50)]
-            finally:
+
+
+class LossyClient:
+    """A real NATS client that loses the data messages *lose* picks (a fault
+    injector: what a link that breaks between two messages does)."""
+
+    def __init__(self, client: Any, lose: Callable[[bytes], bool]) -> None:
+        self._client = client
+        self._lose = lose
+        self.lost: list[bytes] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("on_"):
+            setattr(self._client, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        if data[:1] == b"D" and self._lose(data):
+            self.lost.append(data)
+            return
+        self._client.publish(subject, data, reply)
+
+
+async def test_lost_pieces_of_the_stream_are_sent_again(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """A piece lost on the way (a gap, or the tail) is asked for again and
+    resent; the calls end with their results, nothing arrives twice."""
+    async with links(
+        nats_server.url, "s", "c", prefix=nats_prefix, heartbeat_interval=BEAT
+    ) as (s, c):
+        config = c.config.with_name("lossy")
+        count = 0
+        lost_once: set[bytes] = set()
+
+        def every_third(data: bytes) -> bool:
+            """Every third piece, the first time it is sent."""
+            nonlocal count
+            count += 1
+            if count % 3 or data[:9] in lost_once:
+                return False
+            lost_once.add(data[:9])
+            return True
+
+        lossy_client = LossyClient(c.client, every_third)
+        lossy = aiomas.nats.NatsLink(
+            cast(aiomas.nats.MessagingClient, lossy_client), config
+        )
+        async with echo_channel(s, lossy) as channel:
+            # One at a time: each third request is the tail, found by a heartbeat.
+            for i in range(6):
+                assert await asyncio.wait_for(channel.send(i), WAIT) == i
+            # Many at once: the gaps are found by the pieces after them.
+            values = [f"v{i}" * i for i in range(60)]
+            results = await asyncio.wait_for(
+                asyncio.gather(*(channel.send(v) for v in values)), WAIT
+            )
+            assert results == values
+            assert len(lossy_client.lost) >= 2
+            (transport,) = lossy.transports
+            await asyncio.sleep(3 * BEAT)  # A heartbeat answer acks it all.
+            sent, acked, _ = transport.stream_offsets
+            assert sent == acked
+
+
+async def test_messages_dropped_by_the_client_end_the_connection(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """When nats-py drops messages of a subscription we did not read in time
+    (a slow consumer), the overflow callback of that subscription is called:
+    this checks that nats-py's SlowConsumerError still names the
+    subscription object that its subscribe() returned (``.sub``)."""
+    async with links(nats_server.url, "c", prefix=nats_prefix) as (c,):
+        client = cast(Any, c.client)
+        client.pending_bytes_limit = 4096
+        received: list[bytes] = []
+        overflowed = asyncio.Event()
+        subject = client.new_inbox()
+        unsubscribe = await client.subscribe(
+            subject, lambda data, _: received.append(data), overflowed.set
+        )
+        try:
+            for _ in range(500):
+                client.publish(subject, b"x" * 1024)
+            await asyncio.wait_for(overflowed.wait(), WAIT)
+            assert len(received) < 500
+        finally:
+            await unsubscribe()
+
+
+async def test_a_bad_message_on_a_session_ends_only_that_connection(
+    nats_server: NatsServer, nats_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c):
+        server = await aiomas.channel.start_server(s.endpoint("s"), echo_forever)
+        try:
+            for garbage in [b"X", b"D\x00", b"A" + (2**40).to_bytes(8, "big")]:
+                channel = await aiomas.channel.open_connection(c.endpoint("s"))
+                (transport,) = c.transports
+                pending = asyncio.ensure_future(channel.send("x" * 10))
+                await settle()
+                s.client.publish(transport.inbox, garbage)
+                with contextlib.suppress(ConnectionResetError):
+                    await asyncio.wait_for(pending, WAIT)
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(channel.send(1), WAIT)
                 await channel.close()
-                server.close()
-                await server.wait_closed()
+            assert caplog.text.count("sent a bad message") == 3
+            channel = await aiomas.channel.open_connection(c.endpoint("s"))
+            assert await channel.send(1) == 1
+            await channel.close()
+        finally:
+            server.close()
+            await server.wait_closed()
 
 
 async def test_writers_wait_while_the_link_has_much_to_send(
@@ -197,22 +323,18 @@ async def test_writers_wait_while_the_link_has_much_to_send(
 ) -> None:
     """Flow control: over the link's high-water mark, every connection over it
     is told to pause writing, and to resume under the low-water mark."""
-    async with links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c):
-        server = await aiomas.channel.start_server(s.endpoint("s"), echo_forever)
-        channel = await aiomas.channel.open_connection(c.endpoint("s"))
-        try:
-            c.client.high_water, c.client.low_water = 10_000, 1_000
-            protocol = channel.protocol
-            reply = channel.send("x" * 50_000)
-            assert protocol.writing_paused
-            assert channel.transport.get_write_buffer_size() > 10_000
-            assert await asyncio.wait_for(reply, WAIT) == "x" * 50_000
-            assert not protocol.writing_paused
-            assert channel.transport.get_write_buffer_size() == 0
-        finally:
-            await channel.close()
-            server.close()
-            await server.wait_closed()
+    async with (
+        links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c),
+        echo_channel(s, c) as channel,
+    ):
+        c.client.high_water, c.client.low_water = 10_000, 1_000
+        protocol = channel.protocol
+        reply = channel.send("x" * 50_000)
+        assert protocol.writing_paused
+        assert channel.transport.get_write_buffer_size() > 10_000
+        assert await asyncio.wait_for(reply, WAIT) == "x" * 50_000
+        assert not protocol.writing_paused
+        assert channel.transport.get_write_buffer_size() == 0
 
 
 async def test_the_default_max_payload_is_read_from_the_server(
@@ -304,7 +426,7 @@ async def test_a_peer_that_stops_answering_heartbeats_is_dropped(
             assert json.loads(requests[0])["from"] == "c"
             start = time.monotonic()
             with pytest.raises(
-                ConnectionResetError, match="did not answer a heartbeat"
+                ConnectionResetError, match="did not answer: nothing heard from it"
             ):
                 await asyncio.wait_for(channel.send("anyone?"), WAIT)
             assert time.monotonic() - start < 2 * BEAT + 1
@@ -449,7 +571,8 @@ async def test_a_vanished_container_fails_pending_calls_within_the_bound(
     fast_place: Place,
 ) -> None:
     """A container whose NATS connection ends without a goodbye (a process
-    that died): calls to it fail within heartbeat_interval + a round trip."""
+    that died): calls to it fail within heartbeat_interval +
+    heartbeat_timeout."""
     async with fast_place.containers(2) as (one, two):
         proxy = await two.connect(Callee(one).addr)
         pending = asyncio.ensure_future(proxy.slow_echo("never", 60))
@@ -460,7 +583,7 @@ async def test_a_vanished_container_fails_pending_calls_within_the_bound(
         await link.abort()
         with pytest.raises(ConnectionResetError, match="left the NATS system"):
             await asyncio.wait_for(pending, WAIT)
-        assert time.monotonic() - start < BEAT + 1
+        assert time.monotonic() - start < 3 * BEAT + 1
         await settle()
         assert state_of(two).pool.clients == {}
 
@@ -564,6 +687,63 @@ async def test_discover_containers_and_their_agents(place: Place) -> None:
         assert await (await one.connect(addr)).echo("hi") == "hi"
 
 
+async def test_containers_answer_the_services_api(place: Place) -> None:
+    """PING, INFO and STATS of NATS's services API ("micro"), for all
+    services, for the containers' service (the prefix) and for one container;
+    nats-py's own parsers of the answers read them."""
+    from nats.micro.service import ServiceInfo, ServicePing, ServiceStats
+
+    async with place.containers(2) as (one, two):
+        Echo(two)
+        link = nats_link(one)
+        assert link is not None
+        client = link.client
+        service = place.nats_query.partition("prefix=")[2].partition("&")[0]
+        assert service, place.nats_query
+
+        async def answers(subject: str) -> list[dict[str, Any]]:
+            found = [json.loads(a) for a in await client.gather(subject, b"", 0.25)]
+            return sorted(
+                (a for a in found if a.get("name") == service), key=lambda a: a["id"]
+            )
+
+        for subject in ["$SRV.PING", f"$SRV.PING.{service}"]:
+            pings = [ServicePing.from_dict(a) for a in await answers(subject)]
+            assert [(p.name, p.id) for p in pings] == [(service, "c1"), (service, "c2")]
+            assert pings[1].version == aiomas.nats.SERVICE_VERSION
+            assert pings[1].metadata == {"aiomas.base_url": "nats://c2/"}
+        (raw,) = await answers(f"$SRV.INFO.{service}.c2")
+        info = ServiceInfo.from_dict(raw)
+        assert raw["type"] == "io.nats.micro.v1.info_response"
+        assert [(e.name, e.subject) for e in info.endpoints] == [
+            ("connect", f"{service}.c2.connect")
+        ]
+        assert raw["agents"] == {"0": "Echo"}
+        # Two connections to c2 were accepted: the first one, and ours now.
+        await one.connect("nats://c2/0")
+        (raw,) = await answers(f"$SRV.STATS.{service}.c2")
+        stats = ServiceStats.from_dict(raw)
+        assert stats.id == "c2"
+        assert stats.endpoints[0].num_requests >= 1
+        assert stats.endpoints[0].num_errors == 0
+        assert await answers(f"$SRV.INFO.{service}.c3") == []
+
+
+async def test_look_up_an_agent_by_name(place: Place) -> None:
+    """By its class name (or its id) on every container of the system."""
+    async with place.containers(3) as (one, two, three):
+        Echo(two)
+        Echo(three)
+        Callee(three)
+        link = nats_link(one)
+        assert link is not None
+        assert await link.lookup("Echo") == ["nats://c2/0", "nats://c3/0"]
+        assert await link.lookup("Callee") == ["nats://c3/1"]
+        assert await link.lookup("Nobody") == []
+        (addr,) = await link.lookup("Callee")
+        assert await (await one.connect(addr)).spam(1) == "spam"
+
+
 async def test_other_prefixes_are_other_systems(place: Place) -> None:
     other = Place(
         "nats", count=5, nats_url=place.nats_url, nats_query="prefix=elsewhere"
@@ -580,20 +760,52 @@ async def test_other_prefixes_are_other_systems(place: Place) -> None:
 # --- the link to the server -----------------------------------------------------------
 
 
-async def test_a_killed_server_fails_calls_at_once(own_server: NatsServer) -> None:
-    """When our server dies, every connection over it ends (messages may be
-    lost while the client reconnects); pending calls fail at once."""
-    place = Place("nats", nats_url=own_server.url, nats_query="heartbeat=5")
+async def test_a_server_back_within_the_bound_keeps_connections_and_calls(
+    own_server: NatsServer,
+) -> None:
+    """Our server dies and comes back within heartbeat interval + timeout:
+    the connections over it go on, the call in flight and a call made
+    during the outage end with their results, the proxies keep working."""
+    place = Place("nats", nats_url=own_server.url, nats_query="heartbeat=2")
+    async with place.containers(2) as (one, two):
+        callee = Callee(one)
+        proxy = await two.connect(callee.addr)
+        back = await one.connect(Caller(two).addr)
+        in_flight = asyncio.ensure_future(proxy.slow_echo("in flight", 0.5))
+        await asyncio.sleep(0.05)
+        own_server.kill()
+        during = asyncio.ensure_future(proxy.slow_echo("during", 0))
+        await asyncio.sleep(0.2)
+        own_server.start()
+        assert await asyncio.wait_for(in_flight, WAIT) == "in flight"
+        assert await asyncio.wait_for(during, WAIT) == "during"
+        assert await proxy.spam(2) == "spamspam"
+        assert await back.call_back(callee, 1) == "SPAM"
+        link = nats_link(one)
+        assert link is not None
+        assert len(link.transports) == 2  # The same two connections.
+        for transport in link.transports:
+            sent, acked, received = transport.stream_offsets
+            assert sent >= acked > 0
+            assert received > 0
+
+
+async def test_a_server_down_for_longer_fails_calls_within_the_bound(
+    own_server: NatsServer,
+) -> None:
+    """Our server stays down: the calls pending over it fail with
+    ConnectionResetError within heartbeat interval + timeout (+ a
+    heartbeat interval); once it is back, containers reach each other again."""
+    place = Place("nats", nats_url=own_server.url, nats_query=f"heartbeat={BEAT}")
     async with place.containers(2) as (one, two):
         proxy = await two.connect(Callee(one).addr)
         pending = asyncio.ensure_future(proxy.slow_echo(1, 60))
         await asyncio.sleep(0.05)
         start = time.monotonic()
         own_server.kill()
-        with pytest.raises(ConnectionResetError, match="link to the NATS server broke"):
+        with pytest.raises(ConnectionResetError, match="nothing heard from it"):
             await asyncio.wait_for(pending, WAIT)
-        assert time.monotonic() - start < 1
-        # Back up: the containers reach each other again.
+        assert time.monotonic() - start < 4 * BEAT + 1
         own_server.start()
         proxy = await two.connect("nats://c1/0", timeout=WAIT)
         assert await proxy.spam(1) == "spam"
@@ -652,18 +864,178 @@ async def test_user_and_password(tmp_path: Path) -> None:
             await good.shutdown(as_coro=True)
 
 
+async def test_a_token(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path, "token", settings="authorization { token: s3cr3t }")
+    with running(server):
+        base = f"127.0.0.1:{server.port}"
+        one = await aiomas.Container.create(f"nats://s3cr3t@{base}/one", as_coro=True)
+        two = await aiomas.Container.create(f"nats://s3cr3t@{base}/two", as_coro=True)
+        try:
+            proxy = await two.connect(Callee(one).addr)
+            assert await proxy.spam(1) == "spam"
+            with pytest.raises(PermissionError):
+                await aiomas.Container.create(f"nats://wrong@{base}/bad", as_coro=True)
+        finally:
+            await one.shutdown(as_coro=True)
+            await two.shutdown(as_coro=True)
+
+
+def _new_seed(kind: int) -> bytes:
+    """A fresh NKey seed of *kind* (nkeys.PREFIX_BYTE_USER, ...)."""
+    import os
+
+    import nkeys
+
+    seed: bytes = nkeys.encode_seed(os.urandom(32), kind)
+    return seed
+
+
+async def test_an_nkey(tmp_path: Path) -> None:
+    import nkeys
+
+    seed = _new_seed(nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    settings = f"authorization {{ users: [ {{ nkey: {public} }} ] }}"
+    server = NatsServer(tmp_path, "nkey", settings=settings)
+    with running(server):
+        base = f"127.0.0.1:{server.port}"
+        one = await aiomas.Container.create(
+            f"nats://{base}/one?nkey={seed_file}", as_coro=True
+        )
+        try:
+            two = await aiomas.Container.create(
+                NatsConfig.from_url(f"nats://{base}/two", nkey=str(seed_file)),
+                as_coro=True,
+            )
+            try:
+                proxy = await two.connect(Callee(one).addr)
+                assert await proxy.spam(1) == "spam"
+            finally:
+                await two.shutdown(as_coro=True)
+            other = tmp_path / "other.nk"
+            other.write_bytes(_new_seed(nkeys.PREFIX_BYTE_USER))
+            with pytest.raises(PermissionError):
+                await aiomas.Container.create(
+                    f"nats://{base}/bad?nkey={other}", as_coro=True
+                )
+        finally:
+            await one.shutdown(as_coro=True)
+
+
+def _jwt(claims: dict[str, Any], issuer: Any) -> str:
+    """A NATS JWT of *claims*, signed by the NKey pair *issuer*."""
+    import base64
+    import hashlib
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    claims = {"iat": int(time.time()), "iss": issuer.public_key.decode(), **claims}
+    body = json.dumps(claims, separators=(",", ":")).encode()
+    claims["jti"] = base64.b32encode(hashlib.sha256(body).digest()).decode().rstrip("=")
+    head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    payload = b64(json.dumps(claims, separators=(",", ":")).encode())
+    signature = issuer.sign(f"{head}.{payload}".encode())
+    return f"{head}.{payload}.{b64(signature)}"
+
+
+async def test_a_credentials_file(tmp_path: Path) -> None:
+    """Operator mode: an operator, an account and a user, their JWTs, and the
+    user's ``.creds`` file (JWT and seed), as ``nsc`` makes them."""
+    import nkeys
+
+    operator = nkeys.from_seed(bytearray(_new_seed(nkeys.PREFIX_BYTE_OPERATOR)))
+    account = nkeys.from_seed(bytearray(_new_seed(nkeys.PREFIX_BYTE_ACCOUNT)))
+    user_seed = _new_seed(nkeys.PREFIX_BYTE_USER)
+    user = nkeys.from_seed(bytearray(user_seed))
+    operator_jwt = _jwt(
+        {
+            "sub": operator.public_key.decode(),
+            "name": "op",
+            "nats": {"type": "operator", "version": 2},
+        },
+        operator,
+    )
+    account_public = account.public_key.decode()
+    account_jwt = _jwt(
+        {
+            "sub": account_public,
+            "name": "grid",
+            "nats": {
+                "type": "account",
+                "version": 2,
+                "limits": {"subs": -1, "conn": -1, "data": -1, "payload": -1},
+            },
+        },
+        operator,
+    )
+    user_jwt = _jwt(
+        {
+            "sub": user.public_key.decode(),
+            "name": "grid-a",
+            "nats": {
+                "type": "user",
+                "version": 2,
+                "pub": {},
+                "sub": {},
+                "subs": -1,
+                "data": -1,
+                "payload": -1,
+            },
+        },
+        account,
+    )
+    creds = tmp_path / "grid-a.creds"
+    creds.write_text(
+        "-----BEGIN NATS USER JWT-----\n"
+        f"{user_jwt}\n"
+        "------END NATS USER JWT------\n\n"
+        "-----BEGIN USER NKEY SEED-----\n"
+        f"{user_seed.decode()}\n"
+        "------END USER NKEY SEED------\n"
+    )
+    settings = "\n".join(
+        [
+            f"operator: {operator_jwt}",
+            "resolver: MEMORY",
+            f"resolver_preload: {{ {account_public}: {account_jwt} }}",
+        ]
+    )
+    server = NatsServer(tmp_path, "operator", settings=settings)
+    with running(server):
+        base = f"127.0.0.1:{server.port}"
+        one = await aiomas.Container.create(
+            f"nats://{base}/one?creds={creds}", as_coro=True
+        )
+        two = await aiomas.Container.create(
+            f"nats://{base}/two?creds={creds}", as_coro=True
+        )
+        try:
+            proxy = await two.connect(Callee(one).addr)
+            assert await proxy.spam(1) == "spam"
+            with pytest.raises(PermissionError):
+                await aiomas.Container.create(f"nats://{base}/anonymous", as_coro=True)
+        finally:
+            await one.shutdown(as_coro=True)
+            await two.shutdown(as_coro=True)
+
+
 # --- a cluster of three servers -------------------------------------------------------
 
 
 async def test_a_cluster_with_one_server_killed_during_calls(tmp_path: Path) -> None:
     """Containers on three servers of a cluster call each other; one server
-    dies: calls between the others go on, calls of the container on it fail
-    cleanly at once, and once it has reconnected to another server, it is
-    reachable again under its name."""
+    dies during calls: the container on it reconnects to another server, its
+    subscriptions are restored, the calls in flight end with their results
+    (the streams resend what was lost) and every proxy obtained before keeps
+    working; nothing waits longer than the documented bound."""
     servers = cluster(tmp_path, 3)
+    beat = 1.0
     with running(*servers):
         urls = [
-            f"nats://127.0.0.1:{s.port}/c{i}?heartbeat={BEAT}"
+            f"nats://127.0.0.1:{s.port}/c{i}?heartbeat={beat}"
             for i, s in enumerate(servers)
         ]
         containers = [await aiomas.Container.create(url, as_coro=True) for url in urls]
@@ -678,33 +1050,46 @@ async def test_a_cluster_with_one_server_killed_during_calls(tmp_path: Path) -> 
             }
             for proxy in proxies.values():
                 assert await proxy.spam(1) == "spam"
-            survivors = [(0, 1), (1, 0)]
-            doomed = [pair for pair in proxies if 2 in pair]
-            going_on = [
-                asyncio.ensure_future(proxies[p].slow_echo(p, 0.3)) for p in survivors
-            ]
-            pending = [
-                asyncio.ensure_future(proxies[p].slow_echo(p, 60)) for p in doomed
-            ]
-            await asyncio.sleep(0.05)
+            calls = {
+                pair: asyncio.ensure_future(proxy.slow_echo(list(pair), 0.5))
+                for pair, proxy in proxies.items()
+            }
+            await asyncio.sleep(0.1)
             start = time.monotonic()
             servers[2].kill()
-            results = await asyncio.wait_for(
-                asyncio.gather(*pending, return_exceptions=True), WAIT
-            )
-            assert all(isinstance(r, ConnectionResetError) for r in results), results
-            assert time.monotonic() - start < 1 + 3 * BEAT
-            assert await asyncio.wait_for(asyncio.gather(*going_on), WAIT) == [
-                list(p) for p in survivors
+            # Calls made while c2 reconnects, both ways.
+            during = [
+                asyncio.ensure_future(proxies[pair].spam(3))
+                for pair in [(2, 0), (0, 2), (1, 2)]
             ]
-            for pair in survivors:
-                assert await proxies[pair].spam(2) == "spamspam"
-            # c2 reconnects to n0 or n1 and is reachable again.
-            again = await containers[0].connect(callees[2].addr, timeout=WAIT)
-            assert await again.spam(1) == "spam"
+            # The bound: interval + timeout (3 * beat), and a heartbeat more.
+            bound = 4 * beat + 1
+            results = await asyncio.wait_for(asyncio.gather(*calls.values()), bound)
+            assert results == [list(pair) for pair in calls]
+            assert (
+                await asyncio.wait_for(asyncio.gather(*during), bound)
+                == ["spamspamspam"] * 3
+            )
+            assert time.monotonic() - start < bound
             link = nats_link(containers[2])
             assert link is not None
-            assert link.client.connected_url != servers[2].url
+            assert link.client.connected_url in {servers[0].url, servers[1].url}
+            # Every proxy obtained before the switch still works.
+            for proxy in proxies.values():
+                assert await proxy.spam(2) == "spamspam"
+            # c2's subscriptions were restored: a newcomer finds and reaches it.
+            newcomer = await aiomas.Container.create(
+                f"{servers[0].url}/c3?heartbeat={beat}", as_coro=True
+            )
+            try:
+                link = nats_link(newcomer)
+                assert link is not None
+                found = await link.discover()
+                assert [info["name"] for info in found] == ["c0", "c1", "c2", "c3"]
+                proxy = await newcomer.connect(callees[2].addr, timeout=WAIT)
+                assert await proxy.spam(1) == "spam"
+            finally:
+                await newcomer.shutdown(as_coro=True)
         finally:
             for container in containers:
                 await container.shutdown(as_coro=True)
@@ -718,7 +1103,7 @@ async def test_a_killed_subprocess_container_fails_calls_within_the_bound(
 ) -> None:
     """``python -m aiomas.subproc nats://...``: a container process on NATS,
     driven by a master on NATS; SIGKILL with calls in flight makes them fail
-    within the heartbeat interval, and a new process takes the name again."""
+    within interval + timeout, and a new process takes the name again."""
     from .test_subproc import CHILD_ENV, ROOT
     from .test_subproc import __name__ as subproc_tests
 
@@ -741,7 +1126,7 @@ async def test_a_killed_subprocess_container_fails_calls_within_the_bound(
                 asyncio.gather(*calls, return_exceptions=True), WAIT
             )
             assert all(isinstance(r, ConnectionResetError) for r in results)
-            assert time.monotonic() - start < BEAT + 1
+            assert time.monotonic() - start < 3 * BEAT + 1
             process = await ContainerProcess.start(
                 url, "--log-level", "warning", env=CHILD_ENV, cwd=str(ROOT)
             )

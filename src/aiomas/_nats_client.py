@@ -73,12 +73,19 @@ class NatsPyClient:
         self._outgoing: deque[tuple[str, bytes, str]] = deque()
         self._wake = asyncio.Event()
         self._writer = asyncio.ensure_future(self._write_loop())
+        # What to call when nats-py dropped messages of a subscription, by
+        # the id() of the subscription object.
         self._overflow: dict[int, Callable[[], None]] = {}
         # Flow control: bytes queued here, and whether writers were told to
         # wait (the NATS socket is slower than they are).
         self._queued = 0
+        self.closing = False
+        """Whether :meth:`close` or :meth:`abort` was called."""
         self.paused = False
         """Whether more than :attr:`high_water` bytes wait to be sent."""
+        self.pending_bytes_limit = 128 * 2**20
+        """What nats-py may hold for one subscription that we did not read
+        yet; beyond it, it drops messages (and the connection ends)."""
         self.high_water = 4 * 2**20
         self.low_water = 2**20
         self.on_pressure: Callable[[bool], None] | None = None
@@ -86,6 +93,9 @@ class NatsPyClient:
         it ends."""
         self.on_disconnect: Callable[[], None] | None = None
         """Called when the link to the server broke (nats-py reconnects)."""
+        self.on_reconnect: Callable[[], None] | None = None
+        """Called when the link is back (maybe to another server), with our
+        subscriptions restored."""
         self.on_close: Callable[[], None] | None = None
         """Called when the client has given up for good (or was closed)."""
 
@@ -115,13 +125,18 @@ class NatsPyClient:
                     attempt.cancel()
                 return
             if isinstance(exc, nats.errors.SlowConsumerError):
-                holder[0].slow_consumer(exc.sid)
+                holder[0].slow_consumer(exc.sub)
                 return
             logger.warning("NATS: %s", exc or type(exc).__name__)
 
         async def disconnected_cb() -> None:
-            if holder and holder[0].on_disconnect is not None:
+            # (nats-py calls it when we close, too.)
+            if holder and not holder[0].closing and holder[0].on_disconnect:
                 holder[0].on_disconnect()
+
+        async def reconnected_cb() -> None:
+            if holder and holder[0].on_reconnect is not None:
+                holder[0].on_reconnect()
 
         async def closed_cb() -> None:
             if holder and holder[0].on_close is not None:
@@ -132,6 +147,7 @@ class NatsPyClient:
             "name": config.name,
             "error_cb": error_cb,
             "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb,
             "closed_cb": closed_cb,
             "connect_timeout": config.connect_timeout,
             "reconnect_time_wait": config.reconnect_time_wait,
@@ -150,6 +166,8 @@ class NatsPyClient:
             options["token"] = config.token
         if config.creds is not None:
             options["user_credentials"] = config.creds
+        if config.nkey is not None:
+            options["nkeys_seed"] = config.nkey
         # Each server is tried twice at most; the bound is for safety.
         bound = (
             2
@@ -231,8 +249,11 @@ class NatsPyClient:
         # Flush what we published before, so that the server takes the
         # subscription after it (the order of a connect request's steps).
         await self._drain_outgoing()
-        sub = await self._nc.subscribe(subject, cb=on_message)
-        sid = sub._id  # noqa: SLF001 (nats-py's subscription id, for error_cb)
+        sub = await self._nc.subscribe(
+            subject, cb=on_message, pending_bytes_limit=self.pending_bytes_limit
+        )
+        # nats-py's SlowConsumerError names the subscription object (.sub).
+        sid = id(sub)
         if overflow is not None:
             self._overflow[sid] = overflow
         done = False
@@ -278,8 +299,10 @@ class NatsPyClient:
         finally:
             await unsubscribe()
 
-    def slow_consumer(self, sid: int) -> None:
-        overflow = self._overflow.pop(sid, None)
+    def slow_consumer(self, sub: object) -> None:
+        """nats-py dropped messages of the subscription *sub* (the object
+        its ``subscribe()`` returned): tell its *overflow* callback."""
+        overflow = self._overflow.pop(id(sub), None)
         if overflow is not None:
             overflow()
 
@@ -307,11 +330,16 @@ class NatsPyClient:
         return data_
 
     async def gather(self, subject: str, data: bytes, wait: float) -> list[bytes]:
-        """Send *data* to *subject* and collect the answers that arrive
-        within *wait* seconds."""
+        """Send *data* to *subject* and collect the (non-empty) answers that
+        arrive within *wait* seconds."""
         inbox = self.new_inbox()
         answers: list[bytes] = []
-        unsubscribe = await self.subscribe(inbox, lambda data, _: answers.append(data))
+
+        def answered(data: bytes, reply: str) -> None:
+            if data:  # (Not the server's empty "no responders" status.)
+                answers.append(data)
+
+        unsubscribe = await self.subscribe(inbox, answered)
         try:
             self.publish(subject, data, inbox)
             await asyncio.sleep(wait)
@@ -321,6 +349,7 @@ class NatsPyClient:
 
     async def close(self) -> None:
         """Send what is still queued, then close the connection."""
+        self.closing = True
         try:
             await self._drain_outgoing()
             if self._nc.is_connected:

@@ -9,29 +9,27 @@ fed to its protocol.
 Sessions on subjects (``<prefix>`` is ``aiomas`` unless configured):
 
 - A container named ``c1`` subscribes to ``<prefix>.c1.connect``.  A client
-  subscribes to a fresh inbox, then sends a request ``{"v": 1, "inbox": ...,
+  subscribes to a fresh inbox, then sends a request ``{"v": 2, "inbox": ...,
   "from": ...}`` (JSON) there.  The container subscribes to a fresh inbox of its
-  own and answers ``{"v": 1, "inbox": ...}``.  From then on each side publishes
-  its bytes to the other's inbox.  Nobody subscribed ("no responders"): the
-  client gets :class:`ConnectionRefusedError`, as from a TCP port nobody
-  listens on.
-- A message with a payload is a piece of the byte stream (a write larger than
-  the server's ``max_payload`` is cut into several messages: nothing about
-  sizes changes); an empty message without reply subject is the end of the
-  stream (a close); an empty message with a reply subject is a heartbeat,
-  answered with an empty message.
-- Every ``heartbeat_interval`` seconds each side sends a heartbeat to the other
-  side's inbox.  "No responders" (the peer's NATS connection ended, so its
-  inbox is gone) or no answer within ``heartbeat_timeout`` seconds closes the
-  connection: calls pending on it fail with :class:`ConnectionResetError`
-  within ``heartbeat_interval + heartbeat_timeout`` seconds after a container
-  vanished.
-- When our own link to the NATS server breaks, every connection over it is
-  closed at once (messages may have been lost while the client reconnects);
-  the next :meth:`aiomas.agent.Container.connect` opens a new one.
-- ``<prefix>.c1.info`` answers with ``{"v": 1, "name": "c1", ...}`` (whatever
-  the container adds, e.g. its agents) and ``<prefix>.discover`` gets the
-  same from every container on the system (see :meth:`NatsLink.discover`).
+  own and answers ``{"v": 2, "inbox": ...}``.  From then on each side publishes
+  to the other's inbox.  Nobody subscribed ("no responders"): the client gets
+  :class:`ConnectionRefusedError`, as from a TCP port nobody listens on.
+- Each message on an inbox is a kind byte and stream offsets: ``D`` (data at
+  an offset; a write larger than the server's ``max_payload`` is cut into
+  several), ``A`` (acknowledged up to), ``R`` (resend after; I sent so
+  much), ``E`` (the end, a close) and ``H`` (a heartbeat, with a reply
+  subject; answered with an ``A``).  The receiver drops what it has and asks
+  for what it lacks; the sender keeps what is not acknowledged and sends it
+  again when asked, so the stream survives a reconnect of either side's link,
+  to the same server or another one of the cluster.
+- Every ``heartbeat_interval`` seconds each side sends a heartbeat to the
+  other.  No answer ("no responders", a timeout, or our own link down) for
+  ``heartbeat_interval + heartbeat_timeout`` seconds ends the connection:
+  calls pending on it fail with :class:`ConnectionResetError` within that
+  bound after a container vanished or a link broke for good.
+- Each container answers NATS's services API (``$SRV.PING``, ``$SRV.INFO``,
+  ``$SRV.STATS``) as an instance of the service ``<prefix>`` with its name
+  as id; its ``INFO`` lists its agents (see :meth:`NatsLink.discover`).
 
 The NATS client library sits behind :class:`MessagingClient`; nats-py, an
 optional dependency (``pip install 'aiomas[nats]'``), is imported only when a
@@ -41,11 +39,14 @@ link is opened.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
+import functools
 import json
 import logging
 import re
 import ssl
+import struct
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -55,6 +56,8 @@ from typing import Any, Final, Protocol, cast
 __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_PREFIX",
+    "SERVICES_PREFIX",
+    "SERVICE_VERSION",
     "MessagingClient",
     "NatsConfig",
     "NatsEndpoint",
@@ -71,11 +74,18 @@ logger = logging.getLogger("aiomas.nats")
 DEFAULT_PORT: Final = 4222
 """The port of a NATS server if a URL names none."""
 DEFAULT_PREFIX: Final = "aiomas"
-"""The first token of every subject that aiomas uses."""
+"""The first token of every subject that aiomas uses, and the name of the
+containers' service in NATS's services API."""
+SERVICES_PREFIX: Final = "$SRV"
+"""The subjects of NATS's services API (``$SRV.PING``, ``$SRV.INFO``,
+``$SRV.STATS``, each also ``.<service>`` and ``.<service>.<id>``)."""
+_VERSION: Final = 2
+SERVICE_VERSION: Final = f"{_VERSION}.0.0"
+"""The version every container gives in the services API: that of the
+session protocol on NATS."""
 
 _SCHEMES: Final = ("nats", "tls")
 _NAME: Final = r"[A-Za-z0-9_-]+"
-_VERSION: Final = 1
 
 
 def is_nats_url(addr: object) -> bool:
@@ -116,6 +126,9 @@ class NatsConfig:
     token: str | None = None
     creds: str | None = None
     """A NATS credentials file (JWT and NKey seed)."""
+    nkey: str | None = None
+    """A file with the NKey seed of the user (for a server that lists the
+    user's public NKey)."""
     tls: ssl.SSLContext | None = None
     """TLS to the servers (a ``tls://`` URL without it uses
     :func:`ssl.create_default_context`)."""
@@ -157,10 +170,10 @@ class NatsConfig:
 
         ``tls://`` instead of ``nats://`` uses TLS to the servers.  IPv6 hosts
         go in brackets; the port defaults to 4222.  OPTIONS (``&``-separated):
-        ``creds=PATH`` (a credentials file), ``prefix=TOKEN``,
-        ``heartbeat=SECONDS`` (the interval; the timeout is twice that),
-        ``tls_hostname=NAME``.  *overrides* set any other field (e.g.
-        ``tls=context``).
+        ``creds=PATH`` (a credentials file), ``nkey=PATH`` (an NKey seed
+        file), ``prefix=TOKEN``, ``heartbeat=SECONDS`` (the interval; the
+        timeout is twice that), ``tls_hostname=NAME``.  *overrides* set any
+        other field (e.g. ``tls=context``).
 
         Raises:
             ValueError: if *url* is not of that form.
@@ -194,8 +207,8 @@ class NatsConfig:
             query, strict_parsing=bool(query)
         ).items():
             value = values[-1]
-            if key == "creds":
-                settings["creds"] = value
+            if key in ("creds", "nkey"):
+                settings[key] = value
             elif key == "prefix":
                 settings["prefix"] = value
             elif key == "tls_hostname":
@@ -240,6 +253,7 @@ class MessagingClient(Protocol):
     """What aiomas needs of a NATS client (see ``aiomas._nats_client``)."""
 
     on_disconnect: Callable[[], None] | None
+    on_reconnect: Callable[[], None] | None
     on_close: Callable[[], None] | None
     on_pressure: Callable[[bool], None] | None
     paused: bool
@@ -296,7 +310,8 @@ class NatsLink:
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         client.on_disconnect = self._disconnected
-        client.on_close = self._disconnected
+        client.on_reconnect = self._reconnected
+        client.on_close = self._gone
         client.on_pressure = self._pressure
 
     def __repr__(self) -> str:
@@ -313,7 +328,7 @@ class NatsLink:
         return frozenset(self._transports)
 
     def subject(self, name: str, what: str) -> str:
-        """The subject *what* (``connect``, ``info``) of the container *name*."""
+        """The subject *what* (``connect``) of the container *name*."""
         return f"{self.config.prefix}.{name}.{what}"
 
     def endpoint(self, name: str) -> NatsEndpoint:
@@ -323,28 +338,49 @@ class NatsLink:
         return NatsEndpoint(self, check_name(name))
 
     async def discover(self, wait: float = 0.25) -> list[dict[str, Any]]:
-        """The ``info`` of every container on the system that answers within
-        *wait* seconds, by name."""
-        answers = await self.client.gather(f"{self.config.prefix}.discover", b"", wait)
+        """The :meth:`info` of every container on the system (with our
+        prefix) that answers the services API's ``INFO`` within *wait*
+        seconds, sorted by name."""
+        answers = await self.client.gather(
+            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}", b"", wait
+        )
         found: dict[str, dict[str, Any]] = {}
         for data in answers:
-            info = _decode(data)
-            if info is not None and isinstance(info.get("name"), str):
+            info = _container_info(data)
+            if info is not None:
                 found[info["name"]] = info
         return [found[name] for name in sorted(found)]
 
     async def info(self, name: str, timeout: float = 1.0) -> dict[str, Any]:  # noqa: ASYNC109
-        """The ``info`` of the container *name*.
+        """What the container *name* tells about itself: ``name``,
+        ``base_url``, ``agents`` (id to class name), ``agent_count`` and
+        ``service`` (its whole ``INFO`` answer of the services API).
 
         Raises:
             ConnectionRefusedError: if there is no such container.
             TimeoutError: if it does not answer within *timeout* seconds.
         """
-        data = await self.client.request(self.subject(name, "info"), b"", timeout)
-        info = _decode(data)
+        data = await self.client.request(
+            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}.{check_name(name)}",
+            b"",
+            timeout,
+        )
+        info = _container_info(data)
         if info is None:
             raise ConnectionResetError(f"{name!r} sent an undecodable info")
         return info
+
+    async def lookup(self, name: str, wait: float = 0.25) -> list[str]:
+        """The addresses of the agents called *name* (their id or their
+        class name) on every container that answers within *wait* seconds,
+        sorted."""
+        found = [
+            info["base_url"] + aid
+            for info in await self.discover(wait)
+            for aid, kind in info["agents"].items()
+            if name in (aid, kind)
+        ]
+        return sorted(found)
 
     def add(self, transport: NatsTransport) -> None:
         self._transports.add(transport)
@@ -376,10 +412,22 @@ class NatsLink:
             transport.pressure(paused)
 
     def _disconnected(self) -> None:
+        # The connections stay: their heartbeats end them if the link does
+        # not come back in time (see NatsTransport).
+        logger.warning(
+            "NATS: %s lost its link to the server; reconnecting", self.config.name
+        )
+
+    def _reconnected(self) -> None:
+        logger.warning(
+            "NATS: %s reconnected to %s", self.config.name, self.client.connected_url
+        )
+        for transport in list(self._transports):
+            transport.resync()
+
+    def _gone(self) -> None:
         self._lose_all(
-            ConnectionResetError(
-                "The link to the NATS server broke (messages may have been lost)"
-            )
+            ConnectionResetError("The link to the NATS system is closed for good")
         )
 
     def _lose_all(self, exc: Exception) -> None:
@@ -479,7 +527,13 @@ class NatsServer(asyncio.AbstractServer):
         self._closed = self._loop.create_future()
         self._pending: set[asyncio.Task[None]] = set()
         self.info: Callable[[], dict[str, Any]] = dict
-        """Adds to the container's ``info`` (set by the container)."""
+        """Adds to the container's ``INFO`` answer (set by the container:
+        ``agents`` and ``agent_count``)."""
+        self._started = (
+            datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:-6]
+            + "Z"
+        )
+        self._accepted = self._refused = 0
         self.owns_link = False
         """Whether :meth:`wait_closed` closes the link too."""
 
@@ -489,7 +543,9 @@ class NatsServer(asyncio.AbstractServer):
     async def start(self) -> None:
         link = self.link
         try:
-            await link.info(self.name, timeout=link.config.connect_timeout)
+            await link.client.request(
+                self._control("PING"), b"", link.config.connect_timeout
+            )
         except ConnectionRefusedError:
             pass  # Nobody has the name: ours.
         except TimeoutError:
@@ -501,37 +557,77 @@ class NatsServer(asyncio.AbstractServer):
             )
         client = link.client
         self._unsubscribe = [
-            await client.subscribe(link.subject(self.name, "connect"), self._accept),
-            await client.subscribe(link.subject(self.name, "info"), self._answer_info),
-            await client.subscribe(f"{link.config.prefix}.discover", self._answer_info),
+            await client.subscribe(link.subject(self.name, "connect"), self._accept)
         ]
+        # The services API: every verb for all services, for ours, for us.
+        service = link.config.prefix
+        for verb in ("PING", "INFO", "STATS"):
+            answer = functools.partial(self._answer_control, verb)
+            for subject in (
+                f"{SERVICES_PREFIX}.{verb}",
+                f"{SERVICES_PREFIX}.{verb}.{service}",
+                self._control(verb),
+            ):
+                self._unsubscribe.append(await client.subscribe(subject, answer))
         # Serving starts when the server has our subscriptions: whoever hears
         # of us from now on finds us (nobody else shares our connection).
         await client.flush(link.config.connect_timeout)
         self._serving = True
 
-    def describe(self) -> dict[str, Any]:
-        """The container's ``info``: ``v``, ``name`` and what :attr:`info` adds."""
-        return {
-            **self.info(),
-            "v": _VERSION,
-            "name": self.name,
-            "base_url": f"nats://{self.name}/",
-        }
+    def _control(self, verb: str) -> str:
+        """Our subject of the services API's *verb*."""
+        return f"{SERVICES_PREFIX}.{verb}.{self.link.config.prefix}.{self.name}"
 
-    def _answer_info(self, data: bytes, reply: str) -> None:
-        if reply:
-            self.link.client.publish(reply, json.dumps(self.describe()).encode())
+    def describe(self, verb: str = "INFO") -> dict[str, Any]:
+        """The container's answer to the services API's *verb* (``PING``,
+        ``INFO`` or ``STATS``), with what :attr:`info` adds to ``INFO``."""
+        link = self.link
+        answer: dict[str, Any] = {
+            "type": f"io.nats.micro.v1.{verb.lower()}_response",
+            "name": link.config.prefix,
+            "id": self.name,
+            "version": SERVICE_VERSION,
+            "metadata": {"aiomas.base_url": f"nats://{self.name}/"},
+        }
+        endpoint = {
+            "name": "connect",
+            "subject": link.subject(self.name, "connect"),
+            "queue_group": "",
+        }
+        if verb == "INFO":
+            answer["description"] = "An aiomas container"
+            answer["endpoints"] = [{**endpoint, "metadata": {}}]
+            answer.update(self.info())
+        elif verb == "STATS":
+            answer["started"] = self._started
+            answer["endpoints"] = [
+                {
+                    **endpoint,
+                    "num_requests": self._accepted,
+                    "num_errors": self._refused,
+                    "last_error": "",
+                    "processing_time": 0,
+                    "average_processing_time": 0,
+                    "data": None,
+                }
+            ]
+        return answer
+
+    def _answer_control(self, verb: str, data: bytes, reply: str) -> None:
+        if reply and self._serving:
+            self.link.client.publish(reply, json.dumps(self.describe(verb)).encode())
 
     def _accept(self, data: bytes, reply: str) -> None:
         request = _decode(data)
         inbox = None if request is None else request.get("inbox")
         if not reply or not isinstance(inbox, str) or not self._serving:
+            self._refused += 1
             logger.warning(
                 "NATS: ignored a bad connect request to %s: %r", self.name, data[:200]
             )
             return
         peer = request.get("from") if request else None
+        self._accepted += 1
         task = asyncio.ensure_future(self._open(inbox, reply, peer))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -589,6 +685,26 @@ class NatsServer(asyncio.AbstractServer):
         await asyncio.shield(self._closed)
 
 
+def _container_info(data: bytes) -> dict[str, Any] | None:
+    """What :meth:`NatsLink.info` returns, from an ``INFO`` answer (``None``
+    if it is not a container's)."""
+    service = _decode(data)
+    if service is None:
+        return None
+    name = service.get("id")
+    agents = service.get("agents")
+    if not isinstance(name, str) or not isinstance(agents, dict):
+        return None
+    count = service.get("agent_count")
+    return {
+        "name": name,
+        "base_url": f"nats://{name}/",
+        "agents": agents,
+        "agent_count": count if isinstance(count, int) else len(agents),
+        "service": service,
+    }
+
+
 def _decode(data: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(data)
@@ -597,8 +713,32 @@ def _decode(data: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# Messages on a session's inboxes (see the module docstring): a kind byte and
+# stream offsets (unsigned 64-bit, big-endian).
+_DATA: Final = b"D"  # offset, then the bytes at that offset of the stream
+_ACK: Final = b"A"  # what the sender of the ack has received
+_RESEND: Final = b"R"  # received, sent: resend what I lack; here is what I sent
+_END: Final = b"E"  # sent: the stream ends after that many bytes
+_BEAT: Final = b"H"  # sent, with a reply subject: answered with an ack
+_OFFSET: Final = struct.Struct(">cQ")
+_TWO_OFFSETS: Final = struct.Struct(">cQQ")
+ACK_EVERY: Final = 256 * 1024
+"""A receiver acknowledges at least every this many bytes (and with every
+heartbeat answer), so that the sender may forget them."""
+UNACKED_HIGH: Final = 8 * 2**20
+"""Writers are told to pause when this many bytes wait for an ack..."""
+UNACKED_LOW: Final = 2 * 2**20
+"""...and to resume when the acks brought it under this."""
+
+
 class NatsTransport(asyncio.Transport):
-    """One aiomas connection over a NATS link (see the module docstring)."""
+    """One aiomas connection over a NATS link (see the module docstring).
+
+    The byte stream survives a reconnect of either side's link (to the same
+    or another server): every piece carries its offset, the receiver drops
+    duplicates and asks for what it lacks, the sender keeps what was not
+    acknowledged yet and sends it again when asked.
+    """
 
     def __init__(
         self, link: NatsLink, protocol: asyncio.BaseProtocol, *, peername: str
@@ -616,7 +756,20 @@ class NatsTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._heartbeat: asyncio.Task[None] | None = None
+        self._link_paused = False
         self._writing_paused = False
+        # Sending: the offset of the next byte, and the pieces the peer has
+        # not acknowledged yet (offset, bytes), in order.
+        self._sent = 0
+        self._acked = 0
+        self._unacked: deque[tuple[int, bytes]] = deque()
+        self._unacked_size = 0
+        # Receiving: the bytes of the stream so far, up to where we told the
+        # peer, and when we last asked for a resend (and from where).
+        self._received = 0
+        self._received_acked = 0
+        self._asked: tuple[int, float] | None = None
+        self._heard = self._loop.time()
 
     def __repr__(self) -> str:
         return f"NatsTransport({self.get_extra_info('peername')!r})"
@@ -624,7 +777,7 @@ class NatsTransport(asyncio.Transport):
     async def listen(self) -> None:
         """Subscribe to our inbox (before anybody knows it)."""
         self._unsubscribe = await self._link.client.subscribe(
-            self.inbox, self._received, self._overflow
+            self.inbox, self._received_message, self._overflow
         )
 
     async def discard(self) -> None:
@@ -645,23 +798,96 @@ class NatsTransport(asyncio.Transport):
             self._heartbeat = asyncio.ensure_future(self._beat())
             self._deliver_held()
 
+    @property
+    def stream_offsets(self) -> tuple[int, int, int]:
+        """Bytes sent, acknowledged by the peer, and received so far."""
+        return self._sent, self._acked, self._received
+
     # Receiving
 
-    def _received(self, data: bytes, reply: str) -> None:
+    def _received_message(self, data: bytes, reply: str) -> None:
         if self._lost:
             return
-        if reply:  # A heartbeat.
-            self._link.client.publish(reply, b"")
+        # Whatever comes from the peer shows it is there (a busy peer may
+        # answer heartbeats late: they queue behind its data).
+        self._heard = self._loop.time()
+        kind = data[:1]
+        try:
+            if kind == _DATA:
+                _, offset = _OFFSET.unpack_from(data)
+                self._received_data(offset, data, _OFFSET.size)
+            elif kind == _ACK:
+                self._acknowledged(_OFFSET.unpack(data)[1])
+            elif kind == _BEAT and reply:
+                sent = _OFFSET.unpack(data)[1]
+                self._publish(reply, _OFFSET.pack(_ACK, self._received))
+                self._received_acked = self._received
+                self._check_complete(sent)
+            elif kind == _RESEND:
+                _, received, sent = _TWO_OFFSETS.unpack(data)
+                self._resend(received)
+                self._check_complete(sent)
+            elif kind == _END:
+                self._received_end(_OFFSET.unpack(data)[1])
+            else:
+                raise ValueError(f"unknown message kind {kind!r}")
+        except (struct.error, ValueError) as exc:
+            logger.warning(
+                "NATS: %s sent a bad message (%s): %r",
+                self.get_extra_info("peername"),
+                exc,
+                data[:40],
+            )
+            self.lose(ConnectionResetError(f"The peer broke the NATS session: {exc}"))
+
+    def _received_data(self, offset: int, data: bytes, start: int) -> None:
+        received = self._received
+        end = offset + len(data) - start
+        if end <= received:
+            return  # Sent again: we have it.
+        if offset > received:
+            self._ask_for(received)  # Something before it was lost.
             return
-        # Held (an empty one for the end) until the connection is made --
-        # the answer to our connect request may come after the peer's first
-        # messages, through another subscription -- and while reading pauses.
+        piece = data[start + received - offset :]
+        self._received = end
+        self._asked = None
+        if end - self._received_acked >= ACK_EVERY:
+            self._received_acked = end
+            self._send_to_peer(_OFFSET.pack(_ACK, end))
+        # Held until the connection is made -- the answer to our connect
+        # request may come after the peer's first messages, through another
+        # subscription -- and while reading pauses.
         if not self._reading or self._held:
-            self._held.append(data)
-        elif data:
-            self._feed(data)
+            self._held.append(piece)
+        else:
+            self._feed(piece)
+
+    def _received_end(self, offset: int) -> None:
+        if offset > self._received:
+            self._ask_for(self._received)
+            return
+        if not self._reading or self._held:
+            self._held.append(b"")
         else:
             self._eof()
+
+    def _check_complete(self, sent: int) -> None:
+        """The peer has sent *sent* bytes: ask for what did not arrive."""
+        if sent > self._received:
+            self._ask_for(self._received)
+
+    def _ask_for(self, received: int) -> None:
+        """Ask the peer to send everything after *received* again (once per
+        gap and heartbeat interval: the answer takes a round trip)."""
+        if self.peer_inbox is None:
+            return  # Not started: the first heartbeat will tell.
+        now = self._loop.time()
+        asked = self._asked
+        interval = self._link.config.heartbeat_interval
+        if asked is not None and asked[0] == received and now - asked[1] < interval:
+            return
+        self._asked = (received, now)
+        self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, received, self._sent))
 
     def _eof(self) -> None:
         keep_open = cast(asyncio.Protocol, self._protocol).eof_received()
@@ -717,30 +943,77 @@ class NatsTransport(asyncio.Transport):
 
     # Sending
 
+    def _publish(self, subject: str, data: bytes) -> None:
+        self._link.client.publish(subject, data)
+
+    def _send_to_peer(self, data: bytes) -> None:
+        if self.peer_inbox is not None:
+            self._link.client.publish(self.peer_inbox, data)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self.peer_inbox is None:
             return
-        client = self._link.client
-        peer = self.peer_inbox
-        limit = client.max_payload
         size = len(data)
-        if size <= limit:
-            if size:
-                client.publish(peer, bytes(data))
+        if not size:
             return
+        limit = self._link.client.max_payload - _OFFSET.size
         view = memoryview(data)
         for start in range(0, size, limit):
-            client.publish(peer, bytes(view[start : start + limit]))
+            piece = bytes(view[start : start + limit])
+            self._unacked.append((self._sent, piece))
+            self._unacked_size += len(piece)
+            self._send_to_peer(_OFFSET.pack(_DATA, self._sent) + piece)
+            self._sent += len(piece)
+        if self._unacked_size > UNACKED_HIGH:
+            self._update_pressure()
 
     def writelines(
         self, list_of_data: Iterable[bytes | bytearray | memoryview]
     ) -> None:
         self.write(b"".join(list_of_data))
 
+    def _acknowledged(self, received: int) -> None:
+        """Forget what the peer has received."""
+        if received > self._sent:
+            raise ValueError(f"ack of {received} bytes, {self._sent} were sent")
+        if received <= self._acked:
+            return
+        self._acked = received
+        unacked = self._unacked
+        while unacked and unacked[0][0] + len(unacked[0][1]) <= received:
+            self._unacked_size -= len(unacked.popleft()[1])
+        if self._writing_paused and self._unacked_size <= UNACKED_LOW:
+            self._update_pressure()
+
+    def _resend(self, received: int) -> None:
+        """Send again what the peer lacks (after *received* bytes)."""
+        self._acknowledged(received)
+        for offset, piece in self._unacked:
+            skip = max(received - offset, 0)
+            self._send_to_peer(_OFFSET.pack(_DATA, offset + skip) + piece[skip:])
+
+    def resync(self) -> None:
+        """Our link is back (maybe through another server): tell the peer
+        what we have and have sent, so that each side resends what the
+        other lacks."""
+        if not self._lost and self.peer_inbox is not None:
+            self._asked = (self._received, self._loop.time())
+            self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, self._received, self._sent))
+
     def pressure(self, paused: bool) -> None:
-        """Tell the protocol to pause or resume writing: the link's send queue
-        is over its high-water mark, or back under its low-water mark."""
-        if paused == self._writing_paused or self._lost:
+        """The link's send queue is over its high-water mark (*paused*), or
+        back under its low-water mark: tell the protocol."""
+        self._link_paused = paused
+        self._update_pressure()
+
+    def _update_pressure(self) -> None:
+        if self._lost:
+            return
+        if self._writing_paused:
+            paused = self._link_paused or self._unacked_size > UNACKED_LOW
+        else:
+            paused = self._link_paused or self._unacked_size > UNACKED_HIGH
+        if paused == self._writing_paused:
             return
         self._writing_paused = paused
         protocol = self._protocol
@@ -787,13 +1060,14 @@ class NatsTransport(asyncio.Transport):
             return
         self._lost = True
         link = self._link
-        if say_goodbye and self.peer_inbox is not None:
-            link.client.publish(self.peer_inbox, b"")
+        if say_goodbye:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
         link.discard(self)
         heartbeat = self._heartbeat
         if heartbeat is not None and heartbeat is not asyncio.current_task():
             heartbeat.cancel()
         self._held.clear()
+        self._unacked.clear()
         unsubscribe = self._unsubscribe
         if self.peer_inbox is not None:
             self._loop.call_soon(self._protocol.connection_lost, exc)
@@ -803,31 +1077,53 @@ class NatsTransport(asyncio.Transport):
             task.add_done_callback(_ignore)
 
     async def _beat(self) -> None:
+        """Every heartbeat_interval, ask the peer what it has received; end
+        the connection when nothing came from the peer for interval +
+        timeout seconds (it is gone, or one of the links did not come
+        back)."""
         config = self._link.config
         client = self._link.client
         peer = self.peer_inbox
         assert peer is not None
-        while not self._lost:
-            await asyncio.sleep(config.heartbeat_interval)
-            if self._lost or not client.is_connected:
-                continue
-            try:
-                await client.request(peer, b"", config.heartbeat_timeout)
-            except ConnectionRefusedError:
+        loop = self._loop
+        bound = config.heartbeat_interval + config.heartbeat_timeout
+        deadline = loop.time() + bound
+        why = "did not answer"
+        while True:
+            deadline = max(deadline, self._heard + bound)
+            await asyncio.sleep(
+                max(min(config.heartbeat_interval, deadline - loop.time()), 0)
+            )
+            if self._lost:
+                return
+            if client.is_connected:
+                timeout = min(config.heartbeat_timeout, deadline - loop.time())
+                try:
+                    answer = await client.request(
+                        peer, _OFFSET.pack(_BEAT, self._sent), max(timeout, 0.01)
+                    )
+                except ConnectionRefusedError:
+                    why = "left the NATS system (no responders)"
+                except TimeoutError:
+                    why = "did not answer"
+                except ConnectionResetError as exc:
+                    self.lose(exc)
+                    return
+                else:
+                    self._received_message(answer, "")
+                    deadline = loop.time() + bound
+                    continue
+            else:
+                why = "is out of reach: our link to the NATS system is down"
+            deadline = max(deadline, self._heard + bound)
+            if loop.time() >= deadline:
                 self.lose(
                     ConnectionResetError(
-                        f"{self.get_extra_info('peername')} left the NATS system"
+                        f"{self.get_extra_info('peername')} {why}: nothing "
+                        f"heard from it for {bound:.3g} s"
                     )
                 )
-            except TimeoutError:
-                self.lose(
-                    ConnectionResetError(
-                        f"{self.get_extra_info('peername')} did not answer a "
-                        f"heartbeat within {config.heartbeat_timeout:.3g} s"
-                    )
-                )
-            except ConnectionResetError as exc:
-                self.lose(exc)
+                return
 
 
 def _ignore(task: asyncio.Future[Any]) -> None:
