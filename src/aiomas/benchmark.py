@@ -22,7 +22,9 @@ import argparse
 import asyncio
 import gc
 import importlib
+import itertools
 import json
+import resource
 import statistics
 import struct
 import subprocess
@@ -38,6 +40,8 @@ import aiomas
 __all__ = ["calls_per_second", "channel_echo", "main"]
 
 _HEADER = struct.Struct(">L")
+# The slices in which in-process benchmarks alternate their sides.
+_SLICE = 0.05
 _SMALL = ["ohai", 42, 3.14]
 _MIB = 2**20
 # About 1 MiB as JSON ("1048576, " is 9 bytes).
@@ -339,37 +343,177 @@ class _PlainAgent(aiomas.Agent):
         return "pong"
 
 
-async def _create_agents(number: int) -> tuple[float, int]:
-    """Create *number* agents; return seconds taken and bytes allocated."""
-    container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
-    try:
-        gc.collect()
-        tracing = tracemalloc.is_tracing()
-        before = tracemalloc.get_traced_memory()[0] if tracing else 0
-        start = time.perf_counter()
-        agents = [_PlainAgent(container) for _ in range(number)]
-        elapsed = time.perf_counter() - start
-        used = tracemalloc.get_traced_memory()[0] - before if tracing else 0
-        assert agents[-1].addr.endswith(f"/{number - 1}")
-        return elapsed, used
-    finally:
-        await container.shutdown(as_coro=True)
+class LeanContainer:
+    """The container of the lean model: its agents by id in a dict."""
+
+    __slots__ = ("agents", "base_url", "ids")
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.agents: dict[str, LeanAgent] = {}
+        self.ids = itertools.count()
 
 
-def run_agent_creation(number: int, rounds: int) -> None:
-    """Measure and print the time and memory to create *number* agents."""
-    times = [asyncio.run(_create_agents(number))[0] for _ in range(rounds)]
-    tracemalloc.start()
+class LeanAgent:
+    """The lean model of an agent, the least an agent needs: an object holding
+    its container, id, address and router (``None`` until used) in its dict,
+    registered in its container's dict."""
+
+    def __init__(self, container: LeanContainer) -> None:
+        aid = str(next(container.ids))
+        self.container = container
+        self.aid = aid
+        self.addr = container.base_url + aid
+        self.router: aiomas.rpc.Router | None = None
+        container.agents[aid] = self
+
+
+# The sides of the agent creation benchmark: aiomas, the lean model, and a
+# second lean model (the A/A pair).
+_CREATION_SIDES = ("aiomas", "lean", "lean2")
+
+
+async def _agent_factory(side: str) -> tuple[Callable[[], object], Callable[[], Any]]:
+    """A function making one agent of *side* and one closing its container."""
+    if side == "aiomas":
+        container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+
+        def make() -> object:
+            return _PlainAgent(container)
+
+        return make, lambda: container.shutdown(as_coro=True)
+    lean = LeanContainer("tcp://127.0.0.1:5555/")
+
+    def make_lean() -> object:
+        return LeanAgent(lean)
+
+    async def close() -> None:
+        lean.agents.clear()
+
+    return make_lean, close
+
+
+async def _creation_slices(
+    number: int, rounds: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Create *number* agents on each side (each side in one container) in
+    *rounds* rounds, every side making the same share per round in turn.
+    Return each side's overall rate (agents/s) and the per-round ratios of
+    aiomas and lean2 to lean."""
+    factories = {side: await _agent_factory(side) for side in _CREATION_SIDES}
+    spent = dict.fromkeys(_CREATION_SIDES, 0.0)
+    ratios: dict[str, list[float]] = {"aiomas": [], "lean2": []}
+    keep: list[object] = []
+    order = list(_CREATION_SIDES)
+    made = 0
     try:
-        _, used = asyncio.run(_create_agents(number))
+        for round_ in range(rounds):
+            share = number * (round_ + 1) // rounds - made
+            times = {}
+            for side in order:
+                make = factories[side][0]
+                start = time.perf_counter()
+                for _ in range(share):
+                    keep.append(make())
+                times[side] = time.perf_counter() - start
+                spent[side] += times[side]
+            made += share
+            # Every side goes first in turn: the garbage collector runs on
+            # all objects made so far, so any side may meet it.
+            order.append(order.pop(0))
+            for side, values in ratios.items():
+                values.append(times["lean"] / times[side])
     finally:
-        tracemalloc.stop()
-    print(f"\nCreating {number:,} agents in one container:")
+        for _, close in factories.values():
+            await close()
+    totals = {side: number / spent[side] for side in _CREATION_SIDES}
+    return totals, ratios
+
+
+def _bytes_per_agent(side: str, number: int) -> tuple[float, float]:
+    """Bytes per agent of *side* when *number* are made in one container: by
+    tracemalloc, and by the growth of the resident set (meaningful in a fresh
+    process only)."""
+
+    async def create(trace: bool) -> float:
+        make, close = await _agent_factory(side)
+        try:
+            gc.collect()
+            if trace:
+                tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0] if trace else _rss()
+            agents = [make() for _ in range(number)]
+            used = (tracemalloc.get_traced_memory()[0] if trace else _rss()) - before
+            assert len(agents) == number
+            return used / number
+        finally:
+            tracemalloc.stop()
+            await close()
+
+    rss = asyncio.run(create(False))
+    return asyncio.run(create(True)), rss
+
+
+def _rss() -> int:
+    """The resident set size of this process in bytes (its peak where there is
+    no /proc)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def run_agent_creation(number: int) -> None:
+    """Measure and print the rate and memory of creating *number* agents in
+    one container, against the lean model (:class:`LeanAgent`)."""
+    rounds = max(1, min(100, number // 1000))
+    totals, ratios = asyncio.run(_creation_slices(number, rounds))
+    memory = {side: _memory_in_subprocess(side, number) for side in ("aiomas", "lean")}
     print(
-        f"{'median':>10}{'min':>10}{'max':>10}{'memory':>12}{'per agent':>11}\n"
-        f"{statistics.median(times):>9.3f}s{min(times):>9.3f}s{max(times):>9.3f}s"
-        f"{used / _MIB:>8.1f} MiB{used / number:>9.0f} B"
+        f"\nCreating {number:,} agents in one container, against the lean model "
+        f"(alternating, {rounds} rounds; ratios: median and 10-90 % of rounds):"
     )
+    print(
+        f"{'':<8}{'agents/s':>12}{'vs lean':>9}{'band':>16}"
+        f"{'tracemalloc':>13}{'RSS':>9}"
+    )
+    for side in ("aiomas", "lean", "lean2"):
+        values = ratios.get(side, [1.0])
+        lo, hi = _quantiles(values)
+        traced, rss = memory.get(side, memory["lean"])
+        print(
+            f"{side:<8}{totals[side]:>12,.0f}{statistics.median(values):>9.3f}"
+            f"{f'{lo:.3f} .. {hi:.3f}':>16}{traced:>11.0f} B{rss:>7.0f} B"
+        )
+
+
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    """The 10th and 90th percentile of *values* (the band of a noisy ratio)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return deciles[0], deciles[-1]
+
+
+def _memory_in_subprocess(side: str, number: int) -> tuple[float, float]:
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiomas.benchmark",
+            "--agent-memory",
+            side,
+            "--agents",
+            str(number),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    traced, rss = output.split()
+    return float(traced), float(rss)
 
 
 def _available_loops(wanted: Sequence[str]) -> list[str]:
@@ -424,6 +568,7 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="1 round of 0.5 s per figure: a rough look in about a minute",
     )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--agent-memory", help=argparse.SUPPRESS)
     parser.add_argument("--codec", help=argparse.SUPPRESS)
     return parser
 
@@ -434,6 +579,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         _run(_serve(args.serve, args.codec), args.loop[0])
+        return 0
+    if args.agent_memory:
+        print(*_bytes_per_agent(args.agent_memory, args.agents))
         return 0
     if args.quick:
         args.rounds, args.seconds = 1, 0.5
@@ -449,7 +597,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         for loop_name in _available_loops(args.loop):
             run_roundtrips(workloads, loop_name, args.rounds, args.seconds)
     if not args.only or args.only in "agents":
-        run_agent_creation(args.agents, args.rounds)
+        run_agent_creation(args.agents)
     return 0
 
 
