@@ -76,3 +76,25 @@ def test_nats_against_tcp_prints_both() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["TCP", "NATS"]
     assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]
+
+
+def test_the_fanout_benchmark_prints_ratios_and_the_aa_band() -> None:
+    script = str(ROOT / "benchmarks" / "fanout.py")
+    args = ["--containers", "2", "--rounds", "2", "--slice", "0.01"]
+    result = subprocess.run(
+        [sys.executable, "-W", "error", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "calling an agent in each of 2 containers" in result.stdout
+    rows = result.stdout.rstrip().splitlines()[-2:]
+    assert [row.split()[0] for row in rows] == ["json", "msgpack"]
+    for row in rows:
+        # codec, floor, aiomas, ratio, band (3 fields), A/A, band, load
+        fields = row.split()
+        assert len(fields) == 12
+        assert all(float(field.replace(",", "")) > 0 for field in fields[1:4])

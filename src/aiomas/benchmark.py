@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import importlib
 import itertools
 import json
+import os
 import resource
 import statistics
 import struct
@@ -335,6 +337,200 @@ def run_roundtrips(
             )
 
 
+_FANOUT_CODECS = ("json", "msgpack")
+
+
+async def _serve_fanout() -> None:
+    """A callee of the fan-out workload: for each codec, serve an
+    :class:`EchoAgent` in a container and a floor server; print the agent's
+    address and the floor's port for each, run until stdin closes."""
+    loop = asyncio.get_running_loop()
+    addr = ("127.0.0.1", 0)
+    containers = []
+    floors = []
+    printed = []
+    for codec in _FANOUT_CODECS:
+        container = await aiomas.Container.create(
+            addr, codec=_codec_class(codec), as_coro=True
+        )
+        containers.append(container)
+        EchoAgent(container)
+        floor = await loop.create_server(
+            functools.partial(FloorProtocol, codec, serve=True), *addr
+        )
+        floors.append(floor)
+        printed += [container.base_url + "0", floor.sockets[0].getsockname()[1]]
+    print(*printed, flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+    for floor in floors:
+        floor.close()
+    for container in containers:
+        await container.shutdown(as_coro=True)
+    for floor in floors:
+        await floor.wait_closed()
+
+
+FanOut = Callable[[], Awaitable[Any]]
+
+
+async def _fanout_sides(
+    callees: Sequence[tuple[str, int]], codec: str
+) -> tuple[dict[str, FanOut], Callable[[], Awaitable[None]]]:
+    """The sides of the fan-out workload: the floor and two caller containers
+    (the second one for the A/A band), each a function making one call to
+    every callee at once; and a function closing them."""
+    loop = asyncio.get_running_loop()
+    transports = []
+    floors = []
+    for _, port in callees:
+        transport, protocol = await loop.create_connection(
+            lambda: FloorProtocol(codec, serve=False), "127.0.0.1", port
+        )
+        transports.append(transport)
+        floors.append(protocol)
+    containers = []
+    sides: dict[str, FanOut] = {
+        "floor": lambda: asyncio.gather(*(floor.send(_SMALL) for floor in floors))
+    }
+    for side in ("aiomas", "aiomas2"):
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), codec=_codec_class(codec), as_coro=True
+        )
+        containers.append(container)
+        proxies = [await container.connect(url) for url, _ in callees]
+        sides[side] = functools.partial(_call_all, proxies)
+
+    async def close() -> None:
+        for transport in transports:
+            transport.close()
+        for container in containers:
+            await container.shutdown(as_coro=True)
+
+    return sides, close
+
+
+def _call_all(proxies: Sequence[aiomas.agent.AgentProxy]) -> Awaitable[Any]:
+    return asyncio.gather(*(proxy.echo(_SMALL) for proxy in proxies))
+
+
+async def _fanout_rates(fanout: FanOut, seconds: float, callees: int) -> float:
+    """Fan out again and again for *seconds*; return calls per second."""
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        await fanout()
+        count += callees
+    return count / (time.perf_counter() - start)
+
+
+async def _fanout_slices(
+    callees: Sequence[tuple[str, int]], codec: str, rounds: int, seconds: float
+) -> dict[str, list[float]]:
+    """Calls per second of each side in *rounds* rounds of alternating slices
+    of *seconds*."""
+    sides, close = await _fanout_sides(callees, codec)
+    try:
+        for fanout in sides.values():  # warm up
+            await _fanout_rates(fanout, seconds, len(callees))
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        order = list(sides)
+        for _ in range(rounds):
+            for side in order:
+                rates[side].append(
+                    await _fanout_rates(sides[side], seconds, len(callees))
+                )
+            order.append(order.pop(0))
+        return rates
+    finally:
+        await close()
+
+
+def start_fanout_callees(
+    number: int, loop_name: str
+) -> tuple[list[subprocess.Popen[str]], dict[str, list[tuple[str, int]]]]:
+    """Start *number* callee processes; return them and, for each codec, the
+    address of the agent and the port of the floor server in each."""
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aiomas.benchmark",
+                "--serve",
+                "fanout",
+                "--loop",
+                loop_name,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(number)
+    ]
+    callees: dict[str, list[tuple[str, int]]] = {c: [] for c in _FANOUT_CODECS}
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            fields = process.stdout.readline().split()
+            for i, codec in enumerate(_FANOUT_CODECS):
+                callees[codec].append((fields[2 * i], int(fields[2 * i + 1])))
+    except BaseException:
+        stop_processes(processes)
+        raise
+    return processes, callees
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[str]]) -> None:
+    """Close the stdin of each of *processes* (which ends them) and wait."""
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.close()
+    for process in processes:
+        process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def run_fanout(number: int, loop_name: str, rounds: int, seconds: float) -> None:
+    """Measure and print the fan-out workload: one container calling one agent
+    in each of *number* containers (separate processes) at once, again and
+    again, against the floor doing the same calls."""
+    print(
+        f"\nFan-out, {loop_name}: one container calling an agent in each of "
+        f"{number} containers (separate processes) at once; {rounds} rounds of "
+        f"alternating {seconds * 1000:g} ms slices; ratios: median and 10-90 % "
+        "of the per-round ratios:"
+    )
+    print(
+        f"{'codec':<9}{'floor':>10}{'aiomas':>10}{'vs floor':>10}{'band':>16}"
+        f"{'A/A':>8}{'band':>16}  load"
+    )
+    processes, callees = start_fanout_callees(number, loop_name)
+    try:
+        results = {
+            codec: _run(
+                _fanout_slices(callees[codec], codec, rounds, seconds), loop_name
+            )
+            for codec in _FANOUT_CODECS
+        }
+    finally:
+        stop_processes(processes)
+    for codec, rates in results.items():
+        ratio = [a / f for a, f in zip(rates["aiomas"], rates["floor"], strict=True)]
+        band = [b / a for a, b in zip(rates["aiomas"], rates["aiomas2"], strict=True)]
+        lo, hi = _quantiles(ratio)
+        aa_lo, aa_hi = _quantiles(band)
+        print(
+            f"{codec:<9}{statistics.median(rates['floor']):>10,.0f}"
+            f"{statistics.median(rates['aiomas']):>10,.0f}"
+            f"{statistics.median(ratio):>10.3f}{f'{lo:.3f} .. {hi:.3f}':>16}"
+            f"{statistics.median(band):>8.3f}{f'{aa_lo:.3f} .. {aa_hi:.3f}':>16}"
+            f"  {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+
+
 class _PlainAgent(aiomas.Agent):
     """An agent subclass as users write it (with an instance dict)."""
 
@@ -554,13 +750,20 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--only",
         metavar="TEXT",
         help="only workloads whose name contains TEXT (e.g. 'msgpack', "
-        "'100 in flight', 'agents')",
+        "'100 in flight', 'fan-out', 'agents')",
     )
     parser.add_argument(
         "--agents",
         type=int,
         default=100_000,
         help="agents to create in the creation benchmark (default: 100000)",
+    )
+    parser.add_argument(
+        "--fanout",
+        type=int,
+        default=50,
+        metavar="N",
+        help="callee containers (processes) in the fan-out workload (default: 50)",
     )
     parser.add_argument(
         "--quick",
@@ -577,6 +780,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the benchmark command line; return the exit code."""
     parser = make_parser(prog)
     args = parser.parse_args(argv)
+    if args.serve == "fanout":
+        _run(_serve_fanout(), args.loop[0])
+        return 0
     if args.serve:
         _run(_serve(args.serve, args.codec), args.loop[0])
         return 0
@@ -585,8 +791,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 0
     if args.quick:
         args.rounds, args.seconds = 1, 0.5
-    if args.rounds < 1 or args.seconds <= 0 or args.agents < 1:
-        parser.error("--rounds, --seconds and --agents must be positive")
+    if min(args.rounds, args.agents, args.fanout) < 1 or args.seconds <= 0:
+        parser.error("--rounds, --seconds, --agents and --fanout must be positive")
     workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
     print(
         f"aiomas {aiomas.__version__}, Python {sys.version.split()[0]}, "
@@ -596,6 +802,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if workloads:
         for loop_name in _available_loops(args.loop):
             run_roundtrips(workloads, loop_name, args.rounds, args.seconds)
+    if not args.only or args.only in "fan-out":
+        for loop_name in _available_loops(args.loop):
+            run_fanout(args.fanout, loop_name, 10 * args.rounds, _SLICE)
     if not args.only or args.only in "agents":
         run_agent_creation(args.agents)
     return 0

@@ -1,0 +1,37 @@
+"""The fan-out workload alone: one container calling an agent in each of N
+containers at once, again and again, against the raw-asyncio floor doing the
+same calls (the same as ``python -m aiomas bench --only fan-out``).
+
+Usage::
+
+    python benchmarks/fanout.py [--containers 50] [--rounds 50]
+        [--loop asyncio] [--slice 0.05]
+
+The callee containers run in separate processes (each also serves the floor);
+the caller side alternates between the floor, a caller container and a second
+caller container (the A/A pair) in slices, and prints medians of the calls per
+second and of the per-round ratios with their 10-90 % band.  See
+:mod:`aiomas.benchmark`.
+"""
+
+import argparse
+
+from aiomas.benchmark import run_fanout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/fanout.py", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--containers", type=int, default=50, help="callees (50)")
+    parser.add_argument("--rounds", type=int, default=50, help="rounds (50)")
+    parser.add_argument("--slice", type=float, default=0.05, help="seconds (0.05)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    args = parser.parse_args()
+    if min(args.containers, args.rounds) < 1 or args.slice <= 0:
+        parser.error("--containers, --rounds and --slice must be positive")
+    run_fanout(args.containers, args.loop, args.rounds, args.slice)
+
+
+if __name__ == "__main__":
+    main()
