@@ -5,9 +5,11 @@ same calls (the same as ``python -m aiomas bench --only fan-out``).
 Usage::
 
     python benchmarks/fanout.py [--containers 50] [--rounds 50]
-        [--loop asyncio] [--slice 0.05]
+        [--loop asyncio] [--slice 0.05] [--in-process]
 
-The callee containers run in separate processes (each also serves the floor);
+The callee containers run in separate processes (each also serves the floor),
+or with ``--in-process`` in this one (which on 2 cores measures the library
+rather than waking 50 processes);
 the caller side alternates between the floor, a caller container and a second
 caller container (the A/A pair) in slices, and prints medians of the calls per
 second and of the per-round ratios with their 10-90 % band.  See
@@ -27,10 +29,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50, help="rounds (50)")
     parser.add_argument("--slice", type=float, default=0.05, help="seconds (0.05)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="the callees in this process (on TCP loopback all the same)",
+    )
     args = parser.parse_args()
     if min(args.containers, args.rounds) < 1 or args.slice <= 0:
         parser.error("--containers, --rounds and --slice must be positive")
-    run_fanout(args.containers, args.loop, args.rounds, args.slice)
+    run_fanout(args.containers, args.loop, args.rounds, args.slice, args.in_process)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,10 @@ def test_nats_against_tcp_prints_both() -> None:
     assert [line.split()[0] for line in lines[1:]] == ["sequential", "latency", "100"]
 
 
-def test_the_fanout_benchmark_prints_ratios_and_the_aa_band() -> None:
+@pytest.mark.parametrize("where", [[], ["--in-process"]])
+def test_the_fanout_benchmark_prints_ratios_and_the_aa_band(where: list[str]) -> None:
     script = str(ROOT / "benchmarks" / "fanout.py")
-    args = ["--containers", "2", "--rounds", "2", "--slice", "0.01"]
+    args = ["--containers", "2", "--rounds", "2", "--slice", "0.01", *where]
     result = subprocess.run(
         [sys.executable, "-W", "error", script, *args],
         capture_output=True,
@@ -90,7 +91,8 @@ def test_the_fanout_benchmark_prints_ratios_and_the_aa_band() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert "calling an agent in each of 2 containers" in result.stdout
+    assert "calling an agent in each of 2 containers (" in result.stdout
+    assert ("in this process" in result.stdout) == bool(where)
     rows = result.stdout.rstrip().splitlines()[-2:]
     assert [row.split()[0] for row in rows] == ["json", "msgpack"]
     for row in rows:

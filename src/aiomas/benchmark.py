@@ -340,15 +340,17 @@ def run_roundtrips(
 _FANOUT_CODECS = ("json", "msgpack")
 
 
-async def _serve_fanout() -> None:
-    """A callee of the fan-out workload: for each codec, serve an
-    :class:`EchoAgent` in a container and a floor server; print the agent's
-    address and the floor's port for each, run until stdin closes."""
+async def _start_callee() -> tuple[
+    dict[str, tuple[str, int]], Callable[[], Awaitable[None]]
+]:
+    """A callee of the fan-out workload: for each codec, an
+    :class:`EchoAgent` in a container and a floor server.  Return, by codec,
+    the agent's address and the floor's port, and a function closing them."""
     loop = asyncio.get_running_loop()
     addr = ("127.0.0.1", 0)
     containers = []
     floors = []
-    printed = []
+    callee = {}
     for codec in _FANOUT_CODECS:
         container = await aiomas.Container.create(
             addr, codec=_codec_class(codec), as_coro=True
@@ -359,15 +361,26 @@ async def _serve_fanout() -> None:
             functools.partial(FloorProtocol, codec, serve=True), *addr
         )
         floors.append(floor)
-        printed += [container.base_url + "0", floor.sockets[0].getsockname()[1]]
-    print(*printed, flush=True)
-    await loop.run_in_executor(None, sys.stdin.read)
-    for floor in floors:
-        floor.close()
-    for container in containers:
-        await container.shutdown(as_coro=True)
-    for floor in floors:
-        await floor.wait_closed()
+        callee[codec] = (container.base_url + "0", floor.sockets[0].getsockname()[1])
+
+    async def close() -> None:
+        for floor in floors:
+            floor.close()
+        for container in containers:
+            await container.shutdown(as_coro=True)
+        for floor in floors:
+            await floor.wait_closed()
+
+    return callee, close
+
+
+async def _serve_fanout() -> None:
+    """Serve a callee of the fan-out workload; print its addresses and ports,
+    run until stdin closes."""
+    callee, close = await _start_callee()
+    print(*(field for codec in _FANOUT_CODECS for field in callee[codec]), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await close()
 
 
 FanOut = Callable[[], Awaitable[Any]]
@@ -425,10 +438,20 @@ async def _fanout_rates(fanout: FanOut, seconds: float, callees: int) -> float:
 
 
 async def _fanout_slices(
-    callees: Sequence[tuple[str, int]], codec: str, rounds: int, seconds: float
+    callees: Sequence[tuple[str, int]] | int, codec: str, rounds: int, seconds: float
 ) -> dict[str, list[float]]:
     """Calls per second of each side in *rounds* rounds of alternating slices
-    of *seconds*."""
+    of *seconds*; *callees* are addresses (see :func:`start_fanout_callees`)
+    or the number of callees to serve in this process."""
+    if isinstance(callees, int):
+        started = [await _start_callee() for _ in range(callees)]
+        try:
+            return await _fanout_slices(
+                [callee[codec] for callee, _ in started], codec, rounds, seconds
+            )
+        finally:
+            for _, close_callee in started:
+                await close_callee()
     sides, close = await _fanout_sides(callees, codec)
     try:
         for fanout in sides.values():  # warm up
@@ -492,13 +515,21 @@ def stop_processes(processes: Sequence[subprocess.Popen[str]]) -> None:
             process.stdout.close()
 
 
-def run_fanout(number: int, loop_name: str, rounds: int, seconds: float) -> None:
+def run_fanout(
+    number: int,
+    loop_name: str,
+    rounds: int,
+    seconds: float,
+    in_process: bool = False,
+) -> None:
     """Measure and print the fan-out workload: one container calling one agent
-    in each of *number* containers (separate processes) at once, again and
-    again, against the floor doing the same calls."""
+    in each of *number* containers at once, again and again, against the floor
+    doing the same calls.  The callees run in separate processes, or with
+    *in_process* in this one (on TCP loopback all the same)."""
+    where = "in this process" if in_process else "separate processes"
     print(
         f"\nFan-out, {loop_name}: one container calling an agent in each of "
-        f"{number} containers (separate processes) at once; {rounds} rounds of "
+        f"{number} containers ({where}) at once; {rounds} rounds of "
         f"alternating {seconds * 1000:g} ms slices; ratios: median and 10-90 % "
         "of the per-round ratios:"
     )
@@ -506,11 +537,19 @@ def run_fanout(number: int, loop_name: str, rounds: int, seconds: float) -> None
         f"{'codec':<9}{'floor':>10}{'aiomas':>10}{'vs floor':>10}{'band':>16}"
         f"{'A/A':>8}{'band':>16}  load"
     )
-    processes, callees = start_fanout_callees(number, loop_name)
+    processes, callees = (
+        ([], None) if in_process else start_fanout_callees(number, loop_name)
+    )
     try:
         results = {
             codec: _run(
-                _fanout_slices(callees[codec], codec, rounds, seconds), loop_name
+                _fanout_slices(
+                    number if callees is None else callees[codec],
+                    codec,
+                    rounds,
+                    seconds,
+                ),
+                loop_name,
             )
             for codec in _FANOUT_CODECS
         }
