@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/msgspec_eval.py [--rounds 40] [--check 2000]
+    python benchmarks/msgspec_eval.py [--rounds 10] [--turns 4] [--check 2000]
 
 msgspec (``pip install msgspec``, not a dependency of aiomas) encodes a small
 RPC frame about 3x faster than msgpack-python.  It can only stand in for our
@@ -35,8 +35,9 @@ and Arrow dates), and decodes each with the other side.
 
 Then RPC over TCP loopback, both ends in this process, 1 and 100 calls in
 flight: each candidate against the reference codec and a second copy of the
-reference (the A/A pair), in alternating 50 ms slices; it prints medians of
-calls per second and of the per-round ratios with their 10-90 % band.
+reference (the A/A pair), taking turns of 50 ms
+(:func:`aiomas.benchmark.take_turns`); it prints medians of calls per second
+and of the per-round ratios, with their range.
 """
 
 from __future__ import annotations
@@ -45,18 +46,18 @@ import argparse
 import asyncio
 import statistics
 import sys
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable
 from typing import Any
 
 import aiomas
-from aiomas.benchmark import calls_per_second
+from aiomas.benchmark import Side, library_side, take_turns
 
 try:
     import msgspec
 except ImportError:
     sys.exit("This evaluation needs msgspec: pip install msgspec")
 
-SLICE = 0.05
 SMALL = ["ohai", 42, 3.14]
 _PLAIN = frozenset({str, float, bool, type(None), bytes})
 _INT64 = range(-(2**63), 2**64)
@@ -176,47 +177,35 @@ def check(examples: int) -> None:
     print(f"identical bytes for {sum(counts.values())} values ({counts})")
 
 
-async def rpc_side(codec: type[aiomas.codecs.Codec]) -> tuple[Any, Any]:
-    service = aiomas.rpc.ServiceDict({"echo": aiomas.expose(lambda content: content)})
-    server = await aiomas.rpc.start_server(("127.0.0.1", 0), service, codec=codec)
-    port = server.sockets[0].getsockname()[1]
-    client = await aiomas.rpc.open_connection(("127.0.0.1", port), codec=codec)
-
-    async def close() -> None:
-        await client.close()
-        server.close()
-        await server.wait_closed()
-
-    return client.remote.echo, close
+def rpc_side(codec: type[aiomas.codecs.Codec]) -> Awaitable[Side]:
+    """RPC over TCP loopback, both ends here, with *codec*."""
+    lib = types.SimpleNamespace(
+        JSON=codec, MsgPack=codec, rpc=aiomas.rpc, expose=aiomas.expose
+    )
+    return library_side("rpc", "json", lib)
 
 
 def band(values: list[float]) -> str:
-    deciles = statistics.quantiles(values, n=10, method="inclusive")
-    return f"{statistics.median(values):.3f} ({deciles[0]:.3f} .. {deciles[-1]:.3f})"
+    return f"{statistics.median(values):.3f} ({min(values):.3f} .. {max(values):.3f})"
 
 
 async def compare(
     reference: type[aiomas.codecs.Codec],
     candidates: dict[str, type[aiomas.codecs.Codec]],
     rounds: int,
+    turns: int,
 ) -> None:
     for in_flight in (1, 100):
-        sides: dict[str, tuple[Callable[[Any], Awaitable[Any]], Any]] = {
-            "ref": await rpc_side(reference),
-            "ref2": await rpc_side(reference),
-        }
+        sides = {"ref": await rpc_side(reference), "ref2": await rpc_side(reference)}
         for name, codec in candidates.items():
             sides[name] = await rpc_side(codec)
-        for send, _ in sides.values():  # warm up
-            await calls_per_second(send, SMALL, in_flight, SLICE)
+        sends = {name: send for name, (send, _) in sides.items()}
+        await take_turns(sends, SMALL, in_flight, 1)  # warm up
         rates: dict[str, list[float]] = {side: [] for side in sides}
-        order = list(sides)
         for _ in range(rounds):
-            for side in order:
-                rates[side].append(
-                    await calls_per_second(sides[side][0], SMALL, in_flight, SLICE)
-                )
-            order.append(order.pop(0))
+            result = await take_turns(sends, SMALL, in_flight, turns)
+            for side, rate in result.items():
+                rates[side].append(rate)
         for _, close in sides.values():
             await close()
         ref = rates["ref"]
@@ -238,12 +227,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="benchmarks/msgspec_eval.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--rounds", type=int, default=40, help="rounds (40)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds (10)")
+    parser.add_argument("--turns", type=int, default=4, help="turns a round (4)")
     parser.add_argument("--check", type=int, default=0, help="values to compare")
     args = parser.parse_args()
     print(
         f"msgspec {msgspec.__version__}, Python {sys.version.split()[0]}, "
-        f"{args.rounds} rounds of {SLICE * 1000:.0f} ms slices"
+        f"{args.rounds} rounds of {args.turns} turns of 50 ms per side"
     )
     if args.check:
         check(args.check)
@@ -253,8 +243,14 @@ def main() -> None:
             aiomas.MsgPack,
             {"msgspec-safe": MsgspecSafe, "msgspec-bound": MsgspecBound},
             args.rounds,
+            args.turns,
         )
-        await compare(aiomas.JSON, {"json-decode-bound": JsonDecodeBound}, args.rounds)
+        await compare(
+            aiomas.JSON,
+            {"json-decode-bound": JsonDecodeBound},
+            args.rounds,
+            args.turns,
+        )
 
     asyncio.run(run())
 

@@ -1,14 +1,19 @@
 """The aiomas benchmark suite: ``python -m aiomas bench`` (or ``python -m
 aiomas.benchmark``).
 
-Request/reply round trips over TCP loopback, client and server in separate
-processes, for the channel, RPC (a call of an exposed echo function) and agents
-(an agent calling an agent in another container).  Every workload is also run on
-the *floor*: a bare :class:`asyncio.Protocol` doing the same framing (4-byte length
-header) and the same encoding with nothing around it, the best a naive
-pure-Python implementation gets.  Rounds alternate between the implementations
-so that machine noise hits all alike; the table shows median, min and max of the
-rounds and each median as a ratio to the floor's median of the same run.
+Request/reply round trips over TCP loopback for the channel, RPC (a call of an
+exposed echo function) and agents (an agent calling an agent in another
+container).  Every workload is also run on the *floor*: a bare
+:class:`asyncio.Protocol` doing the same framing (4-byte length header) and the
+same encoding with nothing around it, the best a naive pure-Python
+implementation gets.
+
+By default both ends of every side run in this one process, and the sides take
+turns in short slices (50 ms): the floor, aiomas, and a second copy of aiomas
+(the A/A pair, whose ratio is the noise band of the machine right now).  Each
+round prints the machine's load beside its ratios; the summary is the median of
+the rounds.  ``--processes`` measures absolute figures instead, client and
+server in separate processes, whole rounds of seconds per side.
 
 The last table is the time and memory to create many agents in one container.
 
@@ -33,21 +38,34 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import aiomas
 
-__all__ = ["calls_per_second", "channel_echo", "main"]
+__all__ = [
+    "FloorProtocol",
+    "calls_per_second",
+    "channel_echo",
+    "floor_side",
+    "library_side",
+    "main",
+    "take_turns",
+]
 
 _HEADER = struct.Struct(">L")
-# The slices in which in-process benchmarks alternate their sides.
-_SLICE = 0.05
 _SMALL = ["ohai", 42, 3.14]
 _MIB = 2**20
 # About 1 MiB as JSON ("1048576, " is 9 bytes).
 _INTS = list(range(1_000_000, 1_000_000 + _MIB // 9))
+SLICE_SECONDS = 0.05
+"""How long each side runs in its turn in the in-process mode."""
+
+Send = Callable[[Any], Awaitable[Any]]
+Close = Callable[[], Awaitable[None]]
+Side = tuple[Send, Close]
+"""A way to make one call, and a way to end what serves it."""
 
 
 @dataclass(frozen=True)
@@ -269,12 +287,204 @@ async def calls_per_second(
     return count / (time.perf_counter() - start)
 
 
+# --- In one process: sides taking turns in slices ------------------------------
+
+
+async def floor_side(codec: str) -> Side:
+    """A server and a client of the floor, both in this process, on loopback."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: FloorProtocol(codec, serve=True), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    transport, protocol = await loop.create_connection(
+        lambda: FloorProtocol(codec, serve=False), "127.0.0.1", port
+    )
+
+    async def close() -> None:
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+    return protocol.send, close
+
+
+async def library_side(layer: str, codec: str, lib: Any = aiomas) -> Side:
+    """A server and a client of *layer* (``"channel"``, ``"rpc"`` or
+    ``"agent"``), both in this process, on loopback.
+
+    *lib* is the aiomas package to measure: this one, or an older revision
+    imported under another name (``benchmarks/compare.py`` does that), so only
+    names that every revision has are used here.
+    """
+    codec_cls = lib.JSON if codec == "json" else lib.MsgPack
+    addr = ("127.0.0.1", 0)
+    if layer == "channel":
+        server = await lib.channel.start_server(addr, channel_echo, codec=codec_cls)
+        port = server.sockets[0].getsockname()[1]
+        channel = await lib.channel.open_connection(
+            ("127.0.0.1", port), codec=codec_cls
+        )
+
+        async def close_channel() -> None:
+            await channel.close()
+            server.close()
+            await server.wait_closed()
+
+        return channel.send, close_channel
+    if layer == "rpc":
+        service = lib.rpc.ServiceDict({"echo": lib.expose(lambda content: content)})
+        server = await lib.rpc.start_server(addr, service, codec=codec_cls)
+        port = server.sockets[0].getsockname()[1]
+        client = await lib.rpc.open_connection(("127.0.0.1", port), codec=codec_cls)
+
+        async def close_rpc() -> None:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+        return client.remote.echo, close_rpc
+    if layer != "agent":
+        raise ValueError(f"unknown layer {layer!r}")
+
+    class Echo(lib.Agent):  # type: ignore[misc]
+        @lib.expose  # type: ignore[untyped-decorator]
+        def echo(self, content: Any) -> Any:
+            return content
+
+    callee = await lib.Container.create(addr, codec=codec_cls, as_coro=True)
+    Echo(callee)
+    caller = await lib.Container.create(addr, codec=codec_cls, as_coro=True)
+    proxy = await caller.connect(callee.base_url + "0")
+
+    async def close() -> None:
+        await caller.shutdown(as_coro=True)
+        await callee.shutdown(as_coro=True)
+
+    return proxy.echo, close
+
+
+async def take_turns(
+    sides: Mapping[str, Send],
+    content: Any,
+    in_flight: int,
+    turns: int,
+    seconds: float = SLICE_SECONDS,
+) -> dict[str, float]:
+    """Let every side make calls for *seconds*, in turn, *turns* times (the
+    side that starts rotates); return each side's calls per second over all
+    its turns."""
+    calls = dict.fromkeys(sides, 0.0)
+    elapsed = dict.fromkeys(sides, 0.0)
+    names = list(sides)
+    for turn in range(turns):
+        start = turn % len(names)
+        for name in names[start:] + names[:start]:
+            began = time.perf_counter()
+            rate = await calls_per_second(sides[name], content, in_flight, seconds)
+            took = time.perf_counter() - began
+            calls[name] += rate * took
+            elapsed[name] += took
+    return {name: calls[name] / elapsed[name] for name in names}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round of the in-process mode: each side's rate and the load."""
+
+    rates: dict[str, float]
+    load: float
+
+    def ratio(self, side: str, other: str) -> float:
+        return self.rates[side] / self.rates[other]
+
+
+def _band(values: Sequence[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+async def measure_in_process(
+    workload: Workload, impl: str, rounds: int, turns: int, seconds: float
+) -> list[RoundResult]:
+    """Measure *impl* of *workload* against the floor and against a second
+    copy of itself (A/A), *rounds* rounds of *turns* turns each."""
+    sides = {
+        "floor": await floor_side(workload.codec),
+        "ours": await library_side(impl, workload.codec),
+        "ours2": await library_side(impl, workload.codec),
+    }
+    sends = {name: send for name, (send, _) in sides.items()}
+    content = workload.content()
+    try:
+        await take_turns(sends, content, workload.in_flight, 1, seconds)  # warm up
+        results = []
+        for _ in range(rounds):
+            rates = await take_turns(sends, content, workload.in_flight, turns, seconds)
+            scale = workload.mib()
+            results.append(
+                RoundResult(
+                    {name: rate * scale for name, rate in rates.items()},
+                    os.getloadavg()[0],
+                )
+            )
+        return results
+    finally:
+        for _, close in sides.values():
+            await close()
+
+
+async def _in_process_table(
+    workloads: Sequence[Workload], rounds: int, turns: int, seconds: float
+) -> None:
+    for workload in workloads:
+        for impl in workload.impls:
+            if impl == "floor":
+                continue
+            results = await measure_in_process(workload, impl, rounds, turns, seconds)
+            print_rounds(f"{impl}, {workload.name} ({workload.unit})", impl, results)
+
+
+def print_rounds(title: str, impl: str, results: Sequence[RoundResult]) -> None:
+    """Print *results* (sides ``floor``, ``ours`` and ``ours2``) as a table
+    under *title*: a row per round, then the medians and the A/A band."""
+    print(f"\n{title}")
+    print(f"  {'round':<7}{'load':>6}{'floor':>11}{impl:>11}{'/floor':>8}{'A/A':>7}")
+    for number, result in enumerate(results, 1):
+        print(
+            f"  {number:<7}{result.load:>6.2f}"
+            f"{result.rates['floor']:>11,.0f}{result.rates['ours']:>11,.0f}"
+            f"{result.ratio('ours', 'floor'):>8.3f}"
+            f"{result.ratio('ours2', 'ours'):>7.3f}",
+            flush=True,
+        )
+    ratios = [result.ratio("ours", "floor") for result in results]
+    aa = [result.ratio("ours2", "ours") for result in results]
+    floor = statistics.median(result.rates["floor"] for result in results)
+    ours = statistics.median(result.rates["ours"] for result in results)
+    print(
+        f"  {'median':<13}{floor:>11,.0f}{ours:>11,.0f}"
+        f"{statistics.median(ratios):>8.3f}{statistics.median(aa):>7.3f}"
+        f"   (A/A band {_band(aa)})",
+        flush=True,
+    )
+
+
+def run_in_process(
+    workloads: Sequence[Workload],
+    loop_name: str,
+    rounds: int,
+    turns: int,
+    seconds: float,
+) -> None:
+    """Measure and print *workloads* on *loop_name*, both ends in this
+    process, the floor and two copies of aiomas taking turns."""
+    print(f"\nRound trips, {loop_name}, both ends in this process:")
+    _run(_in_process_table(workloads, rounds, turns, seconds), loop_name)
+
+
 def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
     """Run *coro* on a new event loop of the kind *loop_name*."""
-    factory = None
-    if loop_name == "uvloop":
-        factory = importlib.import_module("uvloop").new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=aiomas.util.loop_factory(loop_name)) as runner:
         return runner.run(coro)
 
 
@@ -383,15 +593,13 @@ async def _serve_fanout() -> None:
     await close()
 
 
-FanOut = Callable[[], Awaitable[Any]]
-
-
 async def _fanout_sides(
     callees: Sequence[tuple[str, int]], codec: str
-) -> tuple[dict[str, FanOut], Callable[[], Awaitable[None]]]:
+) -> tuple[dict[str, Send], Close]:
     """The sides of the fan-out workload: the floor and two caller containers
-    (the second one for the A/A band), each a function making one call to
-    every callee at once; and a function closing them."""
+    (``ours`` and, for the A/A band, ``ours2``), each a function that calls
+    every callee at once (its argument is sent to each); and a function that
+    closes them."""
     loop = asyncio.get_running_loop()
     transports = []
     floors = []
@@ -402,16 +610,16 @@ async def _fanout_sides(
         transports.append(transport)
         floors.append(protocol)
     containers = []
-    sides: dict[str, FanOut] = {
-        "floor": lambda: asyncio.gather(*(floor.send(_SMALL) for floor in floors))
+    sides: dict[str, Send] = {
+        "floor": functools.partial(_call_all, [floor.send for floor in floors])
     }
-    for side in ("aiomas", "aiomas2"):
+    for side in ("ours", "ours2"):
         container = await aiomas.Container.create(
             ("127.0.0.1", 0), codec=_codec_class(codec), as_coro=True
         )
         containers.append(container)
         proxies = [await container.connect(url) for url, _ in callees]
-        sides[side] = functools.partial(_call_all, proxies)
+        sides[side] = functools.partial(_call_all, [proxy.echo for proxy in proxies])
 
     async def close() -> None:
         for transport in transports:
@@ -422,49 +630,42 @@ async def _fanout_sides(
     return sides, close
 
 
-def _call_all(proxies: Sequence[aiomas.agent.AgentProxy]) -> Awaitable[Any]:
-    return asyncio.gather(*(proxy.echo(_SMALL) for proxy in proxies))
+def _call_all(sends: Sequence[Send], content: Any) -> Awaitable[Any]:
+    return asyncio.gather(*(send(content) for send in sends))
 
 
-async def _fanout_rates(fanout: FanOut, seconds: float, callees: int) -> float:
-    """Fan out again and again for *seconds*; return calls per second."""
-    count = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while time.perf_counter() < deadline:
-        await fanout()
-        count += callees
-    return count / (time.perf_counter() - start)
-
-
-async def _fanout_slices(
-    callees: Sequence[tuple[str, int]] | int, codec: str, rounds: int, seconds: float
-) -> dict[str, list[float]]:
-    """Calls per second of each side in *rounds* rounds of alternating slices
-    of *seconds*; *callees* are addresses (see :func:`start_fanout_callees`)
-    or the number of callees to serve in this process."""
+async def measure_fanout(
+    callees: Sequence[tuple[str, int]] | int,
+    codec: str,
+    rounds: int,
+    turns: int,
+    seconds: float,
+) -> list[RoundResult]:
+    """Measure the fan-out workload with *codec*, *rounds* rounds of *turns*
+    turns of *seconds* per side; *callees* are their addresses (see
+    :func:`start_fanout_callees`) or the number of callees to serve in this
+    process.  Rates are calls (not fan-outs) per second."""
     if isinstance(callees, int):
         started = [await _start_callee() for _ in range(callees)]
         try:
-            return await _fanout_slices(
-                [callee[codec] for callee, _ in started], codec, rounds, seconds
-            )
+            addresses = [callee[codec] for callee, _ in started]
+            return await measure_fanout(addresses, codec, rounds, turns, seconds)
         finally:
             for _, close_callee in started:
                 await close_callee()
-    sides, close = await _fanout_sides(callees, codec)
+    sends, close = await _fanout_sides(callees, codec)
     try:
-        for fanout in sides.values():  # warm up
-            await _fanout_rates(fanout, seconds, len(callees))
-        rates: dict[str, list[float]] = {side: [] for side in sides}
-        order = list(sides)
+        await take_turns(sends, _SMALL, 1, 1, seconds)  # warm up
+        results = []
         for _ in range(rounds):
-            for side in order:
-                rates[side].append(
-                    await _fanout_rates(sides[side], seconds, len(callees))
+            rates = await take_turns(sends, _SMALL, 1, turns, seconds)
+            results.append(
+                RoundResult(
+                    {name: rate * len(callees) for name, rate in rates.items()},
+                    os.getloadavg()[0],
                 )
-            order.append(order.pop(0))
-        return rates
+            )
+        return results
     finally:
         await close()
 
@@ -519,55 +720,38 @@ def run_fanout(
     number: int,
     loop_name: str,
     rounds: int,
+    turns: int,
     seconds: float,
     in_process: bool = False,
 ) -> None:
-    """Measure and print the fan-out workload: one container calling one agent
+    """Measure and print the fan-out workload: one container calling an agent
     in each of *number* containers at once, again and again, against the floor
-    doing the same calls.  The callees run in separate processes, or with
-    *in_process* in this one (on TCP loopback all the same)."""
-    where = "in this process" if in_process else "separate processes"
+    doing the same calls, with JSON and MsgPack.  The callees run in separate
+    processes, or with *in_process* in this one (on TCP loopback all the
+    same)."""
+    where = "in this process" if in_process else "in separate processes"
     print(
         f"\nFan-out, {loop_name}: one container calling an agent in each of "
-        f"{number} containers ({where}) at once; {rounds} rounds of "
-        f"alternating {seconds * 1000:g} ms slices; ratios: median and 10-90 % "
-        "of the per-round ratios:"
-    )
-    print(
-        f"{'codec':<9}{'floor':>10}{'aiomas':>10}{'vs floor':>10}{'band':>16}"
-        f"{'A/A':>8}{'band':>16}  load"
+        f"{number} containers ({where}) at once:"
     )
     processes, callees = (
         ([], None) if in_process else start_fanout_callees(number, loop_name)
     )
     try:
-        results = {
-            codec: _run(
-                _fanout_slices(
+        for codec in _FANOUT_CODECS:
+            results = _run(
+                measure_fanout(
                     number if callees is None else callees[codec],
                     codec,
                     rounds,
+                    turns,
                     seconds,
                 ),
                 loop_name,
             )
-            for codec in _FANOUT_CODECS
-        }
+            print_rounds(f"fan-out to {number}, {codec} (calls/s)", "agent", results)
     finally:
         stop_processes(processes)
-    for codec, rates in results.items():
-        ratio = [a / f for a, f in zip(rates["aiomas"], rates["floor"], strict=True)]
-        band = [b / a for a, b in zip(rates["aiomas"], rates["aiomas2"], strict=True)]
-        lo, hi = _quantiles(ratio)
-        aa_lo, aa_hi = _quantiles(band)
-        print(
-            f"{codec:<9}{statistics.median(rates['floor']):>10,.0f}"
-            f"{statistics.median(rates['aiomas']):>10,.0f}"
-            f"{statistics.median(ratio):>10.3f}{f'{lo:.3f} .. {hi:.3f}':>16}"
-            f"{statistics.median(band):>8.3f}{f'{aa_lo:.3f} .. {aa_hi:.3f}':>16}"
-            f"  {os.getloadavg()[0]:.1f}",
-            flush=True,
-        )
 
 
 class _PlainAgent(aiomas.Agent):
@@ -754,12 +938,11 @@ def _memory_in_subprocess(side: str, number: int) -> tuple[float, float]:
 def _available_loops(wanted: Sequence[str]) -> list[str]:
     loops = []
     for name in wanted:
-        if name == "uvloop":
-            try:
-                importlib.import_module("uvloop")
-            except ImportError:
-                print("uvloop is not installed: skipping it (pip install uvloop)")
-                continue
+        try:
+            aiomas.util.loop_factory(name)
+        except ImportError as exc:
+            print(f"{exc}: skipping it")
+            continue
         loops.append(name)
     return loops
 
@@ -773,16 +956,36 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--rounds", type=int, default=5, help="rounds per figure (default: 5)"
     )
     parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="absolute figures: client and server in separate processes, "
+        "whole rounds of --seconds per side (default: both ends in this "
+        "process, sides taking turns in slices)",
+    )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=20,
+        help="turns per side and round, in this process (default: 20)",
+    )
+    parser.add_argument(
+        "--slice",
+        type=float,
+        default=SLICE_SECONDS * 1000,
+        metavar="MS",
+        help="milliseconds per turn, in this process (default: 50)",
+    )
+    parser.add_argument(
         "--seconds",
         type=float,
         default=2.0,
-        help="seconds per measurement (default: 2)",
+        help="seconds per measurement with --processes (default: 2)",
     )
     parser.add_argument(
         "--loop",
         nargs="+",
-        choices=["asyncio", "uvloop"],
-        default=["asyncio", "uvloop"],
+        choices=aiomas.util.LOOPS,
+        default=list(aiomas.util.LOOPS),
         help="event loops to measure on (default: both)",
     )
     parser.add_argument(
@@ -829,21 +1032,39 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(*_bytes_per_agent(args.agent_memory, args.agents))
         return 0
     if args.quick:
-        args.rounds, args.seconds = 1, 0.5
-    if min(args.rounds, args.agents, args.fanout) < 1 or args.seconds <= 0:
-        parser.error("--rounds, --seconds, --agents and --fanout must be positive")
+        args.rounds, args.seconds, args.turns = 1, 0.5, 5
+    values = (args.rounds, args.seconds, args.agents, args.turns, args.slice)
+    if min(*values, args.fanout) <= 0:
+        parser.error(
+            "--rounds, --seconds, --turns, --slice, --agents and --fanout must "
+            "be positive"
+        )
     workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
-    print(
-        f"aiomas {aiomas.__version__}, Python {sys.version.split()[0]}, "
-        f"{args.rounds} round(s) of {args.seconds:g} s per figure, TCP loopback, "
-        "client and server in separate processes"
-    )
+    python = f"aiomas {aiomas.__version__}, Python {sys.version.split()[0]}"
+    if args.processes:
+        print(
+            f"{python}, {args.rounds} round(s) of {args.seconds:g} s per figure, "
+            "TCP loopback, client and server in separate processes"
+        )
+    else:
+        print(
+            f"{python}, TCP loopback, both ends in this process; {args.rounds} "
+            f"round(s) of {args.turns} turns of {args.slice:g} ms per side "
+            "(floor, aiomas, aiomas again for A/A); load: 1-minute load average"
+        )
     if workloads:
         for loop_name in _available_loops(args.loop):
-            run_roundtrips(workloads, loop_name, args.rounds, args.seconds)
+            if args.processes:
+                run_roundtrips(workloads, loop_name, args.rounds, args.seconds)
+            else:
+                run_in_process(
+                    workloads, loop_name, args.rounds, args.turns, args.slice / 1000
+                )
     if not args.only or args.only in "fan-out":
         for loop_name in _available_loops(args.loop):
-            run_fanout(args.fanout, loop_name, 10 * args.rounds, _SLICE)
+            run_fanout(
+                args.fanout, loop_name, args.rounds, args.turns, args.slice / 1000
+            )
     if not args.only or args.only in "agents":
         run_agent_creation(args.agents)
     return 0
