@@ -243,6 +243,23 @@ async def test_agents_get_their_router_on_first_use(
     assert len(CountedRouters.made) == 2
 
 
+async def test_the_first_call_makes_the_router_without_running_getattr(
+    tcp_pair: list[aiomas.Container],
+) -> None:
+    ran: list[str] = []
+
+    class Guarded(Callee):
+        def __getattr__(self, name: str) -> Any:
+            ran.append(name)
+            raise AttributeError(name)
+
+    agent = Guarded(tcp_pair[0])
+    proxy = await tcp_pair[1].connect(agent.addr)
+    assert await proxy.spam(1) == "spam"
+    assert agent.router.path == "agents/0"
+    assert ran == []
+
+
 async def test_an_agent_sent_before_its_router_is_used_has_its_path(
     tcp_pair: list[aiomas.Container],
 ) -> None:

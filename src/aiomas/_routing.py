@@ -401,9 +401,14 @@ class Service:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        # A default (instead of catching AttributeError) spares CPython making
-        # an exception for every new instance.
-        router: Router | None = getattr(obj, self._attr, None)
+        # object.__getattribute__(), not getattr(): a router not made yet must
+        # not make us run the service's __getattr__ (a peer's call may get
+        # here).  The exception costs once per router.
+        router: Router | None
+        try:
+            router = object.__getattribute__(obj, self._attr)
+        except AttributeError:
+            router = None
         if router is None:
             router = Router(obj)
             try:
