@@ -70,8 +70,7 @@ FORBIDDEN_CALLS: list[str] = []
 """What ran although it is not exposed (only recorded once :data:`ARMED`)."""
 
 ARMED = False
-"""False while the containers and agents are set up: aiomas looks up the
-agent's router slot through ``__getattr__`` on first use, which is fine."""
+"""False while the containers and agents are set up."""
 
 
 def forbidden(what: str) -> None:

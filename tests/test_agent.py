@@ -11,6 +11,7 @@ import struct
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,92 @@ async def test_every_agent_has_its_own_router(tcp_pair: list[aiomas.Container]) 
     assert first.router.path == "agents/0"
     assert first.router.root is tcp_pair[0].router
     assert isinstance(Callee.router, rpc.Service)
+
+
+class CountedRouters(Callee):
+    """Records every router made for its agents."""
+
+    made: typing.ClassVar[list[rpc.Router]] = []
+
+    def __rpc_router_made__(self, router: rpc.Router) -> None:
+        CountedRouters.made.append(router)
+        super().__rpc_router_made__(router)
+
+
+async def test_agents_get_their_router_on_first_use(
+    tcp_pair: list[aiomas.Container],
+) -> None:
+    CountedRouters.made.clear()
+    callee, caller = tcp_pair
+    agents = [CountedRouters(callee) for _ in range(3)]
+    assert CountedRouters.made == []
+    # An RPC call makes (and places) the router of the agent called only.
+    proxy = await caller.connect(agents[1].addr)
+    assert await proxy.spam(2) == "spamspam"
+    assert CountedRouters.made == [agents[1].router]
+    assert agents[1].router.path == "agents/1"
+    assert agents[1].router.root is callee.router
+    # Direct use places it too.
+    assert agents[2].router.path == "agents/2"
+    assert CountedRouters.made == [agents[1].router, agents[2].router]
+    assert await proxy.spam(1) == "spam"
+    assert len(CountedRouters.made) == 2
+
+
+async def test_the_first_call_makes_the_router_without_running_getattr(
+    tcp_pair: list[aiomas.Container],
+) -> None:
+    ran: list[str] = []
+
+    class Guarded(Callee):
+        def __getattr__(self, name: str) -> Any:
+            ran.append(name)
+            raise AttributeError(name)
+
+    agent = Guarded(tcp_pair[0])
+    proxy = await tcp_pair[1].connect(agent.addr)
+    assert await proxy.spam(1) == "spam"
+    assert agent.router.path == "agents/0"
+    assert ran == []
+
+
+async def test_an_agent_sent_before_its_router_is_used_has_its_path(
+    tcp_pair: list[aiomas.Container],
+) -> None:
+    callee, caller = tcp_pair
+    target = Callee(caller)  # no router yet
+    middle = Caller(callee)
+    proxy = await caller.connect(middle.addr)
+    # The caller's container sends `target` as a proxy: its router's path.
+    assert await proxy.call_back(target, 2) == "SPAMSPAM"
+
+
+async def test_a_router_made_before_registration_is_placed(
+    tcp_pair: list[aiomas.Container],
+) -> None:
+    class Early(Callee):
+        def __init__(self, container: aiomas.Container) -> None:
+            self.early = self.router
+            super().__init__(container)
+
+    Callee(tcp_pair[0])
+    agent = Early(tcp_pair[0])
+    assert agent.early is agent.router
+    assert agent.router.path == "agents/1"
+    proxy = await tcp_pair[1].connect(agent.addr)
+    assert await proxy.spam(1) == "spam"
+
+
+def test_an_agent_that_never_registers_is_not_kept_alive() -> None:
+    class Failing(Callee):
+        def __init__(self, container: aiomas.Container) -> None:
+            assert self.router.path == ""  # not placed: no container yet
+            raise RuntimeError("never registered")
+
+    with pytest.raises(RuntimeError, match="never registered"):
+        Failing(None)  # type: ignore[arg-type]
+    gc.collect()
+    assert not [obj for obj in gc.get_objects() if type(obj) is Failing]
 
 
 async def test_agent_needs_a_container() -> None:

@@ -101,3 +101,22 @@ def test_the_deadlines_benchmark_prints_latencies_and_costs() -> None:
     (row,) = [line for line in lines if line.strip().startswith("ext in block")]
     assert "calls/s" in row
     assert "ratio" in row
+
+
+@pytest.mark.parametrize("where", [[], ["--in-process"]])
+def test_the_fanout_benchmark_prints_ratios_and_the_aa_band(where: list[str]) -> None:
+    args = ["--containers", "2", "--rounds", "2", "--turns", "1", "--slice", "10"]
+    stdout = run_benchmark("fanout.py", *args, *where)
+    assert "calling an agent in each of 2 containers (" in stdout
+    assert ("in this process" in stdout) == bool(where)
+    titles = [line for line in stdout.splitlines() if "(calls/s)" in line]
+    assert titles == [
+        f"fan-out to 2, {codec} (calls/s)" for codec in ("json", "msgpack")
+    ]
+    medians = [line for line in stdout.splitlines() if "median" in line]
+    assert len(medians) == 2
+    for row in medians:
+        # floor, agent, /floor, A/A, then the A/A band
+        fields = row.split()
+        assert all(float(field.replace(",", "")) > 0 for field in fields[1:5])
+        assert "(A/A band " in row

@@ -166,6 +166,9 @@ def test_bench_agent_creation() -> None:
         "bench", "--rounds", "1", "--only", "agents", "--agents", "2000"
     )
     assert result.returncode == 0, result.stderr
-    assert "Creating 2,000 agents in one container:" in result.stdout
+    assert "Creating 2,000 agents in one container, against the lean" in result.stdout
     assert "Round trips" not in result.stdout
-    assert result.stdout.rstrip().endswith(" B")
+    rows = result.stdout.rstrip().splitlines()[-3:]
+    assert [row.split()[0] for row in rows] == ["aiomas", "lean", "lean2"]
+    assert all(row.endswith(" B") for row in rows)
+    assert rows[1].split()[2] == "1.000"

@@ -81,6 +81,35 @@ def test_service_descriptor_gives_each_instance_its_own_router() -> None:
         a.router = Router(a)  # type: ignore[misc]
 
 
+def test_a_service_class_may_place_each_new_router() -> None:
+    parent = Router(object())
+    placed: list[Router] = []
+
+    @expose
+    def f() -> str:
+        return "f"
+
+    class Placed:
+        router = Service(["sub"])
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.sub = ServiceDict({"f": f})
+
+        def __rpc_router_made__(self, router: Router) -> None:
+            placed.append(router)
+            parent.set_sub_router(router, self.name)
+
+    a, b = Placed("a"), Placed("b")
+    assert placed == []
+    assert a.router.path == "a"
+    assert a.router.resolve("sub/f") is f
+    assert b.router.root is parent
+    assert placed == [a.router, b.router]
+    assert a.router is a.router
+    assert len(placed) == 2
+
+
 def test_resolve_functions_and_sub_services() -> None:
     calc = Calculator()
     assert calc.router.resolve("mul")(3, 4) == 12

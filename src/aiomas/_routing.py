@@ -31,6 +31,8 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 _RPC_MARKER: Final = "__rpc__"
+# The method that Service calls on an object with its new router (see Service).
+_MADE_HOOK: Final = "__rpc_router_made__"
 
 
 def expose(func: F) -> F:
@@ -371,6 +373,11 @@ class Service:
     The router is made on first access and kept in the instance attribute
     ``_aiomas_<name>`` (``_aiomas_router`` for the usual name): a class with
     ``__slots__`` lists that name among them, as :class:`~aiomas.Agent` does.
+    If the class defines a method ``__rpc_router_made__(self, router)``, it is
+    called with each new router before it is first returned: the place to set
+    the router's :attr:`~Router.parent` and :attr:`~Router.name` for a service
+    that knows where it lives (:class:`~aiomas.Agent` does, so that nothing is
+    built for an agent until its router is used).
 
     Args:
         sub_routers: Names of attributes that hold sub-services (instances with a
@@ -394,9 +401,14 @@ class Service:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        # A default (instead of catching AttributeError) spares CPython making
-        # an exception for every new instance.
-        router: Router | None = getattr(obj, self._attr, None)
+        # object.__getattribute__(), not getattr(): a router not made yet must
+        # not make us run the service's __getattr__ (a peer's call may get
+        # here).  The exception costs once per router.
+        router: Router | None
+        try:
+            router = object.__getattribute__(obj, self._attr)
+        except AttributeError:
+            router = None
         if router is None:
             router = Router(obj)
             try:
@@ -406,6 +418,9 @@ class Service:
                     f"{type(obj).__qualname__} instances need a __dict__ or a "
                     f"{self._attr!r} slot to hold their RPC router"
                 ) from None
+            made = getattr(type(obj), _MADE_HOOK, None)
+            if made is not None:
+                made(obj, router)
             if self.sub_routers:
                 router.declare(self.sub_routers)
         return router

@@ -25,6 +25,7 @@ import inspect
 import itertools
 import os
 import ssl as ssl_mod
+import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, cast, overload
 
@@ -118,10 +119,38 @@ class Agent:
                 f"An agent needs a Container, got {type(container).__qualname__}"
             )
         self.container = container
-        self.addr = state_of(container).registry.register(self)
+        try:
+            registry = container._aiomas.registry  # noqa: SLF001 (this module's)
+        except AttributeError:
+            registry = state_of(container).registry  # (raises the TypeError)
+        self.addr = registry.register(self)
+
+    def __rpc_router_made__(self, router: rpc.Router) -> None:
+        """Place the agent's new router under its container's ``agents``.
+
+        :class:`~aiomas.rpc.Service` calls this when the router is first used:
+        agents get no router until then, which keeps making many of them cheap.
+        """
+        addr = getattr(self, "addr", None)
+        if addr is None:
+            # Made before Agent.__init__() registered us: register() places it.
+            _unplaced[id(self)] = weakref.ref(self, _drop_unplaced(id(self)))
+            return
+        state_of(self.container).registry.place(router, addr)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.addr!r})"
+
+
+# Agents whose router was made before they were registered, by id().
+_unplaced: dict[int, weakref.ref[Agent]] = {}
+
+
+def _drop_unplaced(key: int) -> Callable[[object], None]:
+    def drop(_: object) -> None:
+        _unplaced.pop(key, None)
+
+    return drop
 
 
 class AgentProxy(rpc.Proxy):
@@ -727,6 +756,7 @@ class _AgentRegistry:
     """
 
     __slots__ = (
+        "_by_id",
         "_closed",
         "_ids",
         "_incoming",
@@ -744,6 +774,7 @@ class _AgentRegistry:
         """Whether connections to us may agree on the wire extension."""
         self.base_url = base_url
         self.agents = rpc.ServiceDict()
+        self._by_id = self.agents.dict
         container.router.set_sub_router(self.agents.router, "agents")
         self._ids = itertools.count()
         # A dict, not a set: closed in the order they came, in every process.
@@ -762,16 +793,23 @@ class _AgentRegistry:
         Raises:
             RuntimeError: if the registry has been closed.
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         aid = str(next(self._ids))
-        agents = self.agents
-        agents.dict[aid] = agent
-        # The ServiceDict finds the agent's router in its dict; what it needs
-        # besides is the router's place in the tree, for the agent's RPC path.
-        router = agent.router
-        router.parent = agents.router
-        router.name = aid
-        return self.base_url + aid
+        self._by_id[aid] = agent
+        addr = self.base_url + aid
+        # The agent's router is made on first use, and placed then (see
+        # Agent.__rpc_router_made__), unless it exists already.
+        if _unplaced and _unplaced.pop(id(agent), None) is not None:
+            self.place(agent.router, addr)
+        return addr
+
+    def place(self, router: rpc.Router, addr: str) -> None:
+        """Put *router*, the router of our agent at *addr*, at its place in
+        the container's tree (the ServiceDict finds the agent in its dict;
+        the router's place is what gives it its RPC path)."""
+        router.parent = self.agents.router
+        router.name = addr[len(self.base_url) :]
 
     def find(self, aid: Any) -> Agent | None:
         """The agent with id *aid* (a string, or an int as 2.0.1 sent it), or

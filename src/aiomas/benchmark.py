@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import importlib
+import itertools
 import json
 import os
+import resource
 import statistics
 import struct
 import subprocess
@@ -438,30 +441,32 @@ async def _in_process_table(
             if impl == "floor":
                 continue
             results = await measure_in_process(workload, impl, rounds, turns, seconds)
-            name = f"{impl}, {workload.name} ({workload.unit})"
-            print(f"\n{name}")
-            print(
-                f"  {'round':<7}{'load':>6}{'floor':>11}{impl:>11}"
-                f"{'/floor':>8}{'A/A':>7}"
-            )
-            for number, result in enumerate(results, 1):
-                print(
-                    f"  {number:<7}{result.load:>6.2f}"
-                    f"{result.rates['floor']:>11,.0f}{result.rates['ours']:>11,.0f}"
-                    f"{result.ratio('ours', 'floor'):>8.3f}"
-                    f"{result.ratio('ours2', 'ours'):>7.3f}",
-                    flush=True,
-                )
-            ratios = [result.ratio("ours", "floor") for result in results]
-            aa = [result.ratio("ours2", "ours") for result in results]
-            floor = statistics.median(result.rates["floor"] for result in results)
-            ours = statistics.median(result.rates["ours"] for result in results)
-            print(
-                f"  {'median':<13}{floor:>11,.0f}{ours:>11,.0f}"
-                f"{statistics.median(ratios):>8.3f}{statistics.median(aa):>7.3f}"
-                f"   (A/A band {_band(aa)})",
-                flush=True,
-            )
+            print_rounds(f"{impl}, {workload.name} ({workload.unit})", impl, results)
+
+
+def print_rounds(title: str, impl: str, results: Sequence[RoundResult]) -> None:
+    """Print *results* (sides ``floor``, ``ours`` and ``ours2``) as a table
+    under *title*: a row per round, then the medians and the A/A band."""
+    print(f"\n{title}")
+    print(f"  {'round':<7}{'load':>6}{'floor':>11}{impl:>11}{'/floor':>8}{'A/A':>7}")
+    for number, result in enumerate(results, 1):
+        print(
+            f"  {number:<7}{result.load:>6.2f}"
+            f"{result.rates['floor']:>11,.0f}{result.rates['ours']:>11,.0f}"
+            f"{result.ratio('ours', 'floor'):>8.3f}"
+            f"{result.ratio('ours2', 'ours'):>7.3f}",
+            flush=True,
+        )
+    ratios = [result.ratio("ours", "floor") for result in results]
+    aa = [result.ratio("ours2", "ours") for result in results]
+    floor = statistics.median(result.rates["floor"] for result in results)
+    ours = statistics.median(result.rates["ours"] for result in results)
+    print(
+        f"  {'median':<13}{floor:>11,.0f}{ours:>11,.0f}"
+        f"{statistics.median(ratios):>8.3f}{statistics.median(aa):>7.3f}"
+        f"   (A/A band {_band(aa)})",
+        flush=True,
+    )
 
 
 def run_in_process(
@@ -542,6 +547,213 @@ def run_roundtrips(
             )
 
 
+_FANOUT_CODECS = ("json", "msgpack")
+
+
+async def _start_callee() -> tuple[
+    dict[str, tuple[str, int]], Callable[[], Awaitable[None]]
+]:
+    """A callee of the fan-out workload: for each codec, an
+    :class:`EchoAgent` in a container and a floor server.  Return, by codec,
+    the agent's address and the floor's port, and a function closing them."""
+    loop = asyncio.get_running_loop()
+    addr = ("127.0.0.1", 0)
+    containers = []
+    floors = []
+    callee = {}
+    for codec in _FANOUT_CODECS:
+        container = await aiomas.Container.create(
+            addr, codec=_codec_class(codec), as_coro=True
+        )
+        containers.append(container)
+        EchoAgent(container)
+        floor = await loop.create_server(
+            functools.partial(FloorProtocol, codec, serve=True), *addr
+        )
+        floors.append(floor)
+        callee[codec] = (container.base_url + "0", floor.sockets[0].getsockname()[1])
+
+    async def close() -> None:
+        for floor in floors:
+            floor.close()
+        for container in containers:
+            await container.shutdown(as_coro=True)
+        for floor in floors:
+            await floor.wait_closed()
+
+    return callee, close
+
+
+async def _serve_fanout() -> None:
+    """Serve a callee of the fan-out workload; print its addresses and ports,
+    run until stdin closes."""
+    callee, close = await _start_callee()
+    print(*(field for codec in _FANOUT_CODECS for field in callee[codec]), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await close()
+
+
+async def _fanout_sides(
+    callees: Sequence[tuple[str, int]], codec: str
+) -> tuple[dict[str, Send], Close]:
+    """The sides of the fan-out workload: the floor and two caller containers
+    (``ours`` and, for the A/A band, ``ours2``), each a function that calls
+    every callee at once (its argument is sent to each); and a function that
+    closes them."""
+    loop = asyncio.get_running_loop()
+    transports = []
+    floors = []
+    for _, port in callees:
+        transport, protocol = await loop.create_connection(
+            lambda: FloorProtocol(codec, serve=False), "127.0.0.1", port
+        )
+        transports.append(transport)
+        floors.append(protocol)
+    containers = []
+    sides: dict[str, Send] = {
+        "floor": functools.partial(_call_all, [floor.send for floor in floors])
+    }
+    for side in ("ours", "ours2"):
+        container = await aiomas.Container.create(
+            ("127.0.0.1", 0), codec=_codec_class(codec), as_coro=True
+        )
+        containers.append(container)
+        proxies = [await container.connect(url) for url, _ in callees]
+        sides[side] = functools.partial(_call_all, [proxy.echo for proxy in proxies])
+
+    async def close() -> None:
+        for transport in transports:
+            transport.close()
+        for container in containers:
+            await container.shutdown(as_coro=True)
+
+    return sides, close
+
+
+def _call_all(sends: Sequence[Send], content: Any) -> Awaitable[Any]:
+    return asyncio.gather(*(send(content) for send in sends))
+
+
+async def measure_fanout(
+    callees: Sequence[tuple[str, int]] | int,
+    codec: str,
+    rounds: int,
+    turns: int,
+    seconds: float,
+) -> list[RoundResult]:
+    """Measure the fan-out workload with *codec*, *rounds* rounds of *turns*
+    turns of *seconds* per side; *callees* are their addresses (see
+    :func:`start_fanout_callees`) or the number of callees to serve in this
+    process.  Rates are calls (not fan-outs) per second."""
+    if isinstance(callees, int):
+        started = [await _start_callee() for _ in range(callees)]
+        try:
+            addresses = [callee[codec] for callee, _ in started]
+            return await measure_fanout(addresses, codec, rounds, turns, seconds)
+        finally:
+            for _, close_callee in started:
+                await close_callee()
+    sends, close = await _fanout_sides(callees, codec)
+    try:
+        await take_turns(sends, _SMALL, 1, 1, seconds)  # warm up
+        results = []
+        for _ in range(rounds):
+            rates = await take_turns(sends, _SMALL, 1, turns, seconds)
+            results.append(
+                RoundResult(
+                    {name: rate * len(callees) for name, rate in rates.items()},
+                    os.getloadavg()[0],
+                )
+            )
+        return results
+    finally:
+        await close()
+
+
+def start_fanout_callees(
+    number: int, loop_name: str
+) -> tuple[list[subprocess.Popen[str]], dict[str, list[tuple[str, int]]]]:
+    """Start *number* callee processes; return them and, for each codec, the
+    address of the agent and the port of the floor server in each."""
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aiomas.benchmark",
+                "--serve",
+                "fanout",
+                "--loop",
+                loop_name,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(number)
+    ]
+    callees: dict[str, list[tuple[str, int]]] = {c: [] for c in _FANOUT_CODECS}
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            fields = process.stdout.readline().split()
+            for i, codec in enumerate(_FANOUT_CODECS):
+                callees[codec].append((fields[2 * i], int(fields[2 * i + 1])))
+    except BaseException:
+        stop_processes(processes)
+        raise
+    return processes, callees
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[str]]) -> None:
+    """Close the stdin of each of *processes* (which ends them) and wait."""
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.close()
+    for process in processes:
+        process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def run_fanout(
+    number: int,
+    loop_name: str,
+    rounds: int,
+    turns: int,
+    seconds: float,
+    in_process: bool = False,
+) -> None:
+    """Measure and print the fan-out workload: one container calling an agent
+    in each of *number* containers at once, again and again, against the floor
+    doing the same calls, with JSON and MsgPack.  The callees run in separate
+    processes, or with *in_process* in this one (on TCP loopback all the
+    same)."""
+    where = "in this process" if in_process else "in separate processes"
+    print(
+        f"\nFan-out, {loop_name}: one container calling an agent in each of "
+        f"{number} containers ({where}) at once:"
+    )
+    processes, callees = (
+        ([], None) if in_process else start_fanout_callees(number, loop_name)
+    )
+    try:
+        for codec in _FANOUT_CODECS:
+            results = _run(
+                measure_fanout(
+                    number if callees is None else callees[codec],
+                    codec,
+                    rounds,
+                    turns,
+                    seconds,
+                ),
+                loop_name,
+            )
+            print_rounds(f"fan-out to {number}, {codec} (calls/s)", "agent", results)
+    finally:
+        stop_processes(processes)
+
+
 class _PlainAgent(aiomas.Agent):
     """An agent subclass as users write it (with an instance dict)."""
 
@@ -550,37 +762,177 @@ class _PlainAgent(aiomas.Agent):
         return "pong"
 
 
-async def _create_agents(number: int) -> tuple[float, int]:
-    """Create *number* agents; return seconds taken and bytes allocated."""
-    container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
-    try:
-        gc.collect()
-        tracing = tracemalloc.is_tracing()
-        before = tracemalloc.get_traced_memory()[0] if tracing else 0
-        start = time.perf_counter()
-        agents = [_PlainAgent(container) for _ in range(number)]
-        elapsed = time.perf_counter() - start
-        used = tracemalloc.get_traced_memory()[0] - before if tracing else 0
-        assert agents[-1].addr.endswith(f"/{number - 1}")
-        return elapsed, used
-    finally:
-        await container.shutdown(as_coro=True)
+class LeanContainer:
+    """The container of the lean model: its agents by id in a dict."""
+
+    __slots__ = ("agents", "base_url", "ids")
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.agents: dict[str, LeanAgent] = {}
+        self.ids = itertools.count()
 
 
-def run_agent_creation(number: int, rounds: int) -> None:
-    """Measure and print the time and memory to create *number* agents."""
-    times = [asyncio.run(_create_agents(number))[0] for _ in range(rounds)]
-    tracemalloc.start()
+class LeanAgent:
+    """The lean model of an agent, the least an agent needs: an object holding
+    its container, id, address and router (``None`` until used) in its dict,
+    registered in its container's dict."""
+
+    def __init__(self, container: LeanContainer) -> None:
+        aid = str(next(container.ids))
+        self.container = container
+        self.aid = aid
+        self.addr = container.base_url + aid
+        self.router: aiomas.rpc.Router | None = None
+        container.agents[aid] = self
+
+
+# The sides of the agent creation benchmark: aiomas, the lean model, and a
+# second lean model (the A/A pair).
+_CREATION_SIDES = ("aiomas", "lean", "lean2")
+
+
+async def _agent_factory(side: str) -> tuple[Callable[[], object], Callable[[], Any]]:
+    """A function making one agent of *side* and one closing its container."""
+    if side == "aiomas":
+        container = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+
+        def make() -> object:
+            return _PlainAgent(container)
+
+        return make, lambda: container.shutdown(as_coro=True)
+    lean = LeanContainer("tcp://127.0.0.1:5555/")
+
+    def make_lean() -> object:
+        return LeanAgent(lean)
+
+    async def close() -> None:
+        lean.agents.clear()
+
+    return make_lean, close
+
+
+async def _creation_slices(
+    number: int, rounds: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Create *number* agents on each side (each side in one container) in
+    *rounds* rounds, every side making the same share per round in turn.
+    Return each side's overall rate (agents/s) and the per-round ratios of
+    aiomas and lean2 to lean."""
+    factories = {side: await _agent_factory(side) for side in _CREATION_SIDES}
+    spent = dict.fromkeys(_CREATION_SIDES, 0.0)
+    ratios: dict[str, list[float]] = {"aiomas": [], "lean2": []}
+    keep: list[object] = []
+    order = list(_CREATION_SIDES)
+    made = 0
     try:
-        _, used = asyncio.run(_create_agents(number))
+        for round_ in range(rounds):
+            share = number * (round_ + 1) // rounds - made
+            times = {}
+            for side in order:
+                make = factories[side][0]
+                start = time.perf_counter()
+                for _ in range(share):
+                    keep.append(make())
+                times[side] = time.perf_counter() - start
+                spent[side] += times[side]
+            made += share
+            # Every side goes first in turn: the garbage collector runs on
+            # all objects made so far, so any side may meet it.
+            order.append(order.pop(0))
+            for side, values in ratios.items():
+                values.append(times["lean"] / times[side])
     finally:
-        tracemalloc.stop()
-    print(f"\nCreating {number:,} agents in one container:")
+        for _, close in factories.values():
+            await close()
+    totals = {side: number / spent[side] for side in _CREATION_SIDES}
+    return totals, ratios
+
+
+def _bytes_per_agent(side: str, number: int) -> tuple[float, float]:
+    """Bytes per agent of *side* when *number* are made in one container: by
+    tracemalloc, and by the growth of the resident set (meaningful in a fresh
+    process only)."""
+
+    async def create(trace: bool) -> float:
+        make, close = await _agent_factory(side)
+        try:
+            gc.collect()
+            if trace:
+                tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0] if trace else _rss()
+            agents = [make() for _ in range(number)]
+            used = (tracemalloc.get_traced_memory()[0] if trace else _rss()) - before
+            assert len(agents) == number
+            return used / number
+        finally:
+            tracemalloc.stop()
+            await close()
+
+    rss = asyncio.run(create(False))
+    return asyncio.run(create(True)), rss
+
+
+def _rss() -> int:
+    """The resident set size of this process in bytes (its peak where there is
+    no /proc)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def run_agent_creation(number: int) -> None:
+    """Measure and print the rate and memory of creating *number* agents in
+    one container, against the lean model (:class:`LeanAgent`)."""
+    rounds = max(1, min(100, number // 1000))
+    totals, ratios = asyncio.run(_creation_slices(number, rounds))
+    memory = {side: _memory_in_subprocess(side, number) for side in ("aiomas", "lean")}
     print(
-        f"{'median':>10}{'min':>10}{'max':>10}{'memory':>12}{'per agent':>11}\n"
-        f"{statistics.median(times):>9.3f}s{min(times):>9.3f}s{max(times):>9.3f}s"
-        f"{used / _MIB:>8.1f} MiB{used / number:>9.0f} B"
+        f"\nCreating {number:,} agents in one container, against the lean model "
+        f"(alternating, {rounds} rounds; ratios: median and 10-90 % of rounds):"
     )
+    print(
+        f"{'':<8}{'agents/s':>12}{'vs lean':>9}{'band':>16}"
+        f"{'tracemalloc':>13}{'RSS':>9}"
+    )
+    for side in ("aiomas", "lean", "lean2"):
+        values = ratios.get(side, [1.0])
+        lo, hi = _quantiles(values)
+        traced, rss = memory.get(side, memory["lean"])
+        print(
+            f"{side:<8}{totals[side]:>12,.0f}{statistics.median(values):>9.3f}"
+            f"{f'{lo:.3f} .. {hi:.3f}':>16}{traced:>11.0f} B{rss:>7.0f} B"
+        )
+
+
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    """The 10th and 90th percentile of *values* (the band of a noisy ratio)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return deciles[0], deciles[-1]
+
+
+def _memory_in_subprocess(side: str, number: int) -> tuple[float, float]:
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiomas.benchmark",
+            "--agent-memory",
+            side,
+            "--agents",
+            str(number),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    traced, rss = output.split()
+    return float(traced), float(rss)
 
 
 def _available_loops(wanted: Sequence[str]) -> list[str]:
@@ -640,7 +992,7 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--only",
         metavar="TEXT",
         help="only workloads whose name contains TEXT (e.g. 'msgpack', "
-        "'100 in flight', 'agents')",
+        "'100 in flight', 'fan-out', 'agents')",
     )
     parser.add_argument(
         "--agents",
@@ -649,11 +1001,19 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="agents to create in the creation benchmark (default: 100000)",
     )
     parser.add_argument(
+        "--fanout",
+        type=int,
+        default=50,
+        metavar="N",
+        help="callee containers (processes) in the fan-out workload (default: 50)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="1 round of 0.5 s per figure: a rough look in about a minute",
     )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--agent-memory", help=argparse.SUPPRESS)
     parser.add_argument("--codec", help=argparse.SUPPRESS)
     return parser
 
@@ -662,14 +1022,22 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the benchmark command line; return the exit code."""
     parser = make_parser(prog)
     args = parser.parse_args(argv)
+    if args.serve == "fanout":
+        _run(_serve_fanout(), args.loop[0])
+        return 0
     if args.serve:
         _run(_serve(args.serve, args.codec), args.loop[0])
         return 0
+    if args.agent_memory:
+        print(*_bytes_per_agent(args.agent_memory, args.agents))
+        return 0
     if args.quick:
         args.rounds, args.seconds, args.turns = 1, 0.5, 5
-    if min(args.rounds, args.seconds, args.agents, args.turns, args.slice) <= 0:
+    values = (args.rounds, args.seconds, args.agents, args.turns, args.slice)
+    if min(*values, args.fanout) <= 0:
         parser.error(
-            "--rounds, --seconds, --turns, --slice and --agents must be positive"
+            "--rounds, --seconds, --turns, --slice, --agents and --fanout must "
+            "be positive"
         )
     workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
     python = f"aiomas {aiomas.__version__}, Python {sys.version.split()[0]}"
@@ -692,8 +1060,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 run_in_process(
                     workloads, loop_name, args.rounds, args.turns, args.slice / 1000
                 )
+    if not args.only or args.only in "fan-out":
+        for loop_name in _available_loops(args.loop):
+            run_fanout(
+                args.fanout, loop_name, args.rounds, args.turns, args.slice / 1000
+            )
     if not args.only or args.only in "agents":
-        run_agent_creation(args.agents, args.rounds)
+        run_agent_creation(args.agents)
     return 0
 
 
