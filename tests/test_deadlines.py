@@ -193,7 +193,7 @@ async def test_a_sleeping_handler_is_cancelled_on_the_peer_in_time(
 ) -> None:
     service = Sleeper()
     async with rpc_pair(endpoint, service) as (client, served):
-        assert client.extensions == {"cancel", "deadline"}
+        assert client.extensions == {"cancel", "deadline", "trace"}
         assert await client.remote.add(1, 2) == 3
         with pytest.raises(DeadlineExceeded):
             async with aiomas.deadline(100 * TIME_UNIT) as deadline:
@@ -207,7 +207,7 @@ async def test_a_sleeping_handler_is_cancelled_on_the_peer_in_time(
         await settle()
         assert client.channel.waiting_for_replies == 0
         (server_end,) = served
-        assert server_end.extensions == {"cancel", "deadline"}
+        assert server_end.extensions == {"cancel", "deadline", "trace"}
 
 
 async def test_cancelling_the_callers_task_cancels_the_handler(
@@ -415,7 +415,7 @@ async def test_many_cancelled_calls_leave_nothing_behind(kind: str) -> None:
         await settle()
         assert client.channel.waiting_for_replies == 0
         assert server_end.channel.waiting_for_replies == 0
-        assert server_end.extensions == {"cancel", "deadline"}
+        assert server_end.extensions == {"cancel", "deadline", "trace"}
         # Each side's tasks: none left for the calls.
         assert len(asyncio.all_tasks()) <= tasks_before + 2  # the two services
         assert await client.remote.add(1, 2) == 3

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final, TypeAlias
 
+from aiomas.deadlines import current_deadline
 from aiomas.protocol import EXTENSIONS_PATH
 
 __all__ = [
@@ -188,7 +189,9 @@ class Tracer:
         elif callable(target):
             self.sink = target
         else:
-            raise TypeError(f"a trace target is a directory or a callable, not {target!r}")
+            raise TypeError(
+                f"a trace target is a directory or a callable, not {target!r}"
+            )
 
     def __repr__(self) -> str:
         where = self.directory if self.directory is not None else self.sink
@@ -347,13 +350,14 @@ class Exchange:
     """What a traced connection keeps of a request in flight (its own or
     the peer's): the id of its record, its trace, path and local agent."""
 
-    __slots__ = ("agent", "path", "record", "trace")
+    __slots__ = ("agent", "msg", "path", "record", "trace")
 
     def __init__(self, record: str, trace: str, path: str | None, agent: str | None):
         self.record = record
         self.trace = trace
         self.path = path
         self.agent = agent
+        self.msg: int | None = None
 
 
 class ConnectionTrace:
@@ -365,15 +369,17 @@ class ConnectionTrace:
         local: This end's address (a container's base URL, else the socket's).
         peer: The peer's address.
         clock: A callable giving the container clock's time, or ``None``.
+        features: A callable giving the features of the wire extension
+            agreed with the peer.
     """
 
     __slots__ = (
         "calls",
         "clock",
         "conn",
+        "features",
         "local",
         "peer",
-        "propagate",
         "served",
         "tracer",
     )
@@ -383,7 +389,8 @@ class ConnectionTrace:
         tracer: Tracer,
         local: str | None,
         peer: str | None,
-        clock: Exchangeable[[], float] | None = None,
+        clock: Callable[[], float] | None = None,
+        features: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.tracer = tracer
         self.local = local
@@ -392,8 +399,7 @@ class ConnectionTrace:
         self.conn = f"{_token}/c{next(_connections)}"
         self.calls: dict[Any, Exchange] = {}  # by the future of the call
         self.served: dict[int, Exchange] = {}  # by message id
-        self.propagate = False
-        """Whether the peer agreed to feature ``"trace"``."""
+        self.features = features
 
     def emit(
         self,
@@ -468,8 +474,9 @@ class ConnectionTrace:
         return Exchange(record[0], trace, path, agent), record
 
     def trace_meta(self, call: Exchange, record: tuple[str, int]) -> list[Any] | None:
-        """The ``"trace"`` metadata of the request (if the peer agreed)."""
-        if not self.propagate:
+        """The ``"trace"`` metadata of the request, if the peer agreed to
+        the feature (else ``None``: nothing of the trace leaves)."""
+        if "trace" not in self.features():
             return None
         return [call.trace, call.record, record[1]]
 
@@ -497,13 +504,13 @@ class ConnectionTrace:
             args=content[1:] if call.path is not None else content,
             with_args=True,
         )
+        call.msg = msg_id
         self.calls[future] = call
         future.add_done_callback(self._call_done)
 
     def reply_received(
         self,
         future: Any,
-        msg_id: int | None,
         failure: str | None,
         size: int | None,
         content: Any = None,
@@ -520,7 +527,7 @@ class ConnectionTrace:
         self.emit(
             "recv",
             type_=type_,
-            msg=msg_id,
+            msg=call.msg,
             trace=call.trace,
             cause=call.record,
             local_agent=call.agent,
@@ -537,18 +544,24 @@ class ConnectionTrace:
         if call is None:
             return  # Its reply was recorded.
         if future.cancelled():
-            ev, outcome = "cancel", "cancelled"
+            # (Done callbacks run in the caller's context: its deadline.)
+            deadline = current_deadline()
+            if deadline is not None and deadline.expired():
+                ev, outcome = "timeout", "timeout"
+            else:
+                ev, outcome = "cancel", "cancelled"
         else:
             error = future.exception()
             if error is None or not _is_timeout(error):
                 return  # Its reply is still to be recorded, or it never comes.
             ev, outcome = "timeout", "timeout"
-        if self.propagate:
-            # The peer is told (feature "cancel"): no reply comes.
+        if "cancel" in self.features():
+            # The peer is told: no reply comes.
             del self.calls[future]
         self.emit(
             ev,
             type_="cancel" if ev == "cancel" else None,
+            msg=call.msg,
             trace=call.trace,
             cause=call.record,
             local_agent=call.agent,
