@@ -45,8 +45,10 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "Sink",
+    "TraceTarget",
     "Tracer",
     "active",
+    "as_tracer",
     "disable",
     "enable",
     "process_token",
@@ -211,6 +213,21 @@ class Tracer:
 
 
 _active: Tracer | None = None
+
+TraceTarget: TypeAlias = "Tracer | str | os.PathLike[str] | Sink"
+"""What ``trace=`` takes: a :class:`Tracer`, or the target of a new one."""
+
+
+def as_tracer(target: TraceTarget | None) -> Tracer | None:
+    """*target* as a :class:`Tracer` (``None`` stays ``None``).
+
+    Raises:
+        TypeError: if *target* is neither a tracer, a directory nor a
+            callable.
+    """
+    if target is None or isinstance(target, Tracer):
+        return target
+    return Tracer(target)
 
 
 def active() -> Tracer | None:
