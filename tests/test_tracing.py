@@ -234,7 +234,9 @@ def test_a_request_with_a_trace_and_no_deadline_is_a_type_3_request() -> None:
     (offer_reply,) = sent_messages(server)
     assert offer_reply[2] == [1, ["cancel", "deadline", "trace"]]
     client.offer_answered(offer_reply[2])
-    msg_id = client.send_request_with_meta(["p", [], {}], trace=["t", "c:1", 5])
+    msg_id = client.send_request_with_meta(
+        ["p", [], {}], trace={"trace": ["t", "c:1", 5]}
+    )
     data = b"".join(client.data_to_send())
     assert json.loads(data[4:]) == [
         3,
@@ -252,8 +254,10 @@ def test_only_a_feature_that_was_agreed_is_sent() -> None:
     client.offer_extensions()
     client.data_to_send()
     client.offer_answered([1, ["deadline"]])
-    client.send_request_with_meta(["p", [], {}], trace=["t", "c:1", 5])
-    client.send_request_with_meta(["p", [], {}], deadline=1.0, trace=["t", "c:2", 6])
+    client.send_request_with_meta(["p", [], {}], trace={"trace": ["t", "c:1", 5]})
+    client.send_request_with_meta(
+        ["p", [], {}], deadline=1.0, trace={"trace": ["t", "c:2", 6]}
+    )
     assert sent_messages(client) == [
         [0, 1, ["p", [], {}]],
         [3, 2, [["p", [], {}], {"deadline": 1.0}]],
@@ -689,3 +693,67 @@ def test_the_contract_net_demo_traced_in_three_processes(tmp_path: Path) -> None
     assert all(r["clock"] is not None for r in records if r["msg"] is not None)
     cancels = [r for r in records if r["ev"] == "cancel"]
     assert all(by_id[r["cause"]]["type"] == "request" for r in cancels)
+
+
+# --- OpenTelemetry ---------------------------------------------------------------
+
+
+async def test_opentelemetry_spans_follow_the_calls_across_the_wire() -> None:
+    pytest.importorskip("opentelemetry.sdk")  # (in the dev extra)
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    records: list[dict[str, Any]] = []
+    tracer = tracing.Tracer(records.append, otel=provider)
+    first, second = Service(), Service()
+    server_a, addr_a = await _serve(first, extensions=True, trace=tracer)
+    server_b, addr_b = await _serve(second, extensions=True, trace=tracer)
+    first.other = await aiomas.rpc.open_connection(
+        addr_b, extensions=True, trace=tracer
+    )
+    client = await aiomas.rpc.open_connection(addr_a, extensions=True, trace=tracer)
+    try:
+        await client.wait_extensions()
+        await first.other.wait_extensions()
+        assert await client.remote.nested(1) == 2
+        with pytest.raises(aiomas.RemoteException):
+            await client.remote.fail()
+    finally:
+        await client.close()
+        await first.other.close()
+        for server in (server_a, server_b):
+            server.close()
+            await server.wait_closed()
+    provider.shutdown()
+    spans = {(s.name, s.kind): s for s in exporter.get_finished_spans()}
+    assert len(spans) == 6
+    call_n = spans["aiomas nested", SpanKind.CLIENT]
+    serve_n = spans["aiomas nested", SpanKind.SERVER]
+    call_a = spans["aiomas add", SpanKind.CLIENT]
+    serve_a = spans["aiomas add", SpanKind.SERVER]
+    assert call_n.parent is None
+    assert serve_n.parent is not None and serve_n.parent.is_remote
+    assert serve_n.parent.span_id == call_n.context.span_id
+    assert call_a.parent is not None
+    assert call_a.parent.span_id == serve_n.context.span_id
+    assert serve_a.parent is not None
+    assert serve_a.parent.span_id == call_a.context.span_id
+    trace_ids = {s.context.trace_id for s in (call_n, serve_n, call_a, serve_a)}
+    assert len(trace_ids) == 1
+    assert call_n.attributes is not None
+    assert call_n.attributes["rpc.method"] == "nested"
+    assert call_n.attributes["aiomas.outcome"] == "result"
+    failed = spans["aiomas fail", SpanKind.CLIENT]
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes is not None
+    assert failed.attributes["aiomas.outcome"] == "error:ValueError"
+    assert spans["aiomas fail", SpanKind.SERVER].status.status_code is StatusCode.ERROR
+    # The records are made all the same.
+    assert len([r for r in records if r["path"] == "nested"]) == 4

@@ -481,16 +481,22 @@ class Channel:
             assert state is not None
             meta = state.trace_meta(*traced)
         future: asyncio.Future[Any]
-        if self.extended:
-            # (Tells us when it is cancelled: no callback for every reply.)
-            future = call = _CancellableCall(loop=self._loop)
-            call.channel = self
-            call.message_id = msg_id = core.send_request_with_meta(
-                content, future, deadline=time_left, trace=meta
-            )
-        else:
-            future = self._loop.create_future()
-            msg_id = core.send_request(content, future)
+        try:
+            if self.extended:
+                # (Tells us when it is cancelled: no callback for every reply.)
+                future = call = _CancellableCall(loop=self._loop)
+                call.channel = self
+                call.message_id = msg_id = core.send_request_with_meta(
+                    content, future, deadline=time_left, trace=meta
+                )
+            else:
+                future = self._loop.create_future()
+                msg_id = core.send_request(content, future)
+        except BaseException:
+            if traced is not None:
+                assert state is not None
+                state.call_failed(traced[0])
+            raise
         if traced is not None:
             assert state is not None
             state.call_sent(*traced, future, msg_id, core.sent_size, content)
@@ -539,12 +545,14 @@ class Channel:
         """
         state = self.tracing
         if state is not None:
-            changed = state.tracer is not tracer
+            if state.tracer is not tracer:
+                if state.opening is not None:
+                    state.opening = None  # (It goes to the new tracer only.)
+                if self._closed_error is None:
+                    state.opened()
             state.tracer = tracer
             state.local = addr if addr is not None else state.local
             state.clock = clock if clock is not None else state.clock
-            if changed and self._closed_error is None:
-                state.opened()
             return
         if self._closed_error is not None:
             return
@@ -591,11 +599,11 @@ class Channel:
         if state is None or served is None:
             self._deliver(request)
             return
-        token = tracing.set_context(state.context_of(served))
+        tokens = state.enter(served)
         try:
             self._deliver(request)
         finally:
-            tracing.reset_context(token)
+            state.leave(tokens)
 
     def set_request_handler(self, handler: Callable[[Request], None]) -> None:
         """Pass every request to *handler* as soon as it arrives, instead of

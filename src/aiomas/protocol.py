@@ -951,11 +951,12 @@ class Connection:
         token: Any = None,
         *,
         deadline: float | None = None,
-        trace: list[Any] | None = None,
+        trace: dict[str, Any] | None = None,
     ) -> int:
         """Send a request like :meth:`send_request`, with *deadline* (the
         seconds the peer has for it) if the peer agreed to feature
-        ``"deadline"``, and *trace* (``[trace id, cause id, lamport]``, see
+        ``"deadline"``, and the keys of *trace* (``"trace"``: ``[trace id,
+        cause id, lamport]``, maybe ``"traceparent"``, see
         :mod:`aiomas.tracing`) if it agreed to ``"trace"``; with neither, as
         a plain request.
 
@@ -968,8 +969,8 @@ class Connection:
         if deadline is not None and "deadline" in extensions:
             meta["deadline"] = deadline
             _valid_deadline(meta)
-        if trace is not None and "trace" in extensions:
-            meta["trace"] = trace
+        if trace and "trace" in extensions:
+            meta.update(trace)
         if not meta:
             return self.send_request(content, token)
         msg_id = self._next_id

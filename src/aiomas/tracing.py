@@ -128,7 +128,7 @@ class _FileSink:
         self._lock = threading.Lock()
 
     def __call__(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"), default=repr) + "\n"
+        line = _encode(record) + "\n"
         with self._lock:
             file = self._file
             if file is None:
@@ -160,8 +160,15 @@ class _FileSink:
                 self._file = None
 
 
+# (Records hold plain values; repr() is for a sink's odd one out.)
+_encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
+
 # One file sink per directory: tracers of one process share its file.
 _file_sinks: dict[Path, _FileSink] = {}
+
+
+def _drop(record: dict[str, Any]) -> None:
+    pass
 
 
 class Tracer:
@@ -169,25 +176,46 @@ class Tracer:
 
     Args:
         target: A directory (``str`` or path) for this process' trace file,
-            or a :data:`Sink`, a callable taking each record.
+            a :data:`Sink`, a callable taking each record, or ``None`` (the
+            records are dropped: for *otel* alone).
         args: Put ``"args"`` (``repr()`` of a call's arguments and of its
             result, cut to 200 characters) into records.  Off by default:
             traces often leave the machine.
+        otel: Also make OpenTelemetry spans (needs ``aiomas[otel]``):
+            ``True`` for the global tracer provider, or a ``TracerProvider``.
+
+    Raises:
+        TypeError: if *target* is neither a directory, a callable nor ``None``.
+        ImportError: for *otel*, if ``opentelemetry-api`` is not installed.
     """
 
-    __slots__ = ("args", "directory", "sink")
+    __slots__ = ("args", "directory", "otel", "sink")
 
-    def __init__(self, target: str | os.PathLike[str] | Sink, *, args: bool = False):
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | Sink | None,
+        *,
+        args: bool = False,
+        otel: Any = False,
+    ) -> None:
         self.args = args
         self.directory: Path | None = None
         """The directory of the trace file, or ``None`` for a sink."""
-        if isinstance(target, str | os.PathLike):
+        self.otel: Any = None
+        """The maker of OpenTelemetry spans, or ``None``."""
+        if otel is not False and otel is not None:
+            from aiomas._otel import OtelBridge  # (an optional dependency)
+
+            self.otel = OtelBridge(None if otel is True else otel)
+        if target is None:
+            self.sink: Sink = _drop
+        elif isinstance(target, str | os.PathLike):
             directory = Path(target).absolute()
             sink = _file_sinks.get(directory)
             if sink is None:
                 sink = _file_sinks[directory] = _FileSink(directory)
             self.directory = directory
-            self.sink: Sink = sink
+            self.sink = sink
         elif callable(target):
             self.sink = target
         else:
@@ -235,17 +263,22 @@ def active() -> Tracer | None:
     return _active
 
 
-def enable(target: str | os.PathLike[str] | Sink, *, args: bool = False) -> Tracer:
+def enable(
+    target: str | os.PathLike[str] | Sink | None,
+    *,
+    args: bool = False,
+    otel: Any = False,
+) -> Tracer:
     """Trace every connection made from now on, in this process.
 
     Args:
-        target, args: See :class:`Tracer`.
+        target, args, otel: See :class:`Tracer`.
 
     Returns:
         The tracer.
     """
     global _active
-    _active = Tracer(target, args=args)
+    _active = Tracer(target, args=args, otel=otel)
     return _active
 
 
@@ -367,7 +400,7 @@ class Exchange:
     """What a traced connection keeps of a request in flight (its own or
     the peer's): the id of its record, its trace, path and local agent."""
 
-    __slots__ = ("agent", "msg", "path", "record", "trace")
+    __slots__ = ("agent", "msg", "path", "record", "span", "trace")
 
     def __init__(self, record: str, trace: str, path: str | None, agent: str | None):
         self.record = record
@@ -375,6 +408,7 @@ class Exchange:
         self.path = path
         self.agent = agent
         self.msg: int | None = None
+        self.span: Any = None  # its OpenTelemetry span, if any
 
 
 class ConnectionTrace:
@@ -396,6 +430,7 @@ class ConnectionTrace:
         "conn",
         "features",
         "local",
+        "opening",
         "peer",
         "served",
         "tracer",
@@ -417,6 +452,10 @@ class ConnectionTrace:
         self.calls: dict[Any, Exchange] = {}  # by the future of the call
         self.served: dict[int, Exchange] = {}  # by message id
         self.features = features
+        # The "open" record waits for the first other one (or the close):
+        # a container tells its address and clock right after the connection
+        # is made.
+        self.opening: tuple[str, int, float] | None = None
 
     def emit(
         self,
@@ -436,6 +475,8 @@ class ConnectionTrace:
         with_args: bool = False,
     ) -> str:
         """Make a record and give it to the tracer's sink; return its id."""
+        if self.opening is not None:
+            self._emit_open()
         rec_id, lamport = _next_id() if record is None else record
         clock = self.clock
         entry: dict[str, Any] = {
@@ -463,15 +504,75 @@ class ConnectionTrace:
     # Connection events.
 
     def opened(self) -> None:
-        self.emit("open")
+        """The connection is traced from now on (its "open" record is made
+        with the next one)."""
+        rec_id, lamport = _next_id()
+        self.opening = (rec_id, lamport, time.time())
+
+    def _emit_open(self) -> None:
+        assert self.opening is not None
+        rec_id, lamport, wall = self.opening
+        self.opening = None
+        clock = self.clock
+        self.tracer.sink(
+            {
+                "id": rec_id,
+                "ev": "open",
+                "type": None,
+                "msg": None,
+                "conn": self.conn,
+                "trace": None,
+                "cause": None,
+                "lamport": lamport,
+                "wall": wall,
+                "clock": None if clock is None else clock(),
+                "local": {"addr": self.local, "agent": None},
+                "peer": {"addr": self.peer, "agent": None},
+                "path": None,
+                "size": None,
+                "outcome": None,
+            }
+        )
 
     def closed(self, reason: BaseException | None) -> None:
+        outcome = None if reason is None else f"error:{type(reason).__name__}"
+        otel = self.tracer.otel
+        if otel is not None:
+            for exchange in (*self.calls.values(), *self.served.values()):
+                self._end_span(exchange, outcome or "error:ConnectionResetError")
         self.calls.clear()
         self.served.clear()
-        outcome = None if reason is None else f"error:{type(reason).__name__}"
         self.emit("close", outcome=outcome)
         if isinstance(self.tracer.sink, _FileSink):
             self.tracer.sink.flush()
+
+    def _emit_of(
+        self, ev: str, exchange: Exchange, cause: str | None, **fields: Any
+    ) -> str:
+        """A record of the request *exchange* or of its end."""
+        return self.emit(
+            ev,
+            msg=exchange.msg,
+            trace=exchange.trace,
+            cause=cause,
+            local_agent=exchange.agent,
+            path=exchange.path,
+            **fields,
+        )
+
+    def _attributes(self, path: str | None) -> dict[str, Any]:
+        return {
+            "rpc.system": "aiomas",
+            "rpc.method": path or "",
+            "aiomas.conn": self.conn,
+            "aiomas.local": self.local or "",
+            "aiomas.peer": self.peer or "",
+        }
+
+    def _end_span(self, exchange: Exchange, outcome: str | None) -> None:
+        span, exchange.span = exchange.span, None
+        if span is not None:
+            self.tracer.otel.end(span, outcome)
 
     # Our requests.
 
@@ -488,14 +589,28 @@ class ConnectionTrace:
         else:
             trace = context[0] or _new_trace_id()
             agent = context[2]
-        return Exchange(record[0], trace, path, agent), record
+        call = Exchange(record[0], trace, path, agent)
+        otel = self.tracer.otel
+        if otel is not None:
+            call.span = otel.start_client(path, self._attributes(path))
+        return call, record
 
-    def trace_meta(self, call: Exchange, record: tuple[str, int]) -> list[Any] | None:
-        """The ``"trace"`` metadata of the request, if the peer agreed to
-        the feature (else ``None``: nothing of the trace leaves)."""
+    def trace_meta(self, call: Exchange, record: tuple[str, int]) -> dict[str, Any]:
+        """The metadata of the request: ``"trace"`` (and, with spans,
+        ``"traceparent"``) if the peer agreed to the feature; else nothing of
+        the trace leaves."""
         if "trace" not in self.features():
-            return None
-        return [call.trace, call.record, record[1]]
+            return {}
+        meta: dict[str, Any] = {"trace": [call.trace, call.record, record[1]]}
+        if call.span is not None:
+            traceparent = self.tracer.otel.traceparent(call.span)
+            if traceparent is not None:
+                meta["traceparent"] = traceparent
+        return meta
+
+    def call_failed(self, call: Exchange) -> None:
+        """The request never left (it could not be encoded or written)."""
+        self._end_span(call, "error:not sent")
 
     def call_sent(
         self,
@@ -507,21 +622,20 @@ class ConnectionTrace:
         content: Any,
     ) -> None:
         context = _current.get()
-        self.emit(
+        call.msg = msg_id
+        self._emit_of(
             "send",
+            call,
+            None if context is None else context[1],
             record=record,
             type_="request",
-            msg=msg_id,
-            trace=call.trace,
-            cause=None if context is None else context[1],
-            local_agent=call.agent,
             peer_agent=agent_of_path(call.path),
-            path=call.path,
             size=size,
             args=content[1:] if call.path is not None else content,
             with_args=True,
         )
-        call.msg = msg_id
+        if call.span is not None:
+            call.span.set_attribute("aiomas.msg", msg_id)
         self.calls[future] = call
         future.add_done_callback(self._call_done)
 
@@ -541,15 +655,13 @@ class ConnectionTrace:
             type_, outcome = "result", "result"
         else:
             type_, outcome = "failure", f"error:{remote_type(failure)}"
-        self.emit(
+        self._end_span(call, outcome)
+        self._emit_of(
             "recv",
+            call,
+            call.record,
             type_=type_,
-            msg=call.msg,
-            trace=call.trace,
-            cause=call.record,
-            local_agent=call.agent,
             peer_agent=agent_of_path(call.path),
-            path=call.path,
             size=size,
             outcome=outcome,
             args=content,
@@ -569,21 +681,19 @@ class ConnectionTrace:
                 ev, outcome = "cancel", "cancelled"
         else:
             error = future.exception()
-            if error is None or not _is_timeout(error):
+            if error is None or not isinstance(error, TimeoutError):
                 return  # Its reply is still to be recorded, or it never comes.
             ev, outcome = "timeout", "timeout"
         if "cancel" in self.features():
             # The peer is told: no reply comes.
             del self.calls[future]
-        self.emit(
+        self._end_span(call, outcome)
+        self._emit_of(
             ev,
+            call,
+            call.record,
             type_="cancel" if ev == "cancel" else None,
-            msg=call.msg,
-            trace=call.trace,
-            cause=call.record,
-            local_agent=call.agent,
             peer_agent=agent_of_path(call.path),
-            path=call.path,
             outcome=outcome,
         )
 
@@ -603,26 +713,37 @@ class ConnectionTrace:
         else:
             trace, cause, lamport = incoming
             _merge_lamport(lamport)
-        agent = agent_of_path(path)
-        rec_id = self.emit(
+        served = Exchange("", trace, path, agent_of_path(path))
+        served.msg = msg_id
+        served.record = self._emit_of(
             "recv",
+            served,
+            cause,
             type_="request",
-            msg=msg_id,
-            trace=trace,
-            cause=cause,
-            local_agent=agent,
-            path=path,
             size=size,
             args=content[1:] if path is not None else content,
             with_args=True,
         )
-        served = Exchange(rec_id, trace, path, agent)
+        otel = self.tracer.otel
+        if otel is not None:
+            traceparent = None if meta is None else meta.get("traceparent")
+            served.span = otel.start_server(path, traceparent, self._attributes(path))
         self.served[msg_id] = served
         return served
 
-    def context_of(self, served: Exchange) -> _Context:
-        """The trace context of the code that serves *served*."""
-        return (served.trace, served.record, served.agent)
+    def enter(self, served: Exchange) -> tuple[Any, Any]:
+        """Make *served* the cause of the calls made from now on (and its
+        span the current one); undo with :meth:`leave`."""
+        token = _current.set((served.trace, served.record, served.agent))
+        span = served.span
+        return token, None if span is None else self.tracer.otel.enter(span)
+
+    def leave(self, tokens: tuple[Any, Any]) -> None:
+        """Undo :meth:`enter`."""
+        token, otel_token = tokens
+        if otel_token is not None:
+            self.tracer.otel.leave(otel_token)
+        _current.reset(token)
 
     def answered(
         self,
@@ -639,14 +760,12 @@ class ConnectionTrace:
             type_, outcome = "result", "result"
         else:
             type_, outcome = "failure", f"error:{type(failure).__name__}"
-        self.emit(
+        self._end_span(served, outcome)
+        self._emit_of(
             "send",
+            served,
+            served.record,
             type_=type_,
-            msg=msg_id,
-            trace=served.trace,
-            cause=served.record,
-            local_agent=served.agent,
-            path=served.path,
             size=size,
             outcome=outcome,
             args=result,
@@ -657,33 +776,10 @@ class ConnectionTrace:
         served = self.served.pop(msg_id, None)
         if served is None:
             return
-        self.emit(
-            "cancel",
-            type_="cancel",
-            msg=msg_id,
-            trace=served.trace,
-            cause=served.record,
-            local_agent=served.agent,
-            path=served.path,
-            outcome="cancelled",
+        self._end_span(served, "cancelled")
+        self._emit_of(
+            "cancel", served, served.record, type_="cancel", outcome="cancelled"
         )
-
-
-def _is_timeout(error: BaseException) -> bool:
-    # (By name: DeadlineExceeded lives in aiomas.exceptions, which we could
-    # import, but a TimeoutError of the user's counts too.)
-    return isinstance(error, TimeoutError)
-
-
-def set_context(context: _Context) -> contextvars.Token[_Context | None]:
-    """Make *context* the current trace context (see
-    :meth:`ConnectionTrace.context_of`); undo with :func:`reset_context`."""
-    return _current.set(context)
-
-
-def reset_context(token: contextvars.Token[_Context | None]) -> None:
-    """Undo :func:`set_context`."""
-    _current.reset(token)
 
 
 # --- Reading traces ---------------------------------------------------------
