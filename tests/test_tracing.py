@@ -739,7 +739,8 @@ async def test_opentelemetry_spans_follow_the_calls_across_the_wire() -> None:
     call_a = spans["aiomas add", SpanKind.CLIENT]
     serve_a = spans["aiomas add", SpanKind.SERVER]
     assert call_n.parent is None
-    assert serve_n.parent is not None and serve_n.parent.is_remote
+    assert serve_n.parent is not None
+    assert serve_n.parent.is_remote
     assert serve_n.parent.span_id == call_n.context.span_id
     assert call_a.parent is not None
     assert call_a.parent.span_id == serve_n.context.span_id
