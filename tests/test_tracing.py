@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import struct
@@ -17,6 +18,8 @@ import pytest
 import aiomas
 from aiomas import protocol, tracing
 from aiomas.testing import TIME_UNIT, connection_pair, sent_messages, settle
+
+from .test_deadlines import SpecPeer
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 WAIT = 200 * TIME_UNIT
@@ -85,12 +88,12 @@ async def _serve(
     return server, (host, port)
 
 
-@pytest.fixture
-async def chain() -> AsyncIterator[tuple[aiomas.rpc.RpcClient, list[dict[str, Any]]]]:
-    """client -> A (nested) -> B, all traced into one sink, with the
+@contextlib.asynccontextmanager
+async def traced_chain(
+    tracer: tracing.Tracer,
+) -> AsyncIterator[aiomas.rpc.RpcClient]:
+    """client -> A (nested) -> B, all traced into *tracer*, with the
     extension on every connection."""
-    records: list[dict[str, Any]] = []
-    tracer = tracing.Tracer(records.append)
     first, second = Service(), Service()
     server_a, addr_a = await _serve(first, extensions=True, trace=tracer)
     server_b, addr_b = await _serve(second, extensions=True, trace=tracer)
@@ -98,16 +101,24 @@ async def chain() -> AsyncIterator[tuple[aiomas.rpc.RpcClient, list[dict[str, An
         addr_b, extensions=True, trace=tracer
     )
     client = await aiomas.rpc.open_connection(addr_a, extensions=True, trace=tracer)
-    assert "trace" in await client.wait_extensions()
-    assert "trace" in await first.other.wait_extensions()
     try:
-        yield client, records
+        assert "trace" in await client.wait_extensions()
+        assert "trace" in await first.other.wait_extensions()
+        yield client
     finally:
         await client.close()
         await first.other.close()
         for server in (server_a, server_b):
             server.close()
             await server.wait_closed()
+
+
+@pytest.fixture
+async def chain() -> AsyncIterator[tuple[aiomas.rpc.RpcClient, list[dict[str, Any]]]]:
+    """:func:`traced_chain` into a sink (the records)."""
+    records: list[dict[str, Any]] = []
+    async with traced_chain(tracing.Tracer(records.append)) as client:
+        yield client, records
 
 
 def _by_id(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -275,46 +286,24 @@ def test_a_trace_alone_makes_type_3_acceptable() -> None:
     del client
 
 
-class SpecPeer(asyncio.Protocol):
-    """An RPC server written from the 1.0.3 documentation alone: it answers
-    ``add`` with the sum, anything else with a failure, and keeps every byte
-    it gets."""
+class BytePeer(SpecPeer):
+    """The documented-format peer of test_deadlines, keeping every byte it
+    gets."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.received = b""
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.received += data
-        self.buffer += data
-        while len(self.buffer) >= 4:
-            (size,) = struct.unpack(">L", self.buffer[:4])
-            if len(self.buffer) < 4 + size:
-                return
-            payload, self.buffer = self.buffer[4 : 4 + size], self.buffer[4 + size :]
-            msg_type, msg_id, (path, args, _kwargs) = json.loads(payload)
-            assert msg_type == 0
-            if path == "add":
-                self.reply(1, msg_id, sum(args))
-            else:
-                self.reply(2, msg_id, f"LookupError: no {path!r}\n")
-
-    def reply(self, msg_type: int, msg_id: int, content: Any) -> None:
-        payload = json.dumps([msg_type, msg_id, content]).encode()
-        assert self.transport is not None
-        self.transport.write(struct.pack(">L", len(payload)) + payload)
+        super().data_received(data)
 
 
 async def _spec_peer_session(extensions: bool, trace: Any) -> bytes:
-    peers: list[SpecPeer] = []
+    peers: list[BytePeer] = []
 
-    def factory() -> SpecPeer:
-        peers.append(SpecPeer())
+    def factory() -> BytePeer:
+        peers.append(BytePeer())
         return peers[-1]
 
     loop = asyncio.get_running_loop()
@@ -357,11 +346,11 @@ async def test_a_plain_peer_sees_no_extra_bytes(extensions: bool) -> None:
 
 
 class RawClient(asyncio.Protocol):
-    """A client that speaks the extension from its documentation: it makes
-    the offer and then sends type-3 requests as given."""
+    """A client that speaks the extension as documented: it makes the offer
+    and then sends type-3 requests as given."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self.reader = aiomas.wire.FrameReader()
         self.replies: asyncio.Queue[Any] = asyncio.Queue()
         self.transport: asyncio.Transport | None = None
 
@@ -370,18 +359,12 @@ class RawClient(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= 4:
-            (size,) = struct.unpack(">L", self.buffer[:4])
-            if len(self.buffer) < 4 + size:
-                return
-            payload, self.buffer = self.buffer[4 : 4 + size], self.buffer[4 + size :]
+        for payload in self.reader.feed(data):
             self.replies.put_nowait(json.loads(payload))
 
     def send(self, message: Any) -> None:
-        payload = json.dumps(message).encode()
         assert self.transport is not None
-        self.transport.write(struct.pack(">L", len(payload)) + payload)
+        self.transport.write(aiomas.wire.frame(json.dumps(message).encode()))
 
 
 BAD_TRACES = [
@@ -712,25 +695,10 @@ async def test_opentelemetry_spans_follow_the_calls_across_the_wire() -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     records: list[dict[str, Any]] = []
     tracer = tracing.Tracer(records.append, otel=provider)
-    first, second = Service(), Service()
-    server_a, addr_a = await _serve(first, extensions=True, trace=tracer)
-    server_b, addr_b = await _serve(second, extensions=True, trace=tracer)
-    first.other = await aiomas.rpc.open_connection(
-        addr_b, extensions=True, trace=tracer
-    )
-    client = await aiomas.rpc.open_connection(addr_a, extensions=True, trace=tracer)
-    try:
-        await client.wait_extensions()
-        await first.other.wait_extensions()
+    async with traced_chain(tracer) as client:
         assert await client.remote.nested(1) == 2
         with pytest.raises(aiomas.RemoteException):
             await client.remote.fail()
-    finally:
-        await client.close()
-        await first.other.close()
-        for server in (server_a, server_b):
-            server.close()
-            await server.wait_closed()
     provider.shutdown()
     spans = {(s.name, s.kind): s for s in exporter.get_finished_spans()}
     assert len(spans) == 6
@@ -758,3 +726,18 @@ async def test_opentelemetry_spans_follow_the_calls_across_the_wire() -> None:
     assert spans["aiomas fail", SpanKind.SERVER].status.status_code is StatusCode.ERROR
     # The records are made all the same.
     assert len([r for r in records if r["path"] == "nested"]) == 4
+
+
+def test_children_get_the_trace_directory(tmp_path: Path) -> None:
+    assert tracing.child_environment({"A": "1"}) == {"A": "1"}  # tracing off
+    tracing.enable(print)
+    assert tracing.child_environment(None) is None  # no directory to give
+    tracing.enable(tmp_path)
+    env = tracing.child_environment({"A": "1"})
+    assert env == {"A": "1", tracing.ENV_VAR: str(tmp_path)}
+    assert tracing.child_environment({tracing.ENV_VAR: "mine"}) == {
+        tracing.ENV_VAR: "mine"
+    }
+    inherited = tracing.child_environment(None)
+    assert inherited is not None
+    assert inherited[tracing.ENV_VAR] == str(tmp_path)

@@ -478,28 +478,47 @@ class ConnectionTrace:
         if self.opening is not None:
             self._emit_open()
         rec_id, lamport = _next_id() if record is None else record
-        clock = self.clock
-        entry: dict[str, Any] = {
-            "id": rec_id,
-            "ev": ev,
-            "type": type_,
-            "msg": msg,
-            "conn": self.conn,
-            "trace": trace,
-            "cause": cause,
-            "lamport": lamport,
-            "wall": time.time(),
-            "clock": None if clock is None else clock(),
-            "local": {"addr": self.local, "agent": local_agent},
-            "peer": {"addr": self.peer, "agent": peer_agent},
-            "path": path,
-            "size": size,
-            "outcome": outcome,
-        }
+        entry = self._entry(rec_id, lamport, time.time(), ev, local_agent, peer_agent)
+        entry["type"] = type_
+        entry["msg"] = msg
+        entry["trace"] = trace
+        entry["cause"] = cause
+        entry["path"] = path
+        entry["size"] = size
+        entry["outcome"] = outcome
         if with_args and self.tracer.args:
             entry["args"] = _abbreviated(args)
         self.tracer.sink(entry)
         return rec_id
+
+    def _entry(
+        self,
+        rec_id: str,
+        lamport: int,
+        wall: float,
+        ev: str,
+        local_agent: str | None = None,
+        peer_agent: str | None = None,
+    ) -> dict[str, Any]:
+        """A record with all its fields (those of messages ``null``)."""
+        clock = self.clock
+        return {
+            "id": rec_id,
+            "ev": ev,
+            "type": None,
+            "msg": None,
+            "conn": self.conn,
+            "trace": None,
+            "cause": None,
+            "lamport": lamport,
+            "wall": wall,
+            "clock": None if clock is None else clock(),
+            "local": {"addr": self.local, "agent": local_agent},
+            "peer": {"addr": self.peer, "agent": peer_agent},
+            "path": None,
+            "size": None,
+            "outcome": None,
+        }
 
     # Connection events.
 
@@ -513,26 +532,7 @@ class ConnectionTrace:
         assert self.opening is not None
         rec_id, lamport, wall = self.opening
         self.opening = None
-        clock = self.clock
-        self.tracer.sink(
-            {
-                "id": rec_id,
-                "ev": "open",
-                "type": None,
-                "msg": None,
-                "conn": self.conn,
-                "trace": None,
-                "cause": None,
-                "lamport": lamport,
-                "wall": wall,
-                "clock": None if clock is None else clock(),
-                "local": {"addr": self.local, "agent": None},
-                "peer": {"addr": self.peer, "agent": None},
-                "path": None,
-                "size": None,
-                "outcome": None,
-            }
-        )
+        self.tracer.sink(self._entry(rec_id, lamport, wall, "open"))
 
     def closed(self, reason: BaseException | None) -> None:
         outcome = None if reason is None else f"error:{type(reason).__name__}"
@@ -649,23 +649,33 @@ class ConnectionTrace:
         """The reply to our call *future* arrived (*failure*: its text, for a
         failure)."""
         call = self.calls.pop(future, None)
-        if call is None:
-            return
-        if failure is None:
-            type_, outcome = "result", "result"
-        else:
-            type_, outcome = "failure", f"error:{remote_type(failure)}"
-        self._end_span(call, outcome)
+        if call is not None:
+            error = None if failure is None else remote_type(failure)
+            self._reply("recv", call, error, size, content)
+
+    def _reply(
+        self,
+        ev: str,
+        exchange: Exchange,
+        error: str | None,
+        size: int | None,
+        content: Any,
+    ) -> None:
+        """Record the reply to *exchange* (a failure with exception type
+        *error*, or a result)."""
+        outcome = "result" if error is None else f"error:{error}"
+        self._end_span(exchange, outcome)
+        received = ev == "recv"
         self._emit_of(
-            "recv",
-            call,
-            call.record,
-            type_=type_,
-            peer_agent=agent_of_path(call.path),
+            ev,
+            exchange,
+            exchange.record,
+            type_="result" if error is None else "failure",
+            peer_agent=agent_of_path(exchange.path) if received else None,
             size=size,
             outcome=outcome,
             args=content,
-            with_args=failure is None,
+            with_args=error is None,
         )
 
     def _call_done(self, future: asyncio.Future[Any]) -> None:
@@ -754,23 +764,9 @@ class ConnectionTrace:
     ) -> None:
         """We answered request *msg_id*."""
         served = self.served.pop(msg_id, None)
-        if served is None:
-            return
-        if failure is None:
-            type_, outcome = "result", "result"
-        else:
-            type_, outcome = "failure", f"error:{type(failure).__name__}"
-        self._end_span(served, outcome)
-        self._emit_of(
-            "send",
-            served,
-            served.record,
-            type_=type_,
-            size=size,
-            outcome=outcome,
-            args=result,
-            with_args=failure is None,
-        )
+        if served is not None:
+            error = None if failure is None else type(failure).__name__
+            self._reply("send", served, error, size, result)
 
     def cancel_received(self, msg_id: int) -> None:
         served = self.served.pop(msg_id, None)
