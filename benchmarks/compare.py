@@ -39,18 +39,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import aiomas
-from aiomas.benchmark import FloorProtocol, calls_per_second, channel_echo
+from aiomas.benchmark import calls_per_second, floor_side, library_side
 
 SLICE = 0.05
 SMALL = ["ohai", 42, 3.14]
-Send = Callable[[Any], Awaitable[Any]]
-Close = Callable[[], Awaitable[None]]
 
 
 def unpack_base(rev: str, directory: Path) -> ModuleType:
@@ -73,71 +71,6 @@ def unpack_base(rev: str, directory: Path) -> ModuleType:
         path.write_text(text)
     sys.path.insert(0, str(directory))
     return importlib.import_module("aiomas_base")
-
-
-async def tcp_side(lib: Any, layer: str, codec_name: str) -> tuple[Send, Close]:
-    """A server and a client of *lib* (aiomas or aiomas_base) on loopback."""
-    codec = lib.JSON if codec_name == "json" else lib.MsgPack
-    addr = ("127.0.0.1", 0)
-    if layer == "channel":
-        # (The echo server uses only recv() and reply(), which every
-        # revision has.)
-        server = await lib.channel.start_server(addr, channel_echo, codec=codec)
-        port = server.sockets[0].getsockname()[1]
-        channel = await lib.channel.open_connection(("127.0.0.1", port), codec=codec)
-
-        async def close() -> None:
-            await channel.close()
-            server.close()
-            await server.wait_closed()
-
-        return channel.send, close
-    if layer == "rpc":
-        service = lib.rpc.ServiceDict({"echo": lib.expose(lambda content: content)})
-        server = await lib.rpc.start_server(addr, service, codec=codec)
-        port = server.sockets[0].getsockname()[1]
-        client = await lib.rpc.open_connection(("127.0.0.1", port), codec=codec)
-
-        async def close() -> None:
-            await client.close()
-            server.close()
-            await server.wait_closed()
-
-        return client.remote.echo, close
-
-    class EchoAgent(lib.Agent):  # type: ignore[name-defined,misc]
-        @lib.expose
-        def echo(self, content: Any) -> Any:
-            return content
-
-    callee = await lib.Container.create(addr, codec=codec, as_coro=True)
-    EchoAgent(callee)
-    caller = await lib.Container.create(addr, codec=codec, as_coro=True)
-    proxy = await caller.connect(callee.base_url + "0")
-
-    async def close() -> None:
-        await caller.shutdown(as_coro=True)
-        await callee.shutdown(as_coro=True)
-
-    return proxy.echo, close
-
-
-async def floor_side(codec_name: str) -> tuple[Send, Close]:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: FloorProtocol(codec_name, serve=True), "127.0.0.1", 0
-    )
-    port = server.sockets[0].getsockname()[1]
-    transport, protocol = await loop.create_connection(
-        lambda: FloorProtocol(codec_name, serve=False), "127.0.0.1", port
-    )
-
-    async def close() -> None:
-        transport.close()
-        server.close()
-        await server.wait_closed()
-
-    return protocol.send, close
 
 
 def report(name: str, rates: dict[str, list[float]], unit: str) -> None:
@@ -169,9 +102,9 @@ async def compare_tcp(base: ModuleType, only: list[str], slices: int) -> None:
                     continue
                 sides = {
                     "floor": await floor_side(codec_name),
-                    "base": await tcp_side(base, layer, codec_name),
-                    "new": await tcp_side(aiomas, layer, codec_name),
-                    "base2": await tcp_side(base, layer, codec_name),
+                    "base": await library_side(layer, codec_name, base),
+                    "new": await library_side(layer, codec_name, aiomas),
+                    "base2": await library_side(layer, codec_name, base),
                 }
                 for send, _ in sides.values():  # warm up
                     await calls_per_second(send, SMALL, in_flight, SLICE)

@@ -93,9 +93,18 @@ def test_demo_command() -> None:
     assert "all tasks finished:" in result.stdout
 
 
+def test_demo_command_on_uvloop() -> None:
+    result = run_aiomas(
+        "demo", "--containers", "1", "--bidders", "2", "--loop", "uvloop"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "all tasks finished:" in result.stdout
+
+
 def test_bench_command_prints_a_table() -> None:
     result = run_aiomas(
         "bench",
+        "--processes",
         "--rounds",
         "1",
         "--seconds",
@@ -111,6 +120,44 @@ def test_bench_command_prints_a_table() -> None:
     ]
     assert [row.split()[5] for row in rows] == ["floor", "channel", "rpc", "agent"]
     assert rows[0].endswith("100%")
+    assert "Creating" not in result.stdout
+
+
+def test_bench_in_process_prints_rounds_with_the_load_and_the_a_a_band() -> None:
+    result = run_aiomas(
+        "bench",
+        "--rounds",
+        "2",
+        "--turns",
+        "2",
+        "--slice",
+        "10",
+        "--loop",
+        "asyncio",
+        "--only",
+        "msgpack, 100 in flight",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "both ends in this process" in result.stdout
+    tables = result.stdout.split("\n\n")[2:]
+    assert [table.splitlines()[0] for table in tables] == [
+        f"{impl}, msgpack, 100 in flight (calls/s)"
+        for impl in ("channel", "rpc", "agent")
+    ]
+    for table in tables:
+        header, *rounds, median = table.splitlines()[1:]
+        impl = table.split(",")[0]
+        assert header.split() == ["round", "load", "floor", impl, "/floor", "A/A"]
+        assert [row.split()[0] for row in rounds] == ["1", "2"]
+        for row in rounds:
+            load, floor, ours, ratio, aa = (
+                float(cell.replace(",", "")) for cell in row.split()[1:]
+            )
+            assert min(load + 1, floor, ours) > 0
+            assert ratio == pytest.approx(ours / floor, rel=0.01, abs=0.001)
+            assert aa > 0
+        assert median.split()[0] == "median"
+        assert "(A/A band " in median
     assert "Creating" not in result.stdout
 
 

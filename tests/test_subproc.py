@@ -291,6 +291,38 @@ async def test_subprocess_containers_driven_by_a_master() -> None:
         await master.shutdown(as_coro=True)
 
 
+class LoopReporter(aiomas.Agent):
+    @aiomas.expose
+    def loop(self) -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+
+@pytest.mark.parametrize(
+    ("option", "module"), [((), "asyncio"), (("--loop", "uvloop"), "uvloop")]
+)
+async def test_a_subprocess_container_runs_on_the_loop_asked_for(
+    option: tuple[str, ...], module: str
+) -> None:
+    process = await start_process(*option)
+    master = await aiomas.Container.create(("127.0.0.1", 0), as_coro=True)
+    try:
+        manager = await master.connect(process.manager_addr)
+        reporter, _ = await manager.spawn(f"{__name__}:LoopReporter")
+        assert (await reporter.loop()).split(".")[0] == module
+        await manager.stop()
+        assert await asyncio.wait_for(process.wait(), WAIT) == 0
+    finally:
+        await process.kill()
+        await master.shutdown(as_coro=True)
+
+
+def test_an_unknown_loop_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["127.0.0.1:0", "--loop", "trio"], prog="aiomas-test")
+    assert info.value.code == 2
+    assert "invalid choice: 'trio'" in capsys.readouterr().err
+
+
 class DateSleeper(aiomas.Agent):
     @aiomas.expose
     async def sleep_until(self, date: str) -> str:

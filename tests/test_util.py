@@ -875,3 +875,20 @@ def test_arrow_serializer_keeps_instant_and_offset(moment: datetime.datetime) ->
     back = deserialize(serialize(date))
     assert back == date
     assert back.utcoffset() == date.utcoffset()
+
+
+def test_loop_factory_names_the_loops() -> None:
+    import uvloop
+
+    assert util.loop_factory("asyncio") is None
+    assert util.loop_factory("uvloop") is uvloop.new_event_loop
+    with pytest.raises(ValueError, match="unknown event loop 'trio'"):
+        util.loop_factory("trio")
+
+
+def test_loop_factory_says_how_to_install_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # (import fails)
+    with pytest.raises(ImportError, match=r"pip install 'aiomas\[uvloop\]'"):
+        util.loop_factory("uvloop")

@@ -1,14 +1,19 @@
 """The aiomas benchmark suite: ``python -m aiomas bench`` (or ``python -m
 aiomas.benchmark``).
 
-Request/reply round trips over TCP loopback, client and server in separate
-processes, for the channel, RPC (a call of an exposed echo function) and agents
-(an agent calling an agent in another container).  Every workload is also run on
-the *floor*: a bare :class:`asyncio.Protocol` doing the same framing (4-byte length
-header) and the same encoding with nothing around it, the best a naive
-pure-Python implementation gets.  Rounds alternate between the implementations
-so that machine noise hits all alike; the table shows median, min and max of the
-rounds and each median as a ratio to the floor's median of the same run.
+Request/reply round trips over TCP loopback for the channel, RPC (a call of an
+exposed echo function) and agents (an agent calling an agent in another
+container).  Every workload is also run on the *floor*: a bare
+:class:`asyncio.Protocol` doing the same framing (4-byte length header) and the
+same encoding with nothing around it, the best a naive pure-Python
+implementation gets.
+
+By default both ends of every side run in this one process, and the sides take
+turns in short slices (50 ms): the floor, aiomas, and a second copy of aiomas
+(the A/A pair, whose ratio is the noise band of the machine right now).  Each
+round prints the machine's load beside its ratios; the summary is the median of
+the rounds.  ``--processes`` measures absolute figures instead, client and
+server in separate processes, whole rounds of seconds per side.
 
 The last table is the time and memory to create many agents in one container.
 
@@ -23,25 +28,41 @@ import asyncio
 import gc
 import importlib
 import json
+import os
 import statistics
 import struct
 import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import aiomas
 
-__all__ = ["calls_per_second", "channel_echo", "main"]
+__all__ = [
+    "FloorProtocol",
+    "calls_per_second",
+    "channel_echo",
+    "floor_side",
+    "library_side",
+    "main",
+    "take_turns",
+]
 
 _HEADER = struct.Struct(">L")
 _SMALL = ["ohai", 42, 3.14]
 _MIB = 2**20
 # About 1 MiB as JSON ("1048576, " is 9 bytes).
 _INTS = list(range(1_000_000, 1_000_000 + _MIB // 9))
+SLICE_SECONDS = 0.05
+"""How long each side runs in its turn in the in-process mode."""
+
+Send = Callable[[Any], Awaitable[Any]]
+Close = Callable[[], Awaitable[None]]
+Side = tuple[Send, Close]
+"""A way to make one call, and a way to end what serves it."""
 
 
 @dataclass(frozen=True)
@@ -263,12 +284,202 @@ async def calls_per_second(
     return count / (time.perf_counter() - start)
 
 
+# --- In one process: sides taking turns in slices ------------------------------
+
+
+async def floor_side(codec: str) -> Side:
+    """A server and a client of the floor, both in this process, on loopback."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: FloorProtocol(codec, serve=True), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    transport, protocol = await loop.create_connection(
+        lambda: FloorProtocol(codec, serve=False), "127.0.0.1", port
+    )
+
+    async def close() -> None:
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+    return protocol.send, close
+
+
+async def library_side(layer: str, codec: str, lib: Any = aiomas) -> Side:
+    """A server and a client of *layer* (``"channel"``, ``"rpc"`` or
+    ``"agent"``), both in this process, on loopback.
+
+    *lib* is the aiomas package to measure: this one, or an older revision
+    imported under another name (``benchmarks/compare.py`` does that), so only
+    names that every revision has are used here.
+    """
+    codec_cls = lib.JSON if codec == "json" else lib.MsgPack
+    addr = ("127.0.0.1", 0)
+    if layer == "channel":
+        server = await lib.channel.start_server(addr, channel_echo, codec=codec_cls)
+        port = server.sockets[0].getsockname()[1]
+        channel = await lib.channel.open_connection(
+            ("127.0.0.1", port), codec=codec_cls
+        )
+
+        async def close_channel() -> None:
+            await channel.close()
+            server.close()
+            await server.wait_closed()
+
+        return channel.send, close_channel
+    if layer == "rpc":
+        service = lib.rpc.ServiceDict({"echo": lib.expose(lambda content: content)})
+        server = await lib.rpc.start_server(addr, service, codec=codec_cls)
+        port = server.sockets[0].getsockname()[1]
+        client = await lib.rpc.open_connection(("127.0.0.1", port), codec=codec_cls)
+
+        async def close_rpc() -> None:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+        return client.remote.echo, close_rpc
+    if layer != "agent":
+        raise ValueError(f"unknown layer {layer!r}")
+
+    class Echo(lib.Agent):  # type: ignore[misc]
+        @lib.expose  # type: ignore[untyped-decorator]
+        def echo(self, content: Any) -> Any:
+            return content
+
+    callee = await lib.Container.create(addr, codec=codec_cls, as_coro=True)
+    Echo(callee)
+    caller = await lib.Container.create(addr, codec=codec_cls, as_coro=True)
+    proxy = await caller.connect(callee.base_url + "0")
+
+    async def close() -> None:
+        await caller.shutdown(as_coro=True)
+        await callee.shutdown(as_coro=True)
+
+    return proxy.echo, close
+
+
+async def take_turns(
+    sides: Mapping[str, Send],
+    content: Any,
+    in_flight: int,
+    turns: int,
+    seconds: float = SLICE_SECONDS,
+) -> dict[str, float]:
+    """Let every side make calls for *seconds*, in turn, *turns* times (the
+    side that starts rotates); return each side's calls per second over all
+    its turns."""
+    calls = dict.fromkeys(sides, 0.0)
+    elapsed = dict.fromkeys(sides, 0.0)
+    names = list(sides)
+    for turn in range(turns):
+        start = turn % len(names)
+        for name in names[start:] + names[:start]:
+            began = time.perf_counter()
+            rate = await calls_per_second(sides[name], content, in_flight, seconds)
+            took = time.perf_counter() - began
+            calls[name] += rate * took
+            elapsed[name] += took
+    return {name: calls[name] / elapsed[name] for name in names}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round of the in-process mode: each side's rate and the load."""
+
+    rates: dict[str, float]
+    load: float
+
+    def ratio(self, side: str, other: str) -> float:
+        return self.rates[side] / self.rates[other]
+
+
+def _band(values: Sequence[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+async def measure_in_process(
+    workload: Workload, impl: str, rounds: int, turns: int, seconds: float
+) -> list[RoundResult]:
+    """Measure *impl* of *workload* against the floor and against a second
+    copy of itself (A/A), *rounds* rounds of *turns* turns each."""
+    sides = {
+        "floor": await floor_side(workload.codec),
+        "ours": await library_side(impl, workload.codec),
+        "ours2": await library_side(impl, workload.codec),
+    }
+    sends = {name: send for name, (send, _) in sides.items()}
+    content = workload.content()
+    try:
+        await take_turns(sends, content, workload.in_flight, 1, seconds)  # warm up
+        results = []
+        for _ in range(rounds):
+            rates = await take_turns(sends, content, workload.in_flight, turns, seconds)
+            scale = workload.mib()
+            results.append(
+                RoundResult(
+                    {name: rate * scale for name, rate in rates.items()},
+                    os.getloadavg()[0],
+                )
+            )
+        return results
+    finally:
+        for _, close in sides.values():
+            await close()
+
+
+async def _in_process_table(
+    workloads: Sequence[Workload], rounds: int, turns: int, seconds: float
+) -> None:
+    for workload in workloads:
+        for impl in workload.impls:
+            if impl == "floor":
+                continue
+            results = await measure_in_process(workload, impl, rounds, turns, seconds)
+            name = f"{impl}, {workload.name} ({workload.unit})"
+            print(f"\n{name}")
+            print(
+                f"  {'round':<7}{'load':>6}{'floor':>11}{impl:>11}"
+                f"{'/floor':>8}{'A/A':>7}"
+            )
+            for number, result in enumerate(results, 1):
+                print(
+                    f"  {number:<7}{result.load:>6.2f}"
+                    f"{result.rates['floor']:>11,.0f}{result.rates['ours']:>11,.0f}"
+                    f"{result.ratio('ours', 'floor'):>8.3f}"
+                    f"{result.ratio('ours2', 'ours'):>7.3f}",
+                    flush=True,
+                )
+            ratios = [result.ratio("ours", "floor") for result in results]
+            aa = [result.ratio("ours2", "ours") for result in results]
+            floor = statistics.median(result.rates["floor"] for result in results)
+            ours = statistics.median(result.rates["ours"] for result in results)
+            print(
+                f"  {'median':<13}{floor:>11,.0f}{ours:>11,.0f}"
+                f"{statistics.median(ratios):>8.3f}{statistics.median(aa):>7.3f}"
+                f"   (A/A band {_band(aa)})",
+                flush=True,
+            )
+
+
+def run_in_process(
+    workloads: Sequence[Workload],
+    loop_name: str,
+    rounds: int,
+    turns: int,
+    seconds: float,
+) -> None:
+    """Measure and print *workloads* on *loop_name*, both ends in this
+    process, the floor and two copies of aiomas taking turns."""
+    print(f"\nRound trips, {loop_name}, both ends in this process:")
+    _run(_in_process_table(workloads, rounds, turns, seconds), loop_name)
+
+
 def _run(coro: Coroutine[Any, Any, Any], loop_name: str) -> Any:
     """Run *coro* on a new event loop of the kind *loop_name*."""
-    factory = None
-    if loop_name == "uvloop":
-        factory = importlib.import_module("uvloop").new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=aiomas.util.loop_factory(loop_name)) as runner:
         return runner.run(coro)
 
 
@@ -375,12 +586,11 @@ def run_agent_creation(number: int, rounds: int) -> None:
 def _available_loops(wanted: Sequence[str]) -> list[str]:
     loops = []
     for name in wanted:
-        if name == "uvloop":
-            try:
-                importlib.import_module("uvloop")
-            except ImportError:
-                print("uvloop is not installed: skipping it (pip install uvloop)")
-                continue
+        try:
+            aiomas.util.loop_factory(name)
+        except ImportError as exc:
+            print(f"{exc}: skipping it")
+            continue
         loops.append(name)
     return loops
 
@@ -394,16 +604,36 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--rounds", type=int, default=5, help="rounds per figure (default: 5)"
     )
     parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="absolute figures: client and server in separate processes, "
+        "whole rounds of --seconds per side (default: both ends in this "
+        "process, sides taking turns in slices)",
+    )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=20,
+        help="turns per side and round, in this process (default: 20)",
+    )
+    parser.add_argument(
+        "--slice",
+        type=float,
+        default=SLICE_SECONDS * 1000,
+        metavar="MS",
+        help="milliseconds per turn, in this process (default: 50)",
+    )
+    parser.add_argument(
         "--seconds",
         type=float,
         default=2.0,
-        help="seconds per measurement (default: 2)",
+        help="seconds per measurement with --processes (default: 2)",
     )
     parser.add_argument(
         "--loop",
         nargs="+",
-        choices=["asyncio", "uvloop"],
-        default=["asyncio", "uvloop"],
+        choices=aiomas.util.LOOPS,
+        default=list(aiomas.util.LOOPS),
         help="event loops to measure on (default: both)",
     )
     parser.add_argument(
@@ -436,18 +666,32 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         _run(_serve(args.serve, args.codec), args.loop[0])
         return 0
     if args.quick:
-        args.rounds, args.seconds = 1, 0.5
-    if args.rounds < 1 or args.seconds <= 0 or args.agents < 1:
-        parser.error("--rounds, --seconds and --agents must be positive")
+        args.rounds, args.seconds, args.turns = 1, 0.5, 5
+    if min(args.rounds, args.seconds, args.agents, args.turns, args.slice) <= 0:
+        parser.error(
+            "--rounds, --seconds, --turns, --slice and --agents must be positive"
+        )
     workloads = [w for w in WORKLOADS if not args.only or args.only in w.name]
-    print(
-        f"aiomas {aiomas.__version__}, Python {sys.version.split()[0]}, "
-        f"{args.rounds} round(s) of {args.seconds:g} s per figure, TCP loopback, "
-        "client and server in separate processes"
-    )
+    python = f"aiomas {aiomas.__version__}, Python {sys.version.split()[0]}"
+    if args.processes:
+        print(
+            f"{python}, {args.rounds} round(s) of {args.seconds:g} s per figure, "
+            "TCP loopback, client and server in separate processes"
+        )
+    else:
+        print(
+            f"{python}, TCP loopback, both ends in this process; {args.rounds} "
+            f"round(s) of {args.turns} turns of {args.slice:g} ms per side "
+            "(floor, aiomas, aiomas again for A/A); load: 1-minute load average"
+        )
     if workloads:
         for loop_name in _available_loops(args.loop):
-            run_roundtrips(workloads, loop_name, args.rounds, args.seconds)
+            if args.processes:
+                run_roundtrips(workloads, loop_name, args.rounds, args.seconds)
+            else:
+                run_in_process(
+                    workloads, loop_name, args.rounds, args.turns, args.slice / 1000
+                )
     if not args.only or args.only in "agents":
         run_agent_creation(args.agents, args.rounds)
     return 0

@@ -194,19 +194,22 @@ async def run(
     containers: int = 2,
     bidders_per_container: int = 3,
     speed: float | None = None,
+    loop: str = "asyncio",
     trace: str | None = None,
 ) -> None:
     """Run the auction with *containers* subprocess containers of
     *bidders_per_container* bidders each; *speed* (simulated seconds per real
-    second) runs it on ExternalClocks, ``None`` in real time; *trace* is a
-    directory for the trace files of all processes (see :doc:`/tracing`)."""
+    second) runs it on ExternalClocks, ``None`` in real time; *loop* is the
+    event loop of the subprocess containers (see :data:`aiomas.util.LOOPS`);
+    *trace* is a directory for the trace files of all processes (see
+    :doc:`/tracing`)."""
     if trace is not None:
         aiomas.tracing.enable(trace)
     quiet = QuietWhenCancelled(asyncio.current_task())
     for name in QuietWhenCancelled.LOGGERS:
         logging.getLogger(name).addFilter(quiet)
     try:
-        await _run(containers, bidders_per_container, speed, trace is not None)
+        await _run(containers, bidders_per_container, speed, loop, trace is not None)
     finally:
         if trace is not None:
             aiomas.tracing.disable()
@@ -215,11 +218,15 @@ async def run(
 
 
 async def _run(
-    containers: int, bidders_per_container: int, speed: float | None, traced: bool
+    containers: int,
+    bidders_per_container: int,
+    speed: float | None,
+    loop: str,
+    traced: bool,
 ) -> None:
     external = speed is not None
     clock = aiomas.ExternalClock(START_DATE) if external else aiomas.AsyncioClock()
-    args = ["127.0.0.1:0", "--log-level", "warning"]
+    args = ["127.0.0.1:0", "--log-level", "warning", "--loop", loop]
     if external:
         args += ["--start-date", START_DATE, "--init-time", "0"]
     started = await asyncio.gather(
@@ -344,6 +351,13 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="simulated seconds per real second with --external-clock (default: 20)",
     )
     parser.add_argument(
+        "--loop",
+        choices=aiomas.util.LOOPS,
+        default="asyncio",
+        help="the event loop of every process (default: %(default)s; uvloop "
+        "needs pip install 'aiomas[uvloop]')",
+    )
+    parser.add_argument(
         "--trace",
         metavar="DIR",
         help="record the messages of all processes into DIR/*.jsonl",
@@ -359,7 +373,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.error("--containers, --bidders and --speed must be positive")
     speed = args.speed if args.external_clock else None
     try:
-        asyncio.run(run(args.containers, args.bidders, speed, args.trace))
+        factory = aiomas.util.loop_factory(args.loop)
+    except ImportError as exc:
+        parser.error(str(exc))
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run(args.containers, args.bidders, speed, args.loop, args.trace))
     except KeyboardInterrupt:
         # run() has stopped the containers; a traceback would add nothing.
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -13,7 +13,7 @@ import os
 import ssl
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, TypeVar, overload
+from typing import Any, Final, TypeVar, cast, overload
 
 import arrow
 
@@ -21,6 +21,7 @@ __all__ = [
     "arrow_serializer",
     "create_task",
     "get_loop",
+    "loop_factory",
     "make_ssl_client_context",
     "make_ssl_server_context",
     "obj_from_str",
@@ -38,6 +39,32 @@ _TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # one else references can be garbage collected while it waits.  create_task()
 # keeps its tasks here until they are done.
 _background_tasks: set[asyncio.Future[Any]] = set()
+
+
+LOOPS: Final = ("asyncio", "uvloop")
+"""The event loops that :func:`loop_factory` knows by name."""
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return the factory of the event loop *name* (one of :data:`LOOPS`) for
+    :class:`asyncio.Runner` (``None`` for asyncio's default loop).
+
+    Raises:
+        ValueError: if *name* is not a loop of :data:`LOOPS`.
+        ImportError: if it is ``"uvloop"`` and uvloop is not installed (the
+            message says how to install it).
+    """
+    if name == "asyncio":
+        return None
+    if name != "uvloop":
+        raise ValueError(f"unknown event loop {name!r}: expected one of {LOOPS}")
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        raise ImportError(
+            "uvloop is not installed: pip install 'aiomas[uvloop]'"
+        ) from None
+    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
 
 
 def get_loop() -> asyncio.AbstractEventLoop:

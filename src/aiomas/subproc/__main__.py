@@ -18,7 +18,7 @@ from typing import Any
 
 import arrow
 
-from aiomas import codecs
+from aiomas import codecs, util
 from aiomas.agent import SSLCerts, split_host_port
 from aiomas.clocks import ExternalClock
 from aiomas.nats import NatsConfig, is_nats_url
@@ -158,6 +158,13 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "for this long (default: the operating system's timeouts)",
     )
     parser.add_argument(
+        "--loop",
+        choices=util.LOOPS,
+        default="asyncio",
+        help="the event loop to run on (default: %(default)s; uvloop needs "
+        "pip install 'aiomas[uvloop]')",
+    )
+    parser.add_argument(
         "--log-level",
         "-l",
         choices=LOG_LEVELS,
@@ -211,12 +218,17 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = make_parser(prog)
     args = parser.parse_args(argv)
     kwargs = container_kwargs(args, parser)
+    try:
+        factory = util.loop_factory(args.loop)
+    except ImportError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(run_container(args.addr, kwargs))
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run_container(args.addr, kwargs))
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
