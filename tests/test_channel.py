@@ -1212,7 +1212,7 @@ def jframe(message: Any) -> bytes:
     return wire.frame(aiomas.JSON().encode(message))
 
 
-OFFER = [0, 0, ["__aiomas__/extensions", [1, ["cancel", "deadline"]], {}]]
+OFFER = [0, 0, ["__aiomas__/extensions", [1, ["cancel", "deadline", "trace"]], {}]]
 
 
 async def test_a_channel_takes_an_offer_and_reads_requests_with_metadata() -> None:
@@ -1227,7 +1227,7 @@ async def test_a_channel_takes_an_offer_and_reads_requests_with_metadata() -> No
     assert not channel.extended
     assert channel.take_offer(offer)
     assert channel.extended
-    assert transport.written == jframe([1, 0, [1, ["cancel", "deadline"]]])
+    assert transport.written == jframe([1, 0, [1, ["cancel", "deadline", "trace"]]])
     feed(protocol, transport, [jframe([3, 1, ["x", {"deadline": 2}]])])
     request = await channel.recv()
     assert isinstance(request, aiomas.channel.ExtendedRequest)

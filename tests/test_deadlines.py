@@ -291,7 +291,7 @@ async def test_a_sleeping_handler_is_cancelled_on_the_peer_in_time(
 ) -> None:
     service = Sleeper()
     async with rpc_pair(endpoint, service) as (client, served):
-        assert client.extensions == {"cancel", "deadline"}
+        assert client.extensions == {"cancel", "deadline", "trace"}
         assert await client.remote.add(1, 2) == 3
         with pytest.raises(DeadlineExceeded):
             async with aiomas.deadline(100 * TIME_UNIT) as deadline:
@@ -305,7 +305,7 @@ async def test_a_sleeping_handler_is_cancelled_on_the_peer_in_time(
         await settle()
         assert client.channel.waiting_for_replies == 0
         (server_end,) = served
-        assert server_end.extensions == {"cancel", "deadline"}
+        assert server_end.extensions == {"cancel", "deadline", "trace"}
 
 
 async def test_cancelling_the_callers_task_cancels_the_handler(

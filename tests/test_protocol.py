@@ -828,19 +828,19 @@ def test_the_offer_is_a_plain_rpc_call_to_the_reserved_path() -> None:
     assert client.offer_extensions(token="t") == 0
     data = b"".join(client.data_to_send())
     assert data == jframe(
-        [0, 0, ["__aiomas__/extensions", [1, ["cancel", "deadline"]], {}]]
+        [0, 0, ["__aiomas__/extensions", [1, ["cancel", "deadline", "trace"]], {}]]
     )
     (offer,) = server.receive_data(data)
     assert offer == RequestReceived(
-        0, ["__aiomas__/extensions", [1, ["cancel", "deadline"]], {}]
+        0, ["__aiomas__/extensions", [1, ["cancel", "deadline", "trace"]], {}]
     )
     assert server.take_offer(offer.message_id, offer.content)
-    assert server.extensions == {"cancel", "deadline"}
+    assert server.extensions == {"cancel", "deadline", "trace"}
     reply = b"".join(server.data_to_send())
-    assert reply == jframe([1, 0, [1, ["cancel", "deadline"]]])
+    assert reply == jframe([1, 0, [1, ["cancel", "deadline", "trace"]]])
     (answer,) = client.receive_data(reply)
-    assert answer == ResultReceived(0, [1, ["cancel", "deadline"]], "t")
-    assert client.offer_answered(answer.content) == {"cancel", "deadline"}
+    assert answer == ResultReceived(0, [1, ["cancel", "deadline", "trace"]], "t")
+    assert client.offer_answered(answer.content) == {"cancel", "deadline", "trace"}
 
 
 def test_an_offer_of_some_features_agrees_on_those() -> None:

@@ -654,7 +654,7 @@ async def test_an_offer_is_made_once() -> None:
     try:
         with pytest.raises(RuntimeError, match="offered already"):
             client.offer_extensions()
-        assert await client.wait_extensions() == {"cancel", "deadline"}
+        assert await client.wait_extensions() == {"cancel", "deadline", "trace"}
     finally:
         await client.close()
         server.close()
@@ -671,7 +671,7 @@ async def test_an_end_without_a_service_takes_the_offer_too() -> None:
     port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     client = await aiomas.rpc.open_connection(("127.0.0.1", port), extensions=True)
     try:
-        assert await client.wait_extensions() == {"cancel", "deadline"}
+        assert await client.wait_extensions() == {"cancel", "deadline", "trace"}
         with pytest.raises(aiomas.RemoteException, match="serves no RPC service"):
             await client.remote.spam()
     finally:

@@ -15,6 +15,7 @@ from aiomas import (
     protocol,
     rpc,
     subproc,
+    tracing,
     util,
     wire,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "run",
     "serializable",
     "subproc",
+    "tracing",
     "util",
     "wire",
 ]

@@ -78,6 +78,7 @@ class ConnectionPool(Generic[_P]):
         "_proxies",
         "_service",
         "nats_link",
+        "on_open",
     )
 
     def __init__(
@@ -96,6 +97,9 @@ class ConnectionPool(Generic[_P]):
         self._attempts: dict[str, _Attempt] = {}
         self._proxies: dict[str, weakref.WeakValueDictionary[str, _P]] = {}
         self._closed = False
+        self.on_open: Callable[[Channel], None] | None = None
+        """Called with the channel of each connection the pool opens (the
+        container starts tracing it there)."""
         self.nats_link: NatsLink | None = None
         """The container's link to a NATS system, through which it reaches
         ``nats://`` addresses (``None``: it has none)."""
@@ -186,6 +190,8 @@ class ConnectionPool(Generic[_P]):
         if self._closed:
             await client.close()
             self._check_open()
+        if self.on_open is not None:
+            self.on_open(client.channel)
         base_url = endpoint.base_url
         existing = self._open_client(base_url)
         if existing is not None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Literal, NamedTuple, TypeVar, cast, overload
 
 from aiomas import channel as channel_mod
-from aiomas import local_queue, rpc, util
+from aiomas import local_queue, rpc, tracing, util
 from aiomas import nats as nats_mod
 from aiomas._addresses import (
     base_url_of,
@@ -263,6 +263,7 @@ class Container:
         nats: str | nats_mod.NatsConfig | None = None,
         as_coro: Literal[False] = False,
         extensions: bool = False,
+        trace: tracing.TraceTarget | None = None,
     ) -> _ContainerT: ...
 
     @overload
@@ -280,6 +281,7 @@ class Container:
         nats: str | nats_mod.NatsConfig | None = None,
         as_coro: Literal[True],
         extensions: bool = False,
+        trace: tracing.TraceTarget | None = None,
     ) -> Coroutine[Any, Any, _ContainerT]: ...
 
     @classmethod
@@ -296,6 +298,7 @@ class Container:
         nats: str | nats_mod.NatsConfig | None = None,
         as_coro: bool = False,
         extensions: bool = False,
+        trace: tracing.TraceTarget | None = None,
     ) -> _ContainerT | Coroutine[Any, Any, _ContainerT]:
         """Make a container with a server socket listening on *addr*.
 
@@ -346,6 +349,14 @@ class Container:
                 accept it on those opened to us.  Requests served under a
                 deadline run on the container's *clock*.  Off by default:
                 every connection speaks exactly the plain wire format.
+            trace: Record the messages of all the container's connections
+                (see :doc:`/tracing`): a :class:`~aiomas.tracing.Tracer`, a
+                directory for this process' trace file, or a sink (a callable
+                taking each record).  Default: the process-wide tracer, if
+                :func:`aiomas.tracing.enable` or ``AIOMAS_TRACE`` turned one on.
+                A traced container accepts the wire extension's offer of the
+                containers that connect to it (so that their trace context
+                arrives); it offers it itself only with *extensions*.
 
         Returns:
             The container (or, with *as_coro*, a coroutine returning it).
@@ -374,9 +385,12 @@ class Container:
         }
         if nats is not None and _nats_config(addr) is not None:
             raise ValueError("addr is on NATS already: pass nats=None")
+        tracer = tracing.as_tracer(trace)
         coro = _create(
             cls, addr, clock, codec, extra_serializers, ssl, limits, nats, extensions
         )
+        if tracer is not None:
+            coro = _traced(coro, tracer)
         if as_coro:
             return coro
         return util.run_blocking(coro, "await Container.create(addr, as_coro=True)")
@@ -586,6 +600,15 @@ async def _create(
         for link in links:
             await link.close()
         raise
+
+
+async def _traced(
+    coro: Coroutine[Any, Any, _ContainerT], tracer: tracing.Tracer
+) -> _ContainerT:
+    """Make the container (*coro*) and trace it into *tracer*."""
+    container = await coro
+    state_of(container).tracer = tracer
+    return container
 
 
 def _nats_config(addr: object) -> nats_mod.NatsConfig | None:
@@ -825,7 +848,13 @@ class _AgentRegistry:
         if self._closed:
             cast(asyncio.Transport, channel.transport).abort()
             return
-        if self.extensions:
+        state = state_of(self.container)
+        tracer = state.tracer or tracing.active()
+        if tracer is not None:
+            channel.start_tracing(
+                tracer, addr=self.base_url, clock=self.container.clock.time
+            )
+        if self.extensions or tracer is not None:
             client = rpc.RpcClient(
                 channel,
                 self.container,
@@ -880,6 +909,7 @@ class _ContainerState:
         "server",
         "shutdown_task",
         "socket_file",
+        "tracer",
     )
 
     def __init__(
@@ -894,6 +924,10 @@ class _ContainerState:
             container, base_url, bool(connect_kwargs.get("extensions"))
         )
         self.pool = ConnectionPool(container, connect_kwargs, AgentProxy)
+        self.pool.on_open = self._trace_connection
+        self.tracer: tracing.Tracer | None = None
+        """The container's own tracer (``trace=``), or ``None``: the
+        process-wide one, if any."""
         self.server: asyncio.AbstractServer | None = None
         # The NATS server of a container that listens on NATS besides its
         # address (a container *on* NATS has it as its server).
@@ -901,6 +935,13 @@ class _ContainerState:
         # The unix socket file we listen on (path and inode), removed at shutdown.
         self.socket_file: tuple[str, int] | None = None
         self.shutdown_task: asyncio.Task[None] | None = None
+
+    def _trace_connection(self, channel: Channel) -> None:
+        tracer = self.tracer or tracing.active()
+        if tracer is not None:
+            channel.start_tracing(
+                tracer, addr=self.registry.base_url, clock=self.clock.time
+            )
 
     async def shutdown(self) -> None:
         """Close the server, the registry and the pool (once)."""

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeAlias, cast
 
-from aiomas import local_queue
+from aiomas import local_queue, tracing
 from aiomas._connect import (
     check_dead_peer_timeout,
     connect_with_retries,
@@ -38,6 +38,7 @@ from aiomas.exceptions import (
     ProtocolError,
     ProtocolResetError,
     RemoteException,
+    SerializationError,
 )
 from aiomas.nats import NatsEndpoint
 from aiomas.protocol import (
@@ -244,6 +245,45 @@ class ExtendedRequest(Request):
         """All of its metadata."""
 
 
+class _TracedReplies(Request):
+    """The answers of a request on a traced channel are recorded."""
+
+    __slots__ = ()
+
+    def reply_nowait(self, result: Any) -> None:
+        protocol = self._protocol
+        try:
+            super().reply_nowait(result)
+        except (SerializationError, ValueError) as exc:
+            _record_answer(protocol, self.message_id, exc, None)
+            raise
+        _record_answer(protocol, self.message_id, None, result)
+
+    def fail_nowait(self, exception: BaseException) -> None:
+        super().fail_nowait(exception)
+        _record_answer(self._protocol, self.message_id, exception, None)
+
+
+def _record_answer(
+    protocol: ChannelProtocol,
+    message_id: int,
+    failure: BaseException | None,
+    result: Any,
+) -> None:
+    channel = protocol.channel
+    state = None if channel is None else channel.tracing
+    if state is not None:
+        state.answered(message_id, failure, protocol.core.sent_size, result)
+
+
+class _TracedRequest(_TracedReplies):
+    __slots__ = ()
+
+
+class _TracedExtendedRequest(ExtendedRequest, _TracedReplies):
+    __slots__ = ()
+
+
 class Channel:
     """A request-reply channel between two endpoints.
 
@@ -275,6 +315,7 @@ class Channel:
         "extended",
         "protocol",
         "request_handler",
+        "tracing",
         "transport",
     )
 
@@ -312,6 +353,9 @@ class Channel:
         request *message_id* (wire extension only); *held* says the request
         never left the core (see :class:`aiomas.protocol.CancelReceived`).
         Set by :mod:`aiomas.rpc`."""
+        self.tracing: tracing.ConnectionTrace | None = None
+        """The recorder of this connection while it is traced (see
+        :meth:`start_tracing`), else ``None``."""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_error is not None else "open"
@@ -354,6 +398,8 @@ class Channel:
         """
         if self._closed_error is not None:
             raise self.connection_error()
+        if self.tracing is not None:
+            return self.send_cancellable(content)
         # The core keeps the future with the request's id; a cancelled one
         # stays until its reply arrives (and is dropped quietly) or the
         # connection ends.
@@ -400,7 +446,7 @@ class Channel:
         """If *request* is the peer's offer of the wire extension, answer it,
         agree and return ``True`` (the request is then answered); else return
         ``False`` (see :meth:`aiomas.protocol.Connection.take_offer`)."""
-        if type(request) is not Request or self._closed_error is not None:
+        if isinstance(request, ExtendedRequest) or self._closed_error is not None:
             return False
         if not self._core.take_offer(request.message_id, request.content):
             return False
@@ -435,15 +481,32 @@ class Channel:
                 failed.set_exception(deadline.exceeded())
                 return failed
         core = self._core
+        state = self.tracing
+        traced = None if state is None else state.start_call(content)
+        meta = None
+        if traced is not None:
+            assert state is not None
+            meta = state.trace_meta(*traced)
         # (Tells us when it is cancelled: no callback for every reply.)
         call = _CancellableCall(loop=self._loop)
         call.channel = self
         call.deadline = deadline
-        if self.extended:
-            msg_id = core.send_request_with_meta(content, call, deadline=time_left)
-        else:
-            msg_id = core.send_request(content, call)
+        try:
+            if self.extended:
+                msg_id = core.send_request_with_meta(
+                    content, call, deadline=time_left, trace=meta
+                )
+            else:
+                msg_id = core.send_request(content, call)
+        except BaseException:
+            if traced is not None:
+                assert state is not None
+                state.call_failed(traced[0])
+            raise
         call.message_id = msg_id
+        if traced is not None:
+            assert state is not None
+            state.call_sent(*traced, call, msg_id, core.sent_size, content)
         # (The core writes it, or gathers it with the replies of the read
         # being handled.)
         protocol = self.protocol
@@ -467,6 +530,84 @@ class Channel:
         :meth:`aiomas.protocol.Connection.cancel_request`); otherwise its late
         reply is dropped when it comes."""
         self._core.cancel_request(message_id)
+
+    def start_tracing(
+        self,
+        tracer: tracing.Tracer,
+        *,
+        addr: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """Record this connection's messages into *tracer* from now on (see
+        :mod:`aiomas.tracing`); a second call changes where they go.
+
+        Args:
+            tracer: Where the records go.
+            addr: This end's address in the records (default: the socket's).
+            clock: A callable for the records' ``"clock"`` (e.g. a
+                container's ``clock.time``), or ``None``.
+        """
+        state = self.tracing
+        if state is not None:
+            if state.tracer is not tracer:
+                if state.opening is not None:
+                    state.opening = None  # (It goes to the new tracer only.)
+                if self._closed_error is None:
+                    state.opened()
+            state.tracer = tracer
+            state.local = addr if addr is not None else state.local
+            state.clock = clock if clock is not None else state.clock
+            return
+        if self._closed_error is not None:
+            return
+        core = self._core
+        local = (
+            addr
+            if addr is not None
+            else _address_text(self.transport.get_extra_info("sockname"))
+        )
+        self.tracing = state = tracing.ConnectionTrace(
+            tracer, local, _address_text(self._peername), clock, lambda: core.extensions
+        )
+        core.measure_sizes()
+        core.on_request = self._traced_request_arrived
+        core.on_result = self._traced_result
+        state.opened()
+
+    def _traced_request_arrived(self, message_id: int, content: Any) -> None:
+        # (The core's on_request receiver while traced.)
+        self._deliver_traced(
+            _TracedRequest(content, message_id, self.protocol),
+            None,
+            self._core.received_size,
+        )
+
+    def _traced_result(self, future: asyncio.Future[Any], content: Any) -> None:
+        # (The core's on_result receiver while traced.)
+        state = self.tracing
+        if state is not None:
+            state.reply_received(future, None, self._core.received_size, content)
+        _set_result(future, content)
+
+    def _deliver_traced(
+        self, request: Request, meta: dict[str, Any] | None, size: int | None
+    ) -> None:
+        """Record *request*, then deliver it in its trace context (calls made
+        while serving it have it as their cause)."""
+        state = self.tracing
+        served = None
+        if state is not None:
+            served = state.request_received(
+                request.message_id, request.content, meta, size
+            )
+        if state is None or served is None:
+            self._deliver(request)
+            return
+        tokens = state.enter(served)
+        try:
+            self._deliver(request)
+        finally:
+            state.leave(tokens)
 
     def set_request_handler(self, handler: Callable[[Request], None]) -> None:
         """Pass every request to *handler* as soon as it arrives, instead of
@@ -553,10 +694,18 @@ class Channel:
             _set_result(event.token, event.content)
         elif type(event) is FailureReceived:
             future = event.token
+            if self.tracing is not None:
+                self.tracing.reply_received(
+                    future, event.text, self._core.received_size
+                )
             if not future.done():
                 future.set_exception(RemoteException(self._peername, event.text))
         elif type(event) is ReplyUndecodable:
             future = event.token
+            if self.tracing is not None:
+                self.tracing.reply_received(
+                    future, f"DecodeError: {event.error}", self._core.received_size
+                )
             if not future.done():
                 future.set_exception(event.error)
         elif type(event) is RequestRejected:
@@ -564,13 +713,17 @@ class Channel:
         elif type(event) is ExtendedRequestReceived:
             self._extended_request(event)
         elif type(event) is CancelReceived:
+            if self.tracing is not None:
+                self.tracing.cancel_received(event.message_id)
             cancel_handler = self.cancel_handler
             if cancel_handler is not None:
                 cancel_handler(event.message_id, event.held)
 
-    def _extended_request(self, event: ExtendedRequestReceived) -> None:
+    def _extended_request(
+        self, event: ExtendedRequestReceived, size: int | None = -1
+    ) -> None:
         self._request_with_meta_arrived(
-            event.message_id, event.content, event.deadline, event.meta
+            event.message_id, event.content, event.deadline, event.meta, size
         )
 
     def _request_with_meta_arrived(
@@ -579,11 +732,21 @@ class Channel:
         content: Any,
         deadline: float | None,
         meta: dict[str, Any],
+        size: int | None = -1,
     ) -> None:
         # (The core's on_request_with_meta receiver: see Channel.__init__.)
-        self._deliver(
-            ExtendedRequest(content, message_id, self.protocol, deadline, meta)
+        # *size* is -1 while the frame was just decoded, None if unknown.
+        if self.tracing is None:
+            self._deliver(
+                ExtendedRequest(content, message_id, self.protocol, deadline, meta)
+            )
+            return
+        request = _TracedExtendedRequest(
+            content, message_id, self.protocol, deadline, meta
         )
+        if size == -1:
+            size = self._core.received_size
+        self._deliver_traced(request, meta, size)
 
     def _request_arrived(self, message_id: int, content: Any) -> None:
         # (The core's on_request receiver: see Channel.__init__.)
@@ -635,17 +798,16 @@ class Channel:
             if held is None:
                 break
             if type(held) is ExtendedRequestReceived:
-                handler(
-                    ExtendedRequest(
-                        held.content,
-                        held.message_id,
-                        self.protocol,
-                        held.deadline,
-                        held.meta,
-                    )
+                self._extended_request(held, None)
+            elif self.tracing is not None:
+                # (Its size is no longer known.)
+                self._deliver_traced(
+                    _TracedRequest(held.content, held.message_id, self.protocol),
+                    None,
+                    None,
                 )
-                continue
-            handler(Request(held.content, held.message_id, self.protocol))
+            else:
+                handler(Request(held.content, held.message_id, self.protocol))
 
     def connection_lost(self, reason: BaseException) -> None:
         """The connection has ended for *reason*: fail the requests waiting
@@ -656,6 +818,9 @@ class Channel:
         # (the transport's, with a view of our receive buffer) alive as long
         # as this channel.
         self._closed_error = without_tracebacks(reason)
+        if self.tracing is not None:
+            clean = isinstance(reason, _CleanClose)
+            self.tracing.closed(None if clean else reason)
         for future in self._core.connection_lost().values():
             if not future.done():
                 # Each its own instance: tracebacks added while one caller
@@ -667,6 +832,16 @@ class Channel:
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _address_text(address: Any) -> str | None:
+    """A socket address as text for trace records: ``host:port`` or a path."""
+    if address is None or address == "":
+        return None
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
 
 
 def _set_result(future: asyncio.Future[Any], content: Any) -> None:
@@ -854,6 +1029,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             detect_dead_peer(transport, self._dead_peer_timeout)
         channel = Channel(self, self.codec, transport, self._loop)
         self._channel = channel
+        tracer = tracing.active()
+        if tracer is not None:
+            channel.start_tracing(tracer)
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "Connection %s %s opened",

@@ -195,23 +195,34 @@ async def run(
     bidders_per_container: int = 3,
     speed: float | None = None,
     loop: str = "asyncio",
+    trace: str | None = None,
 ) -> None:
     """Run the auction with *containers* subprocess containers of
     *bidders_per_container* bidders each; *speed* (simulated seconds per real
     second) runs it on ExternalClocks, ``None`` in real time; *loop* is the
-    event loop of the subprocess containers (see :data:`aiomas.util.LOOPS`)."""
+    event loop of the subprocess containers (see :data:`aiomas.util.LOOPS`);
+    *trace* is a directory for the trace files of all processes (see
+    :doc:`/tracing`)."""
+    if trace is not None:
+        aiomas.tracing.enable(trace)
     quiet = QuietWhenCancelled(asyncio.current_task())
     for name in QuietWhenCancelled.LOGGERS:
         logging.getLogger(name).addFilter(quiet)
     try:
-        await _run(containers, bidders_per_container, speed, loop)
+        await _run(containers, bidders_per_container, speed, loop, trace is not None)
     finally:
+        if trace is not None:
+            aiomas.tracing.disable()
         for name in QuietWhenCancelled.LOGGERS:
             logging.getLogger(name).removeFilter(quiet)
 
 
 async def _run(
-    containers: int, bidders_per_container: int, speed: float | None, loop: str
+    containers: int,
+    bidders_per_container: int,
+    speed: float | None,
+    loop: str,
+    traced: bool,
 ) -> None:
     external = speed is not None
     clock = aiomas.ExternalClock(START_DATE) if external else aiomas.AsyncioClock()
@@ -231,8 +242,10 @@ async def _run(
     ticker: asyncio.Future[None] | None = None
     stopped = False
     try:
+        # (Traced, it offers the wire extension: the trace context then
+        # reaches the subprocess containers, and their files merge with ours.)
         container = await aiomas.Container.create(
-            ("127.0.0.1", 0), clock=clock, as_coro=True
+            ("127.0.0.1", 0), clock=clock, as_coro=True, extensions=traced
         )
         managers = [await container.connect(p.manager_addr) for p in processes]
         bidders = []
@@ -254,7 +267,8 @@ async def _run(
         for process in processes:
             base_url = process.manager_addr.rsplit("/", 1)[0]
             auctioneer.say(f"    container {base_url} (pid {process.process.pid})")
-        await auctioneer.run(bidders, tasks=[12, 30, 7, 21, 16])
+        with aiomas.tracing.scope(agent=auctioneer.addr.rsplit("/", 1)[1]):
+            await auctioneer.run(bidders, tasks=[12, 30, 7, 21, 16])
         auctioneer.say("all tasks finished:")
         for task_id, bidder, price in sorted(auctioneer.results):
             print(f"    task {task_id}: {bidder:12} {price:6.2f}")
@@ -343,6 +357,11 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="the event loop of every process (default: %(default)s; uvloop "
         "needs pip install 'aiomas[uvloop]')",
     )
+    parser.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="record the messages of all processes into DIR/*.jsonl",
+    )
     return parser
 
 
@@ -359,7 +378,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         parser.error(str(exc))
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(run(args.containers, args.bidders, speed, args.loop))
+            runner.run(run(args.containers, args.bidders, speed, args.loop, args.trace))
     except KeyboardInterrupt:
         # run() has stopped the containers; a traceback would add nothing.
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -82,7 +82,7 @@ cut off."""
 EXTENSIONS_VERSION: Final = 1
 """The version of the wire extension this core speaks."""
 
-EXTENSION_FEATURES: Final = frozenset({"cancel", "deadline"})
+EXTENSION_FEATURES: Final = frozenset({"cancel", "deadline", "trace"})
 """The features of the wire extension this core supports."""
 
 EXTENSIONS_PATH: Final = "__aiomas__/extensions"
@@ -91,7 +91,9 @@ the extension answers a call to it with a failure reply."""
 
 REQUEST_WITH_META: Final = 3
 """Message type of a request with metadata, ``[3, id, [content, meta]]``
-(feature ``"deadline"``)."""
+(features ``"deadline"`` and ``"trace"``)."""
+
+_META_FEATURES: Final = frozenset({"deadline", "trace"})
 
 CANCEL: Final = 4
 """Message type of a cancel, ``[4, id, null]``: the requester gave up on its
@@ -364,6 +366,8 @@ class Connection:
         "on_request",
         "on_request_with_meta",
         "on_result",
+        "received_size",
+        "sent_size",
     )
 
     def __init__(
@@ -371,8 +375,8 @@ class Connection:
     ) -> None:
         self.codec = codec
         """The codec that encodes and decodes this connection's messages."""
-        self._encode = codec.encode
-        self._decode = codec.decode
+        self._encode: Callable[[Any], bytes] = codec.encode
+        self._decode: Callable[[Any], Any] = codec.decode
         self._reader = reader = FrameReader(max_frame_size)
         self.get_buffer = reader.get_buffer
         """``get_buffer(sizehint=-1)``: return a buffer to read the next bytes
@@ -447,6 +451,12 @@ class Connection:
         # The features of the wire extension agreed with the peer: none until
         # an offer was answered (see offer_extensions()).
         self._extensions: frozenset[str] = frozenset()
+        self.sent_size: int | None = None
+        """The payload bytes of the message encoded last, once
+        :meth:`measure_sizes` was called (else ``None``)."""
+        self.received_size: int | None = None
+        """The payload bytes of the frame decoded last, once
+        :meth:`measure_sizes` was called (else ``None``)."""
 
     # --- State ---------------------------------------------------------------
 
@@ -679,7 +689,10 @@ class Connection:
             or type(message[1]) is not int
             or not (
                 message[0] in (REQUEST, RESULT, FAILURE)
-                or (message[0] == REQUEST_WITH_META and "deadline" in self._extensions)
+                or (
+                    message[0] == REQUEST_WITH_META
+                    and not self._extensions.isdisjoint(_META_FEATURES)
+                )
             )
         ):
             hint = _codec_hint(payload, self.codec)
@@ -970,20 +983,33 @@ class Connection:
         return True
 
     def send_request_with_meta(
-        self, content: Any, token: Any = None, *, deadline: float | None = None
+        self,
+        content: Any,
+        token: Any = None,
+        *,
+        deadline: float | None = None,
+        trace: dict[str, Any] | None = None,
     ) -> int:
         """Send a request like :meth:`send_request`, with *deadline* (the
         seconds the peer has for it) if the peer agreed to feature
-        ``"deadline"``; otherwise (or with no deadline) as a plain request.
+        ``"deadline"``, and the keys of *trace* (``"trace"``: ``[trace id,
+        cause id, lamport]``, maybe ``"traceparent"``, see
+        :mod:`aiomas.tracing`) if it agreed to ``"trace"``; with neither, as
+        a plain request.
 
         Raises:
             SerializationError, ValueError: see :meth:`send_request`; also
                 ValueError if *deadline* is not a finite number >= 0.
         """
-        if deadline is None or "deadline" not in self._extensions:
+        extensions = self._extensions
+        meta: dict[str, Any] = {}
+        if deadline is not None and "deadline" in extensions:
+            meta["deadline"] = deadline
+            _valid_deadline(meta)
+        if trace and "trace" in extensions:
+            meta.update(trace)
+        if not meta:
             return self.send_request(content, token)
-        meta = {"deadline": deadline}
-        _valid_deadline(meta)
         msg_id = self._next_id
         self._next_id = msg_id + 1
         self._queue(self._encode([REQUEST_WITH_META, msg_id, [content, meta]]))
@@ -1019,9 +1045,10 @@ class Connection:
         or held back (see :meth:`_hold`), or malformed (answered).
 
         Raises:
-            ProtocolError: if feature ``"deadline"`` was not agreed.
+            ProtocolError: if neither feature ``"deadline"`` nor ``"trace"``
+                was agreed.
         """
-        if "deadline" not in self._extensions:
+        if self._extensions.isdisjoint(_META_FEATURES):
             raise ProtocolError(f"Unknown message type {REQUEST_WITH_META!r}")
         try:
             if type(content) not in _SEQUENCES or len(content) != 2:
@@ -1059,6 +1086,30 @@ class Connection:
                         return CancelReceived(msg_id, held=True)
             return CancelReceived(msg_id)
         raise ProtocolError(f"Unknown message type {msg_type!r}")
+
+    # --- Sizes, for tracing ------------------------------------------------
+
+    def measure_sizes(self) -> None:
+        """From now on, keep the payload size of each message encoded and
+        each frame decoded in :attr:`sent_size` and :attr:`received_size`
+        (what :mod:`aiomas.tracing` records; a core that is not traced pays
+        nothing for it)."""
+        if self.sent_size is not None:
+            return
+        encode, decode = self._encode, self._decode
+
+        def measured_encode(message: Any) -> bytes:
+            payload = encode(message)
+            self.sent_size = len(payload)
+            return payload
+
+        def measured_decode(payload: Any) -> Any:
+            self.received_size = len(payload)
+            return decode(payload)
+
+        self.sent_size = self.received_size = 0
+        self._encode = measured_encode
+        self._decode = measured_decode
 
     # --- Flow control and the end ---------------------------------------------
 

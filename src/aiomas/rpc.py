@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 from aiomas import channel as channel_mod
-from aiomas import protocol
+from aiomas import protocol, tracing
 from aiomas._guards import guarded, stops_the_process
 from aiomas._routing import (
     Router,
@@ -154,6 +154,10 @@ class RpcClient:
         clock: The clock of the deadlines of requests served (default: the
             event loop's, :class:`~aiomas.deadlines.LoopClock`); a container
             passes its own.
+        trace: Record this connection's messages (see :mod:`aiomas.tracing`):
+            a :class:`~aiomas.tracing.Tracer`, a directory or a sink.  The
+            trace context reaches the peer only if both ends agree to the
+            wire extension (*extensions*).
     """
 
     def __init__(
@@ -163,8 +167,12 @@ class RpcClient:
         *,
         extensions: bool = False,
         clock: Clock | None = None,
+        trace: tracing.TraceTarget | None = None,
     ) -> None:
         self._channel = channel
+        tracer = tracing.as_tracer(trace)
+        if tracer is not None:
+            channel.start_tracing(tracer, clock=None if clock is None else clock.time)
         self._clock = clock
         # Calls that the peer may cancel (wire extension only), by message id.
         self._cancellable: dict[int, asyncio.Future[Any]] = {}
@@ -650,6 +658,7 @@ async def open_connection(
     rpc_service: Any = None,
     extensions: bool = False,
     clock: Clock | None = None,
+    trace: tracing.TraceTarget | None = None,
     **kwds: Any,
 ) -> RpcClient:
     """Connect to *addr* and return an :class:`RpcClient`.
@@ -662,12 +671,16 @@ async def open_connection(
             that does not speak it answers with a failure, and everything
             stays plain.  Off by default.
         clock: See :class:`RpcClient`.
+        trace: See :class:`RpcClient`.
         **kwds: Passed to :func:`aiomas.channel.open_connection`.
     """
     if rpc_service is not None:
         router_of(rpc_service)
+    tracer = tracing.as_tracer(trace)
     channel = await channel_mod.open_connection(addr, **kwds)
-    client = RpcClient(channel, rpc_service, extensions=extensions, clock=clock)
+    client = RpcClient(
+        channel, rpc_service, extensions=extensions, clock=clock, trace=tracer
+    )
     if extensions:
         client.offer_extensions()
     return client
@@ -680,6 +693,7 @@ async def start_server(
     *,
     extensions: bool = False,
     clock: Clock | None = None,
+    trace: tracing.TraceTarget | None = None,
     **kwds: Any,
 ) -> asyncio.AbstractServer:
     """Start a server on *addr* that serves *rpc_service* to every client.
@@ -692,15 +706,20 @@ async def start_server(
         extensions: Accept a client's offer of the wire extension (see
             :func:`open_connection`).  Off by default.
         clock: See :class:`RpcClient`.
+        trace: Record the messages of every connection (see
+            :class:`RpcClient`).
         **kwds: Passed to :func:`aiomas.channel.start_server`.
 
     Raises:
         ValueError: if *rpc_service* is no RPC service.
     """
     router_of(rpc_service)
+    tracer = tracing.as_tracer(trace)
 
     def connected(channel: Channel) -> None:
-        client = RpcClient(channel, rpc_service, extensions=extensions, clock=clock)
+        client = RpcClient(
+            channel, rpc_service, extensions=extensions, clock=clock, trace=tracer
+        )
         if client_connected_cb is not None:
             client.run_callback(client_connected_cb, client)
 

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiomas import util
+from aiomas import tracing, util
 from aiomas.agent import Agent, Container
 from aiomas.channel import Address
 from aiomas.clocks import ExternalClock
@@ -169,6 +169,9 @@ class ContainerProcess:
             RuntimeError: if the child exits (e.g. bad arguments) or does not
                 report its address within *ready_timeout* seconds.
         """
+        if "env" in kwargs or tracing.active() is not None:
+            # Our trace directory is the child's too.
+            kwargs["env"] = tracing.child_environment(kwargs.get("env"))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
