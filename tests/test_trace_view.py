@@ -190,6 +190,77 @@ def test_a_received_reply_comes_after_the_sent_one() -> None:
     assert run.logical[later["id"]] > run.logical[back["id"]]
 
 
+def test_both_ends_of_a_connection_pair_without_trace_context() -> None:
+    """Before the extension is agreed no context travels; the "open" records
+    name the same sockets crosswise, and message ids match."""
+    a_url, b_url = "tcp://127.0.0.1:5555/", "tcp://127.0.0.1:6000/"
+    a_sock, b_sock = "127.0.0.1:40001", "127.0.0.1:6000"
+
+    def at(rid: str, ev: str, kind: str | None, local: str, peer: str, **f: Any) -> Any:
+        conn = rid.split(":")[0] + "/c1"
+        agent = None if kind is None else "1"
+        return record(
+            rid,
+            ev,
+            kind,
+            conn=conn,
+            local={"addr": local, "agent": None if ev == "send" else agent},
+            peer={"addr": peer, "agent": agent if ev == "send" else None},
+            **f,
+        )
+
+    records = [
+        at("aaaaaaaaaaaa:1", "open", None, a_sock, b_sock),
+        at(
+            "aaaaaaaaaaaa:2", "send", "request", a_url, b_sock, msg=0, path="agents/1/x"
+        ),
+        at("bbbbbbbbbbbb:1", "open", None, b_sock, a_sock),
+        at(
+            "bbbbbbbbbbbb:2", "recv", "request", b_url, a_sock, msg=0, path="agents/1/x"
+        ),
+    ]
+    records.append(
+        at(
+            "bbbbbbbbbbbb:3",
+            "send",
+            "result",
+            b_url,
+            a_sock,
+            msg=0,
+            cause="bbbbbbbbbbbb:2",
+        )
+    )
+    records.append(
+        at(
+            "aaaaaaaaaaaa:3",
+            "recv",
+            "result",
+            a_url,
+            b_sock,
+            msg=0,
+            cause="aaaaaaaaaaaa:2",
+        )
+    )
+    run = build(records)
+    shown = [
+        (a.kind, a.source.addr, a.target.addr, a.one_sided)
+        for a in run.arrows
+        if not a.kind.startswith("ev:")
+    ]
+    assert shown == [
+        ("request", a_url, b_url, False),
+        ("result", b_url, a_url, False),
+    ]
+    # Events go to their container's lane, not a lane per socket address.
+    assert {lane.addr for lane in run.lanes} == {a_url, b_url}
+    # The page's cause chain goes from the served request to its sender.
+    page = trace_view.to_html(run)
+    data = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    ids = [r[0] for r in data["records"]]
+    cause = data["records"][ids.index("bbbbbbbbbbbb:2")][data["fields"].index("cause")]
+    assert ids[cause] == "aaaaaaaaaaaa:2"
+
+
 # -- mermaid ----------------------------------------------------------------
 
 MERMAID = """\
@@ -381,7 +452,15 @@ def test_page_is_self_contained_and_escapes_record_text(run_files: list[Path]) -
     assert "<img" not in page
     assert page.count("</script>") == 2  # The data's and the code's, nothing else.
     plain = trace_view.to_html(build(load(run_files)))
-    for external in ("http://", "https://", "src=", "href=", "@import", "url("):
+    for external in (
+        "http://",
+        "https://",
+        "src=",
+        "href=",
+        "@import",
+        "url(h",
+        "url(//",
+    ):
         assert external not in plain.replace("http://www.w3.org/2000/svg", "")
     data = page.split('<script id="trace-data" type="application/json">')[1]
     data = json.loads(data.split("</script>")[0])

@@ -253,7 +253,7 @@ def build(records: Sequence[Record]) -> Run:
         rid, ev, kind = str(record["id"]), record.get("ev"), _kind(record)
         if rid in paired:
             continue
-        local = endpoint(record.get("local"))
+        local = endpoint.local(record)
         direction = _direction(record, by_id)
         other: Record | None = None
         if kind == "request" and direction == "send":
@@ -273,12 +273,13 @@ def build(records: Sequence[Record]) -> Run:
             continue
         if other is not None:
             paired.add(str(other["id"]))
-            remote = endpoint(other.get("local"))
+            remote = endpoint.local(other)
         else:
             remote = _unpaired_peer(record, endpoint, by_id)
         send, recv = (record, other) if direction == "send" else (other, record)
         source, target = (local, remote) if direction == "send" else (remote, local)
         arrows.append(Arrow(kind, source, target, send, recv))
+    arrows = _pair_by_connection(records, arrows, endpoint)
     logical = _logical_times(records, arrows)
     for arrow in arrows:
         arrow.order = logical[str(arrow.first["id"])]
@@ -311,8 +312,59 @@ def _unpaired_peer(
             sender = _cause(request, by_id)
             if _is_request(sender, "send"):
                 assert sender is not None
-                return endpoint(sender.get("local"))
+                return endpoint.local(sender)
     return endpoint(record.get("peer"))
+
+
+def _pair_by_connection(
+    records: Sequence[Record], arrows: list[Arrow], endpoint: _Endpoints
+) -> list[Arrow]:
+    """Pair the one-sided messages of two traced ends of one connection.
+
+    When the trace context did not travel (the extension was not agreed yet,
+    or a plain channel), both ends may still have recorded the connection:
+    their "open" records name the same two socket addresses crosswise, and a
+    message has the same id at both ends.
+    """
+    sockets: dict[str, tuple[str, str]] = {}
+    for record in records:
+        local, peer = _endpoint(record.get("local")), _endpoint(record.get("peer"))
+        conn = record.get("conn")
+        if (
+            record.get("ev") == "open"
+            and isinstance(conn, str)
+            and local.addr
+            and peer.addr
+        ):
+            sockets.setdefault(conn, (local.addr, peer.addr))
+    ends: dict[tuple[str, str], list[str]] = {}
+    for conn, pair in sockets.items():
+        ends.setdefault(pair, []).append(conn)
+    partner: dict[str, str] = {}
+    for conn, (local_addr, peer_addr) in sockets.items():
+        others = ends.get((peer_addr, local_addr), [])
+        if len(ends[(local_addr, peer_addr)]) == 1 and len(others) == 1:
+            partner[conn] = others[0]  # Only where the addresses say it for sure.
+    if not partner:
+        return arrows
+    received: dict[tuple[Any, Any, str], Arrow] = {}
+    for arrow in arrows:
+        if arrow.one_sided and arrow.recv is not None:
+            key = (arrow.recv.get("conn"), arrow.recv.get("msg"), arrow.kind)
+            received.setdefault(key, arrow)
+    merged: set[int] = set()
+    for arrow in arrows:
+        send = arrow.send
+        if not arrow.one_sided or send is None or send.get("msg") is None:
+            continue
+        conn = partner.get(str(send.get("conn")))
+        other = received.get((conn, send["msg"], arrow.kind))
+        if other is None or id(other) in merged or other.recv is None:
+            continue
+        merged.add(id(other))
+        arrow.recv = other.recv
+        arrow.source, arrow.target = endpoint.local(send), endpoint.local(other.recv)
+    return [arrow for arrow in arrows if id(arrow) not in merged]
 
 
 def _kind(record: Mapping[str, Any]) -> str | None:
@@ -360,6 +412,24 @@ class _Endpoints:
                 self._urls.setdefault(location, addr)
                 self._urls.setdefault(location.replace("[", "").replace("]", ""), addr)
 
+        # A connection's events name socket addresses; its messages, the
+        # container: the events go where the messages are.
+        self._conns: dict[str, str] = {}
+        for record in records:
+            local, conn = record.get("local"), record.get("conn")
+            addr = local.get("addr") if isinstance(local, Mapping) else None
+            if isinstance(addr, str) and "://" in addr and isinstance(conn, str):
+                self._conns.setdefault(conn, addr)
+
+    def local(self, record: Mapping[str, Any]) -> Lane:
+        """The lane of the side that wrote ``record``."""
+        lane = self(record.get("local"))
+        if lane.addr is None or "://" not in lane.addr:
+            url = self._conns.get(str(record.get("conn")))
+            if url is not None:
+                return Lane(url, lane.agent)
+        return lane
+
     def __call__(self, value: Any) -> Lane:
         lane = _endpoint(value)
         if lane.addr is not None and "://" not in lane.addr:
@@ -372,15 +442,19 @@ class _Endpoints:
 
 
 def _move_events(arrows: Sequence[Arrow]) -> None:
-    """Put a container's connection events on its first agent's lane.
+    """Put a container's connection events on its own lane or its first agent's.
 
     They name no agent; a lane of their own per container would only widen
-    the diagram.  A container without agent lanes keeps its endpoint lane.
+    the diagram when no message uses the container's lane.
     """
     first: dict[str | None, Lane] = {}
     for arrow in arrows:
+        if arrow.kind.startswith("ev:"):
+            continue
         for lane in (arrow.source, arrow.target):
-            if lane.agent is not None:
+            if lane.agent is None:
+                first[lane.addr] = lane  # The container's own lane, if it has one.
+            else:
                 first.setdefault(lane.addr, lane)
     for arrow in arrows:
         if arrow.kind in ("ev:open", "ev:close") and arrow.source.agent is None:
@@ -700,6 +774,13 @@ def _page_data(run: Run, title: str, max_rows: int) -> dict[str, Any]:
             return strings.setdefault(value, len(strings))
         return value
 
+    # A request paired through its connection names no cause (the context did
+    # not travel); its sender is the cause the chain shows.
+    senders = {
+        str(a.recv["id"]): record_index[str(a.send["id"])]
+        for a in run.arrows
+        if a.kind == "request" and a.send and a.recv and a.recv.get("cause") is None
+    }
     records = []
     for r in run.records:
         item = []
@@ -714,6 +795,8 @@ def _page_data(run: Run, title: str, max_rows: int) -> dict[str, Any]:
                 value = text(value)
             elif name in ("wall", "clock", "lamport", "msg", "size"):
                 value = value if isinstance(value, (int, float)) else None
+            elif name == "cause" and value is None:
+                value = senders.get(str(r["id"]))
             elif name == "cause":
                 value = (
                     record_index.get(value, value) if isinstance(value, str) else None
