@@ -261,6 +261,26 @@ def test_both_ends_of_a_connection_pair_without_trace_context() -> None:
     assert ids[cause] == "aaaaaaaaaaaa:2"
 
 
+def test_simulated_time_order_keeps_causes_first() -> None:
+    """Each container follows its own clock: the callee's may be a little
+    behind the caller's; its receive still sorts after the send."""
+    send = record("bbbbbbbbbbbb:1", "send", "request", path="x", clock=0.95)
+    recv = record("aaaaaaaaaaaa:1", "recv", "request", path="x", clock=0.90)
+    recv["cause"] = send["id"]
+    answer = record("aaaaaaaaaaaa:2", "send", "result", path="x", clock=0.90)
+    answer["cause"] = recv["id"]
+    other = record("cccccccccccc:1", "send", "request", path="y", clock=0.92)
+    run = build([answer, recv, send, other])
+    in_clock_order = sorted(run.arrows, key=lambda a: (a.clock_order, a.order))
+    assert [(a.kind, a.first["path"]) for a in in_clock_order] == [
+        ("request", "y"),
+        ("request", "x"),
+        ("result", "x"),
+    ]
+    assert run.clocks[answer["id"]] == 0.95
+    assert answer["clock"] == 0.90  # The page still shows the recorded time.
+
+
 # -- mermaid ----------------------------------------------------------------
 
 MERMAID = """\

@@ -136,10 +136,10 @@ class Lane:
 
     @property
     def label(self) -> str:
-        """The agent id, or the address for a lane without agent."""
+        """The agent id; ``(no agent)`` for the container or endpoint itself."""
         if self.agent is not None:
             return self.agent
-        return self.addr if self.addr is not None else "(unknown)"
+        return "(no agent)" if self.addr is not None else "(unknown)"
 
 
 @dataclass
@@ -159,6 +159,8 @@ class Arrow:
     send: Record | None
     recv: Record | None
     order: int = 0
+    #: The container clock made monotonic along causes: the simulated-time order.
+    clock_order: float = -math.inf
 
     @property
     def first(self) -> Record:
@@ -193,6 +195,8 @@ class Run:
     #: Logical time of each record id: a Lamport clock recomputed over the
     #: pairs found, so that every receive comes after its send.
     logical: dict[str, int] = field(default_factory=dict)
+    #: Container clock of each record id, made monotonic along causes.
+    clocks: dict[str, float] = field(default_factory=dict)
     by_id: dict[str, Record] = field(default_factory=dict)
 
 
@@ -280,9 +284,10 @@ def build(records: Sequence[Record]) -> Run:
         source, target = (local, remote) if direction == "send" else (remote, local)
         arrows.append(Arrow(kind, source, target, send, recv))
     arrows = _pair_by_connection(records, arrows, endpoint)
-    logical = _logical_times(records, arrows)
+    logical, clocks = _logical_times(records, arrows)
     for arrow in arrows:
         arrow.order = logical[str(arrow.first["id"])]
+        arrow.clock_order = clocks[str(arrow.first["id"])]
     arrows.sort(key=lambda a: (a.order, float(a.first.get("wall") or 0.0)))
     _move_events(arrows)
     lanes: dict[Lane, None] = {}
@@ -293,7 +298,7 @@ def build(records: Sequence[Record]) -> Run:
             if arrow.kind.startswith("ev:") is events:
                 lanes.setdefault(arrow.source)
                 lanes.setdefault(arrow.target)
-    return Run(list(records), _group_lanes(lanes), arrows, logical, by_id)
+    return Run(list(records), _group_lanes(lanes), arrows, logical, clocks, by_id)
 
 
 def _unpaired_peer(
@@ -485,12 +490,16 @@ def _group_lanes(lanes: Iterable[Lane]) -> list[Lane]:
 
 def _logical_times(
     records: Sequence[Record], arrows: Sequence[Arrow]
-) -> dict[str, int]:
-    """A Lamport clock over process order and the message pairs found.
+) -> tuple[dict[str, int], dict[str, float]]:
+    """A Lamport clock over process order and the message pairs found, and a
+    container clock made monotonic along the same edges.
 
     Replies carry no counter on the wire, so the recorded ``lamport`` alone can
     put a received reply before the reply that was sent; this recomputes
     ``max(recorded, previous in process, send + 1)`` in a topological order.
+    Containers' clocks differ a little (each follows its own ExternalClock), so
+    the clock order is ``max(clock, previous in process, send's)``: a receive
+    never sorts before its send.
     """
     processes: dict[str, list[Record]] = {}
     for record in records:
@@ -502,8 +511,10 @@ def _logical_times(
         if arrow.send is not None and arrow.recv is not None:
             send_of[str(arrow.recv["id"])] = str(arrow.send["id"])
     logical: dict[str, int] = {}
+    clocks: dict[str, float] = {}
     positions = dict.fromkeys(processes, 0)
     last = dict.fromkeys(processes, 0)
+    last_clock = dict.fromkeys(processes, -math.inf)
     progress = True
     while progress:
         progress = False
@@ -512,19 +523,29 @@ def _logical_times(
                 record = chain[positions[token]]
                 rid = str(record["id"])
                 value = max(int(record.get("lamport") or 0), last[token] + 1)
+                clock = _number(record.get("clock"), -math.inf)
+                clock = max(clock, last_clock[token])
                 if rid in send_of:
                     sent = logical.get(send_of[rid])
                     if sent is None:
                         break  # Wait until the sender's process got there.
                     value = max(value, sent + 1)
+                    clock = max(clock, clocks[send_of[rid]])
                 logical[rid] = last[token] = value
+                clocks[rid] = last_clock[token] = clock
                 positions[token] += 1
                 progress = True
     # Only a cycle (inconsistent files) leaves records: keep their counters.
     for chain in processes.values():
         for record in chain:
-            logical.setdefault(str(record["id"]), int(record.get("lamport") or 0))
-    return logical
+            rid = str(record["id"])
+            logical.setdefault(rid, int(record.get("lamport") or 0))
+            clocks.setdefault(rid, _number(record.get("clock"), -math.inf))
+    return logical, clocks
+
+
+def _number(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) else default
 
 
 # -- stats ------------------------------------------------------------------
@@ -813,7 +834,8 @@ def _page_data(run: Run, title: str, max_rows: int) -> dict[str, Any]:
         "containers": [c or "(unknown)" for c in containers],
         "lanes": [[lane.label, containers[lane.addr], lane.addr] for lane in run.lanes],
         "records": records,
-        # kind, source lane, target lane, send record, recv record, order
+        # kind, source lane, target lane, send record, recv record, order,
+        # clock order
         "rows": [
             [
                 a.kind,
@@ -822,6 +844,7 @@ def _page_data(run: Run, title: str, max_rows: int) -> dict[str, Any]:
                 None if a.send is None else record_index[str(a.send["id"])],
                 None if a.recv is None else record_index[str(a.recv["id"])],
                 a.order,
+                a.clock_order if math.isfinite(a.clock_order) else None,
             ]
             for a in rows
         ],

@@ -3,7 +3,8 @@
 (function () {
   "use strict";
   const SVG = "http://www.w3.org/2000/svg";
-  const ROW = 24, GUTTER = 96, LANE = 150, HEAD = 48, SPARE = 20;
+  const ROW = 24, GUTTER = 96, HEAD = 48, SPARE = 20;
+  let LANE = 150;
   const D = JSON.parse(document.getElementById("trace-data").textContent);
   const F = {};
   D.fields.forEach(function (name, i) { F[name] = i; });
@@ -41,7 +42,7 @@
       if (outcome === null && k !== null) outcome = field(D.records[k], "outcome");
     });
     return { index: i, kind: r[0], source: r[1], target: r[2], send: r[3], recv: r[4],
-      order: r[5], first: first, wall: first[F.wall], clock: clock, outcome: outcome };
+      order: r[5], clockOrder: r[6], first: first, wall: first[F.wall], clock: clock, outcome: outcome };
   });
   const rowOfRecord = new Map();
   rows.forEach(function (row) {
@@ -49,8 +50,10 @@
     if (row.recv !== null) rowOfRecord.set(row.recv, row.index);
   });
   const hasClock = rows.some(function (row) { return row.clock !== null; });
+  // Simulated time: by the clock made monotonic along causes (containers'
+  // clocks differ a little), then by the causal order.
   const byClock = rows.slice().sort(function (a, b) {
-    return (a.clock - b.clock) || (a.index - b.index);
+    return (a.clockOrder - b.clockOrder) || (a.index - b.index);
   });
 
   const state = { mode: "wall", from: null, to: null, conn: true, selected: null,
@@ -87,6 +90,9 @@
     state.hiddenNoClock = noClock;
     state.shownLanes = D.lanes.map(function (_, i) { return i; })
       .filter(function (i) { return state.lanes[i] || lanesUsed.has(i); });
+    // Lanes share the width in view, between a readable minimum and a maximum.
+    const room = (scroller.clientWidth - GUTTER - 20) / Math.max(1, state.shownLanes.length);
+    LANE = Math.max(90, Math.min(150, Math.floor(room)));
     state.x = new Map();
     state.shownLanes.forEach(function (lane, k) { state.x.set(lane, GUTTER + k * LANE + LANE / 2); });
     drawHead();
@@ -307,7 +313,7 @@
     if (g) select(Number(g.getAttribute("data-row")), false);
   });
   scroller.addEventListener("scroll", schedule);
-  window.addEventListener("resize", schedule);
+  window.addEventListener("resize", function () { applyFilters(); });
 
   function buildLaneList() {
     const list = document.getElementById("lane-list");
