@@ -281,6 +281,35 @@ def test_simulated_time_order_keeps_causes_first() -> None:
     assert answer["clock"] == 0.90  # The page still shows the recorded time.
 
 
+DEMO = Path(__file__).with_name("trace_demo")
+
+
+def test_a_recorded_demo_run() -> None:
+    """Files that recording wrote (``python -m aiomas demo --external-clock
+    --trace``, three processes): every message has both ends, every cause is
+    in the files, and the order keeps causes first in both time modes."""
+    records = load(sorted(DEMO.glob("*.jsonl")))
+    run = build(records)
+    messages = [a for a in run.arrows if not a.kind.startswith("ev:")]
+    assert len(messages) == 340
+    assert not [a for a in messages if a.one_sided]
+    assert all(r["cause"] in run.by_id for r in records if r["cause"] is not None)
+    assert len({lane.addr for lane in run.lanes}) == 3
+    for key in (
+        lambda a: a.order,
+        lambda a: (a.clock_order, a.order),
+    ):
+        seen: set[str] = set()
+        for arrow in sorted(run.arrows, key=key):
+            cause = arrow.first.get("cause")
+            assert cause is None or cause in seen or cause == arrow.first["id"]
+            seen.update(r["id"] for r in (arrow.send, arrow.recv) if r is not None)
+    table = trace_view.stats(records)
+    assert sum(s.calls for s in table) == 170
+    assert sum(s.cancelled for s in table) == 9
+    assert sum(s.results for s in table) == 161
+
+
 # -- mermaid ----------------------------------------------------------------
 
 MERMAID = """\
