@@ -400,24 +400,14 @@ def known_calls() -> list[dict[str, Any]]:
             wall=send["wall"] + i / 1000,
             outcome="result",
         )
-    send = add("send", "request", path="agents/1/bid", wall=200.0)
-    add(
-        "recv",
-        "failure",
-        path="agents/1/bid",
-        cause=send["id"],
-        wall=200.25,
-        outcome="error:KeyError",
-    )
-    send = add("send", "request", path="agents/2/award", wall=300.0)
-    add(
-        "timeout",
-        None,
-        path="agents/2/award",
-        cause=send["id"],
-        wall=301.0,
-        outcome="timeout",
-    )
+    # (request path, wall, end event, end type, end wall, outcome)
+    ends = [
+        ("agents/1/bid", 200.0, "recv", "failure", 200.25, "error:KeyError"),
+        ("agents/2/award", 300.0, "timeout", None, 301.0, "timeout"),
+    ]
+    for path, wall, ev, kind, end, outcome in ends:
+        send = add("send", "request", path=path, wall=wall)
+        add(ev, kind, path=path, cause=send["id"], wall=end, outcome=outcome)
     served = add("recv", "request", path="status", wall=400.0)
     add(
         "send",
