@@ -251,6 +251,9 @@ def test_both_ends_of_a_connection_pair_without_trace_context() -> None:
         ("request", a_url, b_url, False),
         ("result", b_url, a_url, False),
     ]
+    # One call, counted once though each end names its own request.
+    (entry,) = trace_view.stats(records)
+    assert (entry.calls, entry.results, len(entry.latencies)) == (1, 1, 1)
     # Events go to their container's lane, not a lane per socket address.
     assert {lane.addr for lane in run.lanes} == {a_url, b_url}
     # The page's cause chain goes from the served request to its sender.

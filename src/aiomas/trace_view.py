@@ -588,19 +588,24 @@ def stats(records: Sequence[Record]) -> list[PathStats]:
     run = build(records)
     by_path: dict[str, PathStats] = {}
     calls: dict[str, PathStats] = {}  # Caller's send id (or recv id) -> stats.
+    call_of: dict[str, str] = {}
     for arrow in run.arrows:
         if arrow.kind == "request":
             path = str(arrow.first.get("path") or "")
             entry = by_path.setdefault(path, PathStats(path))
             entry.calls += 1
             calls[str(arrow.first["id"])] = entry
+            # Ends name the request of their own side: both ids are the call.
+            for side in (arrow.send, arrow.recv):
+                if side is not None:
+                    call_of[str(side["id"])] = str(arrow.first["id"])
     ends: dict[str, tuple[int, float, str]] = {}
     for record in run.records:
         ev, kind = record.get("ev"), record.get("type")
         if ev not in ("timeout", "cancel") and kind not in ("result", "failure"):
             continue
         request = _cause(record, run.by_id)
-        key = _call_of(request, run.by_id)
+        key = None if request is None else call_of.get(str(request["id"]))
         if key is None or ev not in ("timeout", "cancel", "send", "recv"):
             continue
         outcome = str(record.get("outcome") or kind)
@@ -628,18 +633,6 @@ def stats(records: Sequence[Record]) -> list[PathStats]:
         else:
             counted.errors += 1
     return [by_path[path] for path in sorted(by_path)]
-
-
-def _call_of(request: Record | None, by_id: Mapping[str, Record]) -> str | None:
-    """The id under which :func:`stats` counts the call of ``request``."""
-    if _is_request(request, "send"):
-        assert request is not None
-        return str(request["id"])
-    if _is_request(request, "recv"):
-        assert request is not None
-        sender = _cause(request, by_id)
-        return str(request["id"] if sender is None else sender["id"])
-    return None
 
 
 def _cause(record: Mapping[str, Any], by_id: Mapping[str, Record]) -> Record | None:
