@@ -190,11 +190,14 @@ def test_a_received_reply_comes_after_the_sent_one() -> None:
     assert run.logical[later["id"]] > run.logical[back["id"]]
 
 
-def test_both_ends_of_a_connection_pair_without_trace_context() -> None:
+@pytest.mark.parametrize("open_names", ["sockets", "base URLs"])
+def test_both_ends_of_a_connection_pair_without_trace_context(open_names: str) -> None:
     """Before the extension is agreed no context travels; the "open" records
-    name the same sockets crosswise, and message ids match."""
+    name the same sockets crosswise (or each its container's base URL and the
+    server's address), and message ids match."""
     a_url, b_url = "tcp://127.0.0.1:5555/", "tcp://127.0.0.1:6000/"
     a_sock, b_sock = "127.0.0.1:40001", "127.0.0.1:6000"
+    urls = open_names == "base URLs"
 
     def at(rid: str, ev: str, kind: str | None, local: str, peer: str, **f: Any) -> Any:
         conn = rid.split(":")[0] + "/c1"
@@ -210,11 +213,11 @@ def test_both_ends_of_a_connection_pair_without_trace_context() -> None:
         )
 
     records = [
-        at("aaaaaaaaaaaa:1", "open", None, a_sock, b_sock),
+        at("aaaaaaaaaaaa:1", "open", None, a_url if urls else a_sock, b_sock),
         at(
             "aaaaaaaaaaaa:2", "send", "request", a_url, b_sock, msg=0, path="agents/1/x"
         ),
-        at("bbbbbbbbbbbb:1", "open", None, b_sock, a_sock),
+        at("bbbbbbbbbbbb:1", "open", None, b_url if urls else b_sock, a_sock),
         at(
             "bbbbbbbbbbbb:2", "recv", "request", b_url, a_sock, msg=0, path="agents/1/x"
         ),

@@ -350,6 +350,18 @@ def _pair_by_connection(
         others = ends.get((peer_addr, local_addr), [])
         if len(ends[(local_addr, peer_addr)]) == 1 and len(others) == 1:
             partner[conn] = others[0]  # Only where the addresses say it for sure.
+    # A container's "open" names its base URL, not the socket the peer saw:
+    # then the server's address alone pairs a connection, if it had only one.
+    dialing: dict[str, list[str]] = {}
+    serving: dict[str, list[str]] = {}
+    for conn, (local_addr, peer_addr) in sockets.items():
+        if conn not in partner:
+            dialing.setdefault(_location(peer_addr), []).append(conn)
+            serving.setdefault(_location(local_addr), []).append(conn)
+    for where, callers in dialing.items():
+        callees = serving.get(where, [])
+        if len(callers) == 1 and len(callees) == 1 and callers != callees:
+            partner[callers[0]], partner[callees[0]] = callees[0], callers[0]
     if not partner:
         return arrows
     received: dict[tuple[Any, Any, str], Arrow] = {}
@@ -370,6 +382,12 @@ def _pair_by_connection(
         arrow.recv = other.recv
         arrow.source, arrow.target = endpoint.local(send), endpoint.local(other.recv)
     return [arrow for arrow in arrows if id(arrow) not in merged]
+
+
+def _location(addr: str) -> str:
+    """``host:port`` or a socket path, from a base URL or a socket address."""
+    location = addr.split("://", 1)[1].rstrip("/") if "://" in addr else addr
+    return location.replace("[", "").replace("]", "")
 
 
 def _kind(record: Mapping[str, Any]) -> str | None:
