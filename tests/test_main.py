@@ -26,7 +26,7 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for name in ("container", "demo", "bench", "version"):
         assert name in result.stdout
-    assert set(COMMANDS) == {"container", "demo", "bench", "version"}
+    assert set(COMMANDS) == {"container", "demo", "bench", "trace", "version"}
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_no_command_prints_the_help() -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["container", "demo", "bench", "version"])
+@pytest.mark.parametrize("name", ["container", "demo", "bench", "trace", "version"])
 def test_each_command_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([name, "--help"])

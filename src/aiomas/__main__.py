@@ -2,7 +2,8 @@
 
 Commands: ``container`` (a container with a Manager agent, see
 :mod:`aiomas.subproc`), ``demo`` (the contract-net demo, :mod:`aiomas.demo`),
-``bench`` (the benchmark suite, :mod:`aiomas.benchmark`) and ``version``.
+``bench`` (the benchmark suite, :mod:`aiomas.benchmark`), ``trace`` (view a
+traced run: HTML, Mermaid or stats, :mod:`aiomas.trace_view`) and ``version``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def _bench(argv: Sequence[str], prog: str) -> int:
     return main(argv, prog)
 
 
+def _trace(argv: Sequence[str], prog: str) -> int:
+    from aiomas.trace_view import main
+
+    return main(argv, prog)
+
+
 def _version(argv: Sequence[str], prog: str) -> int:
     argparse.ArgumentParser(
         prog=prog, description="Print the versions of aiomas and its dependencies."
@@ -55,6 +62,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str], str], int]]] = {
     "container": ("run an agent container with a Manager agent", _container),
     "demo": ("run the contract-net demo (agents in three processes)", _demo),
     "bench": ("run the benchmark suite and print a table", _bench),
+    "trace": ("view a traced run: HTML sequence diagram, Mermaid, stats", _trace),
     "version": ("print the versions of aiomas and its dependencies", _version),
 }
 
