@@ -153,7 +153,7 @@ async def latency(transports: list[str], repeat: int) -> None:
             caller: list[float] = []
             handler: list[float] = []
             async with connection(kind, service, directory) as client:
-                assert client.extensions == {"cancel", "deadline"}
+                assert client.extensions == {"cancel", "deadline", "trace"}
                 for _ in range(repeat):
                     try:
                         async with aiomas.deadline(DEADLINE) as deadline:
