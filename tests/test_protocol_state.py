@@ -51,13 +51,18 @@ class MessageIds(RuleBasedStateMachine):
     def answer(self, pick: int, kind: int, value: int) -> None:
         msg_id = pick if pick >= len(self.sent) else self.sent[pick]
         events = list(self.conn.receive_data(jframe([kind, msg_id, value])))
+        if msg_id in self.sent and msg_id not in self.pending():
+            # Answered already: a repeat (a message delivered twice) is dropped.
+            assert events == []
+            assert not self.conn.closed
+            return
         (event,) = events
         if msg_id in self.pending():
             expected = ResultReceived if kind == 1 else FailureReceived
             assert isinstance(event, expected)
             assert event.message_id == msg_id
             self.ended[msg_id] = "reply"
-        else:  # never sent, or answered already
+        else:  # never sent
             assert isinstance(event, ProtocolViolation)
             self.close()
 
