@@ -849,35 +849,39 @@ async def test_user_and_password(tmp_path: Path) -> None:
     server = NatsServer(tmp_path, "auth", settings=settings)
     with running(server):
         base = f"127.0.0.1:{server.port}"
-        good = await aiomas.Container.create(
-            f"nats://alice:s3cret@{base}/good", as_coro=True
+        await check_credentials(
+            f"nats://alice:s3cret@{base}/good",
+            f"nats://alice:s3cret@{base}/other",
+            f"nats://alice:wrong@{base}/bad",
         )
-        try:
-            Callee(good)
-            with pytest.raises(PermissionError):
-                await aiomas.Container.create(
-                    f"nats://alice:wrong@{base}/bad", as_coro=True
-                )
-            with pytest.raises(PermissionError):
-                await aiomas.Container.create(f"nats://{base}/anonymous", as_coro=True)
-        finally:
-            await good.shutdown(as_coro=True)
+        with pytest.raises(PermissionError):
+            await aiomas.Container.create(f"nats://{base}/anonymous", as_coro=True)
+
+
+async def check_credentials(good: str, other: str | NatsConfig, bad: str) -> None:
+    """Containers at the URLs *good* and *other* reach each other; one at
+    *bad* is refused with PermissionError."""
+    one = await aiomas.Container.create(good, as_coro=True)
+    two = await aiomas.Container.create(other, as_coro=True)
+    try:
+        proxy = await two.connect(Callee(one).addr)
+        assert await proxy.spam(1) == "spam"
+        with pytest.raises(PermissionError):
+            await aiomas.Container.create(bad, as_coro=True)
+    finally:
+        await one.shutdown(as_coro=True)
+        await two.shutdown(as_coro=True)
 
 
 async def test_a_token(tmp_path: Path) -> None:
     server = NatsServer(tmp_path, "token", settings="authorization { token: s3cr3t }")
     with running(server):
         base = f"127.0.0.1:{server.port}"
-        one = await aiomas.Container.create(f"nats://s3cr3t@{base}/one", as_coro=True)
-        two = await aiomas.Container.create(f"nats://s3cr3t@{base}/two", as_coro=True)
-        try:
-            proxy = await two.connect(Callee(one).addr)
-            assert await proxy.spam(1) == "spam"
-            with pytest.raises(PermissionError):
-                await aiomas.Container.create(f"nats://wrong@{base}/bad", as_coro=True)
-        finally:
-            await one.shutdown(as_coro=True)
-            await two.shutdown(as_coro=True)
+        await check_credentials(
+            f"nats://s3cr3t@{base}/one",
+            f"nats://s3cr3t@{base}/two",
+            f"nats://wrong@{base}/bad",
+        )
 
 
 def _new_seed(kind: int) -> bytes:
@@ -899,29 +903,15 @@ async def test_an_nkey(tmp_path: Path) -> None:
     seed_file.write_bytes(seed)
     settings = f"authorization {{ users: [ {{ nkey: {public} }} ] }}"
     server = NatsServer(tmp_path, "nkey", settings=settings)
+    other = tmp_path / "other.nk"
+    other.write_bytes(_new_seed(nkeys.PREFIX_BYTE_USER))
     with running(server):
         base = f"127.0.0.1:{server.port}"
-        one = await aiomas.Container.create(
-            f"nats://{base}/one?nkey={seed_file}", as_coro=True
+        await check_credentials(
+            f"nats://{base}/one?nkey={seed_file}",
+            NatsConfig.from_url(f"nats://{base}/two", nkey=str(seed_file)),
+            f"nats://{base}/bad?nkey={other}",
         )
-        try:
-            two = await aiomas.Container.create(
-                NatsConfig.from_url(f"nats://{base}/two", nkey=str(seed_file)),
-                as_coro=True,
-            )
-            try:
-                proxy = await two.connect(Callee(one).addr)
-                assert await proxy.spam(1) == "spam"
-            finally:
-                await two.shutdown(as_coro=True)
-            other = tmp_path / "other.nk"
-            other.write_bytes(_new_seed(nkeys.PREFIX_BYTE_USER))
-            with pytest.raises(PermissionError):
-                await aiomas.Container.create(
-                    f"nats://{base}/bad?nkey={other}", as_coro=True
-                )
-        finally:
-            await one.shutdown(as_coro=True)
 
 
 def _jwt(claims: dict[str, Any], issuer: Any) -> str:
@@ -1006,20 +996,11 @@ async def test_a_credentials_file(tmp_path: Path) -> None:
     server = NatsServer(tmp_path, "operator", settings=settings)
     with running(server):
         base = f"127.0.0.1:{server.port}"
-        one = await aiomas.Container.create(
-            f"nats://{base}/one?creds={creds}", as_coro=True
+        await check_credentials(
+            f"nats://{base}/one?creds={creds}",
+            f"nats://{base}/two?creds={creds}",
+            f"nats://{base}/anonymous",
         )
-        two = await aiomas.Container.create(
-            f"nats://{base}/two?creds={creds}", as_coro=True
-        )
-        try:
-            proxy = await two.connect(Callee(one).addr)
-            assert await proxy.spam(1) == "spam"
-            with pytest.raises(PermissionError):
-                await aiomas.Container.create(f"nats://{base}/anonymous", as_coro=True)
-        finally:
-            await one.shutdown(as_coro=True)
-            await two.shutdown(as_coro=True)
 
 
 # --- a cluster of three servers -------------------------------------------------------
