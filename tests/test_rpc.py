@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import random
 import signal
+import warnings
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 import aiomas
 from aiomas.exceptions import RemoteException, SerializationError
 from aiomas.rpc import Proxy, RpcClient, Service, ServiceDict, expose
-from aiomas.testing import TIME_UNIT
+from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
 from .conftest import Endpoint
 from .helpers import aiomas_records
@@ -708,3 +710,38 @@ async def test_closing_cancels_the_calls_the_peer_may_cancel() -> None:
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_call_cancelled_before_it_ran_does_not_warn() -> None:
+    """A call's task cancelled before it ran (as when the connection ends
+    or the client closes right after the request arrived): the call's
+    coroutine is closed, not left to warn that it was never awaited."""
+    started: list[bool] = []
+
+    async def work() -> None:
+        started.append(True)
+
+    service = ServiceDict({"work": expose(work)})
+    clients: list[RpcClient] = []
+    protocol = aiomas.channel.ChannelProtocol(
+        aiomas.JSON(), lambda channel: clients.append(RpcClient(channel, service))
+    )
+    transport = FakeTransport(protocol)
+    before = asyncio.all_tasks()
+    request = aiomas.JSON().encode([0, 0, ["work", [], {}]])
+    feed(protocol, transport, [aiomas.wire.frame(request)])
+    assert clients[0].calls_in_progress == 1
+    (call,) = [
+        task
+        for task in asyncio.all_tasks() - before
+        if task.get_coro().__qualname__ == "_reply_when_done"  # type: ignore[union-attr]
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call.cancel()
+        await settle()
+        gc.collect()
+    assert started == []
+    assert [str(w.message) for w in caught] == []
+    assert clients[0].calls_in_progress == 0
+    await clients[0].close()

@@ -341,8 +341,9 @@ class RpcClient:
             self._tasks[task] = None
             task.add_done_callback(lambda t: self._callback_done(t, name))
 
-    def _call_done(self, task: asyncio.Future[Any]) -> None:
+    def _call_done(self, awaitable: Any, task: asyncio.Future[Any]) -> None:
         self._calls.pop(task, None)
+        _close_if_cancelled(awaitable, task)
 
     def _callback_done(self, task: asyncio.Future[Any], name: str) -> None:
         self._tasks.pop(task, None)
@@ -395,7 +396,7 @@ class RpcClient:
                 _reply_when_done(request, result, self._channel.peername)
             )
             self._calls[task] = None
-            task.add_done_callback(self._call_done)
+            task.add_done_callback(functools.partial(self._call_done, result))
             return
         _answer(request, RESULT, result)
 
@@ -470,11 +471,16 @@ class RpcClient:
         self._calls.pop(task, None)
         if self._cancellable.get(message_id) is task:
             del self._cancellable[message_id]
-        if task.cancelled() and inspect.iscoroutine(awaitable):
-            # A cancel that came before the task ran at all: the function's
-            # coroutine never started, and must not warn that it was never
-            # awaited.  (Closing one that ran is a no-op.)
-            awaitable.close()
+        _close_if_cancelled(awaitable, task)
+
+
+def _close_if_cancelled(awaitable: Any, task: asyncio.Future[Any]) -> None:
+    """Close the coroutine of a call whose task was cancelled (by the peer,
+    or because the connection ended) before it ran at all: it never started,
+    and must not warn that it was never awaited.  (Closing one that ran is a
+    no-op.)"""
+    if task.cancelled() and inspect.iscoroutine(awaitable):
+        awaitable.close()
 
 
 async def _reply_in_time(
