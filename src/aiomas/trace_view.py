@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from aiomas import tracing
+from aiomas.tracing import FORMAT, VERSION, TraceFormatError
+
 __all__ = [
     "FORMAT",
     "MAX_HTML_ROWS",
@@ -45,9 +48,6 @@ __all__ = [
     "to_mermaid",
 ]
 
-FORMAT: Final = "aiomas-trace"
-#: The record format version this module reads.
-VERSION: Final = 1
 #: The page draws at most this many rows (messages and events); the rest of a
 #: larger run is left out with a notice, so the file stays a size a browser opens.
 MAX_HTML_ROWS: Final = 200_000
@@ -58,69 +58,14 @@ _END_EVENTS: Final = frozenset({"timeout", "cancel", "open", "close"})
 Record = dict[str, Any]
 
 
-class TraceFormatError(ValueError):
-    """A trace file is not of the aiomas trace format (version 1)."""
-
-
 def load(paths: Iterable[str | Path]) -> list[Record]:
-    """Read and merge trace files; return their records in file order.
-
-    Each file must start with a header line of format ``aiomas-trace`` and
-    version 1; header lines further down (files appended to) are skipped.  The
-    same record id seen twice (a file given twice) is kept once.  A last line
-    cut short without a newline (a process killed while writing) is dropped.
+    """Read and merge trace files: :func:`aiomas.tracing.read`.
 
     Raises:
         TraceFormatError: a file has no valid header, another version, or a
             line that is not a JSON object (the message names file and line).
     """
-    records: list[Record] = []
-    seen: set[str] = set()
-    for path in paths:
-        for record in _read_file(Path(path)):
-            if record["id"] not in seen:
-                seen.add(record["id"])
-                records.append(record)
-    return records
-
-
-def _read_file(path: Path) -> list[Record]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    records: list[Record] = []
-    header = False
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as exc:
-            if header and number == len(lines):  # No newline after it: cut short.
-                break
-            raise TraceFormatError(f"{path}:{number}: not JSON: {exc}") from None
-        if not isinstance(item, dict):
-            raise TraceFormatError(f"{path}:{number}: not a JSON object")
-        if "format" in item:
-            _check_header(path, number, item)
-            header = True
-        elif not header:
-            raise TraceFormatError(f"{path}:{number}: no aiomas-trace header first")
-        elif not isinstance(item.get("id"), str):
-            raise TraceFormatError(f"{path}:{number}: record without a string id")
-        else:
-            records.append(item)
-    if not header:
-        raise TraceFormatError(f"{path}: empty, no aiomas-trace header")
-    return records
-
-
-def _check_header(path: Path, number: int, item: Mapping[str, Any]) -> None:
-    if item.get("format") != FORMAT:
-        raise TraceFormatError(f"{path}:{number}: format is not {FORMAT!r}")
-    if item.get("version") != VERSION:
-        raise TraceFormatError(
-            f"{path}:{number}: trace format version {item.get('version')!r}, "
-            f"this aiomas reads version {VERSION}"
-        )
+    return tracing.read(paths)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "Sink",
+    "TraceFormatError",
     "TraceTarget",
     "Tracer",
     "active",
@@ -781,33 +782,19 @@ class ConnectionTrace:
 # --- Reading traces ---------------------------------------------------------
 
 
+class TraceFormatError(ValueError):
+    """A file is not a trace of the aiomas format, of a version we read (the
+    message names the file and the line)."""
+
+
 def read_headers(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-    """The header lines of the trace files *paths*.
+    """The header lines of the trace files *paths* (the first of each).
 
     Raises:
-        ValueError: if a file is no aiomas trace of a version we read.
+        TraceFormatError: see :func:`read`.
+        OSError: if a file cannot be read.
     """
-    headers = []
-    for path in paths:
-        with open(path, encoding="utf-8") as file:
-            headers.append(_check_header(path, file.readline()))
-    return headers
-
-
-def _check_header(path: str | os.PathLike[str], line: str) -> dict[str, Any]:
-    try:
-        head = json.loads(line)
-    except ValueError:
-        head = None
-    if not isinstance(head, dict) or head.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)} is no aiomas trace file")
-    version = head.get("version")
-    if type(version) is not int or version > VERSION or version < 1:
-        raise ValueError(
-            f"{os.fspath(path)} has trace format version {version!r}; "
-            f"this aiomas reads version {VERSION}"
-        )
-    return head
+    return [_read_file(path)[0] for path in paths]
 
 
 def read(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
@@ -815,32 +802,71 @@ def read(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
     processes): all their records, in causal order (by Lamport counter, then
     wall time).
 
-    A file's last line may be cut short (a process that was killed): it is
-    skipped.
+    Header lines further down a file (files appended to) are skipped, and a
+    record id seen twice (a file given twice) is kept once.  A file's last
+    line may be cut short (a process that was killed): it is dropped.
 
     Raises:
-        ValueError: if a file is no aiomas trace of a version we read, or a
-            line before its last is no JSON object.
+        TraceFormatError: if a file has no header of the aiomas format first,
+            one of another version, or a line (but a cut last one) that is no
+            JSON object with a string ``"id"``.
         OSError: if a file cannot be read.
     """
     records: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for path in paths:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().split("\n")
-        _check_header(path, lines[0])
-        body = [line for line in lines[1:] if line.strip()]
-        for number, line in enumerate(body, start=2):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                if number == len(body) + 1:
-                    break  # A cut last line.
-                raise ValueError(f"{os.fspath(path)}:{number}: no JSON") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{os.fspath(path)}:{number}: no JSON object")
-            records.append(record)
+        for record in _read_file(path)[1]:
+            if record["id"] not in seen:
+                seen.add(record["id"])
+                records.append(record)
     records.sort(key=_order)
     return records
+
+
+def _read_file(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The first header of the trace file *path*, and its records."""
+    name = os.fspath(path)
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    first: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            if first is not None and number == len(lines):  # (no newline after it)
+                break
+            raise TraceFormatError(f"{name}:{number}: not JSON: {exc}") from None
+        if not isinstance(item, dict):
+            raise TraceFormatError(f"{name}:{number}: not a JSON object")
+        if "format" in item:
+            _check_header(name, number, item)
+            if first is None:
+                first = item
+        elif first is None:
+            raise TraceFormatError(f"{name}:{number}: no aiomas-trace header first")
+        elif not isinstance(item.get("id"), str):
+            raise TraceFormatError(f"{name}:{number}: record without a string id")
+        else:
+            records.append(item)
+    if first is None:
+        raise TraceFormatError(f"{name}: empty, no aiomas-trace header")
+    return first, records
+
+
+def _check_header(name: str, number: int, item: dict[str, Any]) -> None:
+    if item.get("format") != FORMAT:
+        raise TraceFormatError(f"{name}:{number}: format is not {FORMAT!r}")
+    version = item.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise TraceFormatError(
+            f"{name}:{number}: trace format version {version!r}, "
+            f"this aiomas reads version {VERSION}"
+        )
 
 
 def _order(record: dict[str, Any]) -> tuple[int, float, str]:
