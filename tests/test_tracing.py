@@ -510,7 +510,7 @@ def test_read_checks_headers_and_skips_a_cut_last_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="version 2"):
         tracing.read([newer])
     other = write("d.jsonl", [{"format": "something"}])
-    with pytest.raises(ValueError, match="format is not .aiomas-trace."):
+    with pytest.raises(ValueError, match="format is not 'aiomas-trace'"):
         tracing.read_headers([other])
     broken = write("e.jsonl", [head], "nonsense\n[1]\n")
     with pytest.raises(ValueError, match=r"e\.jsonl:2"):
