@@ -741,3 +741,91 @@ def test_children_get_the_trace_directory(tmp_path: Path) -> None:
     inherited = tracing.child_environment(None)
     assert inherited is not None
     assert inherited[tracing.ENV_VAR] == str(tmp_path)
+
+
+async def test_a_failing_sink_changes_no_call(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A sink that raises (a full disk, a directory that cannot be made)
+    fails neither the calls nor the connections: the error is logged once,
+    and that tracer records nothing more."""
+    records: list[dict[str, Any]] = []
+
+    def sink(record: dict[str, Any]) -> None:
+        records.append(record)
+        if record["ev"] == "send":
+            raise OSError("disk full")
+
+    client_tracer = tracing.Tracer(sink)
+    # (A file, not a directory: the trace directory cannot be made.)
+    (tmp_path / "file").write_text("")
+    server_tracer = tracing.Tracer(tmp_path / "file" / "traces")
+    server = await aiomas.rpc.start_server(
+        ("127.0.0.1", 0), Service(), trace=server_tracer
+    )
+    client = await aiomas.rpc.open_connection(
+        server.sockets[0].getsockname(), trace=client_tracer
+    )
+    try:
+        with caplog.at_level("ERROR", logger="aiomas.tracing"):
+            assert [await client.remote.add(i, 1) for i in range(3)] == [1, 2, 3]
+        assert client_tracer.failed
+        assert server_tracer.failed
+        assert client.channel.waiting_for_replies == 0
+        failures = [r for r in caplog.records if r.name == "aiomas.tracing"]
+        assert len(failures) == 2  # once per tracer
+        assert len(records) == 2  # "open", then the failing "send"
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+FORKING = """
+import os, sys, aiomas
+aiomas.tracing.enable(sys.argv[1])
+
+class S:
+    router = aiomas.rpc.Service()
+
+    @aiomas.expose
+    def ping(self):
+        return 1
+
+async def once():
+    server = await aiomas.rpc.start_server(('127.0.0.1', 0), S())
+    client = await aiomas.rpc.open_connection(server.sockets[0].getsockname())
+    await client.remote.ping()
+    await client.close()
+    server.close()
+    await server.wait_closed()
+
+aiomas.run(once())
+pid = os.fork()
+aiomas.run(once())
+if pid:
+    os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_traces_into_a_file_of_its_own(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", FORKING, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    files = sorted(tmp_path.glob("*.jsonl"))
+    assert len(files) == 2
+    headers = tracing.read_headers(files)
+    assert len({header["process"] for header in headers}) == 2
+    assert len({header["pid"] for header in headers}) == 2
+    child, parent = sorted(len(tracing.read([path])) for path in files)
+    # The parent made two rounds of calls, the child one, and nothing twice.
+    assert child > 0
+    assert parent == 2 * child
+    per_file = [child, parent]
+    assert len(tracing.read(files)) == sum(per_file)

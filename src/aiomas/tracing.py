@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import itertools
 import json
+import logging
 import os
 import secrets
 import socket
@@ -74,7 +75,9 @@ ARGS_LIMIT: Final = 200
 Sink: TypeAlias = Callable[[dict[str, Any]], object]
 """A callable that takes each record (a dict)."""
 
-_token: Final = secrets.token_hex(6)
+logger = logging.getLogger(__name__)
+
+_token = secrets.token_hex(6)
 _ids = itertools.count(1)
 _connections = itertools.count(1)
 _lamport = 0
@@ -133,6 +136,7 @@ class _FileSink:
         with self._lock:
             file = self._file
             if file is None:
+                self.path = self.directory / f"{_token}.jsonl"  # (after a fork)
                 self.directory.mkdir(parents=True, exist_ok=True)
                 file = self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
                 file.write(json.dumps(header(), separators=(",", ":")) + "\n")
@@ -160,12 +164,41 @@ class _FileSink:
                 self._file.close()
                 self._file = None
 
+    def forget_file(self) -> None:
+        """In a forked child: close the parent's file (flushed before the
+        fork) and start a file of this process at the next record."""
+        self._lock = threading.Lock()
+        self._flush_scheduled = False
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
 
 # (Records hold plain values; repr() is for a sink's odd one out.)
 _encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 
 # One file sink per directory: tracers of one process share its file.
 _file_sinks: dict[Path, _FileSink] = {}
+
+
+def _before_fork() -> None:
+    # The child must not write the parent's buffered records a second time.
+    for sink in list(_file_sinks.values()):
+        sink.flush()
+
+
+def _after_fork_in_child() -> None:
+    # A process of its own: its own token (record ids, file), its own files.
+    global _token, _ids, _connections
+    _token = secrets.token_hex(6)
+    _ids = itertools.count(1)
+    _connections = itertools.count(1)
+    for sink in list(_file_sinks.values()):
+        sink.forget_file()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _drop(record: dict[str, Any]) -> None:
@@ -190,7 +223,7 @@ class Tracer:
         ImportError: for *otel*, if ``opentelemetry-api`` is not installed.
     """
 
-    __slots__ = ("args", "directory", "otel", "sink")
+    __slots__ = ("args", "directory", "failed", "otel", "sink")
 
     def __init__(
         self,
@@ -200,6 +233,9 @@ class Tracer:
         otel: Any = False,
     ) -> None:
         self.args = args
+        self.failed = False
+        """Whether the sink failed (then this tracer records nothing more:
+        see :meth:`write`)."""
         self.directory: Path | None = None
         """The directory of the trace file, or ``None`` for a sink."""
         self.otel: Any = None
@@ -227,6 +263,23 @@ class Tracer:
     def __repr__(self) -> str:
         where = self.directory if self.directory is not None else self.sink
         return f"<Tracer to {where!r}>"
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Give *record* to the sink.  Tracing never changes what a call or
+        a connection does: if the sink raises (say, the trace directory
+        cannot be written), the error is logged once and this tracer drops
+        every record from then on (:attr:`failed`)."""
+        if self.failed:
+            return
+        try:
+            self.sink(record)
+        except Exception:
+            self.failed = True
+            logger.exception(
+                "Tracing to %s failed; %r records nothing from now on",
+                self.directory if self.directory is not None else self.sink,
+                self,
+            )
 
     @property
     def path(self) -> Path | None:
@@ -489,7 +542,7 @@ class ConnectionTrace:
         entry["outcome"] = outcome
         if with_args and self.tracer.args:
             entry["args"] = _abbreviated(args)
-        self.tracer.sink(entry)
+        self.tracer.write(entry)
         return rec_id
 
     def _entry(
@@ -533,7 +586,7 @@ class ConnectionTrace:
         assert self.opening is not None
         rec_id, lamport, wall = self.opening
         self.opening = None
-        self.tracer.sink(self._entry(rec_id, lamport, wall, "open"))
+        self.tracer.write(self._entry(rec_id, lamport, wall, "open"))
 
     def closed(self, reason: BaseException | None) -> None:
         outcome = None if reason is None else f"error:{type(reason).__name__}"
