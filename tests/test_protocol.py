@@ -1107,3 +1107,17 @@ def test_a_message_of_a_feature_not_agreed_breaks_the_protocol(
     (event,) = receive(server, [jframe(message)])
     assert isinstance(event, ProtocolViolation)
     assert f"Unknown message type {message[0]}" in str(event.error)
+
+
+def test_a_deadline_beyond_any_float_gets_a_failure_reply() -> None:
+    """A JSON integer too large for a float (the core must not raise
+    OverflowError out of receive_data()): that request is answered with a
+    failure, the next one is served."""
+    _, server = agreed_pair()
+    huge = b'[3, 7, [["f", [], {}], {"deadline": 1' + b"0" * 400 + b"}]]"
+    events = list(server.receive_data(frame(huge) + jframe([0, 8, "next"])))
+    assert isinstance(events[0], RequestRejected)
+    assert events[0].reason == "malformed"
+    assert "invalid deadline" in events[0].text
+    assert events[1] == RequestReceived(8, "next")
+    assert not server.closed

@@ -90,17 +90,16 @@ async def _serve(
 
 @contextlib.asynccontextmanager
 async def traced_chain(
-    tracer: tracing.Tracer,
+    tracer: tracing.Tracer, codec: type[aiomas.codecs.Codec] = aiomas.JSON
 ) -> AsyncIterator[aiomas.rpc.RpcClient]:
     """client -> A (nested) -> B, all traced into *tracer*, with the
     extension on every connection."""
     first, second = Service(), Service()
-    server_a, addr_a = await _serve(first, extensions=True, trace=tracer)
-    server_b, addr_b = await _serve(second, extensions=True, trace=tracer)
-    first.other = await aiomas.rpc.open_connection(
-        addr_b, extensions=True, trace=tracer
-    )
-    client = await aiomas.rpc.open_connection(addr_a, extensions=True, trace=tracer)
+    options: dict[str, Any] = {"extensions": True, "trace": tracer, "codec": codec}
+    server_a, addr_a = await _serve(first, **options)
+    server_b, addr_b = await _serve(second, **options)
+    first.other = await aiomas.rpc.open_connection(addr_b, **options)
+    client = await aiomas.rpc.open_connection(addr_a, **options)
     try:
         assert "trace" in await client.wait_extensions()
         assert "trace" in await first.other.wait_extensions()
@@ -113,11 +112,14 @@ async def traced_chain(
             await server.wait_closed()
 
 
-@pytest.fixture
-async def chain() -> AsyncIterator[tuple[aiomas.rpc.RpcClient, list[dict[str, Any]]]]:
-    """:func:`traced_chain` into a sink (the records)."""
+@pytest.fixture(params=[aiomas.JSON, aiomas.MsgPack], ids=["json", "msgpack"])
+async def chain(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[aiomas.rpc.RpcClient, list[dict[str, Any]]]]:
+    """:func:`traced_chain` into a sink (the records), with each codec (MsgPack
+    gives the trace context back as a tuple)."""
     records: list[dict[str, Any]] = []
-    async with traced_chain(tracing.Tracer(records.append)) as client:
+    async with traced_chain(tracing.Tracer(records.append), request.param) as client:
         yield client, records
 
 

@@ -480,6 +480,8 @@ class Channel:
                 failed = self._loop.create_future()
                 failed.set_exception(deadline.exceeded())
                 return failed
+            if time_left == math.inf:
+                time_left = None  # (no limit for the peer either)
         core = self._core
         state = self.tracing
         traced = None if state is None else state.start_call(content)
@@ -513,7 +515,8 @@ class Channel:
         if protocol.reading_paused:
             protocol.update_reading()
         if deadline is not None:
-            if deadline.task is asyncio.current_task():
+            task = asyncio.current_task()
+            if task is not None and deadline.task is task:
                 # The deadline's timer cancels this task, and with it the
                 # call -- unless the call outlives the task's guard.
                 deadline.guard(call)

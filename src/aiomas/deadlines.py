@@ -240,11 +240,20 @@ class DeadlineScope:
             raise RuntimeError("this deadline scope has been entered already")
         new = Deadline.after(self._seconds, self._clock)
         outer = _current.get()
-        if outer is not None and outer.clock == new.clock and outer.when <= new.when:
+        if (
+            outer is not None
+            and outer.task is task
+            and outer.clock == new.clock
+            and outer.when <= new.when
+        ):
             # A nested deadline never gives more time than the outer one,
             # whose scope cancels the task in time.
             self._token = _current.set(outer)
             return outer
+        if outer is not None and outer.clock == new.clock and outer.when < new.when:
+            # The outer deadline is another task's (this one was started
+            # under it): this task keeps it with a timer of its own.
+            new = Deadline(outer.when, new.clock)
         self._task = task
         self._cancelling = task.cancelling()
         self._timer = new.call_at_expiry(self._expire)

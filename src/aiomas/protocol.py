@@ -265,7 +265,10 @@ def _valid_deadline(meta: dict[Any, Any]) -> float | None:
         return None
     if type(value) not in (int, float) or not 0 <= value < float("inf"):
         raise ValueError(f"invalid deadline {abbreviate(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # (a JSON integer beyond any float)
+        raise ValueError(f"invalid deadline {abbreviate(value)}") from None
 
 
 def format_exception(exc: BaseException) -> str:

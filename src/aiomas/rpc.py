@@ -376,7 +376,8 @@ class RpcClient:
 
     def _handle(self, router: Router, request: Request) -> None:
         """Run the call in *request*; reply now if it is synchronous."""
-        if type(request) is ExtendedRequest and request.deadline is not None:
+        # (A subclass too: a traced connection's requests.)
+        if isinstance(request, ExtendedRequest) and request.deadline is not None:
             self._handle_in_time(router, request, request.deadline)
             return
         try:
@@ -478,9 +479,15 @@ def _close_if_cancelled(awaitable: Any, task: asyncio.Future[Any]) -> None:
     """Close the coroutine of a call whose task was cancelled (by the peer,
     or because the connection ended) before it ran at all: it never started,
     and must not warn that it was never awaited.  (Closing one that ran is a
-    no-op.)"""
-    if task.cancelled() and inspect.iscoroutine(awaitable):
+    no-op.)  A future the function returned is cancelled."""
+    if not task.cancelled():
+        return
+    if inspect.iscoroutine(awaitable):
         awaitable.close()
+    elif isinstance(awaitable, asyncio.Future):
+        # (Work the function started, e.g. a call it forwarded: nobody
+        # waits for it now.)
+        awaitable.cancel()
 
 
 async def _reply_in_time(
@@ -557,6 +564,14 @@ def _answer(request: Request, msg_type: int, content: Any) -> None:
             request.fail_nowait(content)
     except ConnectionError:
         pass  # The caller is gone; nobody waits for this answer any more.
+    except RuntimeError:
+        # Answered already: its deadline passed (see RpcClient._expired) and
+        # the function went on to return anyway.
+        logger.debug(
+            "Request %s was answered already",
+            request.message_id,
+            extra={"message_id": request.message_id},
+        )
     except (SerializationError, ValueError):
         # The requester already got a failure reply that says what went wrong.
         logger.debug(
@@ -801,6 +816,14 @@ async def quorum(
             raise ValueError(f"needed must be 0 to {len(keys)}, not {needed!r}")
     outcome: Quorum[_K] = Quorum(count)
     deadline = None if within is None else Deadline.after(within, clock)
+    outer = current_deadline()
+    if (
+        deadline is not None
+        and outer is not None
+        and outer.clock == deadline.clock
+        and outer.when < deadline.when
+    ):
+        deadline = Deadline(outer.when, deadline.clock)  # never more time
     context = contextvars.copy_context() if deadline is None else context_with(deadline)
     running: dict[asyncio.Future[Any], _K] = {}
     for key in keys:

@@ -435,7 +435,8 @@ def _abbreviated(value: Any) -> str:
 def _valid_trace_meta(value: Any) -> tuple[str, str, int] | None:
     """The ``[trace id, cause id, lamport]`` of a request's ``"trace"``
     metadata, or ``None`` if it is malformed (then it is ignored)."""
-    if type(value) is not list or len(value) != 3:
+    # (MsgPack decodes arrays as tuples.)
+    if type(value) not in (list, tuple) or len(value) != 3:
         return None
     trace_id, cause, lamport = value
     if (
@@ -852,8 +853,9 @@ def read_headers(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]
 
 def read(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
     """Read and merge the trace files *paths* (of one run, from any number of
-    processes): all their records, in causal order (by Lamport counter, then
-    wall time).
+    processes): all their records, ordered by Lamport counter, then wall
+    time (every request after its cause; replies carry no counter, see the
+    record format in :doc:`/tracing`).
 
     Header lines further down a file (files appended to) are skipped, and a
     record id seen twice (a file given twice) is kept once.  A file's last
