@@ -313,6 +313,8 @@ class NatsPyClient:
             ConnectionRefusedError: if nobody subscribes to *subject*.
             TimeoutError: if no answer came within *timeout* seconds.
             ConnectionResetError: if the client is closed.
+            ConnectionError: if the request cannot be made now (e.g. the
+                client reconnects, or the server refuses *subject*).
         """
         await self._drain_outgoing()
         errors = self._errors
@@ -326,6 +328,10 @@ class NatsPyClient:
             ) from None
         except (errors.ConnectionClosedError, errors.ConnectionDrainingError) as exc:
             raise ConnectionResetError("The NATS connection is closed") from exc
+        except errors.Error as exc:
+            # (A subject the server refuses, the link reconnecting, a full
+            # outgoing buffer ...: this request cannot be made now.)
+            raise ConnectionError(f"NATS request to {subject!r}: {exc}") from exc
         data_: bytes = msg.data
         return data_
 

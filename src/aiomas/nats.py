@@ -80,6 +80,9 @@ SERVICES_PREFIX: Final = "$SRV"
 """The subjects of NATS's services API (``$SRV.PING``, ``$SRV.INFO``,
 ``$SRV.STATS``, each also ``.<service>`` and ``.<service>.<id>``)."""
 _VERSION: Final = 2
+
+# A peer's inbox: one subject (dot-separated tokens, no wildcards, no blanks).
+_INBOX: Final = re.compile(r"(?=.{1,255}\Z)[^\s*>.]+(?:\.[^\s*>.]+)*")
 SERVICE_VERSION: Final = f"{_VERSION}.0.0"
 """The version every container gives in the services API: that of the
 session protocol on NATS."""
@@ -620,7 +623,12 @@ class NatsServer(asyncio.AbstractServer):
     def _accept(self, data: bytes, reply: str) -> None:
         request = _decode(data)
         inbox = None if request is None else request.get("inbox")
-        if not reply or not isinstance(inbox, str) or not self._serving:
+        if (
+            not reply
+            or not isinstance(inbox, str)
+            or not _INBOX.fullmatch(inbox)
+            or not self._serving
+        ):
             self._refused += 1
             logger.warning(
                 "NATS: ignored a bad connect request to %s: %r", self.name, data[:200]
@@ -642,7 +650,10 @@ class NatsServer(asyncio.AbstractServer):
         self.link.client.publish(
             reply, json.dumps({"v": _VERSION, "inbox": transport.inbox}).encode()
         )
-        transport.start(inbox)
+        try:
+            transport.start(inbox)
+        except ConnectionResetError as exc:
+            logger.debug("NATS: a connection to %s ended at once: %s", self.name, exc)
 
     def close(self) -> None:
         """Stop accepting connections (those open stay open)."""
@@ -787,7 +798,17 @@ class NatsTransport(asyncio.Transport):
             await self._unsubscribe()
 
     def start(self, peer_inbox: str) -> None:
-        """Connect to the peer's inbox and tell the protocol."""
+        """Connect to the peer's inbox and tell the protocol.
+
+        Raises:
+            ConnectionResetError: if the transport was lost already (say, a
+                bad message reached its inbox before the peer's answer).
+        """
+        if self._lost:
+            raise ConnectionResetError(
+                f"The connection to {self.get_extra_info('peername')} ended "
+                "before it was made"
+            )
         self.peer_inbox = peer_inbox
         self._link.add(self)
         self._reading = True
@@ -1109,6 +1130,11 @@ class NatsTransport(asyncio.Transport):
                 except ConnectionResetError as exc:
                     self.lose(exc)
                     return
+                except Exception as exc:
+                    # (The link reconnects, a subject the server refuses ...:
+                    # the heartbeat must not die and leave the connection
+                    # open; it fails at the bound unless the peer is heard.)
+                    why = f"could not be asked ({exc})"
                 else:
                     self._received_message(answer, "")
                     deadline = loop.time() + bound
