@@ -104,6 +104,14 @@ def test_load_drops_a_cut_last_line(tmp_path: Path) -> None:
         (header() + "\nnot json\n{}\n", "t.jsonl:2: not JSON"),
         (header() + "\n[1, 2]\n", "t.jsonl:2: not a JSON object"),
         (header() + '\n{"ev": "open"}\n', "t.jsonl:2: record without a string id"),
+        (
+            header() + '\n{"id": "a:1", "lamport": "x"}\n',
+            "t.jsonl:2: lamport, wall or clock is not a number",
+        ),
+        (
+            header() + '\n{"id": "a:1", "wall": [1]}\n',
+            "t.jsonl:2: lamport, wall or clock is not a number",
+        ),
     ],
 )
 def test_load_rejects_other_files(tmp_path: Path, text: str, message: str) -> None:

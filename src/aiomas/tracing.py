@@ -28,6 +28,7 @@ import contextvars
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -906,11 +907,27 @@ def _read_file(
             raise TraceFormatError(f"{name}:{number}: no aiomas-trace header first")
         elif not isinstance(item.get("id"), str):
             raise TraceFormatError(f"{name}:{number}: record without a string id")
+        elif not _numbers_fit(item):
+            raise TraceFormatError(
+                f"{name}:{number}: lamport, wall or clock is not a number"
+            )
         else:
             records.append(item)
     if first is None:
         raise TraceFormatError(f"{name}: empty, no aiomas-trace header")
     return first, records
+
+
+def _numbers_fit(record: dict[str, Any]) -> bool:
+    """Whether the record's ``lamport`` is an int and its ``wall`` and
+    ``clock`` are numbers (each may be missing or null)."""
+    lamport = record.get("lamport")
+    if lamport is not None and type(lamport) is not int:
+        return False
+    return all(
+        value is None or (type(value) in (int, float) and math.isfinite(value))
+        for value in (record.get("wall"), record.get("clock"))
+    )
 
 
 def _check_header(name: str, number: int, item: dict[str, Any]) -> None:
