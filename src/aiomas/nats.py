@@ -81,8 +81,20 @@ SERVICES_PREFIX: Final = "$SRV"
 ``$SRV.STATS``, each also ``.<service>`` and ``.<service>.<id>``)."""
 _VERSION: Final = 2
 
-# A peer's inbox: one subject (dot-separated tokens, no wildcards, no blanks).
-_INBOX: Final = re.compile(r"(?=.{1,255}\Z)[^\s*>.]+(?:\.[^\s*>.]+)*")
+
+def _is_inbox(text: str) -> bool:
+    """Whether *text* is one subject a peer can be reached at: dot-separated
+    tokens, none empty, no wildcards, no blanks."""
+    return 0 < len(text) <= 255 and all(
+        token and "*" not in token and ">" not in token and not _has_blank(token)
+        for token in text.split(".")
+    )
+
+
+def _has_blank(text: str) -> bool:
+    return any(char.isspace() for char in text)
+
+
 SERVICE_VERSION: Final = f"{_VERSION}.0.0"
 """The version every container gives in the services API: that of the
 session protocol on NATS."""
@@ -626,7 +638,7 @@ class NatsServer(asyncio.AbstractServer):
         if (
             not reply
             or not isinstance(inbox, str)
-            or not _INBOX.fullmatch(inbox)
+            or not _is_inbox(inbox)
             or not self._serving
         ):
             self._refused += 1
