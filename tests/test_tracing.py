@@ -138,6 +138,7 @@ async def test_nested_calls_have_complete_cause_chains(
     assert await client.remote.nested(3) == 4
     await settle()
     by_id = _by_id(records)
+    assert set(tracing.RECORD_FIELDS) == FIELDS | {"args"}
     for record in records:
         assert set(record) == FIELDS
         assert record["id"].startswith(tracing.process_token() + ":")

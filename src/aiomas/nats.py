@@ -85,14 +85,11 @@ _VERSION: Final = 2
 def _is_inbox(text: str) -> bool:
     """Whether *text* is one subject a peer can be reached at: dot-separated
     tokens, none empty, no wildcards, no blanks."""
-    return 0 < len(text) <= 255 and all(
-        token and "*" not in token and ">" not in token and not _has_blank(token)
-        for token in text.split(".")
+    return (
+        0 < len(text) <= 255
+        and not any(char.isspace() or char in "*>" for char in text)
+        and all(text.split("."))
     )
-
-
-def _has_blank(text: str) -> bool:
-    return any(char.isspace() for char in text)
 
 
 SERVICE_VERSION: Final = f"{_VERSION}.0.0"

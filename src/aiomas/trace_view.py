@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from aiomas import tracing
-from aiomas.tracing import FORMAT, VERSION, TraceFormatError
+from aiomas.tracing import FORMAT, RECORD_FIELDS, VERSION, TraceFormatError
 
 __all__ = [
     "FORMAT",
@@ -715,25 +715,6 @@ def _mermaid_text(text: str) -> str:
 
 # -- html -------------------------------------------------------------------
 
-_RECORD_FIELDS: Final = (
-    "id",
-    "ev",
-    "type",
-    "msg",
-    "conn",
-    "trace",
-    "cause",
-    "lamport",
-    "wall",
-    "clock",
-    "local",
-    "peer",
-    "path",
-    "size",
-    "outcome",
-    "args",
-)
-
 
 def _page_data(run: Run, title: str, max_rows: int) -> dict[str, Any]:
     """The data the page's script draws from (plain JSON types only)."""
@@ -761,7 +742,7 @@ def _page_data(run: Run, title: str, max_rows: int) -> dict[str, Any]:
     records = []
     for r in run.records:
         item = []
-        for name in _RECORD_FIELDS:
+        for name in RECORD_FIELDS:
             value = r.get(name)
             if name in ("local", "peer"):
                 lane = _endpoint(value)
@@ -785,7 +766,7 @@ def _page_data(run: Run, title: str, max_rows: int) -> dict[str, Any]:
     ]
     return {
         "title": title,
-        "fields": list(_RECORD_FIELDS),
+        "fields": list(RECORD_FIELDS),
         "strings": list(strings),
         "containers": [c or "(unknown)" for c in containers],
         "lanes": [[lane.label, containers[lane.addr], lane.addr] for lane in run.lanes],

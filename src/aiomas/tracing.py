@@ -45,6 +45,7 @@ from aiomas.protocol import EXTENSIONS_PATH
 __all__ = [
     "ENV_VAR",
     "FORMAT",
+    "RECORD_FIELDS",
     "VERSION",
     "Sink",
     "TraceFormatError",
@@ -65,6 +66,27 @@ FORMAT: Final = "aiomas-trace"
 
 VERSION: Final = 1
 """The version of the record format this module writes and reads."""
+
+RECORD_FIELDS: Final = (
+    "id",
+    "ev",
+    "type",
+    "msg",
+    "conn",
+    "trace",
+    "cause",
+    "lamport",
+    "wall",
+    "clock",
+    "local",
+    "peer",
+    "path",
+    "size",
+    "outcome",
+    "args",
+)
+"""The keys of a record of format version 1 (``"args"`` only in records of
+a tracer made with ``args=True``): see the record format in :doc:`/tracing`."""
 
 ENV_VAR: Final = "AIOMAS_TRACE"
 """The environment variable that turns tracing on for a whole process (its
