@@ -45,7 +45,7 @@ from types import ModuleType
 from typing import Any
 
 import aiomas
-from aiomas.benchmark import calls_per_second, floor_side, library_side
+from aiomas.benchmark import calls_per_second, floor_side, library_side, rotations
 
 SLICE = 0.05
 SMALL = ["ohai", 42, 3.14]
@@ -109,9 +109,8 @@ async def compare_tcp(base: ModuleType, only: list[str], slices: int) -> None:
                 for send, _ in sides.values():  # warm up
                     await calls_per_second(send, SMALL, in_flight, SLICE)
                 rates: dict[str, list[float]] = {side: [] for side in sides}
-                order = list(sides)
-                for i in range(slices):
-                    for side in order[i % 4 :] + order[: i % 4]:
+                for order in rotations(sides, slices):
+                    for side in order:
                         rates[side].append(
                             await calls_per_second(
                                 sides[side][0], SMALL, in_flight, SLICE
@@ -204,9 +203,8 @@ async def compare_fake(base: ModuleType, only: list[str], slices: int) -> None:
                 for run, _ in sides.values():
                     run(n, batch)
                 per_second: dict[str, list[float]] = {side: [] for side in sides}
-                order = list(sides)
-                for i in range(slices):
-                    for side in order[i % 3 :] + order[: i % 3]:
+                for order in rotations(sides, slices):
+                    for side in order:
                         start = time.perf_counter()
                         sides[side][0](n, batch)
                         per_second[side].append(n / (time.perf_counter() - start))

@@ -56,6 +56,7 @@ from typing import Any
 
 import aiomas
 from aiomas import local_queue
+from aiomas.benchmark import rotations
 
 SLICE = 0.05
 DEADLINE = 0.02
@@ -225,10 +226,8 @@ async def cost(slices: int) -> None:
             for send, block in sides.values():  # warm up
                 await rate(send, SLICE, block)
             rates: dict[str, list[float]] = {side: [] for side in sides}
-            order = list(sides)
-            for i in range(slices):
-                shift = i % len(order)
-                for side in order[shift:] + order[:shift]:
+            for order in rotations(sides, slices):
+                for side in order:
                     send, block = sides[side]
                     rates[side].append(await rate(send, SLICE, block))
     print(

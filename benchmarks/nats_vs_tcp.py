@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiomas
+from aiomas.benchmark import rotations
 
 
 class Echo(aiomas.Agent):
@@ -205,9 +206,8 @@ async def main(args: argparse.Namespace, url: str) -> None:
     try:
         for proxy in proxies.values():  # warm up
             await in_flight(proxy, 0.2, args.in_flight)
-        order = list(proxies)
-        for r in range(args.rounds):
-            for kind in order[r % 3 :] + order[: r % 3]:
+        for order in rotations(proxies, args.rounds):
+            for kind in order:
                 proxy = proxies[kind]
                 rate, p50, p99 = await sequential(proxy, args.seconds)
                 wide = await in_flight(proxy, args.seconds, args.in_flight)
@@ -253,8 +253,8 @@ async def mesh(args: argparse.Namespace, url: str) -> None:
     try:
         for kind in meshes:  # warm up
             await mesh_round(meshes[kind][1], 1.0)
-        for r in range(args.rounds):
-            for kind in list(meshes)[r % 3 :] + list(meshes)[: r % 3]:
+        for order in rotations(meshes, args.rounds):
+            for kind in order:
                 rate, p50, p99 = await mesh_round(meshes[kind][1], args.mesh_seconds)
                 for key, value in (("all agents", rate), ("p50", p50), ("p99", p99)):
                     sides[kind].setdefault(key, []).append(value)

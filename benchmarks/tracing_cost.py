@@ -45,6 +45,7 @@ import compare
 
 import aiomas
 from aiomas import tracing
+from aiomas.benchmark import rotations
 
 N = 2000
 
@@ -81,10 +82,8 @@ async def measure(slices: int, base_rev: str | None, directory: Path) -> None:
     for run, _ in sides.values():
         run(N, 1)
     seconds: dict[str, list[float]] = {side: [] for side in sides}
-    order = list(sides)
-    for i in range(slices):
-        k = i % len(order)
-        for side in order[k:] + order[:k]:
+    for order in rotations(sides, slices):
+        for side in order:
             start = time.perf_counter()
             sides[side][0](N, 1)
             seconds[side].append((time.perf_counter() - start) / N)

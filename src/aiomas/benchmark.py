@@ -38,9 +38,17 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiomas
 
@@ -51,6 +59,7 @@ __all__ = [
     "floor_side",
     "library_side",
     "main",
+    "rotations",
     "take_turns",
 ]
 
@@ -59,6 +68,7 @@ _SMALL = ["ohai", 42, 3.14]
 _MIB = 2**20
 # About 1 MiB as JSON ("1048576, " is 9 bytes).
 _INTS = list(range(1_000_000, 1_000_000 + _MIB // 9))
+_K = TypeVar("_K")
 SLICE_SECONDS = 0.05
 """How long each side runs in its turn in the in-process mode."""
 
@@ -364,6 +374,16 @@ async def library_side(layer: str, codec: str, lib: Any = aiomas) -> Side:
     return proxy.echo, close
 
 
+def rotations(sides: Iterable[_K], rounds: int) -> Iterator[list[_K]]:
+    """The order of *sides* in each of *rounds* rounds: the side that goes
+    first moves on by one each round, so that none is always first (or
+    always after the same one)."""
+    names = list(sides)
+    for turn in range(rounds):
+        start = turn % len(names)
+        yield names[start:] + names[:start]
+
+
 async def take_turns(
     sides: Mapping[str, Send],
     content: Any,
@@ -376,16 +396,14 @@ async def take_turns(
     its turns."""
     calls = dict.fromkeys(sides, 0.0)
     elapsed = dict.fromkeys(sides, 0.0)
-    names = list(sides)
-    for turn in range(turns):
-        start = turn % len(names)
-        for name in names[start:] + names[:start]:
+    for order in rotations(sides, turns):
+        for name in order:
             began = time.perf_counter()
             rate = await calls_per_second(sides[name], content, in_flight, seconds)
             took = time.perf_counter() - began
             calls[name] += rate * took
             elapsed[name] += took
-    return {name: calls[name] / elapsed[name] for name in names}
+    return {name: calls[name] / elapsed[name] for name in sides}
 
 
 @dataclass(frozen=True)
