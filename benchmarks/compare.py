@@ -171,10 +171,17 @@ def fake_side(
     keep.append(lib.rpc.RpcClient(client.channel))
     send = keep[-1].remote.echo if layer == "rpc" else client.channel.send
 
+    # What the loop would do right after the callers woken by a read have run
+    # (revisions since 2026-12 gather their writes until then).
+    flush_client = getattr(client, "flush", lambda: None)
+    flush_server = getattr(server, "flush", lambda: None)
+
     def round_trips(n: int, batch: int) -> None:
         for _ in range(n // batch):
             futures = [send(SMALL) for _ in range(batch)]
+            flush_client()
             deliver(to_server, server)
+            flush_server()
             deliver(to_client, client)
             for future in futures:
                 future.result()

@@ -887,16 +887,71 @@ async def test_replies_to_requests_that_arrived_together_are_written_at_once() -
     channel.set_request_handler(lambda req: req.reply_nowait(req.content * 2))
     protocol.data_received(frames(*([0, i, i] for i in range(50))))
     assert transport.writes == [frames(*([1, i, 2 * i] for i in range(50)))]
+    await asyncio.sleep(0)  # (The loop goes on: see the next test.)
     # One request alone is answered with one write, as always.
     protocol.data_received(frames([0, 50, 1]))
     assert transport.writes[1:] == [frames([1, 50, 2])]
     # Replies sent later (by asynchronous handlers) are not held back.
     held: list[Request] = []
     channel.set_request_handler(held.append)
-    protocol.data_received(frames([0, 51, 1], [0, 52, 2]))
+    protocol.data_received(frames([0, 51, 1]))
     assert len(transport.writes) == 2
-    held[1].reply_nowait("late")
-    assert transport.writes[2:] == [frames([1, 52, "late"])]
+    held[0].reply_nowait("late")
+    assert transport.writes[2:] == [frames([1, 51, "late"])]
+    transport.lose_connection()
+
+
+async def test_what_callers_woken_by_one_read_send_leaves_in_one_write() -> None:
+    """A read of several frames wakes several callers; what they send when
+    they run (in the same loop iteration) is gathered and written after them
+    in one write, not in one per message."""
+    protocol, transport, channel = recording_protocol()
+    held: list[Request] = []
+    channel.set_request_handler(held.append)
+    protocol.data_received(frames([0, 0, "a"], [0, 1, "b"], [0, 2, "c"]))
+    for request in held:
+        request.reply_nowait(request.content)
+    request_future = channel.send("mine")
+    assert transport.writes == []
+    await asyncio.sleep(0)  # (The loop runs what the read woke, then writes.)
+    assert transport.writes == [
+        frames([1, 0, "a"], [1, 1, "b"], [1, 2, "c"], [0, 0, "mine"])
+    ]
+    # Afterwards, each message is written as it is sent again.
+    channel.send("next")
+    assert transport.writes[1:] == [frames([0, 1, "next"])]
+    # A read of one frame gathers nothing.
+    protocol.data_received(frames([0, 3, "d"]))
+    held[3].reply_nowait("d")
+    assert transport.writes[2:] == [frames([1, 3, "d"])]
+    # Closing the channel writes what was gathered first.
+    protocol.data_received(frames([0, 4, "e"], [0, 5, "f"]))
+    held[4].reply_nowait("e")
+    held[5].reply_nowait("f")
+    await channel.close()
+    assert transport.writes[3:] == [frames([1, 4, "e"], [1, 5, "f"])]
+    request_future.cancel()
+
+
+async def test_gathered_writes_keep_big_payloads_apart_and_stay_bounded() -> None:
+    protocol, transport, channel = recording_protocol()
+    held: list[Request] = []
+    channel.set_request_handler(held.append)
+    protocol.data_received(frames(*([0, i, i] for i in range(12))))
+    big = "x" * (aiomas.protocol.JOIN_LIMIT + 1)
+    held[0].reply_nowait(0)
+    held[1].reply_nowait(big)  # (a payload of its own, after what came before)
+    assert len(transport.writes) == 2
+    assert len(transport.writes[1]) > len(big)  # (the payload alone, not copied)
+    part = "y" * 30_000  # (9 of them pass JOINED_WRITE_LIMIT)
+    for request in held[2:11]:
+        request.reply_nowait(part)
+    assert len(transport.writes) == 3  # (written without waiting for the loop)
+    held[11].reply_nowait(11)
+    assert len(transport.writes) == 3
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 4
+    assert [message[1] for message in messages_written(transport)] == list(range(12))
     transport.lose_connection()
 
 

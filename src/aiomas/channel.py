@@ -42,6 +42,8 @@ from aiomas.exceptions import (
 )
 from aiomas.nats import NatsEndpoint
 from aiomas.protocol import (
+    JOIN_LIMIT,
+    JOINED_WRITE_LIMIT,
     CancelReceived,
     Connection,
     Event,
@@ -657,6 +659,7 @@ class Channel:
         """
         transport = self.transport
         if not transport.is_closing():
+            self.protocol.flush()  # (What was just sent leaves first.)
             transport.close()
         if self.protocol.is_closed():
             return
@@ -990,6 +993,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         """Whether we stopped reading: while our write buffer is full and we
         wait for no reply ourselves (see :meth:`update_reading`)."""
         self._dispatching = False  # handling the events of one read
+        # What the callers woken by a read of several frames send, gathered
+        # until they have run (see _gather_writes()); None when not gathering.
+        self._gathered: list[bytes | bytearray | memoryview] | None = None
+        self._gathered_size = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: BaseException | None = None  # the peer's protocol error
@@ -1082,11 +1089,16 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Hand the bytes just read to the core and dispatch its events."""
-        events = self.core.buffer_updated(nbytes)
+        core = self.core
+        events = core.buffer_updated(nbytes)
         # Requests and results went to the receivers set in connection_made();
         # a lone frame that made no other event gives an empty tuple.
-        if events and not self._dispatch(events):
-            return
+        if events:
+            several = core.frames_waiting > 1
+            if not self._dispatch(events):
+                return
+            if several and self._gathered is None:
+                self._gather_writes()
         if self.writing_paused or self.reading_paused:
             self.update_reading()
 
@@ -1098,11 +1110,69 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
         instead.
         """
-        events = self.core.receive_data(data)
-        if events and not self._dispatch(events):
-            return
+        core = self.core
+        events = core.receive_data(data)
+        if events:
+            several = core.frames_waiting > 1
+            if not self._dispatch(events):
+                return
+            if several and self._gathered is None:
+                self._gather_writes()
         if self.writing_paused or self.reading_paused:
             self.update_reading()
+
+    def _gather_writes(self) -> None:
+        """A read brought several frames, so several callers were just woken
+        (tasks waiting for replies, or in :meth:`Channel.recv`): gather what
+        they send when they run, right after this, and write it in one go
+        after them (one system call instead of one per message).
+
+        The core's replies to the read's requests have been written already;
+        :meth:`flush` ends the gathering (it is scheduled now, and called by
+        :meth:`Channel.close` and :meth:`write`).
+        """
+        if self._write is None or self.core.closed:
+            return
+        self._gathered = []
+        self.core.on_data = self._write_gathered
+        self._loop.call_soon(self.flush)
+
+    def _write_gathered(self, chunk: bytes | bytearray | memoryview) -> None:
+        # (The core's on_data while gathering.)
+        gathered = self._gathered
+        assert gathered is not None
+        size = len(chunk)
+        if size > JOIN_LIMIT:
+            # A big payload is never copied: what came before it goes first.
+            self._write_out()
+            if self._write is not None:
+                self._write(chunk)
+            return
+        gathered.append(chunk)
+        self._gathered_size += size
+        if self._gathered_size >= JOINED_WRITE_LIMIT:
+            self._write_out()
+
+    def _write_out(self) -> None:
+        gathered = self._gathered
+        if not gathered:
+            return
+        self._gathered = []
+        self._gathered_size = 0
+        write = self._write
+        if write is not None:
+            write(gathered[0] if len(gathered) == 1 else b"".join(gathered))
+
+    def flush(self) -> None:
+        """Write what was gathered after a read of several frames (see
+        :meth:`_gather_writes`) and write directly again.  Does nothing when
+        nothing is gathered."""
+        if self._gathered is None:
+            return
+        self._write_out()
+        self._gathered = None
+        if self._write is not None and not self.core.closed:
+            self.core.on_data = self._write
 
     def _dispatch(self, events: Iterable[Event]) -> bool:
         """Dispatch the events of a read (the core writes the replies to its
@@ -1290,6 +1360,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         the transport can take more data."""
         if self._write is None:
             raise self.connection_error()
+        self.flush()  # (What was sent before goes first.)
         self._write(len_bytes + content)
         await self.drain()
 

@@ -45,6 +45,8 @@ from aiomas.wire import (
 )
 
 __all__ = [
+    "JOINED_WRITE_LIMIT",
+    "JOIN_LIMIT",
     "MAX_HELD_REQUESTS",
     "MAX_UNREAD_FAILURE_BYTES",
     "Connection",
@@ -99,11 +101,12 @@ CANCEL: Final = 4
 """Message type of a cancel, ``[4, id, null]``: the requester gave up on its
 request *id* (feature ``"cancel"``)."""
 
-# Payloads above this size are handed out separately from their header, so
-# that they are not copied once more just to prepend four bytes.
 JOIN_LIMIT: Final = 64 * 1024
-# Small frames are joined into chunks of up to this many bytes.
+"""Payloads above this size are handed out separately from their header
+(and never joined with other frames), so that they are not copied once more
+just to prepend four bytes."""
 JOINED_WRITE_LIMIT: Final = 256 * 1024
+"""Small frames are joined into chunks of up to this many bytes."""
 # The table of requests waiting for replies is made afresh when it is empty and
 # at least this many requests were sent since it was made.
 _FRESH_PENDING_AFTER: Final = 64
