@@ -755,8 +755,13 @@ class Channel:
         self._deliver_traced(request, meta, size)
 
     def _request_arrived(self, message_id: int, content: Any) -> None:
-        # (The core's on_request receiver: see Channel.__init__.)
-        self._deliver(Request(content, message_id, self.protocol))
+        # (The core's on_request receiver: see Channel.__init__.  What
+        # _deliver() does, with a frame less for every RPC call.)
+        handler = self.request_handler
+        if handler is None:
+            self._deliver(Request(content, message_id, self.protocol))
+        else:
+            handler(Request(content, message_id, self.protocol))
 
     def _deliver(self, request: Request) -> None:
         """Pass *request* to the request handler, or queue it for recv()."""

@@ -114,6 +114,7 @@ class FrameReader:
         "_buf",
         "_buffer_size",
         "_end",
+        "_idle",
         "_max_frame_size",
         "_stage",
         "_start",
@@ -140,6 +141,11 @@ class FrameReader:
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the received data in _buf
+        # Whether nothing is buffered (no partial frame, no big frame in
+        # progress), the shared buffer exists and no error was found: then the
+        # next read goes to the start of the shared buffer, and a read that
+        # brings exactly one frame needs no bookkeeping at all.
+        self._idle = False
         # A frame too big for _buf is received into a buffer of its own, which
         # starts small: a 4-byte header must not make us reserve max_frame_size
         # bytes.
@@ -167,6 +173,7 @@ class FrameReader:
         self._buf = bytearray()
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self._idle = False
         self._big = self._stage = None
         self._big_filled = self._big_size = 0
 
@@ -192,6 +199,11 @@ class FrameReader:
         After writing *n* bytes into it, call :meth:`buffer_updated` with *n*.
         The buffer is never empty.
         """
+        if self._idle:
+            return self._view  # (The common case: nothing is buffered.)
+        return self._next_buffer()
+
+    def _next_buffer(self) -> memoryview:
         big = self._big
         if big is not None:
             filled = self._big_filled
@@ -210,6 +222,7 @@ class FrameReader:
             if not self._buf:
                 self._buf = bytearray(self._buffer_size)
                 self._view = memoryview(self._buf)
+            self._idle = self.error is None
             return self._view
         size = len(self._buf)
         if start and size - end < size // 2:
@@ -235,6 +248,16 @@ class FrameReader:
                 it), or an earlier call found one.  The reader is unusable
                 afterwards.
         """
+        if self._idle:
+            # The bytes are at the start of the shared buffer.
+            if nbytes > HEADER_SIZE:
+                # Most reads bring exactly one frame: nothing changes.
+                (size,) = _unpack_header(self._buf)
+                if size + HEADER_SIZE == nbytes and size <= self._max_frame_size:
+                    return [bytes(self._view[HEADER_SIZE:nbytes])]
+            self._idle = False
+            self._end = nbytes
+            return self._parse()
         if self.error is not None:
             raise self.error
         big = self._big
@@ -243,6 +266,7 @@ class FrameReader:
             if self._big_filled < self._big_size:
                 return []
             self._big = None
+            self._idle = True  # (The shared buffer was emptied for it.)
             return [big]
         end = self._end + nbytes
         start = self._start
@@ -251,6 +275,7 @@ class FrameReader:
             (size,) = _unpack_header(self._buf, start)
             if start + HEADER_SIZE + size == end and size <= self._max_frame_size:
                 self._start = self._end = 0
+                self._idle = True
                 return [bytes(self._view[start + HEADER_SIZE : end])]
         self._end = end
         return self._parse()
@@ -311,5 +336,9 @@ class FrameReader:
                 self._big, self._big_filled, self._big_size = big, have, size
                 start = end = 0
             break
-        self._start, self._end = start, end
+        if start == end and self._big is None:
+            self._start = self._end = 0
+            self._idle = True
+        else:
+            self._start, self._end = start, end
         return payloads
