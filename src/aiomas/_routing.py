@@ -183,21 +183,10 @@ class Router:
         """
         if not isinstance(path, str):
             raise LookupError(f"An RPC path must be a string, not {short_repr(path)}")
-        components = path.split("/")
-        # Whether a component is empty, ``..`` or starts with ``_`` (the checks
-        # of _is_invalid_component() for all components at once, in C).
-        if (
-            not path
-            or path[0] in "/_"
-            or path[-1] == "/"
-            or "//" in path
-            or "/_" in path
-            or (".." in path and ".." in components)
-        ):
-            # The first culprit goes into the error message.
-            culprit = next(filter(_is_invalid_component, components))
-            raise _invalid_component_error(culprit, path)
-        name = components.pop()
+        parts = _valid_paths.get(path)
+        if parts is None:
+            parts = _split_path(path)
+        components, name = parts
         router = self
         for component in components:
             sub = router.sub_router(component)
@@ -333,6 +322,40 @@ class Router:
 
 
 _MISSING: Final = object()
+# Valid paths, split (see _split_path()).
+_MAX_VALID_PATHS: Final = 4096
+_valid_paths: dict[str, tuple[tuple[str, ...], str]] = {}
+
+
+def _split_path(path: str) -> tuple[tuple[str, ...], str]:
+    """The components of a valid *path* but the last, and the last; kept
+    for the next call (most calls name a path that came before).  Whether
+    a path is valid depends on the path alone.
+
+    Raises:
+        LookupError: if a component is empty, ``..`` or starts with ``_``.
+    """
+    components = path.split("/")
+    # Whether a component is empty, ``..`` or starts with ``_`` (the checks
+    # of _is_invalid_component() for all components at once, in C).
+    if (
+        not path
+        or path[0] in "/_"
+        or path[-1] == "/"
+        or "//" in path
+        or "/_" in path
+        or (".." in path and ".." in components)
+    ):
+        # The first culprit goes into the error message.
+        culprit = next(filter(_is_invalid_component, components))
+        raise _invalid_component_error(culprit, path)
+    name = components.pop()
+    parts = (tuple(components), name)
+    if type(path) is str:  # (A str subclass may hash and compare its own way.)
+        if len(_valid_paths) >= _MAX_VALID_PATHS:
+            _valid_paths.clear()  # (Peers choose the paths: a bounded table.)
+        _valid_paths[path] = parts
+    return parts
 
 
 def _class_lookup(cls: type, name: str) -> Any:
