@@ -493,3 +493,54 @@ def test_routing_needs_no_connection_and_no_loop() -> None:
     assert "aiomas.protocol" in imported  # (the check sees what is imported)
     forbidden = {"asyncio", "aiomas.agent", "aiomas.channel", "aiomas.rpc"}
     assert not imported & forbidden
+
+
+def test_a_path_resolved_before_follows_changes_of_the_service() -> None:
+    """Valid paths are split once and kept; what they lead to is looked up
+    on every call, so changes of the service count at once."""
+
+    class Spam:
+        router = Service()
+
+        @expose
+        def eggs(self) -> str:
+            return "eggs"
+
+    spam = Spam()
+    service = ServiceDict({"spam": spam, "ham": expose(lambda: "ham")})
+    router = service.router
+    for _ in range(2):  # (The second time, the path is known.)
+        assert router.resolve("spam/eggs")() == "eggs"
+        assert router.resolve("ham")() == "ham"
+    service.dict["ham"] = expose(lambda: "new ham")
+    assert router.resolve("ham")() == "new ham"
+    spam.eggs = expose(lambda: "own eggs")  # type: ignore[method-assign]
+    assert router.resolve("spam/eggs")() == "own eggs"
+    del service.dict["ham"]
+    with pytest.raises(LookupError, match="No exposed function 'ham'"):
+        router.resolve("ham")
+    router.set_sub_router(ServiceDict().router, "spam")  # (hides the one in dict)
+    with pytest.raises(LookupError, match="No exposed function 'eggs'"):
+        router.resolve("spam/eggs")
+
+
+def test_invalid_paths_stay_invalid_and_the_table_of_paths_is_bounded() -> None:
+    router = ServiceDict({"f": expose(lambda: 1)}).router
+    for path in ("f/", "_f", "a//f", "../f"):
+        for _ in range(2):
+            with pytest.raises(LookupError, match="Invalid component"):
+                router.resolve(path)
+
+    class Path(str):
+        """A str that hashes like another path (a peer cannot send one, a
+        caller in this process can)."""
+
+        def __hash__(self) -> int:
+            return hash("f")
+
+    assert router.resolve(Path("f"))() == 1
+    for number in range(10_000):  # (Valid paths, each to nothing.)
+        with pytest.raises(LookupError):
+            router.resolve(f"no/{number}")
+    assert len(_routing._valid_paths) <= 4096  # noqa: SLF001
+    assert router.resolve("f")() == 1
