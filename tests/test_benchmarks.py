@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from aiomas.benchmark import floor_side, library_side, take_turns
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,3 +122,71 @@ def test_the_fanout_benchmark_prints_ratios_and_the_aa_band(where: list[str]) ->
         fields = row.split()
         assert all(float(field.replace(",", "")) > 0 for field in fields[1:5])
         assert "(A/A band " in row
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_bench_latency_prints_p50s_and_the_latency_added_over_the_floor(
+    loop: str,
+) -> None:
+    pytest.importorskip(loop)
+    args = ["--rounds", "1", "--turns", "2", "--slice", "5", "--loop", loop]
+    args += ["--only", "latency"]
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "aiomas", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    tables = result.stdout.split("\n\n")[2:]
+    assert [table.splitlines()[0] for table in tables] == [
+        f"{impl}, {codec}, 1 in flight, latency (us)"
+        for codec in ("json", "msgpack")
+        for impl in ("channel", "rpc", "agent")
+    ]
+    for table in tables:
+        impl = table.split(",")[0]
+        header, row, median = table.splitlines()[1:]
+        assert header.split() == [
+            "round", "load", "floor", "p50", impl, "p50", "added", "A/A",
+            "floor", "p99", impl, "p99",
+        ]  # fmt: skip
+        assert row.split()[0] == "1"
+        load, floor, ours, added, aa, floor_p99, ours_p99 = (
+            float(cell) for cell in row.split()[1:]
+        )
+        assert load >= 0
+        assert min(floor, ours, floor_p99, ours_p99) > 0
+        assert floor_p99 >= floor
+        assert ours_p99 >= ours
+        # The cells are rounded to 0.1 us.
+        assert added == pytest.approx(ours - floor, abs=0.11)
+        assert abs(aa) < ours + 0.1
+        # One round: its medians are its figures.
+        assert median.split()[0] == "median"
+        assert median.split()[1:7] == row.split()[2:]
+        assert median.endswith(f"(A/A band {aa:.1f} .. {aa:.1f} us)")
+    assert "Fan-out" not in result.stdout
+    assert "Creating" not in result.stdout
+
+
+async def test_take_turns_records_the_duration_of_every_call() -> None:
+    sides = {
+        "floor": await floor_side("json"),
+        "rpc": await library_side("rpc", "json"),
+    }
+    try:
+        sends = {name: send for name, (send, _) in sides.items()}
+        durations: dict[str, list[int]] = {name: [] for name in sides}
+        rates = await take_turns(sends, ["ohai"], 1, 2, 0.005, durations)
+    finally:
+        for _, close in sides.values():
+            await close()
+    for name in sides:
+        assert rates[name] > 0
+        assert durations[name]
+        assert min(durations[name]) > 0
+        # One call in flight: the calls of a turn (5 ms) end at most one call late.
+        assert sum(durations[name]) <= 2 * (0.005 * 1e9 + max(durations[name]))
