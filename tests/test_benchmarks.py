@@ -32,32 +32,30 @@ def _in_a_git_checkout() -> bool:
 )
 def test_compare_with_a_revision_prints_ratios(args: list[str]) -> None:
     script = str(ROOT / "benchmarks" / "compare.py")
-    result = subprocess.run(
-        [sys.executable, "-W", "error", script, "HEAD", "--slices", "2", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(script, "HEAD", "--slices", "2", *args, timeout=120)
     assert result.stderr == ""
     (row,) = [line for line in result.stdout.splitlines() if "new/base" in line]
     assert row.startswith(args[-1])
     assert "A/A" in row
 
 
-def run_benchmark(name: str, *args: str, timeout: float = 60) -> str:
-    """Run ``benchmarks/NAME`` with *args*; return what it printed (it must
-    succeed)."""
+def run_python(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run Python (warnings as errors) with *args*; it must succeed."""
     result = subprocess.run(
-        [sys.executable, "-W", "error", str(ROOT / "benchmarks" / name), *args],
+        [sys.executable, "-W", "error", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return result
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 60) -> str:
+    """Run ``benchmarks/NAME`` with *args*; return what it printed (it must
+    succeed)."""
+    return run_python(str(ROOT / "benchmarks" / name), *args, timeout=timeout).stdout
 
 
 def test_the_simulation_benchmark_runs() -> None:
@@ -131,14 +129,7 @@ def test_bench_latency_prints_p50s_and_the_latency_added_over_the_floor(
     pytest.importorskip(loop)
     args = ["--rounds", "1", "--turns", "2", "--slice", "5", "--loop", loop]
     args += ["--only", "latency"]
-    result = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "aiomas", "bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python("-m", "aiomas", "bench", *args)
     assert result.stderr == ""
     tables = result.stdout.split("\n\n")[2:]
     assert [table.splitlines()[0] for table in tables] == [
