@@ -181,3 +181,18 @@ async def test_take_turns_records_the_duration_of_every_call() -> None:
         assert min(durations[name]) > 0
         # One call in flight: the calls of a turn (5 ms) end at most one call late.
         assert sum(durations[name]) <= 2 * (0.005 * 1e9 + max(durations[name]))
+
+
+def test_bench_latency_with_quick_and_with_processes() -> None:
+    only = ["--only", "json, 1 in flight, latency", "--loop", "asyncio"]
+    quick = run_python("-m", "aiomas", "bench", "--quick", *only).stdout
+    assert "1 round(s) of 5 turns of 50 ms per side" in quick
+    titles = [line for line in quick.splitlines() if line.endswith("latency (us)")]
+    assert titles == [
+        f"{impl}, json, 1 in flight, latency (us)"
+        for impl in ("channel", "rpc", "agent")
+    ]
+    processes = run_python("-m", "aiomas", "bench", "--processes", *only).stdout
+    assert "latency tables run in this process only" in processes
+    assert "latency (us)" not in processes
+    assert "Round trips" not in processes

@@ -1181,8 +1181,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             f"round(s) of {args.turns} turns of {args.slice:g} ms per side "
             "(floor, aiomas, aiomas again for A/A); load: 1-minute load average"
         )
-    if args.processes:
+    if args.processes and any(w.latency for w in workloads):
         # Latencies are differences of small times: taken in turns only.
+        print("(the latency tables run in this process only, not with --processes)")
         workloads = [w for w in workloads if not w.latency]
     if workloads:
         for loop_name in _available_loops(args.loop):
