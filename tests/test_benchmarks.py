@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from aiomas.benchmark import floor_side, library_side, take_turns
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,32 +32,30 @@ def _in_a_git_checkout() -> bool:
 )
 def test_compare_with_a_revision_prints_ratios(args: list[str]) -> None:
     script = str(ROOT / "benchmarks" / "compare.py")
-    result = subprocess.run(
-        [sys.executable, "-W", "error", script, "HEAD", "--slices", "2", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(script, "HEAD", "--slices", "2", *args, timeout=120)
     assert result.stderr == ""
     (row,) = [line for line in result.stdout.splitlines() if "new/base" in line]
     assert row.startswith(args[-1])
     assert "A/A" in row
 
 
-def run_benchmark(name: str, *args: str, timeout: float = 60) -> str:
-    """Run ``benchmarks/NAME`` with *args*; return what it printed (it must
-    succeed)."""
+def run_python(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run Python (warnings as errors) with *args*; it must succeed."""
     result = subprocess.run(
-        [sys.executable, "-W", "error", str(ROOT / "benchmarks" / name), *args],
+        [sys.executable, "-W", "error", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return result
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 60) -> str:
+    """Run ``benchmarks/NAME`` with *args*; return what it printed (it must
+    succeed)."""
+    return run_python(str(ROOT / "benchmarks" / name), *args, timeout=timeout).stdout
 
 
 def test_the_simulation_benchmark_runs() -> None:
@@ -120,3 +120,79 @@ def test_the_fanout_benchmark_prints_ratios_and_the_aa_band(where: list[str]) ->
         fields = row.split()
         assert all(float(field.replace(",", "")) > 0 for field in fields[1:5])
         assert "(A/A band " in row
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_bench_latency_prints_p50s_and_the_latency_added_over_the_floor(
+    loop: str,
+) -> None:
+    pytest.importorskip(loop)
+    args = ["--rounds", "1", "--turns", "2", "--slice", "5", "--loop", loop]
+    args += ["--only", "latency"]
+    result = run_python("-m", "aiomas", "bench", *args)
+    assert result.stderr == ""
+    tables = result.stdout.split("\n\n")[2:]
+    assert [table.splitlines()[0] for table in tables] == [
+        f"{impl}, {codec}, 1 in flight, latency (us)"
+        for codec in ("json", "msgpack")
+        for impl in ("channel", "rpc", "agent")
+    ]
+    for table in tables:
+        impl = table.split(",")[0]
+        header, row, median = table.splitlines()[1:]
+        assert header.split() == [
+            "round", "load", "floor", "p50", impl, "p50", "added", "A/A",
+            "floor", "p99", impl, "p99",
+        ]  # fmt: skip
+        assert row.split()[0] == "1"
+        load, floor, ours, added, aa, floor_p99, ours_p99 = (
+            float(cell) for cell in row.split()[1:]
+        )
+        assert load >= 0
+        assert min(floor, ours, floor_p99, ours_p99) > 0
+        assert floor_p99 >= floor
+        assert ours_p99 >= ours
+        # The cells are rounded to 0.1 us.
+        assert added == pytest.approx(ours - floor, abs=0.11)
+        assert abs(aa) < ours + 0.1
+        # One round: its medians are its figures.
+        assert median.split()[0] == "median"
+        assert median.split()[1:7] == row.split()[2:]
+        assert median.endswith(f"(A/A band {aa:.1f} .. {aa:.1f} us)")
+    assert "Fan-out" not in result.stdout
+    assert "Creating" not in result.stdout
+
+
+async def test_take_turns_records_the_duration_of_every_call() -> None:
+    sides = {
+        "floor": await floor_side("json"),
+        "rpc": await library_side("rpc", "json"),
+    }
+    try:
+        sends = {name: send for name, (send, _) in sides.items()}
+        durations: dict[str, list[int]] = {name: [] for name in sides}
+        rates = await take_turns(sends, ["ohai"], 1, 2, 0.005, durations)
+    finally:
+        for _, close in sides.values():
+            await close()
+    for name in sides:
+        assert rates[name] > 0
+        assert durations[name]
+        assert min(durations[name]) > 0
+        # One call in flight: the calls of a turn (5 ms) end at most one call late.
+        assert sum(durations[name]) <= 2 * (0.005 * 1e9 + max(durations[name]))
+
+
+def test_bench_latency_with_quick_and_with_processes() -> None:
+    only = ["--only", "json, 1 in flight, latency", "--loop", "asyncio"]
+    quick = run_python("-m", "aiomas", "bench", "--quick", *only).stdout
+    assert "1 round(s) of 5 turns of 50 ms per side" in quick
+    titles = [line for line in quick.splitlines() if line.endswith("latency (us)")]
+    assert titles == [
+        f"{impl}, json, 1 in flight, latency (us)"
+        for impl in ("channel", "rpc", "agent")
+    ]
+    processes = run_python("-m", "aiomas", "bench", "--processes", *only).stdout
+    assert "latency tables run in this process only" in processes
+    assert "latency (us)" not in processes
+    assert "Round trips" not in processes

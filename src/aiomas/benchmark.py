@@ -15,6 +15,11 @@ round prints the machine's load beside its ratios; the summary is the median of
 the rounds.  ``--processes`` measures absolute figures instead, client and
 server in separate processes, whole rounds of seconds per side.
 
+The *latency* tables (``--only latency``, in this process only) time every
+call of one call in flight: per round the p50 and p99 of each side, and the
+latency aiomas adds at p50 (its p50 minus the floor's, in microseconds), with
+the A/A difference beside it.
+
 The last table is the time and memory to create many agents in one container.
 
 Benchmarks are run on purpose, never as tests: they take minutes (``--quick``
@@ -47,7 +52,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import aiomas
@@ -86,14 +91,20 @@ class Workload:
     in_flight: int
     payload: str  # "small", "bytes" or "ints"
     impls: tuple[str, ...]
+    latency: bool = False
+    """Whether the figure is the latency of each call (in this process only),
+    not the calls (or MiB) per second."""
 
     @property
     def name(self) -> str:
         what = {"small": "", "bytes": "1 MiB bytes, ", "ints": "1 MiB list of ints, "}
-        return f"{what[self.payload]}{self.codec}, {self.in_flight} in flight"
+        name = f"{what[self.payload]}{self.codec}, {self.in_flight} in flight"
+        return f"{name}, latency" if self.latency else name
 
     @property
     def unit(self) -> str:
+        if self.latency:
+            return "us"
         return "calls/s" if self.payload == "small" else "MiB/s"
 
     def content(self) -> Any:
@@ -111,14 +122,21 @@ class Workload:
         return len(codec(self.content())) / _MIB
 
 
-WORKLOADS = [
-    Workload(codec, in_flight, "small", ("floor", "channel", "rpc", "agent"))
-    for codec in ("json", "msgpack")
-    for in_flight in (1, 100)
-] + [
-    Workload("msgpack", 1, "bytes", ("floor", "channel", "rpc")),
-    Workload("json", 1, "ints", ("floor", "channel", "rpc")),
-]
+WORKLOADS = (
+    [
+        Workload(codec, in_flight, "small", ("floor", "channel", "rpc", "agent"))
+        for codec in ("json", "msgpack")
+        for in_flight in (1, 100)
+    ]
+    + [
+        Workload("msgpack", 1, "bytes", ("floor", "channel", "rpc")),
+        Workload("json", 1, "ints", ("floor", "channel", "rpc")),
+    ]
+    + [
+        Workload(codec, 1, "small", ("floor", "channel", "rpc", "agent"), latency=True)
+        for codec in ("json", "msgpack")
+    ]
+)
 
 
 def _raw_codec(name: str) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
@@ -279,17 +297,27 @@ async def _measure(impl: str, workload: Workload, port: int, seconds: float) -> 
 
 
 async def calls_per_second(
-    send: Callable[[Any], Awaitable[Any]], content: Any, in_flight: int, seconds: float
+    send: Callable[[Any], Awaitable[Any]],
+    content: Any,
+    in_flight: int,
+    seconds: float,
+    durations: list[int] | None = None,
 ) -> float:
     """Make calls ``send(content)`` for *seconds*, *in_flight* at a time;
-    return how many were answered per second."""
+    return how many were answered per second.  With *durations*, append
+    to it how long each call took (ns, from the call to its answer)."""
     count = 0
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         nonlocal count
         while time.perf_counter() < deadline:
-            await send(content)
+            if durations is None:
+                await send(content)
+            else:
+                began = time.perf_counter_ns()
+                await send(content)
+                durations.append(time.perf_counter_ns() - began)
             count += 1
 
     start = time.perf_counter()
@@ -390,16 +418,24 @@ async def take_turns(
     in_flight: int,
     turns: int,
     seconds: float = SLICE_SECONDS,
+    durations: Mapping[str, list[int]] | None = None,
 ) -> dict[str, float]:
     """Let every side make calls for *seconds*, in turn, *turns* times (the
     side that starts rotates); return each side's calls per second over all
-    its turns."""
+    its turns.  With *durations*, append each call's duration (ns) to the
+    list of its side (see :func:`calls_per_second`)."""
     calls = dict.fromkeys(sides, 0.0)
     elapsed = dict.fromkeys(sides, 0.0)
     for order in rotations(sides, turns):
         for name in order:
             began = time.perf_counter()
-            rate = await calls_per_second(sides[name], content, in_flight, seconds)
+            rate = await calls_per_second(
+                sides[name],
+                content,
+                in_flight,
+                seconds,
+                None if durations is None else durations[name],
+            )
             took = time.perf_counter() - began
             calls[name] += rate * took
             elapsed[name] += took
@@ -408,13 +444,34 @@ async def take_turns(
 
 @dataclass(frozen=True)
 class RoundResult:
-    """One round of the in-process mode: each side's rate and the load."""
+    """One round of the in-process mode: each side's rate and the load; for
+    a latency workload also each side's p50 and p99 (microseconds)."""
 
     rates: dict[str, float]
     load: float
+    p50: dict[str, float] = field(default_factory=dict)
+    p99: dict[str, float] = field(default_factory=dict)
 
     def ratio(self, side: str, other: str) -> float:
         return self.rates[side] / self.rates[other]
+
+    def added(self, side: str, other: str) -> float:
+        """How much longer (us) the median call of *side* took than *other*'s."""
+        return self.p50[side] - self.p50[other]
+
+
+def _percentiles(
+    durations: Mapping[str, list[int]], fraction: float
+) -> dict[str, float]:
+    """The nearest-rank percentile *fraction* (us) of the durations (ns) of
+    each side that has any."""
+    percentiles = {}
+    for side, values in durations.items():
+        if values:
+            ordered = sorted(values)
+            index = min(len(ordered) - 1, int(fraction * len(ordered)))
+            percentiles[side] = ordered[index] / 1000
+    return percentiles
 
 
 def _band(values: Sequence[float]) -> str:
@@ -425,7 +482,8 @@ async def measure_in_process(
     workload: Workload, impl: str, rounds: int, turns: int, seconds: float
 ) -> list[RoundResult]:
     """Measure *impl* of *workload* against the floor and against a second
-    copy of itself (A/A), *rounds* rounds of *turns* turns each."""
+    copy of itself (A/A), *rounds* rounds of *turns* turns each (and, for a
+    latency workload, every call's duration)."""
     sides = {
         "floor": await floor_side(workload.codec),
         "ours": await library_side(impl, workload.codec),
@@ -437,12 +495,22 @@ async def measure_in_process(
         await take_turns(sends, content, workload.in_flight, 1, seconds)  # warm up
         results = []
         for _ in range(rounds):
-            rates = await take_turns(sends, content, workload.in_flight, turns, seconds)
+            durations: dict[str, list[int]] = {name: [] for name in sides}
+            rates = await take_turns(
+                sends,
+                content,
+                workload.in_flight,
+                turns,
+                seconds,
+                durations if workload.latency else None,
+            )
             scale = workload.mib()
             results.append(
                 RoundResult(
                     {name: rate * scale for name, rate in rates.items()},
                     os.getloadavg()[0],
+                    _percentiles(durations, 0.5),
+                    _percentiles(durations, 0.99),
                 )
             )
         return results
@@ -459,7 +527,11 @@ async def _in_process_table(
             if impl == "floor":
                 continue
             results = await measure_in_process(workload, impl, rounds, turns, seconds)
-            print_rounds(f"{impl}, {workload.name} ({workload.unit})", impl, results)
+            title = f"{impl}, {workload.name} ({workload.unit})"
+            if workload.latency:
+                print_latency_rounds(title, impl, results)
+            else:
+                print_rounds(title, impl, results)
 
 
 def print_rounds(title: str, impl: str, results: Sequence[RoundResult]) -> None:
@@ -484,6 +556,45 @@ def print_rounds(title: str, impl: str, results: Sequence[RoundResult]) -> None:
         f"{statistics.median(ratios):>8.3f}{statistics.median(aa):>7.3f}"
         f"   (A/A band {_band(aa)})",
         flush=True,
+    )
+
+
+def print_latency_rounds(title: str, impl: str, results: Sequence[RoundResult]) -> None:
+    """Print the latencies of *results* (sides ``floor``, ``ours`` and
+    ``ours2``) as a table under *title*: a row per round with the p50 and p99
+    of the floor and of *impl*, the latency *impl* adds at p50 (its p50 minus
+    the floor's) and the A/A difference (``ours2``'s p50 minus ``ours``');
+    then the medians over the rounds and the A/A band."""
+    print(f"\n{title}")
+    print(
+        f"  {'round':<7}{'load':>6}{'floor p50':>11}{f'{impl} p50':>12}"
+        f"{'added':>8}{'A/A':>7}{'floor p99':>11}{f'{impl} p99':>12}"
+    )
+    columns: list[list[float]] = [[] for _ in range(6)]
+    for number, result in enumerate(results, 1):
+        row = (
+            result.p50["floor"],
+            result.p50["ours"],
+            result.added("ours", "floor"),
+            result.added("ours2", "ours"),
+            result.p99["floor"],
+            result.p99["ours"],
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+        print(f"  {number:<7}{result.load:>6.2f}{_latency_cells(row)}", flush=True)
+    aa = columns[3]
+    print(
+        f"  {'median':<13}{_latency_cells([statistics.median(c) for c in columns])}"
+        f"   (A/A band {min(aa):.1f} .. {max(aa):.1f} us)",
+        flush=True,
+    )
+
+
+def _latency_cells(row: Sequence[float]) -> str:
+    widths = (11, 12, 8, 7, 11, 12)
+    return "".join(
+        f"{value:>{width}.1f}" for value, width in zip(row, widths, strict=True)
     )
 
 
@@ -1010,7 +1121,7 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--only",
         metavar="TEXT",
         help="only workloads whose name contains TEXT (e.g. 'msgpack', "
-        "'100 in flight', 'fan-out', 'agents')",
+        "'100 in flight', 'latency', 'fan-out', 'agents')",
     )
     parser.add_argument(
         "--agents",
@@ -1070,6 +1181,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             f"round(s) of {args.turns} turns of {args.slice:g} ms per side "
             "(floor, aiomas, aiomas again for A/A); load: 1-minute load average"
         )
+    if args.processes and any(w.latency for w in workloads):
+        # Latencies are differences of small times: taken in turns only.
+        print("(the latency tables run in this process only, not with --processes)")
+        workloads = [w for w in workloads if not w.latency]
     if workloads:
         for loop_name in _available_loops(args.loop):
             if args.processes:
