@@ -544,3 +544,32 @@ def test_invalid_paths_stay_invalid_and_the_table_of_paths_is_bounded() -> None:
             router.resolve(f"no/{number}")
     assert len(_routing._valid_paths) <= 4096  # noqa: SLF001
     assert router.resolve("f")() == 1
+
+
+def test_a_router_whose_making_failed_is_made_again_on_the_next_access() -> None:
+    failures = [RuntimeError("not placed yet")]
+
+    class Inner:
+        router = Service()
+
+        @expose
+        def ping(self) -> str:
+            return "pong"
+
+    class Outer:
+        router = Service(["inner"])
+
+        def __init__(self) -> None:
+            self.inner = Inner()
+
+        def __rpc_router_made__(self, router: Router) -> None:
+            if failures:
+                raise failures.pop()
+
+    outer = Outer()
+    with pytest.raises(RuntimeError, match="not placed yet"):
+        _ = outer.router
+    router = outer.router  # (made again: this time the hook succeeds)
+    assert router is outer.router
+    assert router.resolve("inner/ping")() == "pong"
+    assert outer.inner.router.parent is router

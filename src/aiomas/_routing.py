@@ -397,10 +397,13 @@ class Service:
     ``_aiomas_<name>`` (``_aiomas_router`` for the usual name): a class with
     ``__slots__`` lists that name among them, as :class:`~aiomas.Agent` does.
     If the class defines a method ``__rpc_router_made__(self, router)``, it is
-    called with each new router before it is first returned: the place to set
+    called with each new router (after its *sub_routers* were declared)
+    before it is first returned: the place to set
     the router's :attr:`~Router.parent` and :attr:`~Router.name` for a service
     that knows where it lives (:class:`~aiomas.Agent` does, so that nothing is
-    built for an agent until its router is used).
+    built for an agent until its router is used).  If declaring or the hook
+    raises, the error comes out of the access, and the next access makes the
+    router again.
 
     Args:
         sub_routers: Names of attributes that hold sub-services (instances with a
@@ -441,11 +444,16 @@ class Service:
                     f"{type(obj).__qualname__} instances need a __dict__ or a "
                     f"{self._attr!r} slot to hold their RPC router"
                 ) from None
-            made = getattr(type(obj), _MADE_HOOK, None)
-            if made is not None:
-                made(obj, router)
-            if self.sub_routers:
-                router.declare(self.sub_routers)
+            try:
+                if self.sub_routers:
+                    router.declare(self.sub_routers)
+                made = getattr(type(obj), _MADE_HOOK, None)
+                if made is not None:
+                    made(obj, router)
+            except BaseException:
+                # Half made: the next access makes it again, and tells again.
+                setattr(obj, self._attr, None)
+                raise
         return router
 
     def __set__(self, obj: Any, value: Any) -> None:
