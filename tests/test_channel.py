@@ -150,6 +150,32 @@ async def test_both_sides_send_requests(endpoint: Endpoint) -> None:
         await channel.close()
 
 
+async def test_many_calls_of_mixed_sizes_in_flight_arrive_whole(
+    endpoint: Endpoint,
+) -> None:
+    """Calls in flight wake many callers per read, whose next messages leave
+    gathered: on every transport, with payloads from empty to several hundred
+    KiB (some above the size that is never joined), every call gets its own
+    content back, and a reply to the last calls is not held back."""
+    rng = random.Random(7)
+    sizes = [0, 1, 100, 100, 1000, 1000, 70_000, 300_000]
+
+    async def client(channel: Channel, index: int) -> None:
+        for round_ in range(6):
+            content = f"{index}/{round_}/" + "x" * rng.choice(sizes)
+            assert await channel.send(content) == content
+
+    async with serving(endpoint, echo_forever) as addr:
+        channel = await connect(endpoint, addr)
+        await asyncio.wait_for(
+            asyncio.gather(*(client(channel, index) for index in range(20))),
+            30.0,
+        )
+        # One more, alone: it waits for nothing gathered.
+        assert await asyncio.wait_for(channel.send("last"), 100 * TIME_UNIT) == "last"
+        await channel.close()
+
+
 async def test_large_messages(endpoint: Endpoint) -> None:
     big = "x" * (3 * 2**20)
 
