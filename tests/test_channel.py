@@ -176,6 +176,62 @@ async def test_many_calls_of_mixed_sizes_in_flight_arrive_whole(
         await channel.close()
 
 
+async def _two_replies_then(
+    close: Callable[[Channel], Awaitable[None]], endpoint: Endpoint
+) -> list[Any]:
+    """The server answers two requests that came in one read (so its task
+    was woken by a read of several frames and what it sends is gathered),
+    then *close* ends the connection; return what the client's calls gave."""
+
+    async def handle(channel: Channel) -> None:
+        first = await channel.recv()
+        second = await channel.recv()
+        first.reply_nowait("one")
+        second.reply_nowait("two")
+        await close(channel)
+
+    async with serving(endpoint, handle) as addr:
+        client = await connect(endpoint, addr)
+        # Sent in one step: the server gets both frames in one read.
+        futures = [client.send("a"), client.send("b")]
+        try:
+            return list(
+                await asyncio.wait_for(
+                    asyncio.gather(*futures, return_exceptions=True), 10
+                )
+            )
+        finally:
+            await client.close()
+
+
+async def test_replies_sent_just_before_channel_close_arrive(
+    endpoint: Endpoint,
+) -> None:
+    async def close(channel: Channel) -> None:
+        await channel.close()
+
+    assert await _two_replies_then(close, endpoint) == ["one", "two"]
+
+
+async def test_what_a_write_eof_keeps_from_leaving_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Closing the transport directly (not the channel) right after sending,
+    in a step woken by a read of several frames, drops what was gathered; the
+    calls of the peer fail (they do not wait forever), and after write_eof()
+    the reason is logged."""
+
+    async def close(channel: Channel) -> None:
+        cast(asyncio.WriteTransport, channel.transport).write_eof()
+        await asyncio.sleep(0)
+        await channel.close()
+
+    got = await _two_replies_then(close, Endpoint("tcp4", ("127.0.0.1", 0)))
+    assert all(isinstance(result, ConnectionResetError) for result in got)
+    warnings = [r.getMessage() for r in aiomas_records(caplog, logging.WARNING)]
+    assert any("Could not write to" in text for text in warnings), warnings
+
+
 async def test_large_messages(endpoint: Endpoint) -> None:
     big = "x" * (3 * 2**20)
 
@@ -978,6 +1034,8 @@ async def test_gathered_writes_keep_big_payloads_apart_and_stay_bounded() -> Non
     await asyncio.sleep(0)
     assert len(transport.writes) == 4
     assert [message[1] for message in messages_written(transport)] == list(range(12))
+    limit = aiomas.protocol.JOINED_WRITE_LIMIT
+    assert all(len(transport.writes[i]) <= limit for i in (0, 2, 3))
     transport.lose_connection()
 
 

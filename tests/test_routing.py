@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import functools
+import gc
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -531,14 +533,6 @@ def test_invalid_paths_stay_invalid_and_the_table_of_paths_is_bounded() -> None:
             with pytest.raises(LookupError, match="Invalid component"):
                 router.resolve(path)
 
-    class Path(str):
-        """A str that hashes like another path (a peer cannot send one, a
-        caller in this process can)."""
-
-        def __hash__(self) -> int:
-            return hash("f")
-
-    assert router.resolve(Path("f"))() == 1
     for number in range(10_000):  # (Valid paths, each to nothing.)
         with pytest.raises(LookupError):
             router.resolve(f"no/{number}")
@@ -573,3 +567,44 @@ def test_a_router_whose_making_failed_is_made_again_on_the_next_access() -> None
     assert router is outer.router
     assert router.resolve("inner/ping")() == "pong"
     assert outer.inner.router.parent is router
+
+
+def test_a_str_subclass_is_resolved_as_what_it_is() -> None:
+    """Only a caller in this process can pass one (the codecs decode exact
+    strs): a subclass is checked every time, never looked up in the table of
+    valid paths by its own hash and equality."""
+    router = ServiceDict({"f": expose(lambda: "f")}).router
+    assert router.resolve("f")() == "f"
+
+    class Liar(str):
+        def __hash__(self) -> int:
+            return hash("f")
+
+        def __eq__(self, other: object) -> bool:
+            return True
+
+    class Unhashable(str):
+        __hash__ = None  # type: ignore[assignment]
+
+    with pytest.raises(LookupError, match="Invalid component"):
+        router.resolve(Liar("_secret"))
+    assert router.resolve(Unhashable("f"))() == "f"
+
+
+def test_long_paths_from_peers_are_not_kept() -> None:
+    """300 calls of 100 kB paths that name nothing keep nothing."""
+    router = ServiceDict({"f": expose(lambda: "f")}).router
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(300):
+            path = f"{number}" + "a" * 100_000
+            with pytest.raises(LookupError):
+                router.resolve(path)
+            del path
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000, f"{kept} bytes kept after the calls"

@@ -181,12 +181,13 @@ class Router:
         Raises:
             LookupError: if there is no exposed function at *path*.
         """
-        if not isinstance(path, str):
+        if type(path) is str:
+            components, name = _valid_paths.get(path) or _split_path(path)
+        elif isinstance(path, str):
+            # (A subclass may hash and compare its own way: never looked up.)
+            components, name = _split_path(path)
+        else:
             raise LookupError(f"An RPC path must be a string, not {short_repr(path)}")
-        parts = _valid_paths.get(path)
-        if parts is None:
-            parts = _split_path(path)
-        components, name = parts
         router = self
         for component in components:
             sub = router.sub_router(component)
@@ -322,8 +323,10 @@ class Router:
 
 
 _MISSING: Final = object()
-# Valid paths, split (see _split_path()).
+# Valid paths, split (see _split_path()): at most this many, of at most this
+# many characters (peers choose them, and may send long ones).
 _MAX_VALID_PATHS: Final = 4096
+_MAX_KEPT_PATH: Final = 256
 _valid_paths: dict[str, tuple[tuple[str, ...], str]] = {}
 
 
@@ -351,9 +354,9 @@ def _split_path(path: str) -> tuple[tuple[str, ...], str]:
         raise _invalid_component_error(culprit, path)
     name = components.pop()
     parts = (tuple(components), name)
-    if type(path) is str:  # (A str subclass may hash and compare its own way.)
+    if type(path) is str and len(path) <= _MAX_KEPT_PATH:
         if len(_valid_paths) >= _MAX_VALID_PATHS:
-            _valid_paths.clear()  # (Peers choose the paths: a bounded table.)
+            _valid_paths.clear()
         _valid_paths[path] = parts
     return parts
 

@@ -655,7 +655,10 @@ class Channel:
     async def close(self) -> None:
         """Close the channel and wait until the connection is closed.
 
-        Requests still waiting for a reply fail with :class:`ConnectionResetError`.
+        What was sent before leaves first (including what is gathered after a
+        read of several frames, see :meth:`ChannelProtocol.flush`, which
+        closing the transport directly would drop).  Requests still waiting
+        for a reply fail with :class:`ConnectionResetError`.
         """
         transport = self.transport
         if not transport.is_closing():
@@ -1140,12 +1143,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             return
         self._gathered = []
         self.core.on_data = self._write_gathered
-        self._loop.call_soon(self.flush)
+        self._loop.call_soon(self._flush_gathered)
 
     def _write_gathered(self, chunk: bytes | bytearray | memoryview) -> None:
         # (The core's on_data while gathering.)
-        gathered = self._gathered
-        assert gathered is not None
         size = len(chunk)
         if size > JOIN_LIMIT:
             # A big payload is never copied: what came before it goes first.
@@ -1153,10 +1154,12 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             if self._write is not None:
                 self._write(chunk)
             return
+        if self._gathered_size + size > JOINED_WRITE_LIMIT:
+            self._write_out()  # (It starts a new list.)
+        gathered = self._gathered
+        assert gathered is not None
         gathered.append(chunk)
         self._gathered_size += size
-        if self._gathered_size >= JOINED_WRITE_LIMIT:
-            self._write_out()
 
     def _write_out(self) -> None:
         gathered = self._gathered
@@ -1171,13 +1174,39 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def flush(self) -> None:
         """Write what was gathered after a read of several frames (see
         :meth:`_gather_writes`) and write directly again.  Does nothing when
-        nothing is gathered."""
-        if self._gathered is None:
+        nothing is gathered.
+
+        Raises:
+            What the transport's ``write()`` raises (the gathering has ended
+            all the same).
+        """
+        gathered = self._gathered
+        if gathered is None:
             return
-        self._write_out()
         self._gathered = None
-        if self._write is not None and not self.core.closed:
-            self.core.on_data = self._write
+        self._gathered_size = 0
+        write = self._write
+        if write is None:
+            return
+        if not self.core.closed:
+            self.core.on_data = write
+        if gathered:
+            write(gathered[0] if len(gathered) == 1 else b"".join(gathered))
+
+    def _flush_gathered(self) -> None:
+        # (Scheduled by _gather_writes(): the callers of the read have run.)
+        try:
+            self.flush()
+        except Exception as exc:
+            # E.g. somebody called the transport's write_eof() meanwhile: what
+            # was gathered cannot leave, as a write of it then would not have.
+            peer = self.channel.peername if self.channel is not None else None
+            logger.warning(
+                "Could not write to %s what was sent after a read: %r",
+                peer,
+                exc,
+                extra={"peer": peer},
+            )
 
     def _dispatch(self, events: Iterable[Event]) -> bool:
         """Dispatch the events of a read (the core writes the replies to its
