@@ -39,6 +39,7 @@ link is opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import errno
 import functools
@@ -336,8 +337,9 @@ class NatsLink:
 
     @property
     def transports(self) -> frozenset[NatsTransport]:
-        """The open connections over this link."""
-        return frozenset(self._transports)
+        """The open connections over this link (not those closed that still
+        wait for their peer to confirm the end)."""
+        return frozenset(t for t in self._transports if not t.is_closing())
 
     def subject(self, name: str, what: str) -> str:
         """The subject *what* (``connect``) of the container *name*."""
@@ -414,9 +416,21 @@ class NatsLink:
         self._lose_all(ConnectionResetError("Our link to the NATS system was cut"))
 
     async def _close(self) -> None:
-        for transport in list(self._transports):
+        transports = list(self._transports)
+        for transport in transports:
             transport.close()
         await asyncio.sleep(0)  # let their connection_lost() run
+        # What was written reaches the peers, and the end with it: a peer
+        # that is reconnecting gets it when it is back, within the bound.
+        config = self.config
+        waiting = [t.wait_finished() for t in transports if t.ending]
+        if waiting:
+            done = asyncio.gather(*waiting)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    done, config.heartbeat_interval + config.heartbeat_timeout
+                )
+        self._lose_all(ConnectionResetError(f"{self!r} is closed"))
         await self.client.close()
 
     def _pressure(self, paused: bool) -> None:
@@ -736,19 +750,25 @@ def _decode(data: bytes) -> dict[str, Any] | None:
 # Messages on a session's inboxes (see the module docstring): a kind byte and
 # stream offsets (unsigned 64-bit, big-endian).
 _DATA: Final = b"D"  # offset, then the bytes at that offset of the stream
-_ACK: Final = b"A"  # what the sender of the ack has received
-_RESEND: Final = b"R"  # received, sent: resend what I lack; here is what I sent
+_ACK: Final = b"A"  # what the sender of the ack has handed to its protocol
+# received, sent: resend what I lack (an ack up to received); I sent so much
+_RESEND: Final = b"R"
 _END: Final = b"E"  # sent: the stream ends after that many bytes
+_ENDED: Final = b"F"  # received: I have the whole stream and its end
 _BEAT: Final = b"H"  # sent, with a reply subject: answered with an ack
 _OFFSET: Final = struct.Struct(">cQ")
 _TWO_OFFSETS: Final = struct.Struct(">cQQ")
 ACK_EVERY: Final = 256 * 1024
-"""A receiver acknowledges at least every this many bytes (and with every
-heartbeat answer), so that the sender may forget them."""
+"""A receiver acknowledges at least every this many bytes handed to its
+protocol (and with every heartbeat answer), so that the sender may forget
+them."""
 UNACKED_HIGH: Final = 8 * 2**20
 """Writers are told to pause when this many bytes wait for an ack..."""
 UNACKED_LOW: Final = 2 * 2**20
 """...and to resume when the acks brought it under this."""
+HELD_LIMIT: Final = 2 * UNACKED_HIGH
+"""The most a receiver holds while its protocol paused reading; what comes
+beyond it is dropped and asked for again when reading resumes."""
 
 
 class NatsTransport(asyncio.Transport):
@@ -757,7 +777,9 @@ class NatsTransport(asyncio.Transport):
     The byte stream survives a reconnect of either side's link (to the same
     or another server): every piece carries its offset, the receiver drops
     duplicates and asks for what it lacks, the sender keeps what was not
-    acknowledged yet and sends it again when asked.
+    acknowledged yet and sends it again when asked.  Only what the protocol
+    was given is acknowledged: a protocol that pauses reading makes the
+    peer's writers pause, as over TCP.
     """
 
     def __init__(
@@ -770,11 +792,22 @@ class NatsTransport(asyncio.Transport):
         self.inbox = link.client.new_inbox()
         self.peer_inbox: str | None = None
         self._unsubscribe: Callable[[], Awaitable[None]] | None = None
-        # What arrived before connection_made() or while reading is paused.
+        # What arrived before connection_made() or while reading is paused
+        # (b"" for the end), and its size.
         self._held: deque[bytes] = deque()
+        self._held_size = 0
         self._reading = False
+        # close() or the end: no more writes, nothing more for the protocol.
         self._closing = False
+        # The protocol was told (connection_lost() is scheduled).
         self._lost = False
+        # We sent the end and wait for the peer to confirm it (F).
+        self._ending = False
+        # The peer's end arrived (in order).
+        self._peer_ended = False
+        # Unsubscribed, everything dropped: nothing to do any more.
+        self._finished = False
+        self._done: asyncio.Future[None] = self._loop.create_future()
         self._heartbeat: asyncio.Task[None] | None = None
         self._link_paused = False
         self._writing_paused = False
@@ -784,10 +817,14 @@ class NatsTransport(asyncio.Transport):
         self._acked = 0
         self._unacked: deque[tuple[int, bytes]] = deque()
         self._unacked_size = 0
-        # Receiving: the bytes of the stream so far, up to where we told the
-        # peer, and when we last asked for a resend (and from where).
+        # Receiving: the bytes of the stream we have (given to the protocol
+        # or held), those given to the protocol, what we acknowledged, the
+        # most the peer said it sent, and when we last asked for a resend
+        # (and from where).
         self._received = 0
+        self._delivered = 0
         self._received_acked = 0
+        self._peer_sent = 0
         self._asked: tuple[int, float] | None = None
         self._heard = self._loop.time()
 
@@ -802,7 +839,9 @@ class NatsTransport(asyncio.Transport):
 
     async def discard(self) -> None:
         """Give up a transport that was never started."""
-        self._closing = self._lost = True
+        self._closing = self._lost = self._finished = True
+        if not self._done.done():
+            self._done.set_result(None)
         if self._unsubscribe is not None:
             await self._unsubscribe()
 
@@ -833,10 +872,20 @@ class NatsTransport(asyncio.Transport):
         """Bytes sent, acknowledged by the peer, and received so far."""
         return self._sent, self._acked, self._received
 
+    def get_read_buffer_size(self) -> int:
+        """The bytes received but not given to the protocol yet (it paused
+        reading); at most :data:`HELD_LIMIT`."""
+        return self._held_size
+
+    async def wait_finished(self) -> None:
+        """Wait until the transport is done with the peer: after a close,
+        when the peer confirmed the end, or gave up (see :meth:`close`)."""
+        await asyncio.shield(self._done)
+
     # Receiving
 
     def _received_message(self, data: bytes, reply: str) -> None:
-        if self._lost:
+        if self._finished:
             return
         # Whatever comes from the peer shows it is there (a busy peer may
         # answer heartbeats late: they queue behind its data).
@@ -850,8 +899,10 @@ class NatsTransport(asyncio.Transport):
                 self._acknowledged(_OFFSET.unpack(data)[1])
             elif kind == _BEAT and reply:
                 sent = _OFFSET.unpack(data)[1]
-                self._publish(reply, _OFFSET.pack(_ACK, self._received))
-                self._received_acked = self._received
+                # What the protocol has, not what we hold: a paused reader
+                # answers (it is alive) without taking more.
+                self._publish(reply, _OFFSET.pack(_ACK, self._delivered))
+                self._received_acked = self._delivered
                 self._check_complete(sent)
             elif kind == _RESEND:
                 _, received, sent = _TWO_OFFSETS.unpack(data)
@@ -859,6 +910,8 @@ class NatsTransport(asyncio.Transport):
                 self._check_complete(sent)
             elif kind == _END:
                 self._received_end(_OFFSET.unpack(data)[1])
+            elif kind == _ENDED:
+                self._end_confirmed(_OFFSET.unpack(data)[1])
             else:
                 raise ValueError(f"unknown message kind {kind!r}")
         except (struct.error, ValueError) as exc:
@@ -871,46 +924,76 @@ class NatsTransport(asyncio.Transport):
             self.lose(ConnectionResetError(f"The peer broke the NATS session: {exc}"))
 
     def _received_data(self, offset: int, data: bytes, start: int) -> None:
+        if self._closing or self._peer_ended:
+            return  # Closed: nobody reads it any more.
         received = self._received
         end = offset + len(data) - start
+        self._peer_sent = max(self._peer_sent, end)
         if end <= received:
             return  # Sent again: we have it.
         if offset > received:
             self._ask_for(received)  # Something before it was lost.
             return
         piece = data[start + received - offset :]
-        self._received = end
         self._asked = None
-        if end - self._received_acked >= ACK_EVERY:
-            self._received_acked = end
-            self._send_to_peer(_OFFSET.pack(_ACK, end))
         # Held until the connection is made -- the answer to our connect
         # request may come after the peer's first messages, through another
         # subscription -- and while reading pauses.
         if not self._reading or self._held:
+            if self._held_size + len(piece) > HELD_LIMIT:
+                return  # Asked for again when reading resumes.
             self._held.append(piece)
+            self._held_size += len(piece)
+            self._received = end
         else:
+            self._received = end
             self._feed(piece)
+            self._ack_delivered()
+
+    def _ack_delivered(self) -> None:
+        if self._delivered - self._received_acked >= ACK_EVERY and not self._lost:
+            self._received_acked = self._delivered
+            self._send_to_peer(_OFFSET.pack(_ACK, self._delivered))
 
     def _received_end(self, offset: int) -> None:
+        self._peer_sent = max(self._peer_sent, offset)
+        if self._closing:
+            # We closed too: the rest of the stream does not matter.
+            self._send_to_peer(_OFFSET.pack(_ENDED, offset))
+            return
         if offset > self._received:
             self._ask_for(self._received)
             return
-        if not self._reading or self._held:
-            self._held.append(b"")
-        else:
+        # The whole stream is here (held, maybe): the peer may forget it.
+        self._send_to_peer(_OFFSET.pack(_ENDED, offset))
+        if self._peer_ended:
+            return  # (The end again: our confirmation was lost.)
+        self._peer_ended = True
+        if self._reading and not self._held:
             self._eof()
+        else:
+            self._held.append(b"")
+
+    def _end_confirmed(self, received: int) -> None:
+        if received != self._sent:
+            raise ValueError(f"end confirmed at {received}, {self._sent} were sent")
+        if self._ending:
+            self._finish()
 
     def _check_complete(self, sent: int) -> None:
         """The peer has sent *sent* bytes: ask for what did not arrive."""
+        self._peer_sent = max(self._peer_sent, sent)
         if sent > self._received:
             self._ask_for(self._received)
 
     def _ask_for(self, received: int) -> None:
         """Ask the peer to send everything after *received* again (once per
         gap and heartbeat interval: the answer takes a round trip)."""
-        if self.peer_inbox is None:
-            return  # Not started: the first heartbeat will tell.
+        if self.peer_inbox is None or not self._reading or self._closing:
+            # Not started (the first heartbeat will tell), reading paused
+            # (asked when it resumes: a request acknowledges what we have,
+            # and we hold that without reading it), or closed.
+            return
         now = self._loop.time()
         asked = self._asked
         interval = self._link.config.heartbeat_interval
@@ -920,14 +1003,16 @@ class NatsTransport(asyncio.Transport):
         self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, received, self._sent))
 
     def _eof(self) -> None:
+        self._delivered = self._received
         keep_open = cast(asyncio.Protocol, self._protocol).eof_received()
         if not keep_open:
-            self._closing = True
-            self._finish(None, say_goodbye=False)
+            self._tell_protocol(None)
+            self._finish()
 
     def _feed(self, data: bytes) -> None:
         protocol = self._protocol
         if not isinstance(protocol, asyncio.BufferedProtocol):
+            self._delivered += len(data)
             cast(asyncio.Protocol, protocol).data_received(data)
             return
         view = memoryview(data)
@@ -936,21 +1021,28 @@ class NatsTransport(asyncio.Transport):
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             view = view[size:]
+            self._delivered += size
             protocol.buffer_updated(size)
             if self._lost:
                 return
             if view and not self._reading:
                 self._held.appendleft(bytes(view))
+                self._held_size += len(view)
                 return
 
     def _deliver_held(self) -> None:
         held = self._held
         while held and self._reading and not self._lost:
             data = held.popleft()
+            self._held_size -= len(data)
             if data:
                 self._feed(data)
             else:
                 self._eof()
+        if self._reading and not self._lost:
+            self._ack_delivered()
+            # What was dropped while reading paused, or lost meanwhile.
+            self._check_complete(self._peer_sent)
 
     def _overflow(self) -> None:
         self.lose(
@@ -961,6 +1053,8 @@ class NatsTransport(asyncio.Transport):
         )
 
     def pause_reading(self) -> None:
+        """Hold what arrives (up to :data:`HELD_LIMIT`) and acknowledge
+        nothing more, so that the peer's writers pause."""
         self._reading = False
 
     def resume_reading(self) -> None:
@@ -979,6 +1073,15 @@ class NatsTransport(asyncio.Transport):
     def _send_to_peer(self, data: bytes) -> None:
         if self.peer_inbox is not None:
             self._link.client.publish(self.peer_inbox, data)
+
+    def _send_piece(self, offset: int, piece: bytes) -> None:
+        """Send *piece* of the stream, in messages the server takes (its
+        limit may be another one after a reconnect)."""
+        limit = self._link.client.max_payload - _OFFSET.size
+        for start in range(0, len(piece), limit):
+            self._send_to_peer(
+                _OFFSET.pack(_DATA, offset + start) + piece[start : start + limit]
+            )
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self.peer_inbox is None:
@@ -1016,19 +1119,28 @@ class NatsTransport(asyncio.Transport):
             self._update_pressure()
 
     def _resend(self, received: int) -> None:
-        """Send again what the peer lacks (after *received* bytes)."""
+        """Send again what the peer lacks (after *received* bytes), and the
+        end if we closed."""
         self._acknowledged(received)
         for offset, piece in self._unacked:
             skip = max(received - offset, 0)
-            self._send_to_peer(_OFFSET.pack(_DATA, offset + skip) + piece[skip:])
+            if skip < len(piece):
+                self._send_piece(offset + skip, piece[skip:])
+        if self._ending:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
 
     def resync(self) -> None:
         """Our link is back (maybe through another server): tell the peer
         what we have and have sent, so that each side resends what the
         other lacks."""
-        if not self._lost and self.peer_inbox is not None:
-            self._asked = (self._received, self._loop.time())
-            self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, self._received, self._sent))
+        if self._finished or self.peer_inbox is None:
+            return
+        # From what the protocol has: a resend request acknowledges, and
+        # what we hold while reading pauses is not acknowledged yet.
+        self._asked = (self._delivered, self._loop.time())
+        self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, self._delivered, self._sent))
+        if self._ending:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
 
     def pressure(self, paused: bool) -> None:
         """The link's send queue is over its high-water mark (*paused*), or
@@ -1068,43 +1180,85 @@ class NatsTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self._closing
 
+    @property
+    def ending(self) -> bool:
+        """Whether the transport was closed and still waits for the peer to
+        confirm the end (see :meth:`close`)."""
+        return self._ending and not self._finished
+
     def close(self) -> None:
-        """Send the end of the stream after what was written, and close."""
+        """Send the end of the stream after what was written, and close.
+
+        The protocol hears of it at once (``connection_lost(None)``); the
+        transport goes on in the background until the peer has confirmed
+        the end: it sends what the peer lacks (say, it lost it while its
+        link reconnected) again and the end with it.  It gives up when the
+        peer was not heard for ``heartbeat_interval + heartbeat_timeout``
+        seconds, or when its link closes (:meth:`wait_finished`).
+        """
         if self._closing:
             return
         self._closing = True
-        self._finish(None, say_goodbye=True)
+        self._tell_protocol(None)
+        if self.peer_inbox is None or self._heartbeat is None:
+            self._finish()
+            return
+        self._ending = True
+        self._held.clear()
+        self._held_size = 0
+        self._send_to_peer(_OFFSET.pack(_END, self._sent))
 
     def abort(self) -> None:
-        self.close()
+        """Send the end (once, without waiting for the peer to confirm it)
+        and close at once, dropping what the peer did not acknowledge."""
+        if not self._closing:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
+        self._closing = True
+        self._tell_protocol(None)
+        self._finish()
 
     def lose(self, exc: Exception) -> None:
-        """End the connection with *exc* (the peer vanished, the link broke)."""
-        if self._lost:
+        """End the connection with *exc* (the peer vanished, the link broke);
+        a closed transport stops waiting for the peer's confirmation."""
+        if self._finished:
             return
+        if self._ending:
+            logger.debug(
+                "NATS: %s did not confirm the end of the stream: %s",
+                self.get_extra_info("peername"),
+                exc,
+            )
         self._closing = True
-        self._finish(exc, say_goodbye=False)
+        self._tell_protocol(exc)
+        self._finish()
 
-    def _finish(self, exc: Exception | None, *, say_goodbye: bool) -> None:
+    def _tell_protocol(self, exc: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
-        link = self._link
-        if say_goodbye:
-            self._send_to_peer(_OFFSET.pack(_END, self._sent))
-        link.discard(self)
+        if self.peer_inbox is not None:
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def _finish(self) -> None:
+        """Unsubscribe and drop everything."""
+        if self._finished:
+            return
+        self._finished = True
+        self._link.discard(self)
         heartbeat = self._heartbeat
         if heartbeat is not None and heartbeat is not asyncio.current_task():
             heartbeat.cancel()
         self._held.clear()
+        self._held_size = 0
         self._unacked.clear()
+        self._unacked_size = 0
         unsubscribe = self._unsubscribe
-        if self.peer_inbox is not None:
-            self._loop.call_soon(self._protocol.connection_lost, exc)
         if unsubscribe is not None:
             task = asyncio.ensure_future(unsubscribe())
             # Tracked by the link's close() through the client; nothing to wait for.
             task.add_done_callback(_ignore)
+        if not self._done.done():
+            self._done.set_result(None)
 
     async def _beat(self) -> None:
         """Every heartbeat_interval, ask the peer what it has received; end
@@ -1124,7 +1278,7 @@ class NatsTransport(asyncio.Transport):
             await asyncio.sleep(
                 max(min(config.heartbeat_interval, deadline - loop.time()), 0)
             )
-            if self._lost:
+            if self._finished:
                 return
             if client.is_connected:
                 timeout = min(config.heartbeat_timeout, deadline - loop.time())
@@ -1146,6 +1300,9 @@ class NatsTransport(asyncio.Transport):
                     why = f"could not be asked ({exc})"
                 else:
                     self._received_message(answer, "")
+                    if self._ending and not self._finished:
+                        # The end (or its confirmation) may have been lost.
+                        self._send_to_peer(_OFFSET.pack(_END, self._sent))
                     deadline = loop.time() + bound
                     continue
             else:

@@ -1,0 +1,219 @@
+"""Tests for aiomas.nats against a real nats-server: flow control between the
+two ends of a session (a peer that stops reading), a close while the peer's
+link reconnects, INFO answers larger than the server takes, and containers
+that claim one name at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+import aiomas
+import aiomas.nats
+from aiomas.nats import HELD_LIMIT, UNACKED_HIGH, NatsConfig, NatsTransport
+
+from .conftest import nats_missing
+from .nats_server import NatsServer, cluster, running
+
+pytestmark = pytest.mark.skipif(nats_missing() is not None, reason=str(nats_missing()))
+
+WAIT = 10.0
+BEAT = 0.25
+CHUNK = 2**20
+
+
+@contextlib.asynccontextmanager
+async def links(
+    url: str, *names: str, **overrides: Any
+) -> AsyncIterator[list[aiomas.nats.NatsLink]]:
+    """Links to the NATS server at *url*, one per container name."""
+    opened: list[aiomas.nats.NatsLink] = []
+    try:
+        for name in names:
+            config = NatsConfig.from_url(f"{url}/{name}", **overrides)
+            opened.append(await aiomas.nats.connect(config))
+        yield opened
+    finally:
+        for link in opened:
+            await link.close()
+
+
+class Reader(asyncio.Protocol):
+    """Keeps what arrives; pauses reading as soon as it is connected if
+    *paused*."""
+
+    def __init__(self, paused: bool) -> None:
+        self.paused = paused
+        self.data = bytearray()
+        self.transport: NatsTransport | None = None
+        self.lost: asyncio.Future[Exception | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(NatsTransport, transport)
+        if self.paused:
+            self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class Writer(Reader):
+    """Also waits in :meth:`drain` while the transport pauses writing."""
+
+    def __init__(self) -> None:
+        super().__init__(paused=False)
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.pauses = 0
+
+    def pause_writing(self) -> None:
+        self.pauses += 1
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    async def drain(self) -> None:
+        await self.writable.wait()
+
+
+@contextlib.asynccontextmanager
+async def session(
+    server_link: aiomas.nats.NatsLink,
+    client_link: aiomas.nats.NatsLink,
+    reader: Reader,
+) -> AsyncIterator[tuple[Writer, Reader]]:
+    """A connection from *client_link* (a :class:`Writer`) to a container on
+    *server_link* whose protocol is *reader*."""
+    name = server_link.config.name
+    server = await server_link.endpoint(name).create_server(lambda: reader)
+    try:
+        writer = Writer()
+        await client_link.endpoint(name).create_connection(lambda: writer)
+        async with asyncio.timeout(WAIT):
+            while reader.transport is None:
+                await asyncio.sleep(0.01)
+        try:
+            yield writer, reader
+        finally:
+            assert writer.transport is not None
+            writer.transport.close()
+            reader.transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def pattern(start: int, size: int) -> bytes:
+    """*size* bytes of the stream from *start* on (each position tells its
+    offset, so that reordering or a lost piece shows)."""
+    first, count = divmod(start, 4)
+    words = b"".join(
+        (i % 2**32).to_bytes(4, "big") for i in range(first, first + size // 4 + 2)
+    )
+    return words[count : count + size]
+
+
+# --- 1. backpressure ----------------------------------------------------------------
+
+
+async def test_a_peer_that_stops_reading_makes_the_writer_wait(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """The receiver acknowledges only what its protocol got: while it does not
+    read, the sender's unacknowledged data passes its limit and drain()
+    blocks; the receiver holds a bounded amount.  Heartbeats go on (a paused
+    reader is alive).  When reading resumes everything arrives, in order."""
+    async with links(
+        nats_server.url,
+        "s",
+        "c",
+        prefix=nats_prefix,
+        heartbeat_interval=BEAT,
+        heartbeat_timeout=BEAT,
+    ) as (s, c):
+        async with session(s, c, Reader(paused=True)) as (writer, reader):
+            sending = writer.transport
+            receiving = reader.transport
+            assert sending is not None and receiving is not None
+            written = 0
+            async with asyncio.timeout(WAIT):
+                while writer.writable.is_set():
+                    sending.write(pattern(written, CHUNK))
+                    written += CHUNK
+                    # (Let acks arrive, if the receiver sends any.)
+                    await asyncio.sleep(0.01)
+            # drain() blocks: it was paused right above the high-water mark.
+            assert written <= UNACKED_HIGH + CHUNK
+            waiting = asyncio.ensure_future(writer.drain())
+            # Many heartbeats later: still paused, still connected, nothing
+            # delivered, nothing acknowledged, the receiver's buffer bounded.
+            await asyncio.sleep(8 * BEAT)
+            assert not waiting.done()
+            assert not reader.lost.done() and not writer.lost.done()
+            assert reader.data == b""
+            sent, acked, _ = sending.stream_offsets
+            assert (sent, acked) == (written, 0)
+            assert 0 < receiving.get_read_buffer_size() <= written
+            # Reading resumes: everything arrives, the writer goes on.
+            receiving.resume_reading()
+            await asyncio.wait_for(waiting, WAIT)
+            async with asyncio.timeout(WAIT):
+                while len(reader.data) < written:
+                    await asyncio.sleep(0.01)
+            assert reader.data == pattern(0, written)
+            assert receiving.get_read_buffer_size() == 0
+            sending.write(b"more")
+            async with asyncio.timeout(WAIT):
+                while len(reader.data) < written + 4:
+                    await asyncio.sleep(0.01)
+            assert reader.data.endswith(b"more")
+
+
+async def test_a_paused_reader_holds_no_more_than_its_limit(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """A writer that does not wait in drain(): the paused receiver keeps at
+    most HELD_LIMIT and drops the rest, which it asks for again when reading
+    resumes; nothing is lost, nothing arrives twice."""
+    async with links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c):
+        async with session(s, c, Reader(paused=True)) as (writer, reader):
+            sending = writer.transport
+            receiving = reader.transport
+            assert sending is not None and receiving is not None
+            total = HELD_LIMIT + 6 * CHUNK
+            for start in range(0, total, CHUNK):
+                sending.write(pattern(start, CHUNK))
+            assert writer.pauses == 1  # (Told, but it did not wait.)
+            async with asyncio.timeout(WAIT):
+                # Until the whole stream went by the receiver.
+                while (
+                    receiving.get_read_buffer_size() < HELD_LIMIT - CHUNK
+                    or c.client.queued
+                ):
+                    await asyncio.sleep(0.01)
+                await s.client.flush()
+            assert receiving.get_read_buffer_size() <= HELD_LIMIT
+            assert sending.stream_offsets[1] == 0
+            receiving.resume_reading()
+            async with asyncio.timeout(WAIT):
+                while len(reader.data) < total:
+                    await asyncio.sleep(0.01)
+                await writer.drain()
+            assert reader.data == pattern(0, total)
