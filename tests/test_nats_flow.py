@@ -140,50 +140,54 @@ async def test_a_peer_that_stops_reading_makes_the_writer_wait(
     read, the sender's unacknowledged data passes its limit and drain()
     blocks; the receiver holds a bounded amount.  Heartbeats go on (a paused
     reader is alive).  When reading resumes everything arrives, in order."""
-    async with links(
-        nats_server.url,
-        "s",
-        "c",
-        prefix=nats_prefix,
-        heartbeat_interval=BEAT,
-        heartbeat_timeout=BEAT,
-    ) as (s, c):
-        async with session(s, c, Reader(paused=True)) as (writer, reader):
-            sending = writer.transport
-            receiving = reader.transport
-            assert sending is not None and receiving is not None
-            written = 0
-            async with asyncio.timeout(WAIT):
-                while writer.writable.is_set():
-                    sending.write(pattern(written, CHUNK))
-                    written += CHUNK
-                    # (Let acks arrive, if the receiver sends any.)
-                    await asyncio.sleep(0.01)
-            # drain() blocks: it was paused right above the high-water mark.
-            assert written <= UNACKED_HIGH + CHUNK
-            waiting = asyncio.ensure_future(writer.drain())
-            # Many heartbeats later: still paused, still connected, nothing
-            # delivered, nothing acknowledged, the receiver's buffer bounded.
-            await asyncio.sleep(8 * BEAT)
-            assert not waiting.done()
-            assert not reader.lost.done() and not writer.lost.done()
-            assert reader.data == b""
-            sent, acked, _ = sending.stream_offsets
-            assert (sent, acked) == (written, 0)
-            assert 0 < receiving.get_read_buffer_size() <= written
-            # Reading resumes: everything arrives, the writer goes on.
-            receiving.resume_reading()
-            await asyncio.wait_for(waiting, WAIT)
-            async with asyncio.timeout(WAIT):
-                while len(reader.data) < written:
-                    await asyncio.sleep(0.01)
-            assert reader.data == pattern(0, written)
-            assert receiving.get_read_buffer_size() == 0
-            sending.write(b"more")
-            async with asyncio.timeout(WAIT):
-                while len(reader.data) < written + 4:
-                    await asyncio.sleep(0.01)
-            assert reader.data.endswith(b"more")
+    async with (
+        links(
+            nats_server.url,
+            "s",
+            "c",
+            prefix=nats_prefix,
+            heartbeat_interval=BEAT,
+            heartbeat_timeout=BEAT,
+        ) as (s, c),
+        session(s, c, Reader(paused=True)) as (writer, reader),
+    ):
+        sending = writer.transport
+        receiving = reader.transport
+        assert sending is not None
+        assert receiving is not None
+        written = 0
+        async with asyncio.timeout(WAIT):
+            while writer.writable.is_set():
+                sending.write(pattern(written, CHUNK))
+                written += CHUNK
+                # (Let acks arrive, if the receiver sends any.)
+                await asyncio.sleep(0.01)
+        # drain() blocks: it was paused right above the high-water mark.
+        assert written <= UNACKED_HIGH + CHUNK
+        waiting = asyncio.ensure_future(writer.drain())
+        # Many heartbeats later: still paused, still connected, nothing
+        # delivered, nothing acknowledged, the receiver's buffer bounded.
+        await asyncio.sleep(8 * BEAT)
+        assert not waiting.done()
+        assert not reader.lost.done()
+        assert not writer.lost.done()
+        assert reader.data == b""
+        sent, acked, _ = sending.stream_offsets
+        assert (sent, acked) == (written, 0)
+        assert 0 < receiving.get_read_buffer_size() <= written
+        # Reading resumes: everything arrives, the writer goes on.
+        receiving.resume_reading()
+        await asyncio.wait_for(waiting, WAIT)
+        async with asyncio.timeout(WAIT):
+            while len(reader.data) < written:
+                await asyncio.sleep(0.01)
+        assert reader.data == pattern(0, written)
+        assert receiving.get_read_buffer_size() == 0
+        sending.write(b"more")
+        async with asyncio.timeout(WAIT):
+            while len(reader.data) < written + 4:
+                await asyncio.sleep(0.01)
+        assert reader.data.endswith(b"more")
 
 
 async def test_a_paused_reader_holds_no_more_than_its_limit(
@@ -192,28 +196,134 @@ async def test_a_paused_reader_holds_no_more_than_its_limit(
     """A writer that does not wait in drain(): the paused receiver keeps at
     most HELD_LIMIT and drops the rest, which it asks for again when reading
     resumes; nothing is lost, nothing arrives twice."""
-    async with links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c):
-        async with session(s, c, Reader(paused=True)) as (writer, reader):
-            sending = writer.transport
-            receiving = reader.transport
-            assert sending is not None and receiving is not None
-            total = HELD_LIMIT + 6 * CHUNK
-            for start in range(0, total, CHUNK):
-                sending.write(pattern(start, CHUNK))
-            assert writer.pauses == 1  # (Told, but it did not wait.)
+    async with (
+        links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c),
+        session(s, c, Reader(paused=True)) as (writer, reader),
+    ):
+        sending = writer.transport
+        receiving = reader.transport
+        assert sending is not None
+        assert receiving is not None
+        total = HELD_LIMIT + 6 * CHUNK
+        for start in range(0, total, CHUNK):
+            sending.write(pattern(start, CHUNK))
+        assert writer.pauses == 1  # (Told, but it did not wait.)
+        async with asyncio.timeout(WAIT):
+            # Until the whole stream went by the receiver.
+            while (
+                receiving.get_read_buffer_size() < HELD_LIMIT - CHUNK or c.client.queued
+            ):
+                await asyncio.sleep(0.01)
+            await s.client.flush()
+        assert receiving.get_read_buffer_size() <= HELD_LIMIT
+        assert sending.stream_offsets[1] == 0
+        receiving.resume_reading()
+        async with asyncio.timeout(WAIT):
+            while len(reader.data) < total:
+                await asyncio.sleep(0.01)
+            await writer.drain()
+        assert reader.data == pattern(0, total)
+
+
+# --- 2. a close while the peer reconnects ------------------------------------------
+
+
+async def connect_when_routed(
+    link: aiomas.nats.NatsLink, name: str, protocol: Writer
+) -> None:
+    """Connect to *name* once the cluster's routes carry its subscriptions."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                await link.endpoint(name).create_connection(lambda: protocol)
+            except ConnectionRefusedError:
+                await asyncio.sleep(0.05)
+            else:
+                return
+
+
+async def test_a_close_reaches_a_peer_that_reconnects(tmp_path: Path) -> None:
+    """The closer's link is up, the peer's server is down: what was written
+    before the close, and the end, are lost on the way.  When the peer is
+    back (within the bound) it gets them, and ends the connection at once
+    (not at the heartbeat bound); the closer's link close waits for that."""
+    closer_server, peer_server = cluster(tmp_path, 2, advertise=False)
+    beat, timeout = 0.5, 4.0
+    with running(closer_server, peer_server):
+        async with (
+            links(
+                closer_server.url,
+                "closer",
+                heartbeat_interval=beat,
+                heartbeat_timeout=timeout,
+            ) as (closer,),
+            links(
+                peer_server.url,
+                "peer",
+                heartbeat_interval=beat,
+                heartbeat_timeout=timeout,
+                reconnect_time_wait=0.1,
+            ) as (peer,),
+        ):
+            reader = Reader(paused=False)
+            server = await peer.endpoint("peer").create_server(lambda: reader)
+            try:
+                writer = Writer()
+                await connect_when_routed(closer, "peer", writer)
+                assert writer.transport is not None
+                writer.transport.write(b"before|")
+                async with asyncio.timeout(WAIT):
+                    while reader.data != b"before|":
+                        await asyncio.sleep(0.01)
+                peer_server.kill()
+                async with asyncio.timeout(WAIT):
+                    while peer.client.is_connected:
+                        await asyncio.sleep(0.01)
+                writer.transport.write(b"last words")
+                closing = asyncio.ensure_future(closer.close())
+                await asyncio.sleep(0.3)  # (Published, and lost.)
+                assert not closing.done()
+                assert await writer.lost is None
+                peer_server.start()
+                start = time.monotonic()
+                assert await asyncio.wait_for(reader.lost, WAIT) is None
+                assert time.monotonic() - start < (beat + timeout) / 2
+                assert reader.data == b"before|last words"
+                await asyncio.wait_for(closing, WAIT)
+            finally:
+                server.close()
+                await server.wait_closed()
+
+
+async def test_closing_a_link_waits_no_longer_than_the_bound(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """A peer that vanished never confirms the end: the link's close gives up
+    after heartbeat_interval + heartbeat_timeout."""
+    async with links(
+        nats_server.url,
+        "s",
+        "c",
+        prefix=nats_prefix,
+        heartbeat_interval=BEAT,
+        heartbeat_timeout=BEAT,
+    ) as (s, c):
+        reader = Reader(paused=False)
+        server = await s.endpoint("s").create_server(lambda: reader)
+        try:
+            writer = Writer()
+            await c.endpoint("s").create_connection(lambda: writer)
             async with asyncio.timeout(WAIT):
-                # Until the whole stream went by the receiver.
-                while (
-                    receiving.get_read_buffer_size() < HELD_LIMIT - CHUNK
-                    or c.client.queued
-                ):
+                while reader.transport is None:
                     await asyncio.sleep(0.01)
-                await s.client.flush()
-            assert receiving.get_read_buffer_size() <= HELD_LIMIT
-            assert sending.stream_offsets[1] == 0
-            receiving.resume_reading()
-            async with asyncio.timeout(WAIT):
-                while len(reader.data) < total:
-                    await asyncio.sleep(0.01)
-                await writer.drain()
-            assert reader.data == pattern(0, total)
+            await s.abort()
+            assert writer.transport is not None
+            writer.transport.write(b"nobody hears this")
+            start = time.monotonic()
+            await asyncio.wait_for(c.close(), WAIT)
+            assert time.monotonic() - start < 2 * BEAT + 1
+            assert writer.transport.stream_offsets[0] == 17
+            assert not writer.transport.ending
+        finally:
+            server.close()
+            await server.wait_closed()
