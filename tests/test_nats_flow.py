@@ -327,3 +327,55 @@ async def test_closing_a_link_waits_no_longer_than_the_bound(
         finally:
             server.close()
             await server.wait_closed()
+
+
+# --- 3. INFO answers larger than the server takes -----------------------------------
+
+
+async def test_an_info_answer_too_large_for_the_server_is_truncated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A container with more agents than fit into one message of the server's
+    max_payload lists as many as fit and says so (logged once); info(),
+    discover() and lookup() answer at once; lookup() asks for the agents of
+    one name only, so it finds them all."""
+    from .test_agent import Callee, Echo
+
+    small = NatsServer(tmp_path, "small", max_payload=8192)
+    with running(small):
+        big = await aiomas.Container.create(f"{small.url}/big", as_coro=True)
+        other = await aiomas.Container.create(f"{small.url}/other", as_coro=True)
+        try:
+            agents = [Callee(big) for _ in range(2000)]
+            last = Echo(big)
+            Echo(other)
+            link = aiomas.agent.nats_link(other)
+            assert link is not None
+            start = time.monotonic()
+            info = await link.info("big")
+            assert time.monotonic() - start < 1
+            assert info["truncated"]
+            assert info["service"]["agents_truncated"] is True
+            assert info["agent_count"] == 2001
+            listed = info["agents"]
+            assert 100 < len(listed) < 2001
+            assert all(
+                listed[a.addr.rpartition("/")[2]] == "Callee" for a in agents[:100]
+            )
+            assert "fitted" not in caplog.text
+            assert caplog.text.count("lists %d of its 2001 agents" % len(listed)) == 1
+            found = await link.discover()
+            assert [(i["name"], i["truncated"]) for i in found] == [
+                ("big", True),
+                ("other", False),
+            ]
+            assert caplog.text.count("of its 2001 agents") == 1  # (Once.)
+            assert await link.lookup("Echo") == [last.addr, "nats://other/0"]
+            assert await link.lookup(last.addr.rpartition("/")[2]) == [last.addr]
+            assert len(await link.lookup("Callee")) < 2000  # Cut off, and:
+            assert "the agents called 'Callee' on big may be more" in caplog.text
+            proxy = await other.connect(last.addr)
+            assert await proxy.echo("here") == "here"
+        finally:
+            await other.shutdown(as_coro=True)
+            await big.shutdown(as_coro=True)

@@ -355,8 +355,11 @@ class NatsLink:
         """The :meth:`info` of every container on the system (with our
         prefix) that answers the services API's ``INFO`` within *wait*
         seconds, sorted by name."""
+        return await self._discover(b"", wait)
+
+    async def _discover(self, request: bytes, wait: float) -> list[dict[str, Any]]:
         answers = await self.client.gather(
-            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}", b"", wait
+            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}", request, wait
         )
         found: dict[str, dict[str, Any]] = {}
         for data in answers:
@@ -367,8 +370,11 @@ class NatsLink:
 
     async def info(self, name: str, timeout: float = 1.0) -> dict[str, Any]:  # noqa: ASYNC109
         """What the container *name* tells about itself: ``name``,
-        ``base_url``, ``agents`` (id to class name), ``agent_count`` and
-        ``service`` (its whole ``INFO`` answer of the services API).
+        ``base_url``, ``agents`` (id to class name), ``agent_count``,
+        ``truncated`` (whether ``agents`` lists fewer than ``agent_count``:
+        a container lists 10,000 at most, and only as many as fit into one
+        message of the server's ``max_payload``) and ``service`` (its whole
+        ``INFO`` answer of the services API).
 
         Raises:
             ConnectionRefusedError: if there is no such container.
@@ -387,13 +393,25 @@ class NatsLink:
     async def lookup(self, name: str, wait: float = 0.25) -> list[str]:
         """The addresses of the agents called *name* (their id or their
         class name) on every container that answers within *wait* seconds,
-        sorted."""
-        found = [
-            info["base_url"] + aid
-            for info in await self.discover(wait)
-            for aid, kind in info["agents"].items()
-            if name in (aid, kind)
-        ]
+        sorted.
+
+        Each container is asked for those agents only (so that a long list
+        of others does not cut them off); if a container's answer is still
+        truncated, a warning is logged and its addresses are missing.
+        """
+        found = []
+        request = json.dumps({"agents_named": name}).encode()
+        for info in await self._discover(request, wait):
+            named = [aid for aid, kind in info["agents"].items() if name in (aid, kind)]
+            found += [info["base_url"] + aid for aid in named]
+            if info["service"].get("agents_truncated"):
+                logger.warning(
+                    "NATS: the agents called %r on %s may be more than the %d "
+                    "that fitted into its answer",
+                    name,
+                    info["name"],
+                    len(named),
+                )
         return sorted(found)
 
     def add(self, transport: NatsTransport) -> None:
@@ -560,6 +578,7 @@ class NatsServer(asyncio.AbstractServer):
             + "Z"
         )
         self._accepted = self._refused = 0
+        self._truncated = False  # (Logged as a warning once.)
         self.owns_link = False
         """Whether :meth:`wait_closed` closes the link too."""
 
@@ -640,8 +659,69 @@ class NatsServer(asyncio.AbstractServer):
         return answer
 
     def _answer_control(self, verb: str, data: bytes, reply: str) -> None:
-        if reply and self._serving:
-            self.link.client.publish(reply, json.dumps(self.describe(verb)).encode())
+        if not (reply and self._serving):
+            return
+        answer = self.describe(verb)
+        request = _decode(data) if data else None
+        named = None if request is None else request.get("agents_named")
+        agents = answer.get("agents")
+        if isinstance(named, str) and isinstance(agents, dict):
+            # (lookup(): only the agents of that id or class.)
+            answer["agents"] = {
+                aid: kind for aid, kind in agents.items() if named in (aid, kind)
+            }
+        encoded = self._fit(answer)
+        if encoded is not None:
+            self.link.client.publish(reply, encoded)
+
+    def _fit(self, answer: dict[str, Any]) -> bytes | None:
+        """*answer*, encoded; if it is larger than the server takes, with as
+        many agents as fit and ``"agents_truncated": true`` (logged); ``None``
+        if not even that fits (logged as an error)."""
+        limit = self.link.client.max_payload
+        data = json.dumps(answer).encode()
+        agents = answer.get("agents")
+        if len(data) <= limit:
+            return data
+        if not isinstance(agents, dict):
+            agents = {}
+        items = list(agents.items())
+        answer["agents_truncated"] = True
+
+        def encoded(count: int) -> bytes:
+            answer["agents"] = dict(items[:count])
+            return json.dumps(answer).encode()
+
+        # The most agents that fit (found by bisection: the answer grows
+        # with every agent listed).
+        low, high = 0, len(items) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if len(encoded(middle)) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        data = encoded(low)
+        if len(data) > limit:
+            logger.error(
+                "NATS: the INFO answer of %s does not fit into %d bytes even "
+                "without agents: not sent",
+                self.name,
+                limit,
+            )
+            return None
+        level = logging.WARNING if not self._truncated else logging.DEBUG
+        self._truncated = True
+        logger.log(
+            level,
+            "NATS: %s lists %d of its %d agents in its INFO answer: the server "
+            "takes messages of %d bytes at most",
+            self.name,
+            low,
+            len(items),
+            limit,
+        )
+        return data
 
     def _accept(self, data: bytes, reply: str) -> None:
         request = _decode(data)
@@ -730,11 +810,14 @@ def _container_info(data: bytes) -> dict[str, Any] | None:
     if not isinstance(name, str) or not isinstance(agents, dict):
         return None
     count = service.get("agent_count")
+    if not isinstance(count, int):
+        count = len(agents)
     return {
         "name": name,
         "base_url": f"nats://{name}/",
         "agents": agents,
-        "agent_count": count if isinstance(count, int) else len(agents),
+        "agent_count": count,
+        "truncated": bool(service.get("agents_truncated")) or count > len(agents),
         "service": service,
     }
 
