@@ -363,7 +363,7 @@ async def test_an_info_answer_too_large_for_the_server_is_truncated(
                 listed[a.addr.rpartition("/")[2]] == "Callee" for a in agents[:100]
             )
             assert "fitted" not in caplog.text
-            assert caplog.text.count("lists %d of its 2001 agents" % len(listed)) == 1
+            assert caplog.text.count(f"lists {len(listed)} of its 2001 agents") == 1
             found = await link.discover()
             assert [(i["name"], i["truncated"]) for i in found] == [
                 ("big", True),
