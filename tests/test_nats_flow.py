@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from aiomas.nats import HELD_LIMIT, UNACKED_HIGH, NatsConfig, NatsTransport
 
 from .conftest import nats_missing
 from .nats_server import NatsServer, cluster, running
+from .test_agent import Callee, Echo
 
 pytestmark = pytest.mark.skipif(nats_missing() is not None, reason=str(nats_missing()))
 
@@ -339,7 +342,6 @@ async def test_an_info_answer_too_large_for_the_server_is_truncated(
     max_payload lists as many as fit and says so (logged once); info(),
     discover() and lookup() answer at once; lookup() asks for the agents of
     one name only, so it finds them all."""
-    from .test_agent import Callee, Echo
 
     small = NatsServer(tmp_path, "small", max_payload=8192)
     with running(small):
@@ -379,3 +381,56 @@ async def test_an_info_answer_too_large_for_the_server_is_truncated(
         finally:
             await other.shutdown(as_coro=True)
             await big.shutdown(as_coro=True)
+
+
+# --- 4. containers that claim one name at the same time -----------------------------
+
+
+async def test_of_containers_started_at_once_with_one_name_one_gets_it(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """Each one checks that the name is free before it subscribes to it; both
+    checks can come first.  The claim that follows lets exactly one of them
+    have it, every time."""
+    for trial in range(5):
+        url = f"{nats_server.url}/twin?prefix={nats_prefix}-{trial}"
+        results = await asyncio.gather(
+            *(aiomas.Container.create(url, as_coro=True) for _ in range(3)),
+            return_exceptions=True,
+        )
+        winners = [r for r in results if isinstance(r, aiomas.Container)]
+        losers = [r for r in results if isinstance(r, OSError)]
+        try:
+            assert (len(winners), len(losers)) == (1, 2), results
+            assert all(loser.errno == errno.EADDRINUSE for loser in losers)
+            (winner,) = winners
+            Echo(winner)
+            async with (
+                links(nats_server.url, "asker", prefix=f"{nats_prefix}-{trial}") as (
+                    asker,
+                ),
+            ):
+                assert [i["name"] for i in await asker.discover()] == ["twin"]
+        finally:
+            for container in winners:
+                await container.shutdown(as_coro=True)
+
+
+async def test_a_claim_loses_to_a_container_that_has_the_name(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """A container that serves the name answers claims that it does (even if
+    the newcomer's token were lower)."""
+    async with links(nats_server.url, "a", "b", prefix=nats_prefix) as (a, b):
+        server = await a.endpoint("dup").create_server(asyncio.Protocol)
+        try:
+            subject = b.subject("dup", "claim")
+            request = json.dumps({"token": ""}).encode()
+            (answer,) = await b.client.gather(subject, request, 0.25)
+            assert json.loads(answer)["serving"] is True
+            with pytest.raises(OSError, match="already") as info:
+                await b.endpoint("dup").create_server(asyncio.Protocol)
+            assert info.value.errno == errno.EADDRINUSE
+        finally:
+            server.close()
+            await server.wait_closed()

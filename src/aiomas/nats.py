@@ -46,6 +46,7 @@ import functools
 import json
 import logging
 import re
+import secrets
 import ssl
 import struct
 import urllib.parse
@@ -155,6 +156,9 @@ class NatsConfig:
     """Seconds for each attempt to reach a server."""
     reconnect_time_wait: float = 0.5
     max_reconnect_attempts: int = 60
+    claim_wait: float = 0.1
+    """Seconds a container that starts waits for other containers that claim
+    its name at the same time (see :meth:`NatsEndpoint.create_server`)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free for the user (not sent anywhere)."""
 
@@ -170,6 +174,8 @@ class NatsConfig:
         ):
             if not (isinstance(value, int | float) and value > 0):
                 raise ValueError(f"{what} must be a positive number, got {value!r}")
+        if not (isinstance(self.claim_wait, int | float) and self.claim_wait >= 0):
+            raise ValueError(f"claim_wait must be >= 0, got {self.claim_wait!r}")
 
     @property
     def base_url(self) -> str:
@@ -544,8 +550,12 @@ class NatsEndpoint:
     ) -> NatsServer:
         """Serve the container's name.
 
+        Of containers that claim one name at the same time, one gets it (the
+        claim takes ``claim_wait`` seconds).
+
         Raises:
-            OSError: (``EADDRINUSE``) if another container has that name.
+            OSError: (``EADDRINUSE``) if another container has that name, or
+                won it.
         """
         server = NatsServer(self.link, self.name, protocol_factory)
         await server.start()
@@ -579,6 +589,11 @@ class NatsServer(asyncio.AbstractServer):
         )
         self._accepted = self._refused = 0
         self._truncated = False  # (Logged as a warning once.)
+        # Claiming the name (see _claim()): our token, those of the others
+        # that asked meanwhile, and whether the name is ours.
+        self._token = secrets.token_hex(16)
+        self._rivals: list[str] = []
+        self._claimed = False
         self.owns_link = False
         """Whether :meth:`wait_closed` closes the link too."""
 
@@ -596,14 +611,12 @@ class NatsServer(asyncio.AbstractServer):
         except TimeoutError:
             pass  # Somebody subscribed but does not answer: take it.
         else:
-            raise OSError(
-                errno.EADDRINUSE,
-                f"A container named {self.name!r} is on the NATS system already",
-            )
+            raise self._taken()
+        await self._claim()
         client = link.client
-        self._unsubscribe = [
+        self._unsubscribe.append(
             await client.subscribe(link.subject(self.name, "connect"), self._accept)
-        ]
+        )
         # The services API: every verb for all services, for ours, for us.
         service = link.config.prefix
         for verb in ("PING", "INFO", "STATS"):
@@ -618,6 +631,52 @@ class NatsServer(asyncio.AbstractServer):
         # of us from now on finds us (nobody else shares our connection).
         await client.flush(link.config.connect_timeout)
         self._serving = True
+
+    def _taken(self) -> OSError:
+        return OSError(
+            errno.EADDRINUSE,
+            f"A container named {self.name!r} is on the NATS system already",
+        )
+
+    async def _claim(self) -> None:
+        """Make sure that no other container takes our name at the same time.
+
+        Every claimer subscribes to the name's ``claim`` subject, then asks
+        there (with a random token) and waits ``claim_wait`` for the others'
+        answers.  Of two claimers, the later one to subscribe reaches the
+        earlier one, so both know each other's token: the lower one wins.  A
+        container that serves the name answers that it does: it wins.
+
+        Raises:
+            OSError: (``EADDRINUSE``) if another container wins.
+        """
+        link = self.link
+        client = link.client
+        subject = link.subject(self.name, "claim")
+        self._unsubscribe.append(await client.subscribe(subject, self._claim_heard))
+        await client.flush(link.config.connect_timeout)
+        request = json.dumps({"token": self._token}).encode()
+        answers = await client.gather(subject, request, link.config.claim_wait)
+        rivals = [_decode(answer) or {} for answer in answers]
+        if any(rival.get("serving") for rival in rivals) or any(
+            isinstance(token, str) and token < self._token
+            for token in [*self._rivals, *(rival.get("token") for rival in rivals)]
+        ):
+            unsubscribe, self._unsubscribe = self._unsubscribe, []
+            await asyncio.gather(*(stop() for stop in unsubscribe))
+            raise self._taken()
+        # Ours: whoever asks from now on hears that it is served.
+        self._claimed = True
+
+    def _claim_heard(self, data: bytes, reply: str) -> None:
+        request = _decode(data)
+        token = None if request is None else request.get("token")
+        if not isinstance(token, str) or token == self._token or not reply:
+            return  # (Our own question.)
+        if not self._claimed:
+            self._rivals.append(token)
+        answer = {"token": self._token, "serving": self._claimed}
+        self.link.client.publish(reply, json.dumps(answer).encode())
 
     def _control(self, verb: str) -> str:
         """Our subject of the services API's *verb*."""
