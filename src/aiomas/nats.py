@@ -1370,6 +1370,10 @@ class NatsTransport(asyncio.Transport):
                 self.get_extra_info("peername"),
                 exc,
             )
+        elif not self._closing:
+            # (Best effort: a peer that is there ends at once, not at the
+            # heartbeat bound.)
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
         self._closing = True
         self._tell_protocol(exc)
         self._finish()
