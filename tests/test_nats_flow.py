@@ -150,7 +150,7 @@ async def test_a_peer_that_stops_reading_makes_the_writer_wait(
             "c",
             prefix=nats_prefix,
             heartbeat_interval=BEAT,
-            heartbeat_timeout=BEAT,
+            heartbeat_timeout=6 * BEAT,
         ) as (s, c),
         session(s, c, Reader(paused=True)) as (writer, reader),
     ):
@@ -159,18 +159,20 @@ async def test_a_peer_that_stops_reading_makes_the_writer_wait(
         assert sending is not None
         assert receiving is not None
         written = 0
-        async with asyncio.timeout(WAIT):
-            while writer.writable.is_set():
-                sending.write(pattern(written, CHUNK))
-                written += CHUNK
-                # (Let acks arrive, if the receiver sends any.)
-                await asyncio.sleep(0.01)
+        for _ in range(3 * UNACKED_HIGH // CHUNK):
+            sending.write(pattern(written, CHUNK))
+            written += CHUNK
+            try:
+                # (The link's own send queue may make it wait a moment.)
+                await asyncio.wait_for(writer.drain(), 1)
+            except TimeoutError:
+                break
         # drain() blocks: it was paused right above the high-water mark.
         assert written <= UNACKED_HIGH + CHUNK
         waiting = asyncio.ensure_future(writer.drain())
-        # Many heartbeats later: still paused, still connected, nothing
-        # delivered, nothing acknowledged, the receiver's buffer bounded.
-        await asyncio.sleep(8 * BEAT)
+        # Twice the heartbeat bound later: still paused, still connected,
+        # nothing delivered or acknowledged, the receiver's buffer bounded.
+        await asyncio.sleep(14 * BEAT)
         assert not waiting.done()
         assert not reader.lost.done()
         assert not writer.lost.done()

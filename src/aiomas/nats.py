@@ -16,8 +16,9 @@ Sessions on subjects (``<prefix>`` is ``aiomas`` unless configured):
   :class:`ConnectionRefusedError`, as from a TCP port nobody listens on.
 - Each message on an inbox is a kind byte and stream offsets: ``D`` (data at
   an offset; a write larger than the server's ``max_payload`` is cut into
-  several), ``A`` (acknowledged up to), ``R`` (resend after; I sent so
-  much), ``E`` (the end, a close) and ``H`` (a heartbeat, with a reply
+  several), ``A`` (acknowledged up to: given to the protocol), ``R``
+  (resend after; I sent so much), ``E`` (the end, a close), ``F`` (I have
+  the end: the answer to an ``E``) and ``H`` (a heartbeat, with a reply
   subject; answered with an ``A``).  The receiver drops what it has and asks
   for what it lacks; the sender keeps what is not acknowledged and sends it
   again when asked, so the stream survives a reconnect of either side's link,
@@ -27,6 +28,11 @@ Sessions on subjects (``<prefix>`` is ``aiomas`` unless configured):
   ``heartbeat_interval + heartbeat_timeout`` seconds ends the connection:
   calls pending on it fail with :class:`ConnectionResetError` within that
   bound after a container vanished or a link broke for good.
+- A closed connection sends again what the peer lacks, and the end, until
+  the peer confirms the end or the bound passes (see
+  :meth:`NatsTransport.close`).
+- A starting container claims its name on ``<prefix>.<name>.claim``, so that
+  of containers started with one name at the same time exactly one gets it.
 - Each container answers NATS's services API (``$SRV.PING``, ``$SRV.INFO``,
   ``$SRV.STATS``) as an instance of the service ``<prefix>`` with its name
   as id; its ``INFO`` lists its agents (see :meth:`NatsLink.discover`).
