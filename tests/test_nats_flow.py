@@ -13,39 +13,24 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 import aiomas
 import aiomas.nats
-from aiomas.nats import HELD_LIMIT, UNACKED_HIGH, NatsConfig, NatsTransport
+from aiomas.nats import HELD_LIMIT, UNACKED_HIGH, NatsTransport
 
 from .conftest import nats_missing
 from .nats_server import NatsServer, cluster, running
 from .test_agent import Callee, Echo
+from .test_nats import links
 
 pytestmark = pytest.mark.skipif(nats_missing() is not None, reason=str(nats_missing()))
 
 WAIT = 10.0
 BEAT = 0.25
 CHUNK = 2**20
-
-
-@contextlib.asynccontextmanager
-async def links(
-    url: str, *names: str, **overrides: Any
-) -> AsyncIterator[list[aiomas.nats.NatsLink]]:
-    """Links to the NATS server at *url*, one per container name."""
-    opened: list[aiomas.nats.NatsLink] = []
-    try:
-        for name in names:
-            config = NatsConfig.from_url(f"{url}/{name}", **overrides)
-            opened.append(await aiomas.nats.connect(config))
-        yield opened
-    finally:
-        for link in opened:
-            await link.close()
 
 
 class Reader(asyncio.Protocol):
