@@ -618,24 +618,31 @@ class NatsServer(asyncio.AbstractServer):
             pass  # Somebody subscribed but does not answer: take it.
         else:
             raise self._taken()
-        await self._claim()
-        client = link.client
-        self._unsubscribe.append(
-            await client.subscribe(link.subject(self.name, "connect"), self._accept)
-        )
-        # The services API: every verb for all services, for ours, for us.
-        service = link.config.prefix
-        for verb in ("PING", "INFO", "STATS"):
-            answer = functools.partial(self._answer_control, verb)
-            for subject in (
-                f"{SERVICES_PREFIX}.{verb}",
-                f"{SERVICES_PREFIX}.{verb}.{service}",
-                self._control(verb),
-            ):
-                self._unsubscribe.append(await client.subscribe(subject, answer))
-        # Serving starts when the server has our subscriptions: whoever hears
-        # of us from now on finds us (nobody else shares our connection).
-        await client.flush(link.config.connect_timeout)
+        try:
+            await self._claim()
+            client = link.client
+            self._unsubscribe.append(
+                await client.subscribe(link.subject(self.name, "connect"), self._accept)
+            )
+            # The services API: every verb for all services, for ours, for us.
+            service = link.config.prefix
+            for verb in ("PING", "INFO", "STATS"):
+                answer = functools.partial(self._answer_control, verb)
+                for subject in (
+                    f"{SERVICES_PREFIX}.{verb}",
+                    f"{SERVICES_PREFIX}.{verb}.{service}",
+                    self._control(verb),
+                ):
+                    self._unsubscribe.append(await client.subscribe(subject, answer))
+            # Serving starts when the server has our subscriptions: whoever hears
+            # of us from now on finds us (nobody else shares our connection).
+            await client.flush(link.config.connect_timeout)
+        except BaseException:
+            # (Taken, the server did not answer, we were cancelled: nothing
+            # of ours stays subscribed.)
+            unsubscribe, self._unsubscribe = self._unsubscribe, []
+            await asyncio.gather(*(stop() for stop in unsubscribe))
+            raise
         self._serving = True
 
     def _taken(self) -> OSError:
@@ -668,8 +675,6 @@ class NatsServer(asyncio.AbstractServer):
             isinstance(token, str) and token < self._token
             for token in [*self._rivals, *(rival.get("token") for rival in rivals)]
         ):
-            unsubscribe, self._unsubscribe = self._unsubscribe, []
-            await asyncio.gather(*(stop() for stop in unsubscribe))
             raise self._taken()
         # Ours: whoever asks from now on hears that it is served.
         self._claimed = True
