@@ -729,8 +729,8 @@ class NatsServer(asyncio.AbstractServer):
         return answer
 
     def _answer_control(self, verb: str, data: bytes, reply: str) -> None:
-        if not (reply and self._serving):
-            return
+        if not (reply and self._claimed):
+            return  # (Answered from the claim on: see _claim_heard().)
         answer = self.describe(verb)
         request = _decode(data) if data else None
         named = None if request is None else request.get("agents_named")
@@ -832,7 +832,7 @@ class NatsServer(asyncio.AbstractServer):
         """Stop accepting connections (those open stay open)."""
         if not self._serving and self._closed.done():
             return
-        self._serving = False
+        self._serving = self._claimed = False
         unsubscribe, self._unsubscribe = self._unsubscribe, []
         task = asyncio.ensure_future(self._finish_close(unsubscribe))
         task.add_done_callback(lambda _: None)
