@@ -19,7 +19,7 @@ import pytest
 
 import aiomas
 import aiomas.nats
-from aiomas.nats import HELD_LIMIT, UNACKED_HIGH, NatsTransport
+from aiomas.nats import HELD_LIMIT, UNACKED_HIGH, NatsConfig, NatsTransport
 
 from .conftest import nats_missing
 from .nats_server import NatsServer, cluster, running
@@ -381,8 +381,10 @@ async def test_of_containers_started_at_once_with_one_name_one_gets_it(
     have it, every time."""
     for trial in range(5):
         url = f"{nats_server.url}/twin?prefix={nats_prefix}-{trial}"
+        # (More than the default claim_wait: room for a loaded machine.)
+        config = NatsConfig.from_url(url, claim_wait=0.5)
         results = await asyncio.gather(
-            *(aiomas.Container.create(url, as_coro=True) for _ in range(3)),
+            *(aiomas.Container.create(config, as_coro=True) for _ in range(3)),
             return_exceptions=True,
         )
         winners = [r for r in results if isinstance(r, aiomas.Container)]
