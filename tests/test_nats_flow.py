@@ -285,6 +285,50 @@ async def test_a_close_reaches_a_peer_that_reconnects(tmp_path: Path) -> None:
                 await server.wait_closed()
 
 
+async def test_a_reply_and_a_shutdown_reach_a_caller_that_reconnects(
+    tmp_path: Path,
+) -> None:
+    """Containers: the callee answers while the caller's server is down and
+    shuts down right after.  When the caller is back it gets the answer, and
+    its other call fails at once with ConnectionResetError (not at the
+    heartbeat bound)."""
+    callee_server, caller_server = cluster(tmp_path, 2, advertise=False)
+    bound = 5.0
+    query = f"heartbeat={bound / 3}"
+    with running(callee_server, caller_server):
+        callee = await aiomas.Container.create(
+            f"{callee_server.url}/callee?{query}", as_coro=True
+        )
+        caller = await aiomas.Container.create(
+            NatsConfig.from_url(
+                f"{caller_server.url}/caller?{query}", reconnect_time_wait=0.1
+            ),
+            as_coro=True,
+        )
+        try:
+            agent = Callee(callee)
+            proxy = await caller.connect(agent.addr, timeout=WAIT)
+            assert await proxy.spam(1) == "spam"
+            answered = asyncio.ensure_future(proxy.slow_echo("late", 0.3))
+            hanging = asyncio.ensure_future(proxy.slow_echo("never", 60))
+            await asyncio.sleep(0.05)
+            caller_server.kill()
+            await asyncio.sleep(0.5)  # The answer is written, and lost.
+            shutdown = asyncio.ensure_future(callee.shutdown(as_coro=True))
+            await asyncio.sleep(0.1)
+            assert not answered.done()
+            caller_server.start()
+            start = time.monotonic()
+            assert await asyncio.wait_for(answered, WAIT) == "late"
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(hanging, WAIT)
+            assert time.monotonic() - start < bound / 2
+            await asyncio.wait_for(shutdown, WAIT)
+        finally:
+            await caller.shutdown(as_coro=True)
+            await callee.shutdown(as_coro=True)
+
+
 async def test_closing_a_link_waits_no_longer_than_the_bound(
     nats_server: NatsServer, nats_prefix: str
 ) -> None:
