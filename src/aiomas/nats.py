@@ -1027,7 +1027,8 @@ class NatsTransport(asyncio.Transport):
 
     def get_read_buffer_size(self) -> int:
         """The bytes received but not given to the protocol yet (it paused
-        reading); at most :data:`HELD_LIMIT`."""
+        reading): at most :data:`HELD_LIMIT` (and the rest of a message that
+        a buffered protocol did not take whole)."""
         return self._held_size
 
     async def wait_finished(self) -> None:
