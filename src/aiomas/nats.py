@@ -596,9 +596,11 @@ class NatsServer(asyncio.AbstractServer):
         self._accepted = self._refused = 0
         self._truncated = False  # (Logged as a warning once.)
         # Claiming the name (see _claim()): our token, those of the others
-        # that asked meanwhile, and whether the name is ours.
+        # that asked meanwhile, and whether we claim it (None: no more; a
+        # loser or a closed server answers nobody), or it is ours.
         self._token = secrets.token_hex(16)
         self._rivals: list[str] = []
+        self._claiming: bool | None = True
         self._claimed = False
         self.owns_link = False
         """Whether :meth:`wait_closed` closes the link too."""
@@ -640,6 +642,8 @@ class NatsServer(asyncio.AbstractServer):
         except BaseException:
             # (Taken, the server did not answer, we were cancelled: nothing
             # of ours stays subscribed.)
+            self._claiming = None
+            self._claimed = False
             unsubscribe, self._unsubscribe = self._unsubscribe, []
             await asyncio.gather(*(stop() for stop in unsubscribe))
             raise
@@ -675,16 +679,23 @@ class NatsServer(asyncio.AbstractServer):
             isinstance(token, str) and token < self._token
             for token in [*self._rivals, *(rival.get("token") for rival in rivals)]
         ):
+            self._claiming = None
             raise self._taken()
         # Ours: whoever asks from now on hears that it is served.
+        self._claiming = False
         self._claimed = True
 
     def _claim_heard(self, data: bytes, reply: str) -> None:
         request = _decode(data)
         token = None if request is None else request.get("token")
-        if not isinstance(token, str) or token == self._token or not reply:
-            return  # (Our own question.)
-        if not self._claimed:
+        if (
+            not isinstance(token, str)
+            or token == self._token  # (Our own question.)
+            or not reply
+            or self._claiming is None
+        ):
+            return
+        if self._claiming:
             self._rivals.append(token)
         answer = {"token": self._token, "serving": self._claimed}
         self.link.client.publish(reply, json.dumps(answer).encode())
@@ -833,6 +844,7 @@ class NatsServer(asyncio.AbstractServer):
         if not self._serving and self._closed.done():
             return
         self._serving = self._claimed = False
+        self._claiming = None
         unsubscribe, self._unsubscribe = self._unsubscribe, []
         task = asyncio.ensure_future(self._finish_close(unsubscribe))
         task.add_done_callback(lambda _: None)
