@@ -330,6 +330,37 @@ async def test_a_reply_and_a_shutdown_reach_a_caller_that_reconnects(
             await callee.shutdown(as_coro=True)
 
 
+class Refuser(Reader):
+    """Closes the connection as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        transport.close()
+
+
+async def test_a_connection_closed_at_once_ends_at_once_on_both_sides(
+    nats_server: NatsServer, nats_prefix: str
+) -> None:
+    """The server's protocol closes in connection_made(): the end may reach
+    the client before the answer to its connect request; the client ends
+    at once and confirms it, so the server's side is done at once too."""
+    async with links(nats_server.url, "s", "c", prefix=nats_prefix) as (s, c):
+        refuser = Refuser(paused=False)
+        server = await s.endpoint("s").create_server(lambda: refuser)
+        try:
+            writer = Writer()
+            start = time.monotonic()
+            await c.endpoint("s").create_connection(lambda: writer)
+            assert await asyncio.wait_for(writer.lost, WAIT) is None
+            assert refuser.transport is not None
+            await asyncio.wait_for(refuser.transport.wait_finished(), WAIT)
+            bound = s.config.heartbeat_interval + s.config.heartbeat_timeout
+            assert time.monotonic() - start < bound / 2
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
 async def test_closing_a_link_waits_no_longer_than_the_bound(
     nats_server: NatsServer, nats_prefix: str
 ) -> None:

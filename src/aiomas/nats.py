@@ -1023,13 +1023,18 @@ class NatsTransport(asyncio.Transport):
                 "before it was made"
             )
         self.peer_inbox = peer_inbox
+        if self._peer_ended:
+            # The end came first (before the answer to our connect request).
+            self._send_to_peer(_OFFSET.pack(_ENDED, self._received))
         self._link.add(self)
         self._reading = True
         self._protocol.connection_made(self)
         if self._link.client.paused:
             self.pressure(True)
-        if not self._lost:
+        if not self._finished:
+            # (Also if the protocol closed at once: the end must arrive.)
             self._heartbeat = asyncio.ensure_future(self._beat())
+        if not self._lost:
             self._deliver_held()
 
     @property
@@ -1366,7 +1371,7 @@ class NatsTransport(asyncio.Transport):
             return
         self._closing = True
         self._tell_protocol(None)
-        if self.peer_inbox is None or self._heartbeat is None:
+        if self.peer_inbox is None:
             self._finish()
             return
         self._ending = True
