@@ -49,6 +49,9 @@ class NatsServer:
     cluster_port: int | None = None
     routes: Sequence[int] = ()
     max_payload: int | None = None
+    advertise: bool = True
+    """Whether it tells its clients the other servers of its cluster (so that
+    they reconnect there)."""
     settings: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -67,6 +70,7 @@ class NatsServer:
                 "  name: aiomas-test",
                 f"  listen: 127.0.0.1:{self.cluster_port}",
                 f"  routes: [{routes}]",
+                f"  no_advertise: {str(not self.advertise).lower()}",
                 "}",
             ]
         return "\n".join([*lines, self.settings, ""])
@@ -138,8 +142,11 @@ def running(*servers: NatsServer) -> Iterator[Sequence[NatsServer]]:
             server.stop()
 
 
-def cluster(directory: Path, size: int = 3) -> list[NatsServer]:
-    """*size* servers that form one cluster (each routes to all others)."""
+def cluster(
+    directory: Path, size: int = 3, *, advertise: bool = True
+) -> list[NatsServer]:
+    """*size* servers that form one cluster (each routes to all others);
+    unless *advertise*, a client reconnects only to the servers it knows."""
     cluster_ports = [free_port() for _ in range(size)]
     return [
         NatsServer(
@@ -147,6 +154,7 @@ def cluster(directory: Path, size: int = 3) -> list[NatsServer]:
             f"n{i}",
             cluster_port=port,
             routes=[p for p in cluster_ports if p != port],
+            advertise=advertise,
         )
         for i, port in enumerate(cluster_ports)
     ]

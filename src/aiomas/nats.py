@@ -16,8 +16,9 @@ Sessions on subjects (``<prefix>`` is ``aiomas`` unless configured):
   :class:`ConnectionRefusedError`, as from a TCP port nobody listens on.
 - Each message on an inbox is a kind byte and stream offsets: ``D`` (data at
   an offset; a write larger than the server's ``max_payload`` is cut into
-  several), ``A`` (acknowledged up to), ``R`` (resend after; I sent so
-  much), ``E`` (the end, a close) and ``H`` (a heartbeat, with a reply
+  several), ``A`` (acknowledged up to: given to the protocol), ``R``
+  (resend after; I sent so much), ``E`` (the end, a close), ``F`` (I have
+  the end: the answer to an ``E``) and ``H`` (a heartbeat, with a reply
   subject; answered with an ``A``).  The receiver drops what it has and asks
   for what it lacks; the sender keeps what is not acknowledged and sends it
   again when asked, so the stream survives a reconnect of either side's link,
@@ -27,6 +28,11 @@ Sessions on subjects (``<prefix>`` is ``aiomas`` unless configured):
   ``heartbeat_interval + heartbeat_timeout`` seconds ends the connection:
   calls pending on it fail with :class:`ConnectionResetError` within that
   bound after a container vanished or a link broke for good.
+- A closed connection sends again what the peer lacks, and the end, until
+  the peer confirms the end or the bound passes (see
+  :meth:`NatsTransport.close`).
+- A starting container claims its name on ``<prefix>.<name>.claim``, so that
+  of containers started with one name at the same time exactly one gets it.
 - Each container answers NATS's services API (``$SRV.PING``, ``$SRV.INFO``,
   ``$SRV.STATS``) as an instance of the service ``<prefix>`` with its name
   as id; its ``INFO`` lists its agents (see :meth:`NatsLink.discover`).
@@ -39,12 +45,14 @@ link is opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import errno
 import functools
 import json
 import logging
 import re
+import secrets
 import ssl
 import struct
 import urllib.parse
@@ -154,6 +162,9 @@ class NatsConfig:
     """Seconds for each attempt to reach a server."""
     reconnect_time_wait: float = 0.5
     max_reconnect_attempts: int = 60
+    claim_wait: float = 0.1
+    """Seconds a container that starts waits for other containers that claim
+    its name at the same time (see :meth:`NatsEndpoint.create_server`)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Free for the user (not sent anywhere)."""
 
@@ -169,6 +180,8 @@ class NatsConfig:
         ):
             if not (isinstance(value, int | float) and value > 0):
                 raise ValueError(f"{what} must be a positive number, got {value!r}")
+        if not (isinstance(self.claim_wait, int | float) and self.claim_wait >= 0):
+            raise ValueError(f"claim_wait must be >= 0, got {self.claim_wait!r}")
 
     @property
     def base_url(self) -> str:
@@ -336,8 +349,9 @@ class NatsLink:
 
     @property
     def transports(self) -> frozenset[NatsTransport]:
-        """The open connections over this link."""
-        return frozenset(self._transports)
+        """The open connections over this link (not those closed that still
+        wait for their peer to confirm the end)."""
+        return frozenset(t for t in self._transports if not t.is_closing())
 
     def subject(self, name: str, what: str) -> str:
         """The subject *what* (``connect``) of the container *name*."""
@@ -353,8 +367,11 @@ class NatsLink:
         """The :meth:`info` of every container on the system (with our
         prefix) that answers the services API's ``INFO`` within *wait*
         seconds, sorted by name."""
+        return await self._discover(b"", wait)
+
+    async def _discover(self, request: bytes, wait: float) -> list[dict[str, Any]]:
         answers = await self.client.gather(
-            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}", b"", wait
+            f"{SERVICES_PREFIX}.INFO.{self.config.prefix}", request, wait
         )
         found: dict[str, dict[str, Any]] = {}
         for data in answers:
@@ -365,8 +382,11 @@ class NatsLink:
 
     async def info(self, name: str, timeout: float = 1.0) -> dict[str, Any]:  # noqa: ASYNC109
         """What the container *name* tells about itself: ``name``,
-        ``base_url``, ``agents`` (id to class name), ``agent_count`` and
-        ``service`` (its whole ``INFO`` answer of the services API).
+        ``base_url``, ``agents`` (id to class name), ``agent_count``,
+        ``truncated`` (whether ``agents`` lists fewer than ``agent_count``:
+        a container lists 10,000 at most, and only as many as fit into one
+        message of the server's ``max_payload``) and ``service`` (its whole
+        ``INFO`` answer of the services API).
 
         Raises:
             ConnectionRefusedError: if there is no such container.
@@ -385,13 +405,25 @@ class NatsLink:
     async def lookup(self, name: str, wait: float = 0.25) -> list[str]:
         """The addresses of the agents called *name* (their id or their
         class name) on every container that answers within *wait* seconds,
-        sorted."""
-        found = [
-            info["base_url"] + aid
-            for info in await self.discover(wait)
-            for aid, kind in info["agents"].items()
-            if name in (aid, kind)
-        ]
+        sorted.
+
+        Each container is asked for those agents only (so that a long list
+        of others does not cut them off); if a container's answer is still
+        truncated, a warning is logged and its addresses are missing.
+        """
+        found = []
+        request = json.dumps({"agents_named": name}).encode()
+        for info in await self._discover(request, wait):
+            named = [aid for aid, kind in info["agents"].items() if name in (aid, kind)]
+            found += [info["base_url"] + aid for aid in named]
+            if info["service"].get("agents_truncated"):
+                logger.warning(
+                    "NATS: the agents called %r on %s may be more than the %d "
+                    "that fitted into its answer",
+                    name,
+                    info["name"],
+                    len(named),
+                )
         return sorted(found)
 
     def add(self, transport: NatsTransport) -> None:
@@ -414,9 +446,21 @@ class NatsLink:
         self._lose_all(ConnectionResetError("Our link to the NATS system was cut"))
 
     async def _close(self) -> None:
-        for transport in list(self._transports):
+        transports = list(self._transports)
+        for transport in transports:
             transport.close()
         await asyncio.sleep(0)  # let their connection_lost() run
+        # What was written reaches the peers, and the end with it: a peer
+        # that is reconnecting gets it when it is back, within the bound.
+        config = self.config
+        waiting = [t.wait_finished() for t in transports if t.ending]
+        if waiting:
+            done = asyncio.gather(*waiting)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    done, config.heartbeat_interval + config.heartbeat_timeout
+                )
+        self._lose_all(ConnectionResetError(f"{self!r} is closed"))
         await self.client.close()
 
     def _pressure(self, paused: bool) -> None:
@@ -512,8 +556,12 @@ class NatsEndpoint:
     ) -> NatsServer:
         """Serve the container's name.
 
+        Of containers that claim one name at the same time, one gets it (the
+        claim takes ``claim_wait`` seconds).
+
         Raises:
-            OSError: (``EADDRINUSE``) if another container has that name.
+            OSError: (``EADDRINUSE``) if another container has that name, or
+                won it.
         """
         server = NatsServer(self.link, self.name, protocol_factory)
         await server.start()
@@ -546,6 +594,14 @@ class NatsServer(asyncio.AbstractServer):
             + "Z"
         )
         self._accepted = self._refused = 0
+        self._truncated = False  # (Logged as a warning once.)
+        # Claiming the name (see _claim()): our token, those of the others
+        # that asked meanwhile, and whether we claim it (None: no more; a
+        # loser or a closed server answers nobody), or it is ours.
+        self._token = secrets.token_hex(16)
+        self._rivals: list[str] = []
+        self._claiming: bool | None = True
+        self._claimed = False
         self.owns_link = False
         """Whether :meth:`wait_closed` closes the link too."""
 
@@ -563,28 +619,86 @@ class NatsServer(asyncio.AbstractServer):
         except TimeoutError:
             pass  # Somebody subscribed but does not answer: take it.
         else:
-            raise OSError(
-                errno.EADDRINUSE,
-                f"A container named {self.name!r} is on the NATS system already",
+            raise self._taken()
+        try:
+            await self._claim()
+            client = link.client
+            self._unsubscribe.append(
+                await client.subscribe(link.subject(self.name, "connect"), self._accept)
             )
-        client = link.client
-        self._unsubscribe = [
-            await client.subscribe(link.subject(self.name, "connect"), self._accept)
-        ]
-        # The services API: every verb for all services, for ours, for us.
-        service = link.config.prefix
-        for verb in ("PING", "INFO", "STATS"):
-            answer = functools.partial(self._answer_control, verb)
-            for subject in (
-                f"{SERVICES_PREFIX}.{verb}",
-                f"{SERVICES_PREFIX}.{verb}.{service}",
-                self._control(verb),
-            ):
-                self._unsubscribe.append(await client.subscribe(subject, answer))
-        # Serving starts when the server has our subscriptions: whoever hears
-        # of us from now on finds us (nobody else shares our connection).
-        await client.flush(link.config.connect_timeout)
+            # The services API: every verb for all services, for ours, for us.
+            service = link.config.prefix
+            for verb in ("PING", "INFO", "STATS"):
+                answer = functools.partial(self._answer_control, verb)
+                for subject in (
+                    f"{SERVICES_PREFIX}.{verb}",
+                    f"{SERVICES_PREFIX}.{verb}.{service}",
+                    self._control(verb),
+                ):
+                    self._unsubscribe.append(await client.subscribe(subject, answer))
+            # Serving starts when the server has our subscriptions: whoever hears
+            # of us from now on finds us (nobody else shares our connection).
+            await client.flush(link.config.connect_timeout)
+        except BaseException:
+            # (Taken, the server did not answer, we were cancelled: nothing
+            # of ours stays subscribed.)
+            self._claiming = None
+            self._claimed = False
+            unsubscribe, self._unsubscribe = self._unsubscribe, []
+            await asyncio.gather(*(stop() for stop in unsubscribe))
+            raise
         self._serving = True
+
+    def _taken(self) -> OSError:
+        return OSError(
+            errno.EADDRINUSE,
+            f"A container named {self.name!r} is on the NATS system already",
+        )
+
+    async def _claim(self) -> None:
+        """Make sure that no other container takes our name at the same time.
+
+        Every claimer subscribes to the name's ``claim`` subject, then asks
+        there (with a random token) and waits ``claim_wait`` for the others'
+        answers.  Of two claimers, the later one to subscribe reaches the
+        earlier one, so both know each other's token: the lower one wins.  A
+        container that serves the name answers that it does: it wins.
+
+        Raises:
+            OSError: (``EADDRINUSE``) if another container wins.
+        """
+        link = self.link
+        client = link.client
+        subject = link.subject(self.name, "claim")
+        self._unsubscribe.append(await client.subscribe(subject, self._claim_heard))
+        await client.flush(link.config.connect_timeout)
+        request = json.dumps({"token": self._token}).encode()
+        answers = await client.gather(subject, request, link.config.claim_wait)
+        rivals = [_decode(answer) or {} for answer in answers]
+        if any(rival.get("serving") for rival in rivals) or any(
+            isinstance(token, str) and token < self._token
+            for token in [*self._rivals, *(rival.get("token") for rival in rivals)]
+        ):
+            self._claiming = None
+            raise self._taken()
+        # Ours: whoever asks from now on hears that it is served.
+        self._claiming = False
+        self._claimed = True
+
+    def _claim_heard(self, data: bytes, reply: str) -> None:
+        request = _decode(data)
+        token = None if request is None else request.get("token")
+        if (
+            not isinstance(token, str)
+            or token == self._token  # (Our own question.)
+            or not reply
+            or self._claiming is None
+        ):
+            return
+        if self._claiming:
+            self._rivals.append(token)
+        answer = {"token": self._token, "serving": self._claimed}
+        self.link.client.publish(reply, json.dumps(answer).encode())
 
     def _control(self, verb: str) -> str:
         """Our subject of the services API's *verb*."""
@@ -626,8 +740,69 @@ class NatsServer(asyncio.AbstractServer):
         return answer
 
     def _answer_control(self, verb: str, data: bytes, reply: str) -> None:
-        if reply and self._serving:
-            self.link.client.publish(reply, json.dumps(self.describe(verb)).encode())
+        if not (reply and self._claimed):
+            return  # (Answered from the claim on: see _claim_heard().)
+        answer = self.describe(verb)
+        request = _decode(data) if data else None
+        named = None if request is None else request.get("agents_named")
+        agents = answer.get("agents")
+        if isinstance(named, str) and isinstance(agents, dict):
+            # (lookup(): only the agents of that id or class.)
+            answer["agents"] = {
+                aid: kind for aid, kind in agents.items() if named in (aid, kind)
+            }
+        encoded = self._fit(answer)
+        if encoded is not None:
+            self.link.client.publish(reply, encoded)
+
+    def _fit(self, answer: dict[str, Any]) -> bytes | None:
+        """*answer*, encoded; if it is larger than the server takes, with as
+        many agents as fit and ``"agents_truncated": true`` (logged); ``None``
+        if not even that fits (logged as an error)."""
+        limit = self.link.client.max_payload
+        data = json.dumps(answer).encode()
+        agents = answer.get("agents")
+        if len(data) <= limit:
+            return data
+        if not isinstance(agents, dict):
+            agents = {}
+        items = list(agents.items())
+        answer["agents_truncated"] = True
+
+        def encoded(count: int) -> bytes:
+            answer["agents"] = dict(items[:count])
+            return json.dumps(answer).encode()
+
+        # The most agents that fit (found by bisection: the answer grows
+        # with every agent listed).
+        low, high = 0, len(items) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if len(encoded(middle)) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        data = encoded(low)
+        if len(data) > limit:
+            logger.error(
+                "NATS: the INFO answer of %s does not fit into %d bytes even "
+                "without agents: not sent",
+                self.name,
+                limit,
+            )
+            return None
+        level = logging.WARNING if not self._truncated else logging.DEBUG
+        self._truncated = True
+        logger.log(
+            level,
+            "NATS: %s lists %d of its %d agents in its INFO answer: the server "
+            "takes messages of %d bytes at most",
+            self.name,
+            low,
+            len(items),
+            limit,
+        )
+        return data
 
     def _accept(self, data: bytes, reply: str) -> None:
         request = _decode(data)
@@ -668,7 +843,8 @@ class NatsServer(asyncio.AbstractServer):
         """Stop accepting connections (those open stay open)."""
         if not self._serving and self._closed.done():
             return
-        self._serving = False
+        self._serving = self._claimed = False
+        self._claiming = None
         unsubscribe, self._unsubscribe = self._unsubscribe, []
         task = asyncio.ensure_future(self._finish_close(unsubscribe))
         task.add_done_callback(lambda _: None)
@@ -716,11 +892,14 @@ def _container_info(data: bytes) -> dict[str, Any] | None:
     if not isinstance(name, str) or not isinstance(agents, dict):
         return None
     count = service.get("agent_count")
+    if not isinstance(count, int):
+        count = len(agents)
     return {
         "name": name,
         "base_url": f"nats://{name}/",
         "agents": agents,
-        "agent_count": count if isinstance(count, int) else len(agents),
+        "agent_count": count,
+        "truncated": bool(service.get("agents_truncated")) or count > len(agents),
         "service": service,
     }
 
@@ -736,19 +915,25 @@ def _decode(data: bytes) -> dict[str, Any] | None:
 # Messages on a session's inboxes (see the module docstring): a kind byte and
 # stream offsets (unsigned 64-bit, big-endian).
 _DATA: Final = b"D"  # offset, then the bytes at that offset of the stream
-_ACK: Final = b"A"  # what the sender of the ack has received
-_RESEND: Final = b"R"  # received, sent: resend what I lack; here is what I sent
+_ACK: Final = b"A"  # what the sender of the ack has handed to its protocol
+# received, sent: resend what I lack (an ack up to received); I sent so much
+_RESEND: Final = b"R"
 _END: Final = b"E"  # sent: the stream ends after that many bytes
+_ENDED: Final = b"F"  # received: I have the whole stream and its end
 _BEAT: Final = b"H"  # sent, with a reply subject: answered with an ack
 _OFFSET: Final = struct.Struct(">cQ")
 _TWO_OFFSETS: Final = struct.Struct(">cQQ")
 ACK_EVERY: Final = 256 * 1024
-"""A receiver acknowledges at least every this many bytes (and with every
-heartbeat answer), so that the sender may forget them."""
+"""A receiver acknowledges at least every this many bytes handed to its
+protocol (and with every heartbeat answer), so that the sender may forget
+them."""
 UNACKED_HIGH: Final = 8 * 2**20
 """Writers are told to pause when this many bytes wait for an ack..."""
 UNACKED_LOW: Final = 2 * 2**20
 """...and to resume when the acks brought it under this."""
+HELD_LIMIT: Final = 2 * UNACKED_HIGH
+"""The most a receiver holds while its protocol paused reading; what comes
+beyond it is dropped and asked for again when reading resumes."""
 
 
 class NatsTransport(asyncio.Transport):
@@ -757,7 +942,9 @@ class NatsTransport(asyncio.Transport):
     The byte stream survives a reconnect of either side's link (to the same
     or another server): every piece carries its offset, the receiver drops
     duplicates and asks for what it lacks, the sender keeps what was not
-    acknowledged yet and sends it again when asked.
+    acknowledged yet and sends it again when asked.  Only what the protocol
+    was given is acknowledged: a protocol that pauses reading makes the
+    peer's writers pause, as over TCP.
     """
 
     def __init__(
@@ -770,11 +957,22 @@ class NatsTransport(asyncio.Transport):
         self.inbox = link.client.new_inbox()
         self.peer_inbox: str | None = None
         self._unsubscribe: Callable[[], Awaitable[None]] | None = None
-        # What arrived before connection_made() or while reading is paused.
+        # What arrived before connection_made() or while reading is paused
+        # (b"" for the end), and its size.
         self._held: deque[bytes] = deque()
+        self._held_size = 0
         self._reading = False
+        # close() or the end: no more writes, nothing more for the protocol.
         self._closing = False
+        # The protocol was told (connection_lost() is scheduled).
         self._lost = False
+        # We sent the end and wait for the peer to confirm it (F).
+        self._ending = False
+        # The peer's end arrived (in order).
+        self._peer_ended = False
+        # Unsubscribed, everything dropped: nothing to do any more.
+        self._finished = False
+        self._done: asyncio.Future[None] = self._loop.create_future()
         self._heartbeat: asyncio.Task[None] | None = None
         self._link_paused = False
         self._writing_paused = False
@@ -784,10 +982,14 @@ class NatsTransport(asyncio.Transport):
         self._acked = 0
         self._unacked: deque[tuple[int, bytes]] = deque()
         self._unacked_size = 0
-        # Receiving: the bytes of the stream so far, up to where we told the
-        # peer, and when we last asked for a resend (and from where).
+        # Receiving: the bytes of the stream we have (given to the protocol
+        # or held), those given to the protocol, what we acknowledged, the
+        # most the peer said it sent, and when we last asked for a resend
+        # (and from where).
         self._received = 0
+        self._delivered = 0
         self._received_acked = 0
+        self._peer_sent = 0
         self._asked: tuple[int, float] | None = None
         self._heard = self._loop.time()
 
@@ -802,7 +1004,9 @@ class NatsTransport(asyncio.Transport):
 
     async def discard(self) -> None:
         """Give up a transport that was never started."""
-        self._closing = self._lost = True
+        self._closing = self._lost = self._finished = True
+        if not self._done.done():
+            self._done.set_result(None)
         if self._unsubscribe is not None:
             await self._unsubscribe()
 
@@ -819,13 +1023,18 @@ class NatsTransport(asyncio.Transport):
                 "before it was made"
             )
         self.peer_inbox = peer_inbox
+        if self._peer_ended:
+            # The end came first (before the answer to our connect request).
+            self._send_to_peer(_OFFSET.pack(_ENDED, self._received))
         self._link.add(self)
         self._reading = True
         self._protocol.connection_made(self)
         if self._link.client.paused:
             self.pressure(True)
-        if not self._lost:
+        if not self._finished:
+            # (Also if the protocol closed at once: the end must arrive.)
             self._heartbeat = asyncio.ensure_future(self._beat())
+        if not self._lost:
             self._deliver_held()
 
     @property
@@ -833,10 +1042,21 @@ class NatsTransport(asyncio.Transport):
         """Bytes sent, acknowledged by the peer, and received so far."""
         return self._sent, self._acked, self._received
 
+    def get_read_buffer_size(self) -> int:
+        """The bytes received but not given to the protocol yet (it paused
+        reading): at most :data:`HELD_LIMIT` (and the rest of a message that
+        a buffered protocol did not take whole)."""
+        return self._held_size
+
+    async def wait_finished(self) -> None:
+        """Wait until the transport is done with the peer: after a close,
+        when the peer confirmed the end, or gave up (see :meth:`close`)."""
+        await asyncio.shield(self._done)
+
     # Receiving
 
     def _received_message(self, data: bytes, reply: str) -> None:
-        if self._lost:
+        if self._finished:
             return
         # Whatever comes from the peer shows it is there (a busy peer may
         # answer heartbeats late: they queue behind its data).
@@ -850,8 +1070,10 @@ class NatsTransport(asyncio.Transport):
                 self._acknowledged(_OFFSET.unpack(data)[1])
             elif kind == _BEAT and reply:
                 sent = _OFFSET.unpack(data)[1]
-                self._publish(reply, _OFFSET.pack(_ACK, self._received))
-                self._received_acked = self._received
+                # What the protocol has, not what we hold: a paused reader
+                # answers (it is alive) without taking more.
+                self._publish(reply, _OFFSET.pack(_ACK, self._delivered))
+                self._received_acked = self._delivered
                 self._check_complete(sent)
             elif kind == _RESEND:
                 _, received, sent = _TWO_OFFSETS.unpack(data)
@@ -859,6 +1081,8 @@ class NatsTransport(asyncio.Transport):
                 self._check_complete(sent)
             elif kind == _END:
                 self._received_end(_OFFSET.unpack(data)[1])
+            elif kind == _ENDED:
+                self._end_confirmed(_OFFSET.unpack(data)[1])
             else:
                 raise ValueError(f"unknown message kind {kind!r}")
         except (struct.error, ValueError) as exc:
@@ -871,46 +1095,76 @@ class NatsTransport(asyncio.Transport):
             self.lose(ConnectionResetError(f"The peer broke the NATS session: {exc}"))
 
     def _received_data(self, offset: int, data: bytes, start: int) -> None:
+        if self._closing or self._peer_ended:
+            return  # Closed: nobody reads it any more.
         received = self._received
         end = offset + len(data) - start
+        self._peer_sent = max(self._peer_sent, end)
         if end <= received:
             return  # Sent again: we have it.
         if offset > received:
             self._ask_for(received)  # Something before it was lost.
             return
         piece = data[start + received - offset :]
-        self._received = end
         self._asked = None
-        if end - self._received_acked >= ACK_EVERY:
-            self._received_acked = end
-            self._send_to_peer(_OFFSET.pack(_ACK, end))
         # Held until the connection is made -- the answer to our connect
         # request may come after the peer's first messages, through another
         # subscription -- and while reading pauses.
         if not self._reading or self._held:
+            if self._held_size + len(piece) > HELD_LIMIT:
+                return  # Asked for again when reading resumes.
             self._held.append(piece)
+            self._held_size += len(piece)
+            self._received = end
         else:
+            self._received = end
             self._feed(piece)
+            self._ack_delivered()
+
+    def _ack_delivered(self) -> None:
+        if self._delivered - self._received_acked >= ACK_EVERY and not self._lost:
+            self._received_acked = self._delivered
+            self._send_to_peer(_OFFSET.pack(_ACK, self._delivered))
 
     def _received_end(self, offset: int) -> None:
+        self._peer_sent = max(self._peer_sent, offset)
+        if self._closing:
+            # We closed too: the rest of the stream does not matter.
+            self._send_to_peer(_OFFSET.pack(_ENDED, offset))
+            return
         if offset > self._received:
             self._ask_for(self._received)
             return
-        if not self._reading or self._held:
-            self._held.append(b"")
-        else:
+        # The whole stream is here (held, maybe): the peer may forget it.
+        self._send_to_peer(_OFFSET.pack(_ENDED, offset))
+        if self._peer_ended:
+            return  # (The end again: our confirmation was lost.)
+        self._peer_ended = True
+        if self._reading and not self._held:
             self._eof()
+        else:
+            self._held.append(b"")
+
+    def _end_confirmed(self, received: int) -> None:
+        if received != self._sent:
+            raise ValueError(f"end confirmed at {received}, {self._sent} were sent")
+        if self._ending:
+            self._finish()
 
     def _check_complete(self, sent: int) -> None:
         """The peer has sent *sent* bytes: ask for what did not arrive."""
+        self._peer_sent = max(self._peer_sent, sent)
         if sent > self._received:
             self._ask_for(self._received)
 
     def _ask_for(self, received: int) -> None:
         """Ask the peer to send everything after *received* again (once per
         gap and heartbeat interval: the answer takes a round trip)."""
-        if self.peer_inbox is None:
-            return  # Not started: the first heartbeat will tell.
+        if self.peer_inbox is None or not self._reading or self._closing:
+            # Not started (the first heartbeat will tell), reading paused
+            # (asked when it resumes: a request acknowledges what we have,
+            # and we hold that without reading it), or closed.
+            return
         now = self._loop.time()
         asked = self._asked
         interval = self._link.config.heartbeat_interval
@@ -920,14 +1174,16 @@ class NatsTransport(asyncio.Transport):
         self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, received, self._sent))
 
     def _eof(self) -> None:
+        self._delivered = self._received
         keep_open = cast(asyncio.Protocol, self._protocol).eof_received()
         if not keep_open:
-            self._closing = True
-            self._finish(None, say_goodbye=False)
+            self._tell_protocol(None)
+            self._finish()
 
     def _feed(self, data: bytes) -> None:
         protocol = self._protocol
         if not isinstance(protocol, asyncio.BufferedProtocol):
+            self._delivered += len(data)
             cast(asyncio.Protocol, protocol).data_received(data)
             return
         view = memoryview(data)
@@ -936,21 +1192,28 @@ class NatsTransport(asyncio.Transport):
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             view = view[size:]
+            self._delivered += size
             protocol.buffer_updated(size)
             if self._lost:
                 return
             if view and not self._reading:
                 self._held.appendleft(bytes(view))
+                self._held_size += len(view)
                 return
 
     def _deliver_held(self) -> None:
         held = self._held
         while held and self._reading and not self._lost:
             data = held.popleft()
+            self._held_size -= len(data)
             if data:
                 self._feed(data)
             else:
                 self._eof()
+        if self._reading and not self._lost:
+            self._ack_delivered()
+            # What was dropped while reading paused, or lost meanwhile.
+            self._check_complete(self._peer_sent)
 
     def _overflow(self) -> None:
         self.lose(
@@ -961,6 +1224,8 @@ class NatsTransport(asyncio.Transport):
         )
 
     def pause_reading(self) -> None:
+        """Hold what arrives (up to :data:`HELD_LIMIT`) and acknowledge
+        nothing more, so that the peer's writers pause."""
         self._reading = False
 
     def resume_reading(self) -> None:
@@ -979,6 +1244,15 @@ class NatsTransport(asyncio.Transport):
     def _send_to_peer(self, data: bytes) -> None:
         if self.peer_inbox is not None:
             self._link.client.publish(self.peer_inbox, data)
+
+    def _send_piece(self, offset: int, piece: bytes) -> None:
+        """Send *piece* of the stream, in messages the server takes (its
+        limit may be another one after a reconnect)."""
+        limit = self._link.client.max_payload - _OFFSET.size
+        for start in range(0, len(piece), limit):
+            self._send_to_peer(
+                _OFFSET.pack(_DATA, offset + start) + piece[start : start + limit]
+            )
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self.peer_inbox is None:
@@ -1016,19 +1290,28 @@ class NatsTransport(asyncio.Transport):
             self._update_pressure()
 
     def _resend(self, received: int) -> None:
-        """Send again what the peer lacks (after *received* bytes)."""
+        """Send again what the peer lacks (after *received* bytes), and the
+        end if we closed."""
         self._acknowledged(received)
         for offset, piece in self._unacked:
             skip = max(received - offset, 0)
-            self._send_to_peer(_OFFSET.pack(_DATA, offset + skip) + piece[skip:])
+            if skip < len(piece):
+                self._send_piece(offset + skip, piece[skip:])
+        if self._ending:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
 
     def resync(self) -> None:
         """Our link is back (maybe through another server): tell the peer
         what we have and have sent, so that each side resends what the
         other lacks."""
-        if not self._lost and self.peer_inbox is not None:
-            self._asked = (self._received, self._loop.time())
-            self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, self._received, self._sent))
+        if self._finished or self.peer_inbox is None:
+            return
+        # From what the protocol has: a resend request acknowledges, and
+        # what we hold while reading pauses is not acknowledged yet.
+        self._asked = (self._delivered, self._loop.time())
+        self._send_to_peer(_TWO_OFFSETS.pack(_RESEND, self._delivered, self._sent))
+        if self._ending:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
 
     def pressure(self, paused: bool) -> None:
         """The link's send queue is over its high-water mark (*paused*), or
@@ -1068,43 +1351,89 @@ class NatsTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self._closing
 
+    @property
+    def ending(self) -> bool:
+        """Whether the transport was closed and still waits for the peer to
+        confirm the end (see :meth:`close`)."""
+        return self._ending and not self._finished
+
     def close(self) -> None:
-        """Send the end of the stream after what was written, and close."""
+        """Send the end of the stream after what was written, and close.
+
+        The protocol hears of it at once (``connection_lost(None)``); the
+        transport goes on in the background until the peer has confirmed
+        the end: it sends what the peer lacks (say, it lost it while its
+        link reconnected) again and the end with it.  It gives up when the
+        peer was not heard for ``heartbeat_interval + heartbeat_timeout``
+        seconds, or when its link closes (:meth:`wait_finished`).
+        """
         if self._closing:
             return
         self._closing = True
-        self._finish(None, say_goodbye=True)
+        self._tell_protocol(None)
+        if self.peer_inbox is None:
+            self._finish()
+            return
+        self._ending = True
+        self._held.clear()
+        self._held_size = 0
+        self._send_to_peer(_OFFSET.pack(_END, self._sent))
 
     def abort(self) -> None:
-        self.close()
+        """Send the end (once, without waiting for the peer to confirm it)
+        and close at once, dropping what the peer did not acknowledge."""
+        if not self._closing:
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
+        self._closing = True
+        self._tell_protocol(None)
+        self._finish()
 
     def lose(self, exc: Exception) -> None:
-        """End the connection with *exc* (the peer vanished, the link broke)."""
-        if self._lost:
+        """End the connection with *exc* (the peer vanished, the link broke);
+        a closed transport stops waiting for the peer's confirmation."""
+        if self._finished:
             return
+        if self._ending:
+            logger.debug(
+                "NATS: %s did not confirm the end of the stream: %s",
+                self.get_extra_info("peername"),
+                exc,
+            )
+        elif not self._closing:
+            # (Best effort: a peer that is there ends at once, not at the
+            # heartbeat bound.)
+            self._send_to_peer(_OFFSET.pack(_END, self._sent))
         self._closing = True
-        self._finish(exc, say_goodbye=False)
+        self._tell_protocol(exc)
+        self._finish()
 
-    def _finish(self, exc: Exception | None, *, say_goodbye: bool) -> None:
+    def _tell_protocol(self, exc: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
-        link = self._link
-        if say_goodbye:
-            self._send_to_peer(_OFFSET.pack(_END, self._sent))
-        link.discard(self)
+        if self.peer_inbox is not None:
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def _finish(self) -> None:
+        """Unsubscribe and drop everything."""
+        if self._finished:
+            return
+        self._finished = True
+        self._link.discard(self)
         heartbeat = self._heartbeat
         if heartbeat is not None and heartbeat is not asyncio.current_task():
             heartbeat.cancel()
         self._held.clear()
+        self._held_size = 0
         self._unacked.clear()
+        self._unacked_size = 0
         unsubscribe = self._unsubscribe
-        if self.peer_inbox is not None:
-            self._loop.call_soon(self._protocol.connection_lost, exc)
         if unsubscribe is not None:
             task = asyncio.ensure_future(unsubscribe())
             # Tracked by the link's close() through the client; nothing to wait for.
             task.add_done_callback(_ignore)
+        if not self._done.done():
+            self._done.set_result(None)
 
     async def _beat(self) -> None:
         """Every heartbeat_interval, ask the peer what it has received; end
@@ -1124,7 +1453,7 @@ class NatsTransport(asyncio.Transport):
             await asyncio.sleep(
                 max(min(config.heartbeat_interval, deadline - loop.time()), 0)
             )
-            if self._lost:
+            if self._finished:
                 return
             if client.is_connected:
                 timeout = min(config.heartbeat_timeout, deadline - loop.time())
@@ -1146,6 +1475,9 @@ class NatsTransport(asyncio.Transport):
                     why = f"could not be asked ({exc})"
                 else:
                     self._received_message(answer, "")
+                    if self._ending and not self._finished:
+                        # The end (or its confirmation) may have been lost.
+                        self._send_to_peer(_OFFSET.pack(_END, self._sent))
                     deadline = loop.time() + bound
                     continue
             else:
