@@ -746,6 +746,77 @@ def test_children_get_the_trace_directory(tmp_path: Path) -> None:
     assert inherited[tracing.ENV_VAR] == str(tmp_path)
 
 
+def test_enable_names_the_directory_for_children_and_disable_restores_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(tracing.ENV_VAR, raising=False)
+    tracing.enable(tmp_path / "a")
+    assert os.environ[tracing.ENV_VAR] == str(tmp_path / "a")
+    tracing.enable(tmp_path / "b")
+    assert os.environ[tracing.ENV_VAR] == str(tmp_path / "b")
+    tracing.disable()
+    assert tracing.ENV_VAR not in os.environ
+    monkeypatch.setenv(tracing.ENV_VAR, "before")
+    tracing.enable(tmp_path / "c")
+    tracing.enable(print)  # (no directory for children)
+    assert os.environ[tracing.ENV_VAR] == "before"
+    tracing.enable(tmp_path / "d")
+    tracing.disable()
+    assert os.environ[tracing.ENV_VAR] == "before"
+
+
+_DISABLE_SCRIPT = """
+import os, aiomas
+assert aiomas.tracing.active() is not None
+aiomas.tracing.disable()
+print(os.environ.get("AIOMAS_TRACE"), aiomas.tracing.child_environment(None))
+"""
+
+
+def test_disable_turns_off_the_variable_that_turned_tracing_on(
+    tmp_path: Path,
+) -> None:
+    """A process started with AIOMAS_TRACE that disables tracing starts no
+    traced children any more (e.g. subprocess containers)."""
+    env = dict(os.environ, AIOMAS_TRACE=str(tmp_path / "run"))
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", _DISABLE_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.split() == ["None", "None"]
+
+
+def test_records_are_flushed_on_a_loop_after_one_that_stopped_first(
+    tmp_path: Path,
+) -> None:
+    tracer = tracing.Tracer(tmp_path)
+    first = asyncio.new_event_loop()
+    try:
+
+        def write_and_stop() -> None:
+            tracer.write({"ev": "first"})
+            first.stop()  # before the flush it scheduled has run
+
+        first.call_soon(write_and_stop)
+        first.run_forever()
+    finally:
+        first.close()
+
+    async def write_on_another_loop() -> None:
+        tracer.write({"ev": "second"})
+        await asyncio.sleep(0)  # (the flush runs in this iteration)
+
+    asyncio.run(write_on_another_loop())
+    assert tracer.path is not None
+    with tracer.path.open(encoding="utf-8") as file:
+        lines = [json.loads(line) for line in file]
+    assert [line.get("ev") for line in lines[1:]] == ["first", "second"]
+
+
 async def test_a_failing_sink_changes_no_call(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
