@@ -19,7 +19,7 @@ import aiomas
 from aiomas import protocol, tracing
 from aiomas.testing import TIME_UNIT, connection_pair, sent_messages, settle
 
-from .test_deadlines import SpecPeer
+from .test_deadlines import SpecPeer, wait_until
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 WAIT = 200 * TIME_UNIT
@@ -744,6 +744,64 @@ def test_children_get_the_trace_directory(tmp_path: Path) -> None:
     inherited = tracing.child_environment(None)
     assert inherited is not None
     assert inherited[tracing.ENV_VAR] == str(tmp_path)
+
+
+class Waiter:
+    """A service whose calls wait until released (or cancelled)."""
+
+    router = aiomas.rpc.Service()
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+        self.cancelled = 0
+
+    @aiomas.expose
+    async def wait(self) -> str:
+        self.started += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return "done"
+
+
+async def test_a_traced_plain_send_stays_plain_when_cancelled() -> None:
+    """With "cancel" agreed, cancelling the future of a traced plain
+    ``Channel.send`` tells the peer nothing (only ``send_cancellable`` does),
+    and the call is recorded all the same."""
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    waiter = Waiter()
+    server, addr = await _serve(waiter, extensions=True, trace=theirs.append)
+    client = await aiomas.rpc.open_connection(addr, extensions=True, trace=ours.append)
+    try:
+        assert "cancel" in await client.wait_extensions()
+        channel = client.channel
+        plain = channel.send(["wait", [], {}])
+        await wait_until(lambda: waiter.started == 1)
+        cancellable = channel.send_cancellable(["wait", [], {}])
+        await wait_until(lambda: waiter.started == 2)
+        plain.cancel()
+        cancellable.cancel()
+        # The plain one waits for its late reply; the other was forgotten.
+        assert channel.waiting_for_replies == 1
+        await wait_until(lambda: waiter.cancelled == 1)
+        await settle()
+        assert waiter.cancelled == 1
+        waiter.release.set()
+        await wait_until(lambda: channel.waiting_for_replies == 0)
+        sends = [r for r in ours if r["ev"] == "send" and r["path"] == "wait"]
+        assert len(sends) == 2
+        assert [r["ev"] for r in ours if r["msg"] == sends[0]["msg"]][:2] == [
+            "send",
+            "cancel",
+        ]
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
 
 
 def test_enable_names_the_directory_for_children_and_disable_restores_it(

@@ -375,8 +375,13 @@ class Channel:
 
     @property
     def waiting_for_replies(self) -> int:
-        """How many of our requests wait for their reply (including cancelled
-        ones whose reply has not arrived)."""
+        """How many of our requests wait for their reply.
+
+        A request whose future was cancelled counts until its late reply
+        arrives (or the connection ends) -- except one of
+        :meth:`send_cancellable` given up (cancelled, or its deadline passed)
+        while the peer agreed to the extension's feature ``"cancel"``: the
+        peer is sent a cancel for it, and it no longer counts."""
         return self._core.waiting_for_replies
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -401,7 +406,7 @@ class Channel:
         if self._closed_error is not None:
             raise self.connection_error()
         if self.tracing is not None:
-            return self.send_cancellable(content)
+            return self._send_traced(content)
         # The core keeps the future with the request's id; a cancelled one
         # stays until its reply arrives (and is dropped quietly) or the
         # connection ends.
@@ -484,38 +489,11 @@ class Channel:
                 return failed
             if time_left == math.inf:
                 time_left = None  # (no limit for the peer either)
-        core = self._core
-        state = self.tracing
-        traced = None if state is None else state.start_call(content)
-        meta = None
-        if traced is not None:
-            assert state is not None
-            meta = state.trace_meta(*traced)
         # (Tells us when it is cancelled: no callback for every reply.)
         call = _CancellableCall(loop=self._loop)
         call.channel = self
         call.deadline = deadline
-        try:
-            if self.extended:
-                msg_id = core.send_request_with_meta(
-                    content, call, deadline=time_left, trace=meta
-                )
-            else:
-                msg_id = core.send_request(content, call)
-        except BaseException:
-            if traced is not None:
-                assert state is not None
-                state.call_failed(traced[0])
-            raise
-        call.message_id = msg_id
-        if traced is not None:
-            assert state is not None
-            state.call_sent(*traced, call, msg_id, core.sent_size, content)
-        # (The core writes it, or gathers it with the replies of the read
-        # being handled.)
-        protocol = self.protocol
-        if protocol.reading_paused:
-            protocol.update_reading()
+        call.message_id = self._send_recorded(content, call, time_left)
         if deadline is not None:
             task = asyncio.current_task()
             if task is not None and deadline.task is task:
@@ -528,6 +506,48 @@ class Channel:
                 # scope): the call needs a timer of its own.
                 call.unguarded()
         return call
+
+    def _send_traced(self, content: Any) -> asyncio.Future[Any]:
+        """:meth:`send` on a traced channel: recorded, and as plain as ever
+        (cancelling the future tells the peer nothing)."""
+        future = self._loop.create_future()
+        self._send_recorded(content, future, None)
+        return future
+
+    def _send_recorded(
+        self, content: Any, future: asyncio.Future[Any], time_left: float | None
+    ) -> int:
+        """Send a request with *content* for *future* (with *time_left* for
+        the peer, if the extension was agreed), record it if traced, read
+        again if we had stopped; return its message id."""
+        core = self._core
+        state = self.tracing
+        traced = None if state is None else state.start_call(content)
+        meta = None
+        if traced is not None:
+            assert state is not None
+            meta = state.trace_meta(*traced)
+        try:
+            if self.extended:
+                msg_id = core.send_request_with_meta(
+                    content, future, deadline=time_left, trace=meta
+                )
+            else:
+                msg_id = core.send_request(content, future)
+        except BaseException:
+            if traced is not None:
+                assert state is not None
+                state.call_failed(traced[0])
+            raise
+        if traced is not None:
+            assert state is not None
+            state.call_sent(*traced, future, msg_id, core.sent_size, content)
+        # (The core writes it, or gathers it with the replies of the read
+        # being handled.)
+        protocol = self.protocol
+        if protocol.reading_paused:
+            protocol.update_reading()
+        return msg_id
 
     def give_up(self, message_id: int) -> None:
         """We gave up on our request *message_id*: if the peer agreed to the
