@@ -1331,7 +1331,59 @@ async def test_held_requests_with_metadata_reach_the_handler() -> None:
     await settle()
     (request,) = handled
     assert isinstance(request, aiomas.channel.ExtendedRequest)
-    assert (request.content, request.deadline) == ("a", 1.0)
+    assert request.content == "a"
+    # (Less the loop time it was held: see the next test.)
+    assert request.deadline is not None
+    assert 0 < request.deadline <= 1.0
+    transport.lose_connection()
+    with pytest.raises(ConnectionResetError):
+        await question
+
+
+async def test_a_held_request_gets_only_what_is_left_of_its_deadline() -> None:
+    """The time a request waited while writing was paused is taken off its
+    deadline, measured from its arrival on the channel's deadline clock."""
+    protocol = ChannelProtocol(aiomas.JSON())
+    transport = FakeTransport(protocol)
+    channel = protocol.channel
+    assert channel is not None
+    feed(protocol, transport, [jframe(OFFER)])
+    assert channel.take_offer(await channel.recv())
+    clock = aiomas.ExternalClock("2026-01-01T00:00:00")
+    channel.deadline_clock = clock
+    handled: list[Request] = []
+    channel.set_request_handler(handled.append)
+    channel.cancel_handler = lambda msg_id, held: None
+    question = channel.send("q")  # (so that we read on while writing is paused)
+    transport.set_write_buffer_limits(high=1)
+    assert protocol.writing_paused
+    feed(
+        protocol,
+        transport,
+        [
+            jframe([3, 1, ["a", {"deadline": 5}]])
+            + jframe([3, 2, ["b", {"deadline": 5}]])
+        ],
+    )
+    clock.set_time(1.5)
+    feed(
+        protocol,
+        transport,
+        [
+            jframe([4, 1, None])  # "a" is cancelled while held
+            + jframe([3, 3, ["c", {"deadline": 5}]])
+            + jframe([0, 4, "plain"])
+        ],
+    )
+    assert handled == []
+    clock.set_time(4)
+    transport.consume()
+    await settle()
+    assert [(r.content, getattr(r, "deadline", None)) for r in handled] == [
+        ("b", 1.0),  # arrived at 0, passed on at 4
+        ("c", 2.5),  # arrived at 1.5
+        ("plain", None),
+    ]
     transport.lose_connection()
     with pytest.raises(ConnectionResetError):
         await question
