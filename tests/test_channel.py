@@ -1301,21 +1301,30 @@ async def test_a_channel_takes_an_offer_and_reads_requests_with_metadata() -> No
     assert not channel.take_offer(Request(OFFER[2], 5, protocol))
 
 
-async def test_held_requests_with_metadata_reach_the_handler() -> None:
+async def paused_extended_channel(
+    handled: list[Request], cancels: list[tuple[int, bool]]
+) -> tuple[ChannelProtocol, FakeTransport, asyncio.Future[Any]]:
+    """A channel that agreed to the extension, hands requests and cancels
+    to *handled* and *cancels*, and whose writing is paused; it waits for a
+    reply of its own (the future returned), so it reads on."""
     protocol = ChannelProtocol(aiomas.JSON())
     transport = FakeTransport(protocol)
     channel = protocol.channel
     assert channel is not None
     feed(protocol, transport, [jframe(OFFER)])
     assert channel.take_offer(await channel.recv())
-    handled: list[Request] = []
-    cancels: list[tuple[int, bool]] = []
     channel.set_request_handler(handled.append)
     channel.cancel_handler = lambda msg_id, held: cancels.append((msg_id, held))
-    # Waiting for a reply of our own, we read on while writing is paused.
     question = channel.send("q")
     transport.set_write_buffer_limits(high=1)
     assert protocol.writing_paused
+    return protocol, transport, question
+
+
+async def test_held_requests_with_metadata_reach_the_handler() -> None:
+    handled: list[Request] = []
+    cancels: list[tuple[int, bool]] = []
+    protocol, transport, question = await paused_extended_channel(handled, cancels)
     feed(
         protocol,
         transport,
@@ -1343,20 +1352,11 @@ async def test_held_requests_with_metadata_reach_the_handler() -> None:
 async def test_a_held_request_gets_only_what_is_left_of_its_deadline() -> None:
     """The time a request waited while writing was paused is taken off its
     deadline, measured from its arrival on the channel's deadline clock."""
-    protocol = ChannelProtocol(aiomas.JSON())
-    transport = FakeTransport(protocol)
-    channel = protocol.channel
-    assert channel is not None
-    feed(protocol, transport, [jframe(OFFER)])
-    assert channel.take_offer(await channel.recv())
-    clock = aiomas.ExternalClock("2026-01-01T00:00:00")
-    channel.deadline_clock = clock
     handled: list[Request] = []
-    channel.set_request_handler(handled.append)
-    channel.cancel_handler = lambda msg_id, held: None
-    question = channel.send("q")  # (so that we read on while writing is paused)
-    transport.set_write_buffer_limits(high=1)
-    assert protocol.writing_paused
+    protocol, transport, question = await paused_extended_channel(handled, [])
+    clock = aiomas.ExternalClock("2026-01-01T00:00:00")
+    assert protocol.channel is not None
+    protocol.channel.deadline_clock = clock
     feed(
         protocol,
         transport,

@@ -476,17 +476,23 @@ print(aiomas.tracing.process_token())
 """
 
 
-def test_the_environment_variable_turns_it_on(tmp_path: Path) -> None:
-    env = dict(os.environ, AIOMAS_TRACE=str(tmp_path / "run"))
+def _run_traced(script: str, directory: Path) -> str:
+    """Run *script* in a Python started with AIOMAS_TRACE=*directory*;
+    return what it printed."""
+    env = dict(os.environ, AIOMAS_TRACE=str(directory))
     result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", _ENV_SCRIPT],
+        [sys.executable, "-W", "error", "-c", script],
         capture_output=True,
         text=True,
         env=env,
         timeout=30,
         check=True,
     )
-    token = result.stdout.strip()
+    return result.stdout
+
+
+def test_the_environment_variable_turns_it_on(tmp_path: Path) -> None:
+    token = _run_traced(_ENV_SCRIPT, tmp_path / "run").strip()
     (path,) = (tmp_path / "run").iterdir()
     assert path.name == f"{token}.jsonl"
     records = tracing.read([path])
@@ -836,16 +842,8 @@ def test_disable_turns_off_the_variable_that_turned_tracing_on(
 ) -> None:
     """A process started with AIOMAS_TRACE that disables tracing starts no
     traced children any more (e.g. subprocess containers)."""
-    env = dict(os.environ, AIOMAS_TRACE=str(tmp_path / "run"))
-    result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", _DISABLE_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=True,
-    )
-    assert result.stdout.split() == ["None", "None"]
+    printed = _run_traced(_DISABLE_SCRIPT, tmp_path / "run")
+    assert printed.split() == ["None", "None"]
 
 
 def test_records_are_flushed_on_a_loop_after_one_that_stopped_first(
