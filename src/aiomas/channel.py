@@ -506,11 +506,39 @@ class Channel:
                 return failed
             if time_left == math.inf:
                 time_left = None  # (no limit for the peer either)
+        core = self._core
+        state = self.tracing
+        traced = None if state is None else state.start_call(content)
+        meta = None
+        if traced is not None:
+            assert state is not None
+            meta = state.trace_meta(*traced)
         # (Tells us when it is cancelled: no callback for every reply.)
         call = _CancellableCall(loop=self._loop)
         call.channel = self
         call.deadline = deadline
-        call.message_id = self._send_recorded(content, call, time_left)
+        call.plain = False
+        try:
+            if self.extended:
+                msg_id = core.send_request_with_meta(
+                    content, call, deadline=time_left, trace=meta
+                )
+            else:
+                msg_id = core.send_request(content, call)
+        except BaseException:
+            if traced is not None:
+                assert state is not None
+                state.call_failed(traced[0])
+            raise
+        call.message_id = msg_id
+        if traced is not None:
+            assert state is not None
+            state.call_sent(*traced, call, msg_id, core.sent_size, content)
+        # (The core writes it, or gathers it with the replies of the read
+        # being handled.)
+        protocol = self.protocol
+        if protocol.reading_paused:
+            protocol.update_reading()
         if deadline is not None:
             task = asyncio.current_task()
             if task is not None and deadline.task is task:
@@ -525,46 +553,13 @@ class Channel:
         return call
 
     def _send_traced(self, content: Any) -> asyncio.Future[Any]:
-        """:meth:`send` on a traced channel: recorded, and as plain as ever
-        (cancelling the future tells the peer nothing)."""
-        future = self._loop.create_future()
-        self._send_recorded(content, future, None)
-        return future
-
-    def _send_recorded(
-        self, content: Any, future: asyncio.Future[Any], time_left: float | None
-    ) -> int:
-        """Send a request with *content* for *future* (with *time_left* for
-        the peer, if the extension was agreed), record it if traced, read
-        again if we had stopped; return its message id."""
-        core = self._core
-        state = self.tracing
-        traced = None if state is None else state.start_call(content)
-        meta = None
-        if traced is not None:
-            assert state is not None
-            meta = state.trace_meta(*traced)
-        try:
-            if self.extended:
-                msg_id = core.send_request_with_meta(
-                    content, future, deadline=time_left, trace=meta
-                )
-            else:
-                msg_id = core.send_request(content, future)
-        except BaseException:
-            if traced is not None:
-                assert state is not None
-                state.call_failed(traced[0])
-            raise
-        if traced is not None:
-            assert state is not None
-            state.call_sent(*traced, future, msg_id, core.sent_size, content)
-        # (The core writes it, or gathers it with the replies of the read
-        # being handled.)
-        protocol = self.protocol
-        if protocol.reading_paused:
-            protocol.update_reading()
-        return msg_id
+        """:meth:`send` on a traced channel: recorded (as a call of
+        :meth:`send_cancellable` is), and as plain as ever: cancelling the
+        future tells the peer nothing."""
+        call = self.send_cancellable(content)
+        assert isinstance(call, _CancellableCall)  # (It has no deadline.)
+        call.plain = True
+        return call
 
     def give_up(self, message_id: int) -> None:
         """We gave up on our request *message_id*: if the peer agreed to the
@@ -958,16 +953,18 @@ class _CancellableCall(asyncio.Future[Any]):
     deadline has passed it fails with nothing but
     :class:`~aiomas.exceptions.DeadlineExceeded`."""
 
-    __slots__ = ("channel", "deadline", "message_id")
+    __slots__ = ("channel", "deadline", "message_id", "plain")
 
     channel: Channel
     deadline: Deadline | None
     message_id: int
+    plain: bool  # (of a traced Channel.send(): cancelling it tells nobody)
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        self.channel.give_up(self.message_id)
+        if not self.plain:
+            self.channel.give_up(self.message_id)
         return True
 
     def set_exception(self, exception: type | BaseException) -> None:
