@@ -1385,21 +1385,30 @@ async def test_a_channel_takes_an_offer_and_reads_requests_with_metadata() -> No
     assert not channel.take_offer(Request(OFFER[2], 5, protocol))
 
 
-async def test_held_requests_with_metadata_reach_the_handler() -> None:
+async def paused_extended_channel(
+    handled: list[Request], cancels: list[tuple[int, bool]]
+) -> tuple[ChannelProtocol, FakeTransport, asyncio.Future[Any]]:
+    """A channel that agreed to the extension, hands requests and cancels
+    to *handled* and *cancels*, and whose writing is paused; it waits for a
+    reply of its own (the future returned), so it reads on."""
     protocol = ChannelProtocol(aiomas.JSON())
     transport = FakeTransport(protocol)
     channel = protocol.channel
     assert channel is not None
     feed(protocol, transport, [jframe(OFFER)])
     assert channel.take_offer(await channel.recv())
-    handled: list[Request] = []
-    cancels: list[tuple[int, bool]] = []
     channel.set_request_handler(handled.append)
     channel.cancel_handler = lambda msg_id, held: cancels.append((msg_id, held))
-    # Waiting for a reply of our own, we read on while writing is paused.
     question = channel.send("q")
     transport.set_write_buffer_limits(high=1)
     assert protocol.writing_paused
+    return protocol, transport, question
+
+
+async def test_held_requests_with_metadata_reach_the_handler() -> None:
+    handled: list[Request] = []
+    cancels: list[tuple[int, bool]] = []
+    protocol, transport, question = await paused_extended_channel(handled, cancels)
     feed(
         protocol,
         transport,
@@ -1415,7 +1424,50 @@ async def test_held_requests_with_metadata_reach_the_handler() -> None:
     await settle()
     (request,) = handled
     assert isinstance(request, aiomas.channel.ExtendedRequest)
-    assert (request.content, request.deadline) == ("a", 1.0)
+    assert request.content == "a"
+    # (Less the loop time it was held: see the next test.)
+    assert request.deadline is not None
+    assert 0 < request.deadline <= 1.0
+    transport.lose_connection()
+    with pytest.raises(ConnectionResetError):
+        await question
+
+
+async def test_a_held_request_gets_only_what_is_left_of_its_deadline() -> None:
+    """The time a request waited while writing was paused is taken off its
+    deadline, measured from its arrival on the channel's deadline clock."""
+    handled: list[Request] = []
+    protocol, transport, question = await paused_extended_channel(handled, [])
+    clock = aiomas.ExternalClock("2026-01-01T00:00:00")
+    assert protocol.channel is not None
+    protocol.channel.deadline_clock = clock
+    feed(
+        protocol,
+        transport,
+        [
+            jframe([3, 1, ["a", {"deadline": 5}]])
+            + jframe([3, 2, ["b", {"deadline": 5}]])
+        ],
+    )
+    clock.set_time(1.5)
+    feed(
+        protocol,
+        transport,
+        [
+            jframe([4, 1, None])  # "a" is cancelled while held
+            + jframe([3, 3, ["c", {"deadline": 5}]])
+            + jframe([0, 4, "plain"])
+        ],
+    )
+    assert handled == []
+    clock.set_time(4)
+    transport.consume()
+    await settle()
+    assert [(r.content, getattr(r, "deadline", None)) for r in handled] == [
+        ("b", 1.0),  # arrived at 0, passed on at 4
+        ("c", 2.5),  # arrived at 1.5
+        ("plain", None),
+    ]
     transport.lose_connection()
     with pytest.raises(ConnectionResetError):
         await question

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 import aiomas
-from aiomas import local_queue
+from aiomas import local_queue, wire
+from aiomas.channel import ChannelProtocol
 from aiomas.deadlines import Deadline, LoopClock, current_deadline
 from aiomas.exceptions import AiomasError, DeadlineExceeded
 from aiomas.exceptions import SerializationError as SerializationError_
-from aiomas.testing import TIME_UNIT, settle
+from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
 from .conftest import Endpoint, TLSFiles
 
@@ -882,3 +883,75 @@ async def test_a_cancelled_quorum_cancels_its_calls() -> None:
             await task
         for service in services:
             await asyncio.wait_for(service.cancelled.wait(), WAIT)
+
+
+class _Counted:
+    """Records the time left of each call it serves."""
+
+    router = aiomas.rpc.Service()
+
+    def __init__(self) -> None:
+        self.remaining: list[float | None] = []
+
+    @aiomas.expose
+    def f(self) -> str:
+        self.remaining.append(aiomas.remaining())
+        return "ran"
+
+
+_OFFER = ["__aiomas__/extensions", [1, ["cancel", "deadline"]], {}]
+
+
+async def test_a_request_whose_deadline_passed_while_held_fails_unrun() -> None:
+    """RPC serves a request held back while writing was paused with what is
+    left of its deadline on the connection's clock, and one whose deadline
+    passed meanwhile fails with DeadlineExceeded without running."""
+    codec = aiomas.JSON()
+
+    def frame(message: Any) -> bytes:
+        return wire.frame(codec.encode(message))
+
+    clock = aiomas.ExternalClock("2026-01-01T00:00:00")
+    protocol = ChannelProtocol(codec)
+    transport = FakeTransport(protocol)
+    channel = protocol.channel
+    assert channel is not None
+    service = _Counted()
+    client = aiomas.rpc.RpcClient(channel, service, extensions=True, clock=clock)
+    feed(protocol, transport, [frame([0, 0, _OFFER])])
+    assert channel.extended
+    question = channel.send("q")  # (so that we read on while writing is paused)
+    try:
+        transport.set_write_buffer_limits(high=1)
+        assert protocol.writing_paused
+        feed(
+            protocol,
+            transport,
+            [
+                frame([3, 1, [["f", [], {}], {"deadline": 2}]])
+                + frame([3, 2, [["f", [], {}], {"deadline": 10}]])
+            ],
+        )
+        clock.set_time(3)
+        transport.set_write_buffer_limits(high=2**20)
+        transport.consume()
+        await settle()
+        assert service.remaining == [7.0]
+        replies = {
+            message[1]: message
+            for message in (
+                codec.decode(payload)
+                for payload in wire.FrameReader().feed(transport.written)
+            )
+            if message[0] in (1, 2)
+        }
+        assert replies[2] == [1, 2, "ran"]
+        assert replies[1][0] == 2
+        assert "DeadlineExceeded" in replies[1][2]
+    finally:
+        transport.lose_connection()
+    with pytest.raises(ConnectionResetError):
+        await question
+    assert client.service is not None
+    with pytest.raises(ConnectionResetError):
+        await client.service

@@ -794,6 +794,86 @@ def test_a_failing_on_data_comes_out_of_the_send_and_forgets_the_request() -> No
         conn.send_result(0, "answer")
 
 
+class _CountedFlushes(Connection):
+    """A core that counts how often its send queue is emptied."""
+
+    flushes = 0
+
+    def data_to_send(self) -> list[Any]:
+        self.flushes += 1
+        return super().data_to_send()
+
+
+def agreed_alone() -> _CountedFlushes:
+    """A client core that agreed on the whole extension (its peer left out)."""
+    conn = _CountedFlushes(JSON())
+    conn.offer_extensions()
+    conn.data_to_send()
+    agreed = [1, sorted(protocol.EXTENSION_FEATURES)]
+    (answer,) = conn.receive_data(jframe([1, 0, agreed]))
+    assert isinstance(answer, ResultReceived)
+    conn.offer_answered(answer.content)
+    conn.flushes = 0
+    return conn
+
+
+def test_a_request_with_meta_goes_to_on_data_without_the_queue() -> None:
+    conn = agreed_alone()
+    written: list[bytes] = []
+    conn.on_data = written.append
+    plain = conn.send_request("ask")
+    assert written == [jframe([0, plain, "ask"])]
+    assert conn.flushes == 0
+    msg_id = conn.send_request_with_meta("ask", deadline=1.5)
+    assert written[1:] == [jframe([3, msg_id, ["ask", {"deadline": 1.5}]])]
+    assert conn.flushes == 0  # the same direct write as a plain request
+    assert conn.bytes_to_send == 0
+    assert conn.waiting_for_replies == 2
+
+
+def test_a_request_with_meta_sent_while_a_read_is_handled_is_gathered() -> None:
+    conn = agreed_alone()
+    written: list[bytes] = []
+    conn.on_data = written.append
+    sent: list[int] = []
+    conn.on_request = lambda msg_id, content: sent.append(
+        conn.send_request_with_meta(content, deadline=1.0)
+    )
+    list(conn.receive_data(jframe([0, 0, "a"]) + jframe([0, 1, "b"])))
+    assert len(written) == 1
+    assert json_messages(written[0]) == [
+        [3, sent[0], ["a", {"deadline": 1.0}]],
+        [3, sent[1], ["b", {"deadline": 1.0}]],
+    ]
+
+
+def test_a_big_request_with_meta_goes_apart_from_its_header() -> None:
+    conn = agreed_alone()
+    written: list[bytes] = []
+    conn.on_data = written.append
+    big = "x" * protocol.JOIN_LIMIT
+    msg_id = conn.send_request_with_meta(big, deadline=2.0)
+    assert [len(chunk) for chunk in written] == [4, len(written[1])]
+    assert b"".join(written) == jframe([3, msg_id, [big, {"deadline": 2.0}]])
+
+
+def test_a_failing_on_data_forgets_the_request_with_meta() -> None:
+    conn = agreed_alone()
+
+    def on_data(chunk: Any) -> None:
+        raise OSError("the transport is gone")
+
+    conn.on_data = on_data
+    for content in ("ask", "x" * protocol.JOIN_LIMIT):
+        with pytest.raises(OSError, match="gone"):
+            conn.send_request_with_meta(content, deadline=1.0)
+        assert conn.waiting_for_replies == 0
+    assert conn.bytes_to_send == 0
+    # A reply for a request that never left is a violation, not a late reply.
+    (event,) = conn.receive_data(jframe([1, 2, "made up"]))
+    assert isinstance(event, ProtocolViolation)
+
+
 def test_on_data_is_forgotten_when_the_connection_ends() -> None:
     conn = Connection(JSON())
     conn.on_data = print

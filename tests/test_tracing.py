@@ -19,7 +19,7 @@ import aiomas
 from aiomas import protocol, tracing
 from aiomas.testing import TIME_UNIT, connection_pair, sent_messages, settle
 
-from .test_deadlines import SpecPeer
+from .test_deadlines import SpecPeer, wait_until
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 WAIT = 200 * TIME_UNIT
@@ -476,17 +476,23 @@ print(aiomas.tracing.process_token())
 """
 
 
-def test_the_environment_variable_turns_it_on(tmp_path: Path) -> None:
-    env = dict(os.environ, AIOMAS_TRACE=str(tmp_path / "run"))
+def _run_traced(script: str, directory: Path) -> str:
+    """Run *script* in a Python started with AIOMAS_TRACE=*directory*;
+    return what it printed."""
+    env = dict(os.environ, AIOMAS_TRACE=str(directory))
     result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", _ENV_SCRIPT],
+        [sys.executable, "-W", "error", "-c", script],
         capture_output=True,
         text=True,
         env=env,
         timeout=30,
         check=True,
     )
-    token = result.stdout.strip()
+    return result.stdout
+
+
+def test_the_environment_variable_turns_it_on(tmp_path: Path) -> None:
+    token = _run_traced(_ENV_SCRIPT, tmp_path / "run").strip()
     (path,) = (tmp_path / "run").iterdir()
     assert path.name == f"{token}.jsonl"
     records = tracing.read([path])
@@ -744,6 +750,127 @@ def test_children_get_the_trace_directory(tmp_path: Path) -> None:
     inherited = tracing.child_environment(None)
     assert inherited is not None
     assert inherited[tracing.ENV_VAR] == str(tmp_path)
+
+
+class Waiter:
+    """A service whose calls wait until released (or cancelled)."""
+
+    router = aiomas.rpc.Service()
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+        self.cancelled = 0
+
+    @aiomas.expose
+    async def wait(self) -> str:
+        self.started += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return "done"
+
+
+async def test_a_traced_plain_send_stays_plain_when_cancelled() -> None:
+    """With "cancel" agreed, cancelling the future of a traced plain
+    ``Channel.send`` tells the peer nothing (only ``send_cancellable`` does),
+    and the call is recorded all the same."""
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    waiter = Waiter()
+    server, addr = await _serve(waiter, extensions=True, trace=theirs.append)
+    client = await aiomas.rpc.open_connection(addr, extensions=True, trace=ours.append)
+    try:
+        assert "cancel" in await client.wait_extensions()
+        channel = client.channel
+        plain = channel.send(["wait", [], {}])
+        await wait_until(lambda: waiter.started == 1)
+        cancellable = channel.send_cancellable(["wait", [], {}])
+        await wait_until(lambda: waiter.started == 2)
+        plain.cancel()
+        cancellable.cancel()
+        # The plain one waits for its late reply; the other was forgotten.
+        assert channel.waiting_for_replies == 1
+        await wait_until(lambda: waiter.cancelled == 1)
+        await settle()
+        assert waiter.cancelled == 1
+        waiter.release.set()
+        await wait_until(lambda: channel.waiting_for_replies == 0)
+        sends = [r for r in ours if r["ev"] == "send" and r["path"] == "wait"]
+        assert len(sends) == 2
+        assert [r["ev"] for r in ours if r["msg"] == sends[0]["msg"]][:2] == [
+            "send",
+            "cancel",
+        ]
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_enable_names_the_directory_for_children_and_disable_restores_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(tracing.ENV_VAR, raising=False)
+    tracing.enable(tmp_path / "a")
+    assert os.environ[tracing.ENV_VAR] == str(tmp_path / "a")
+    tracing.enable(tmp_path / "b")
+    assert os.environ[tracing.ENV_VAR] == str(tmp_path / "b")
+    tracing.disable()
+    assert tracing.ENV_VAR not in os.environ
+    monkeypatch.setenv(tracing.ENV_VAR, "before")
+    tracing.enable(tmp_path / "c")
+    tracing.enable(print)  # (no directory for children)
+    assert os.environ[tracing.ENV_VAR] == "before"
+    tracing.enable(tmp_path / "d")
+    tracing.disable()
+    assert os.environ[tracing.ENV_VAR] == "before"
+
+
+_DISABLE_SCRIPT = """
+import os, aiomas
+assert aiomas.tracing.active() is not None
+aiomas.tracing.disable()
+print(os.environ.get("AIOMAS_TRACE"), aiomas.tracing.child_environment(None))
+"""
+
+
+def test_disable_turns_off_the_variable_that_turned_tracing_on(
+    tmp_path: Path,
+) -> None:
+    """A process started with AIOMAS_TRACE that disables tracing starts no
+    traced children any more (e.g. subprocess containers)."""
+    printed = _run_traced(_DISABLE_SCRIPT, tmp_path / "run")
+    assert printed.split() == ["None", "None"]
+
+
+def test_records_are_flushed_on_a_loop_after_one_that_stopped_first(
+    tmp_path: Path,
+) -> None:
+    tracer = tracing.Tracer(tmp_path)
+    first = asyncio.new_event_loop()
+    try:
+
+        def write_and_stop() -> None:
+            tracer.write({"ev": "first"})
+            first.stop()  # before the flush it scheduled has run
+
+        first.call_soon(write_and_stop)
+        first.run_forever()
+    finally:
+        first.close()
+
+    async def write_on_another_loop() -> None:
+        tracer.write({"ev": "second"})
+        await asyncio.sleep(0)  # (the flush runs in this iteration)
+
+    asyncio.run(write_on_another_loop())
+    assert tracer.path is not None
+    with tracer.path.open(encoding="utf-8") as file:
+        lines = [json.loads(line) for line in file]
+    assert [line.get("ev") for line in lines[1:]] == ["first", "second"]
 
 
 async def test_a_failing_sink_changes_no_call(

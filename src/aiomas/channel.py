@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from aiomas._connect import (
 )
 from aiomas._guards import guarded, stops_the_process, without_tracebacks
 from aiomas.codecs import JSON, Codec
-from aiomas.deadlines import Deadline
+from aiomas.deadlines import Clock, Deadline
 from aiomas.exceptions import (
     ConnectionLostError,
     DeadlineExceeded,
@@ -241,8 +242,9 @@ class ExtendedRequest(Request):
     ) -> None:
         super().__init__(content, message_id, protocol)
         self.deadline = deadline
-        """The seconds the requester gave us for it (relative to its arrival),
-        or ``None``."""
+        """The seconds left for it when it was passed on: what the requester
+        gave us (relative to its arrival), less the time it was held back
+        (see :attr:`Channel.deadline_clock`); or ``None``."""
         self.meta = meta
         """All of its metadata."""
 
@@ -308,12 +310,15 @@ class Channel:
         "__weakref__",
         "_closed_error",
         "_core",
+        "_held_cancels",
+        "_held_since",
         "_incoming",
         "_loop",
         "_peername",
         "_recv_waiter",
         "cancel_handler",
         "codec",
+        "deadline_clock",
         "extended",
         "protocol",
         "request_handler",
@@ -358,6 +363,18 @@ class Channel:
         self.tracing: tracing.ConnectionTrace | None = None
         """The recorder of this connection while it is traced (see
         :meth:`start_tracing`), else ``None``."""
+        self.deadline_clock: Clock | None = None
+        """The clock of the deadlines of requests served (set by
+        :class:`aiomas.rpc.RpcClient`; ``None``: the event loop's time).  A
+        request held back while writing was paused (see
+        :meth:`set_request_handler`) reaches the handler with the time it
+        was held, on this clock, taken off its
+        :attr:`ExtendedRequest.deadline`."""
+        # When the requests that the core holds back arrived, oldest first,
+        # and the ids of held ones the peer cancelled whose times are still
+        # in there (see note_held_requests()); made when one is held.
+        self._held_since: deque[float] | None = None
+        self._held_cancels: list[int] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed_error is not None else "open"
@@ -375,8 +392,13 @@ class Channel:
 
     @property
     def waiting_for_replies(self) -> int:
-        """How many of our requests wait for their reply (including cancelled
-        ones whose reply has not arrived)."""
+        """How many of our requests wait for their reply.
+
+        A request whose future was cancelled counts until its late reply
+        arrives (or the connection ends) -- except one of
+        :meth:`send_cancellable` given up (cancelled, or its deadline passed)
+        while the peer agreed to the extension's feature ``"cancel"``: the
+        peer is sent a cancel for it, and it no longer counts."""
         return self._core.waiting_for_replies
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -401,7 +423,7 @@ class Channel:
         if self._closed_error is not None:
             raise self.connection_error()
         if self.tracing is not None:
-            return self.send_cancellable(content)
+            return self._send_traced(content)
         # The core keeps the future with the request's id; a cancelled one
         # stays until its reply arrives (and is dropped quietly) or the
         # connection ends.
@@ -495,6 +517,7 @@ class Channel:
         call = _CancellableCall(loop=self._loop)
         call.channel = self
         call.deadline = deadline
+        call.plain = False
         try:
             if self.extended:
                 msg_id = core.send_request_with_meta(
@@ -527,6 +550,15 @@ class Channel:
                 # deadline passes (e.g. a task started inside a deadline
                 # scope): the call needs a timer of its own.
                 call.unguarded()
+        return call
+
+    def _send_traced(self, content: Any) -> asyncio.Future[Any]:
+        """:meth:`send` on a traced channel: recorded (as a call of
+        :meth:`send_cancellable` is), and as plain as ever: cancelling the
+        future tells the peer nothing."""
+        call = self.send_cancellable(content)
+        assert isinstance(call, _CancellableCall)  # (It has no deadline.)
+        call.plain = True
         return call
 
     def give_up(self, message_id: int) -> None:
@@ -722,6 +754,8 @@ class Channel:
         elif type(event) is ExtendedRequestReceived:
             self._extended_request(event)
         elif type(event) is CancelReceived:
+            if event.held:
+                self.note_held_requests(cancelled=event.message_id)
             if self.tracing is not None:
                 self.tracing.cancel_received(event.message_id)
             cancel_handler = self.cancel_handler
@@ -804,17 +838,26 @@ class Channel:
     def deliver_held_requests(self) -> None:
         """Pass requests held back while writing was paused to the request
         handler, until writing pauses again (called by
-        :class:`ChannelProtocol`)."""
+        :class:`ChannelProtocol`).  A request with a deadline gets what is
+        left of it (see :attr:`deadline_clock`)."""
         handler = self.request_handler
         core = self._core
+        self.note_held_requests()  # (Any that came since writing resumed.)
         while handler is not None and self._closed_error is None:
             held = core.next_held_request()
             if held is None:
                 break
+            arrived = self._held_arrival(held.message_id)
             if type(held) is ExtendedRequestReceived:
-                self._extended_request(held, None)
-            elif self.tracing is not None:
+                deadline = held.deadline
+                if deadline is not None and arrived is not None:
+                    waited = self._deadline_time() - arrived
+                    deadline = max(0.0, deadline - waited)
                 # (Its size is no longer known.)
+                self._request_with_meta_arrived(
+                    held.message_id, held.content, deadline, held.meta, None
+                )
+            elif self.tracing is not None:
                 self._deliver_traced(
                     _TracedRequest(held.content, held.message_id, self.protocol),
                     None,
@@ -822,6 +865,48 @@ class Channel:
                 )
             else:
                 handler(Request(held.content, held.message_id, self.protocol))
+        if not core.held_requests:
+            self._held_since = self._held_cancels = None
+
+    def note_held_requests(self, cancelled: int | None = None) -> None:
+        """Note that the requests the core held back since the last call
+        arrived now (called after a read while writing is paused; not for
+        users).  *cancelled*: the id of a held request the peer has just
+        cancelled (the core no longer holds it)."""
+        count = self._core.held_requests + (cancelled is not None)
+        since = self._held_since
+        cancels = self._held_cancels
+        if since is None or cancels is None:
+            if not count:
+                return
+            since = self._held_since = deque()
+            cancels = self._held_cancels = []
+        new = count - (len(since) - len(cancels))
+        if new > 0:
+            since.extend(itertools.repeat(self._deadline_time(), new))
+        if cancelled is not None:
+            cancels.append(cancelled)
+
+    def _held_arrival(self, message_id: int) -> float | None:
+        """When held request *message_id*, the oldest still held, arrived (or
+        ``None`` if unknown)."""
+        since = self._held_since
+        if not since:
+            return None
+        cancels = self._held_cancels
+        if cancels:
+            # The peer numbers its requests in the order it sends them: the
+            # cancelled ones with lower ids arrived before this one.
+            earlier = [msg_id for msg_id in cancels if msg_id < message_id]
+            for _ in earlier:
+                if since:
+                    since.popleft()
+            cancels[:] = [msg_id for msg_id in cancels if msg_id >= message_id]
+        return since.popleft() if since else None
+
+    def _deadline_time(self) -> float:
+        clock = self.deadline_clock
+        return self._loop.time() if clock is None else clock.time()
 
     def connection_lost(self, reason: BaseException) -> None:
         """The connection has ended for *reason*: fail the requests waiting
@@ -843,6 +928,7 @@ class Channel:
         # No request comes any more; the handler (e.g. an RpcClient that holds
         # this channel) must not keep a reference cycle alive.
         self.request_handler = None
+        self._held_since = self._held_cancels = None
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -870,16 +956,18 @@ class _CancellableCall(asyncio.Future[Any]):
     deadline has passed it fails with nothing but
     :class:`~aiomas.exceptions.DeadlineExceeded`."""
 
-    __slots__ = ("channel", "deadline", "message_id")
+    __slots__ = ("channel", "deadline", "message_id", "plain")
 
     channel: Channel
     deadline: Deadline | None
     message_id: int
+    plain: bool  # (of a traced Channel.send(): cancelling it tells nobody)
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        self.channel.give_up(self.message_id)
+        if not self.plain:
+            self.channel.give_up(self.message_id)
         return True
 
     def set_exception(self, exception: type | BaseException) -> None:
@@ -1365,6 +1453,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        channel = self._channel
+        if channel is not None and self.core.held_requests:
+            # (Called after every read while writing is paused: the requests
+            # it held back arrived now.)
+            channel.note_held_requests()
         wanted = self.core.reading_wanted
         if wanted and self.reading_paused:
             self.reading_paused = False

@@ -1018,10 +1018,24 @@ class Connection:
             return self.send_request(content, token)
         msg_id = self._next_id
         self._next_id = msg_id + 1
-        self._queue(self._encode([REQUEST_WITH_META, msg_id, [content, meta]]))
+        payload = self._encode([REQUEST_WITH_META, msg_id, [content, meta]])
+        size = len(payload)
+        if size > JOIN_LIMIT:
+            self._queue(payload)  # (raises if too long: nothing is pending)
+            frame = None
+        else:
+            frame = _pack_header(size) + payload
         self._pending[msg_id] = token
         try:
-            self._release()
+            on_data = self.on_data
+            if frame is None:
+                self._release()
+            elif on_data is None or self.bytes_to_send or self.frames_waiting:
+                self._out.append(frame)
+                self.bytes_to_send += HEADER_SIZE + size
+                self._release()
+            else:
+                on_data(frame)  # (as send_request(): no queue on the way)
         except BaseException:
             self.discard_request(msg_id)  # It never left.
             raise

@@ -174,6 +174,7 @@ class RpcClient:
         if tracer is not None:
             channel.start_tracing(tracer, clock=None if clock is None else clock.time)
         self._clock = clock
+        channel.deadline_clock = clock  # (for requests held back)
         # Calls that the peer may cancel (wire extension only), by message id.
         self._cancellable: dict[int, asyncio.Future[Any]] = {}
         self._offer: asyncio.Future[Any] | None = None
@@ -405,6 +406,11 @@ class RpcClient:
         """:meth:`_handle` for a request that came with *seconds* left: the
         function runs under that deadline (a plain function too, so that it
         can read it and the calls and tasks it starts inherit it)."""
+        if seconds <= 0:
+            # (It passed while the request was held back: see
+            # Channel.deadline_clock.)
+            _answer(request, FAILURE, DeadlineExceeded("the deadline passed"))
+            return
         clock = self._clock
         if clock is None:
             clock = self._clock = LoopClock()

@@ -151,7 +151,9 @@ class _FileSink:
         self.directory = directory
         self.path = directory / f"{_token}.jsonl"
         self._file: IO[str] | None = None
-        self._flush_scheduled = False
+        # The loop a flush is scheduled on: a loop that stopped (or closed)
+        # before it ran the flush does not keep the next loop from flushing.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -165,18 +167,18 @@ class _FileSink:
                 file.write(json.dumps(header(), separators=(",", ":")) + "\n")
                 atexit.register(self.close)
             file.write(line)
-        if self._flush_scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._flush_scheduled = True
+        if self._flush_loop is loop:
+            return
+        self._flush_loop = loop
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_loop = None
         with self._lock:
             if self._file is not None:
                 self._file.flush()
@@ -191,7 +193,7 @@ class _FileSink:
         """In a forked child: close the parent's file (flushed before the
         fork) and start a file of this process at the next record."""
         self._lock = threading.Lock()
-        self._flush_scheduled = False
+        self._flush_loop = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -340,6 +342,11 @@ def active() -> Tracer | None:
     return _active
 
 
+# What ENV_VAR was before enable() set it, as ``(value or None,)``; None
+# while enable() has set nothing.
+_env_before: tuple[str | None] | None = None
+
+
 def enable(
     target: str | os.PathLike[str] | Sink | None,
     *,
@@ -348,6 +355,10 @@ def enable(
 ) -> Tracer:
     """Trace every connection made from now on, in this process.
 
+    For a directory, :data:`ENV_VAR` names it in ``os.environ`` too, so that
+    child processes started from now on trace into it (:func:`disable`
+    gives the variable back its value from before).
+
     Args:
         target, args, otel: See :class:`Tracer`.
 
@@ -355,17 +366,42 @@ def enable(
         The tracer.
     """
     global _active
-    _active = Tracer(target, args=args, otel=otel)
-    return _active
+    _active = tracer = Tracer(target, args=args, otel=otel)
+    if tracer.directory is None:
+        _restore_environment()
+    else:
+        _set_environment(str(tracer.directory))
+    return tracer
 
 
 def disable() -> None:
     """Stop tracing connections made from now on (connections traced so far
-    go on recording)."""
+    go on recording); :data:`ENV_VAR` gets its value from before
+    :func:`enable` again (none, if it turned tracing on when aiomas was
+    imported), so that child processes started from now on do not trace."""
     global _active
     if _active is not None:
         _active.flush()
     _active = None
+    _restore_environment()
+
+
+def _set_environment(directory: str) -> None:
+    global _env_before
+    if _env_before is None:
+        _env_before = (os.environ.get(ENV_VAR),)
+    os.environ[ENV_VAR] = directory
+
+
+def _restore_environment() -> None:
+    global _env_before
+    if _env_before is None:
+        return
+    (before,), _env_before = _env_before, None
+    if before is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = before
 
 
 def child_environment(env: dict[str, str] | None) -> dict[str, str] | None:
@@ -974,8 +1010,12 @@ def _order(record: dict[str, Any]) -> tuple[int, float, str]:
 
 
 def _enable_from_environment() -> None:
+    global _env_before
     directory = os.environ.get(ENV_VAR)
     if directory:
+        # The variable was meant for this process (and the children it
+        # starts while tracing): after disable() it is gone.
+        _env_before = (None,)
         enable(directory)
 
 
