@@ -1185,16 +1185,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Hand the bytes just read to the core and dispatch its events."""
-        core = self.core
-        events = core.buffer_updated(nbytes)
+        events = self.core.buffer_updated(nbytes)
         # Requests and results went to the receivers set in connection_made();
         # a lone frame that made no other event gives an empty tuple.
-        if events:
-            several = core.frames_waiting > 1
-            if not self._dispatch(events):
-                return
-            if several and self._gathered is None:
-                self._gather_writes()
+        if events and not self._events_arrived(events):
+            return
         if self.writing_paused or self.reading_paused:
             self.update_reading()
 
@@ -1206,16 +1201,22 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         support :class:`asyncio.BufferedProtocol` use :meth:`buffer_updated`
         instead.
         """
-        core = self.core
-        events = core.receive_data(data)
-        if events:
-            several = core.frames_waiting > 1
-            if not self._dispatch(events):
-                return
-            if several and self._gathered is None:
-                self._gather_writes()
+        events = self.core.receive_data(data)
+        if events and not self._events_arrived(events):
+            return
         if self.writing_paused or self.reading_paused:
             self.update_reading()
+
+    def _events_arrived(self, events: Iterable[Event]) -> bool:
+        """Dispatch the events of a read, and gather what the callers it
+        woke send if it brought several frames; ``False`` if the peer broke
+        the protocol."""
+        several = self.core.frames_waiting > 1  # (Before they are looked at.)
+        if not self._dispatch(events):
+            return False
+        if several and self._gathered is None:
+            self._gather_writes()
+        return True
 
     def _gather_writes(self) -> None:
         """A read brought several frames, so several callers were just woken

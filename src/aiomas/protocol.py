@@ -761,9 +761,14 @@ class Connection:
                 sent).
             ValueError: if the encoded message is too long for a frame.
         """
+        return self._send_request(REQUEST, content, token)
+
+    def _send_request(self, msg_type: int, content: Any, token: Any) -> int:
+        # (send_request() and send_request_with_meta(): the message, its id,
+        # the table of pending requests, and the write.)
         msg_id = self._next_id
         self._next_id = msg_id + 1
-        payload = self._encode([REQUEST, msg_id, content])
+        payload = self._encode([msg_type, msg_id, content])
         size = len(payload)
         if size > JOIN_LIMIT:
             self._queue(payload)  # (raises if too long: nothing is pending)
@@ -1015,31 +1020,8 @@ class Connection:
         if trace and "trace" in extensions:
             meta.update(trace)
         if not meta:
-            return self.send_request(content, token)
-        msg_id = self._next_id
-        self._next_id = msg_id + 1
-        payload = self._encode([REQUEST_WITH_META, msg_id, [content, meta]])
-        size = len(payload)
-        if size > JOIN_LIMIT:
-            self._queue(payload)  # (raises if too long: nothing is pending)
-            frame = None
-        else:
-            frame = _pack_header(size) + payload
-        self._pending[msg_id] = token
-        try:
-            on_data = self.on_data
-            if frame is None:
-                self._release()
-            elif on_data is None or self.bytes_to_send or self.frames_waiting:
-                self._out.append(frame)
-                self.bytes_to_send += HEADER_SIZE + size
-                self._release()
-            else:
-                on_data(frame)  # (as send_request(): no queue on the way)
-        except BaseException:
-            self.discard_request(msg_id)  # It never left.
-            raise
-        return msg_id
+            return self._send_request(REQUEST, content, token)
+        return self._send_request(REQUEST_WITH_META, [content, meta], token)
 
     def cancel_request(self, message_id: int) -> bool:
         """We gave up on our request *message_id*.
