@@ -1511,3 +1511,172 @@ async def test_an_offer_whose_connection_ends_leaves_the_channel_plain() -> None
     await settle()
     assert offer.done()
     assert not channel.extended
+
+
+# --- recv() resumes its task from the read that brings the request -----------
+
+
+def _echo_task(channel: Channel, log: list[Any]) -> asyncio.Task[None]:
+    async def echo() -> None:
+        while True:
+            request = await channel.recv()
+            log.append((request.content, asyncio.current_task()))
+            await request.reply(request.content)
+
+    return asyncio.ensure_future(echo())
+
+
+async def _in_a_callback(action: Callable[[], Any]) -> Any:
+    """Run *action* in a callback of the loop (where no task runs, as in a
+    transport's read), and return what it returned."""
+    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(lambda: done.set_result(action()))
+    return await done
+
+
+async def test_recv_resumes_its_task_within_the_read() -> None:
+    protocol, transport, channel = recording_protocol()
+    log: list[Any] = []
+    task = _echo_task(channel, log)
+    await settle()  # (It waits in recv().)
+
+    def read() -> list[bytes]:
+        protocol.data_received(frames([0, 0, "now"]))
+        return list(transport.writes)  # before the loop runs anything else
+
+    assert await _in_a_callback(read) == [frames([1, 0, "now"])]
+    assert log == [("now", task)]  # (It ran as itself.)
+    task.cancel()
+    await settle()
+    assert task.cancelled()
+
+
+async def test_recv_resumes_in_the_next_iteration_from_within_a_task() -> None:
+    protocol, transport, channel = recording_protocol()
+    log: list[Any] = []
+    task = _echo_task(channel, log)
+    await settle()
+    protocol.data_received(frames([0, 0, "later"]))  # (We are a task.)
+    assert transport.writes == []
+    await settle()
+    assert messages_written(transport) == [[1, 0, "later"]]
+    task.cancel()
+    await settle()
+
+
+async def test_a_read_of_several_requests_wakes_recv_once() -> None:
+    protocol, transport, channel = recording_protocol()
+    log: list[Any] = []
+    task = _echo_task(channel, log)
+    await settle()
+
+    def read() -> list[bytes]:
+        protocol.data_received(frames(*([0, i, i] for i in range(3))))
+        return list(transport.writes)
+
+    assert await _in_a_callback(read) == []  # (It runs after the read.)
+    await settle()
+    assert messages_written(transport) == [[1, i, i] for i in range(3)]
+    assert [content for content, _ in log] == [0, 1, 2]
+    task.cancel()
+    await settle()
+
+
+async def test_recv_can_be_cancelled_and_called_again() -> None:
+    protocol, _transport, channel = recording_protocol()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(TIME_UNIT):
+            await channel.recv()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(channel.recv(), TIME_UNIT)
+    waiting = asyncio.ensure_future(channel.recv())
+    await settle()
+    waiting.cancel()
+    await settle()
+    assert waiting.cancelled()
+    # Woken within the read, it returns the request at once.
+    waiting = asyncio.ensure_future(channel.recv())
+    await settle()
+    await _in_a_callback(lambda: protocol.data_received(frames([0, 0, "now"])))
+    assert waiting.done()
+    assert (await waiting).content == "now"
+    # A cancel that comes after the request woke it does not lose the request.
+    waiting = asyncio.ensure_future(channel.recv())
+    await settle()
+    protocol.data_received(frames([0, 2, "kept"]))  # (Within a task: woken later.)
+    waiting.cancel()
+    await settle()
+    assert waiting.cancelled()
+    assert (await channel.recv()).content == "kept"
+    # And a request that comes while nobody waits is kept for the next recv().
+    protocol.data_received(frames([0, 1, "queued"]))
+    assert (await channel.recv()).content == "queued"
+
+
+async def test_recv_keeps_the_context_of_its_task() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+    protocol, _transport, channel = recording_protocol()
+
+    async def receive() -> tuple[str, Any]:
+        var.set("mine")
+        request = await channel.recv()
+        return var.get(), request.content
+
+    task = asyncio.ensure_future(receive())
+    await settle()
+    await _in_a_callback(lambda: protocol.data_received(frames([0, 0, "x"])))
+    assert await task == ("mine", "x")
+    assert var.get("unset") == "unset"
+
+
+async def test_recv_fails_when_the_connection_ends_while_it_waits() -> None:
+    _protocol, transport, channel = recording_protocol()
+    waiting = asyncio.ensure_future(channel.recv())
+    await settle()
+    await _in_a_callback(transport.lose_connection)
+    with pytest.raises(ConnectionResetError):
+        await waiting
+
+
+async def test_the_recv_waiter_behaves_as_a_future() -> None:
+    from aiomas.channel import _RequestWaiter  # (What recv() awaits.)
+
+    loop = asyncio.get_running_loop()
+    waiter = _RequestWaiter(loop)
+    assert asyncio.isfuture(waiter)
+    assert waiter.get_loop() is loop
+    assert not waiter.done()
+    assert not waiter.cancelled()
+    with pytest.raises(asyncio.InvalidStateError):
+        waiter.result()
+    calls: list[Any] = []
+    waiter.add_done_callback(calls.append)
+    waiter.add_done_callback(print)
+    assert waiter.remove_done_callback(print) == 1
+    waiter.wake(at_once=True)  # (Within a task: scheduled.)
+    assert calls == []
+    await settle()
+    assert calls == [waiter]
+    assert waiter.done()
+    assert waiter.exception() is None
+    assert not waiter.cancel()
+    waiter.wake(at_once=True)  # (Once only.)
+    waiter.add_done_callback(calls.append)  # (Done: scheduled at once.)
+    await settle()
+    assert calls == [waiter, waiter]
+    assert await waiter is None
+
+    cancelled = _RequestWaiter(loop)
+    cancelled.add_done_callback(calls.append)
+    assert cancelled.cancel()
+    assert not cancelled.cancel()
+    assert cancelled.cancelled()
+    assert cancelled.done()
+    with pytest.raises(asyncio.CancelledError):
+        cancelled.exception()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await settle()
+    assert calls[-1] is cancelled

@@ -214,16 +214,20 @@ class Router:
         service but our own (:class:`Service`).
         """
         routers = self._sub_routers
-        router = None if routers is None else routers.get(name)
-        if router is None:
-            if name in self._declared:
-                self.declare()
-                routers = self._sub_routers
-                router = None if routers is None else routers.get(name)
-            elif isinstance(self.obj, ServiceDict):
-                # A service added to the dict after the ServiceDict was made.
-                router = _router_in(self.obj.dict.get(name))
-        return router
+        if routers is not None:
+            router = routers.get(name)
+            if router is not None:
+                return router
+        if name in self._declared:
+            self.declare()
+            routers = self._sub_routers
+            return None if routers is None else routers.get(name)
+        obj = self.obj
+        if isinstance(obj, ServiceDict):
+            # A service added to the dict after the ServiceDict was made (or
+            # an agent of a container, which are never attached).
+            return _router_in(obj.dict.get(name))
+        return None
 
     def attach_declared(self) -> None:
         """Attach the declared sub-services that did not exist yet when their
@@ -307,15 +311,31 @@ class Router:
                 return None
             bound = getattr(obj, name)
             return bound if callable(bound) else None
-        own = _instance_lookup(obj, name)
-        if own is not _MISSING:
-            # An attribute of the instance hides the class' one: only an
-            # exposed function stored there counts.
-            return own if _is_exposed(own) and callable(own) else None
+        # (_instance_lookup() and _class_lookup(), inlined: this runs for
+        # every call of an agent's method.)
+        try:
+            attrs = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            pass
+        else:
+            own = attrs.get(name, _MISSING) if type(attrs) is dict else _MISSING
+            if own is not _MISSING:
+                # An attribute of the instance hides the class' one: only an
+                # exposed function stored there counts.
+                return own if _is_exposed(own) and callable(own) else None
         # Methods live in the class: finding them there is much faster than
         # inspect.getattr_static().
-        attr = _class_lookup(type(obj), name)
-        if attr is _MISSING or not _is_exposed(attr):
+        for klass in type(obj).__mro__:
+            attr = klass.__dict__.get(name, _MISSING)
+            if attr is not _MISSING:
+                break
+        else:
+            return None
+        if not (
+            attr.__dict__.get(_RPC_MARKER) is True
+            if type(attr) is FunctionType
+            else _is_exposed(attr)
+        ):
             return None
         # Binding an exposed function (or static/class method) runs no user code.
         bound = getattr(obj, name)

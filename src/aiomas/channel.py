@@ -342,7 +342,7 @@ class Channel:
         self._core = protocol.core
         self._peername = transport.get_extra_info("peername")
         self._incoming: deque[Request] = deque()  # for recv()
-        self._recv_waiter: asyncio.Future[None] | None = None
+        self._recv_waiter: _RequestWaiter | None = None
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
         """Set by :meth:`set_request_handler`."""
@@ -676,7 +676,7 @@ class Channel:
                 raise self.connection_error()
             if self._recv_waiter is not None:
                 raise RuntimeError("Another task is already waiting in recv()")
-            waiter = self._loop.create_future()
+            waiter = _RequestWaiter(self._loop)
             self._recv_waiter = waiter
             try:
                 await waiter
@@ -808,8 +808,10 @@ class Channel:
             return
         self._incoming.append(request)
         waiter = self._recv_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            # A read that brought several frames wakes the task once for all
+            # of them, in the loop's next iteration, as a future would.
+            waiter.wake(at_once=not self._core.frames_waiting)
 
     def _log_rejected(self, event: RequestRejected) -> None:
         peer = self._peername
@@ -930,8 +932,105 @@ class Channel:
         self.request_handler = None
         self._held_since = self._held_cancels = None
         waiter = self._recv_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            waiter.wake(at_once=False)
+
+
+class _RequestWaiter:
+    """What :meth:`Channel.recv` waits on: a future-like object (as asyncio's
+    tasks accept one) that resumes the waiting task at once when a request
+    arrives, from the protocol callback that delivers it.
+
+    An :class:`asyncio.Future` would resume the task in the next iteration of
+    the event loop: one more pass through the selector for each request,
+    which a server that answers in ``data_received()`` does not pay.  Where a
+    task is running already (the request comes from within one, e.g. over a
+    local queue), or once cancelled, it resumes the task the usual way, with
+    :meth:`~asyncio.loop.call_soon`.
+    """
+
+    __slots__ = ("_asyncio_future_blocking", "_callbacks", "_loop", "_state")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = _WAITING
+        self._callbacks: list[tuple[Callable[[Any], object], Any]] = []
+        # (asyncio's marker of a future that a task waits on.)
+        self._asyncio_future_blocking = False
+
+    def __await__(self) -> Any:
+        if self._state is _WAITING:
+            self._asyncio_future_blocking = True
+            yield self
+        return self.result()
+
+    __iter__ = __await__
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return self._state is not _WAITING
+
+    def cancelled(self) -> bool:
+        return self._state is _CANCELLED
+
+    def result(self) -> None:
+        if self._state is _CANCELLED:
+            raise asyncio.CancelledError
+        if self._state is _WAITING:
+            raise asyncio.InvalidStateError("Result is not ready.")
+
+    def exception(self) -> BaseException | None:
+        self.result()
+        return None
+
+    def add_done_callback(
+        self, callback: Callable[[Any], object], *, context: Any = None
+    ) -> None:
+        if self._state is _WAITING:
+            self._callbacks.append((callback, context))
+        else:
+            self._loop.call_soon(callback, self, context=context)
+
+    def remove_done_callback(self, callback: Callable[[Any], object]) -> int:
+        kept = [entry for entry in self._callbacks if entry[0] != callback]
+        removed = len(self._callbacks) - len(kept)
+        self._callbacks = kept
+        return removed
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self._state is not _WAITING:
+            return False
+        self._state = _CANCELLED
+        self._schedule_callbacks()
+        return True
+
+    def wake(self, at_once: bool) -> None:
+        """Resume the waiting task: now if *at_once* and no task is running,
+        else in the loop's next iteration."""
+        if self._state is not _WAITING:
+            return
+        self._state = _WOKEN
+        callbacks = self._callbacks
+        if at_once and len(callbacks) == 1 and asyncio.current_task(self._loop) is None:
+            callback, context = callbacks.pop()
+            if context is None:
+                callback(self)
+            else:
+                context.run(callback, self)
+            return
+        self._schedule_callbacks()
+
+    def _schedule_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for callback, context in callbacks:
+            self._loop.call_soon(callback, self, context=context)
+
+
+_WAITING: Final = "waiting"
+_WOKEN: Final = "woken"
+_CANCELLED: Final = "cancelled"
 
 
 def _address_text(address: Any) -> str | None:
