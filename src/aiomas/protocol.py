@@ -29,7 +29,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 from aiomas.codecs import JSON, Codec, MsgPack, MsgPackBlosc
 from aiomas.exceptions import DecodeError, ProtocolError, SerializationError
@@ -602,7 +602,15 @@ class Connection:
                     return request  # type: ignore[no-any-return]
                 first = msg_id
             elif msg_type == RESULT:
-                first = self._reply_arrived(msg_id)  # the token
+                # (_reply_arrived(), inlined for the reply to every call.)
+                pending = self._pending
+                first = pending.pop(msg_id, _NOT_PENDING)  # the token
+                if first is _NOT_PENDING:
+                    self._unknown_reply(msg_id)
+                elif not pending and (
+                    self._next_id - self._pending_since > _FRESH_PENDING_AFTER
+                ):
+                    self._forget_burst()
                 receiver = self.on_result
                 if receiver is None:
                     result: Any = _NewResultReceived()
@@ -639,22 +647,33 @@ class Connection:
     def _reply_arrived(self, msg_id: int) -> Any:
         """Forget request *msg_id*, now answered; return its token."""
         pending = self._pending
-        try:
-            token = pending.pop(msg_id)
-        except KeyError:
-            discarded = self._discarded
-            if 0 <= msg_id < self._next_id and not (discarded and msg_id in discarded):
-                # It crossed our cancel on the wire, or it repeats a reply
-                # that came already (a network that delivers a message
-                # twice, as the simulated one can): the caller has its answer.
-                raise _LateReply from None
-            raise ProtocolError(f"Reply for unknown message id {msg_id!r}") from None
+        token = pending.pop(msg_id, _NOT_PENDING)
+        if token is _NOT_PENDING:
+            self._unknown_reply(msg_id)
         if not pending and self._next_id - self._pending_since > _FRESH_PENDING_AFTER:
-            # A dict keeps its size after a burst of calls: start afresh (not
-            # after every call: with one call at a time it never grows).
-            self._pending = {}
-            self._pending_since = self._next_id
+            self._forget_burst()
         return token
+
+    def _unknown_reply(self, msg_id: int) -> NoReturn:
+        """A reply came for *msg_id*, which is not pending.
+
+        Raises:
+            _LateReply: if we sent that request (the reply is dropped).
+            ProtocolError: if we never did.
+        """
+        discarded = self._discarded
+        if 0 <= msg_id < self._next_id and not (discarded and msg_id in discarded):
+            # It crossed our cancel on the wire, or it repeats a reply that
+            # came already (a network that delivers a message twice, as the
+            # simulated one can): the caller has its answer.
+            raise _LateReply
+        raise ProtocolError(f"Reply for unknown message id {msg_id!r}")
+
+    def _forget_burst(self) -> None:
+        # A dict keeps its size after a burst of calls: start afresh (not
+        # after every call: with one call at a time it never grows).
+        self._pending = {}
+        self._pending_since = self._next_id
 
     def _hold(
         self, request: RequestReceived | ExtendedRequestReceived

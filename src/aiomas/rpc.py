@@ -378,11 +378,26 @@ class RpcClient:
     def _handle(self, router: Router, request: Request) -> None:
         """Run the call in *request*; reply now if it is synchronous."""
         # (A subclass too: a traced connection's requests.)
-        if isinstance(request, ExtendedRequest) and request.deadline is not None:
+        if (
+            type(request) is not Request
+            and isinstance(request, ExtendedRequest)
+            and request.deadline is not None
+        ):
             self._handle_in_time(router, request, request.deadline)
             return
         try:
-            path, args, kwargs = _parse_call(request.content)
+            # (_parse_call(), inlined for the shape of every valid call.)
+            content = request.content
+            if (
+                type(content) in _SEQUENCES
+                and len(content) == 3
+                and type(content[0]) is str
+                and type(content[1]) in _SEQUENCES
+                and type(content[2]) is dict
+            ):
+                path, args, kwargs = content
+            else:
+                path, args, kwargs = _parse_call(content)
             func = router.resolve(path)
             result = func(*args, **kwargs)
         except BaseException as exc:
@@ -400,7 +415,11 @@ class RpcClient:
             self._calls[task] = None
             task.add_done_callback(functools.partial(self._call_done, result))
             return
-        _answer(request, RESULT, result)
+        # (_answer(), inlined for the reply to every plain call.)
+        try:
+            request.reply_nowait(result)
+        except Exception as exc:
+            _unanswered(request, exc)
 
     def _handle_in_time(self, router: Router, request: Request, seconds: float) -> None:
         """:meth:`_handle` for a request that came with *seconds* left: the
@@ -568,9 +587,16 @@ def _answer(request: Request, msg_type: int, content: Any) -> None:
             request.reply_nowait(content)
         else:
             request.fail_nowait(content)
-    except ConnectionError:
-        pass  # The caller is gone; nobody waits for this answer any more.
-    except RuntimeError:
+    except Exception as exc:
+        _unanswered(request, exc)
+
+
+def _unanswered(request: Request, exc: Exception) -> None:
+    """Answering *request* raised *exc*: log why nobody is told, or raise
+    *exc* if it is not one of the expected errors."""
+    if isinstance(exc, ConnectionError):
+        return  # The caller is gone; nobody waits for this answer any more.
+    if isinstance(exc, RuntimeError):
         # Answered already: its deadline passed (see RpcClient._expired) and
         # the function went on to return anyway.
         logger.debug(
@@ -578,13 +604,15 @@ def _answer(request: Request, msg_type: int, content: Any) -> None:
             request.message_id,
             extra={"message_id": request.message_id},
         )
-    except (SerializationError, ValueError):
+    elif isinstance(exc, SerializationError | ValueError):
         # The requester already got a failure reply that says what went wrong.
         logger.debug(
             "Could not encode the reply to request %s",
             request.message_id,
             extra={"message_id": request.message_id},
         )
+    else:
+        raise exc
 
 
 _SEQUENCES: Final = (list, tuple)
