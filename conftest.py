@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
+import errno
+import re
+import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from _pytest.doctest import DoctestItem
 from hypothesis import settings
 from tests.helpers import close_loop
-from tests.shared_lock import open_shared_lock
-
-try:
-    import fcntl
-except ImportError:  # Windows: no xdist port clashes handled there
-    fcntl = None  # type: ignore[assignment]
-
 
 # Hypothesis fails an example that takes longer than 200 ms, which a loaded
 # shared machine makes happen now and then; pytest-timeout bounds every test.
@@ -46,32 +39,56 @@ def _close_thread_loop() -> None:
     policy.set_event_loop(None)
 
 
-# Held while a docs example runs (see _one_docs_example_at_a_time()).  One
-# file for the whole machine, as the ports are: /tmp rather than $TMPDIR,
-# which may differ between users.
-_DOCS_LOCK = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()) / (
-    "aiomas-docs-examples.lock"
-)
+# The ports that the docs examples show, as the original docs do.
+_EXAMPLE_PORTS = (5555, 5556)
+
+
+def _free_port(taken: set[int]) -> int:
+    """A TCP port that is free now on the loopback addresses (both, where
+    there is IPv6: examples bind ``localhost``) and not in *taken*."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port in taken:
+            continue
+        if socket.has_ipv6:
+            try:
+                with socket.socket(socket.AF_INET6) as probe6:
+                    probe6.bind(("::1", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                # No IPv6 loopback: localhost is 127.0.0.1 only.
+        return port
 
 
 @pytest.fixture(autouse=True)
-def _one_docs_example_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The docs examples bind fixed ports (5555 and 5556, as in the original
-    docs).  With pytest-xdist, they may run in several workers at once (or in
-    several test runs on one machine, by several users): a lock file makes
-    them take turns."""
+def _docs_examples_on_free_ports(request: pytest.FixtureRequest) -> None:
+    """The docs examples show fixed ports (5555 and 5556); they run on free
+    ones, so that a port that someone else holds, or another test run that
+    runs them at the same time, does not make them fail.  The ports are
+    replaced in the code and in the expected output of each example alike."""
     node = request.node
-    if fcntl is None or not (
-        isinstance(node, DoctestItem) or node.nodeid.startswith("docs/")
-    ):
-        yield
+    if not isinstance(node, DoctestItem) or node.dtest is None:
         return
-    fd = open_shared_lock(_DOCS_LOCK)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
-        yield
-    finally:
-        os.close(fd)
+    taken: set[int] = set()
+    replacements: dict[str, str] = {}
+    for shown in _EXAMPLE_PORTS:
+        port = _free_port(taken)
+        taken.add(port)
+        replacements[str(shown)] = str(port)
+    shown_ports = "|".join(replacements)
+    pattern = re.compile(rf"(?<!\d)(?:{shown_ports})(?!\d)")
+
+    def replace(text: str) -> str:
+        return pattern.sub(lambda match: replacements[match[0]], text)
+
+    for example in node.dtest.examples:
+        example.source = replace(example.source)
+        example.want = replace(example.want)
+        if example.exc_msg is not None:
+            example.exc_msg = replace(example.exc_msg)
 
 
 @pytest.fixture(autouse=True)

@@ -182,10 +182,13 @@ def walk(value: Any) -> set[type]:
 def raised_in_object_hook(error: BaseException) -> bool:
     """Whether *error* was raised in ``Codec.deserialize_obj()`` (an unknown
     type id) or in a deserializer that it called."""
+    # (The codec's decoders call a function of its tables, not the method:
+    # both are deserialize_obj in aiomas/codecs.py.)
     hook = Codec.deserialize_obj.__code__
     traceback = error.__traceback__
     while traceback is not None:
-        if traceback.tb_frame.f_code is hook:
+        code = traceback.tb_frame.f_code
+        if code.co_name == hook.co_name and code.co_filename == hook.co_filename:
             return True
         traceback = traceback.tb_next
     return False

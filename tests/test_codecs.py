@@ -6,12 +6,14 @@ import collections
 import concurrent.futures
 import dataclasses
 import doctest
+import gc
 import json
 import math
 import struct
 import subprocess
 import sys
 import tracemalloc
+import weakref
 from typing import Any
 
 import arrow
@@ -1083,3 +1085,40 @@ def test_decode_plain_leaves_custom_types_as_maps(codec_cls: type[Codec]) -> Non
 def test_decode_plain_is_optional_for_codecs() -> None:
     with pytest.raises(NotImplementedError):
         Codec().decode_plain(b"[]")
+
+
+class _OwnHooks(JSON):
+    """Overrides both hooks: its encoder and decoder must call them."""
+
+    def serialize_obj(self, obj: Any) -> dict[str, Any]:
+        return {"own": super().serialize_obj(obj)}
+
+    def deserialize_obj(self, obj_repr: dict[Any, Any]) -> Any:
+        if "own" in obj_repr:  # (what it holds was decoded already)
+            return ("own", obj_repr["own"])
+        return super().deserialize_obj(obj_repr)
+
+
+@pytest.mark.parametrize("codec_cls", [*ALL_CODECS, _OwnHooks])
+def test_a_codec_is_freed_without_the_garbage_collector(
+    codec_cls: type[Codec],
+) -> None:
+    """No reference cycle keeps a codec (there is one per connection): its
+    encoder and decoder hooks don't hold it, and it is freed on its last
+    reference, with the garbage collector off."""
+    codec = codec_cls()
+    codec.add_serializer(complex, lambda c: [c.real, c.imag], lambda d: complex(*d))
+    decoded = codec.decode(codec.encode([1j, {"k": 2}]))
+    if codec_cls is _OwnHooks:
+        assert decoded == [("own", 1j), {"k": 2}]
+    else:
+        assert decoded in ([1j, {"k": 2}], (1j, {"k": 2}))
+    ref = weakref.ref(codec)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del codec
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()

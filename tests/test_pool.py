@@ -13,19 +13,20 @@ import contextlib
 import gc
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 import aiomas
-from aiomas import protocol, rpc
+from aiomas import local_queue, protocol, rpc
 from aiomas._addresses import parse_url
 from aiomas._pool import ConnectionPool
 from aiomas.agent import AgentProxy
 from aiomas.exceptions import ProtocolResetError
+from aiomas.nats import NatsLink
 from aiomas.testing import TIME_UNIT
 
 from .helpers import black_hole
@@ -87,6 +88,8 @@ class ScriptedPeer:
     server: asyncio.Server | None = None
     connections: int = 0
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    after_answer: Callable[[], object] | None = None
+    """Called right after each answer is sent (before it can arrive)."""
 
     def base_url(self) -> str:
         return f"tcp://{self.addr[0]}:{self.addr[1]}/"
@@ -130,6 +133,8 @@ class _ScriptedProtocol(asyncio.Protocol):
             else:
                 self.core.send_result(event.message_id, step)
                 self.transport.writelines(self.core.data_to_send())
+                if self.peer.after_answer is not None:
+                    self.peer.after_answer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.peer.lost.set()
@@ -394,6 +399,72 @@ async def test_a_connection_opened_after_close_is_closed(
             break
         await asyncio.sleep(10 * TIME_UNIT)
     assert not peer_clients(peer)
+
+
+async def test_a_proxy_looked_up_as_the_connection_was_dropped_is_not_cached() -> None:
+    """The answer to the lookup may arrive after the pool dropped the
+    connection (here it closed, on a LocalQueue, which delivers the answer
+    before the close runs): the caller gets its proxy, but it is not cached."""
+    pool = ConnectionPool(Us(), {}, AgentProxy)
+    peer = ScriptedPeer(["Callee"], after_answer=pool.close)
+    server = await local_queue.create_server(
+        peer.protocol, aiomas.get_queue("late-answer")
+    )
+    try:
+        proxy = await asyncio.wait_for(pool.connect("local://late-answer/0", 0), WAIT)
+        assert proxy.addr == "local://late-answer/0"
+        assert pool.clients == {}
+        assert pool.cached_proxies("local://late-answer/") == []
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_each_connection_opened_is_announced(peer: aiomas.Container) -> None:
+    pool = ConnectionPool(Us(), {}, AgentProxy)
+    opened: list[Any] = []
+    pool.on_open = opened.append
+    try:
+        await pool.connect(Callee(peer).addr, 0)
+        await pool.connect(Callee(peer).addr, 0)  # (the same connection)
+        (client,) = pool.clients.values()
+        assert opened == [client.channel]
+    finally:
+        await pool.close()
+
+
+async def test_a_local_queue_source_is_not_given_to_a_socket(
+    peer: aiomas.Container,
+) -> None:
+    """A container on a LocalQueue connects from its queue (local_addr) to
+    other LocalQueue containers only: a TCP connection gets no local_addr."""
+    pool = ConnectionPool(Us(), {"local_addr": aiomas.get_queue("source")}, AgentProxy)
+    try:
+        proxy = await pool.connect(Callee(peer).addr, 0)
+        assert await proxy.spam(1) == "spam"
+    finally:
+        await pool.close()
+
+
+async def test_nats_addresses_need_a_nats_link(
+    pool: Pool, peer: aiomas.Container
+) -> None:
+    with pytest.raises(ConnectionRefusedError, match=r"Us\(\) is on no NATS system"):
+        await pool.connect("nats://spam/0", 0)
+    tcp_addr = parse_url(Callee(peer).addr)[0].addr
+
+    class Link:
+        """Stands for a NatsLink: the name leads to the peer over TCP."""
+
+        def endpoint(self, name: str) -> Any:
+            assert name == "spam"
+            return tcp_addr
+
+    pool.nats_link = cast(NatsLink, Link())
+    proxy = await pool.connect("nats://spam/0", 0)
+    assert proxy.addr == "nats://spam/0"
+    assert await proxy.spam(2) == "spamspam"
+    assert list(pool.clients) == ["nats://spam/"]
 
 
 async def test_the_proxy_factory_makes_every_proxy(peer: aiomas.Container) -> None:

@@ -305,3 +305,29 @@ def test_release_drops_every_buffer_and_the_reader_starts_afresh() -> None:
     assert len(reader.get_buffer()) == 64 * 1024  # a new buffer, made on demand
     reader.release()
     assert reader.feed(frame(big)) == [big]
+
+
+def test_release_after_a_bad_header_forgets_the_error() -> None:
+    """release() leaves no trace of the ended stream, its error included: the
+    reader behaves in every observable way like a new one."""
+    stream = frame(b"one") + struct.pack(">L", 1000) + b"x"
+    reader = FrameReader(max_frame_size=100, buffer_size=64)
+    assert reader.feed(stream) == [b"one"]
+    assert reader.error is not None
+    reader.release()
+    fresh = FrameReader(max_frame_size=100, buffer_size=64)
+    for each in (reader, fresh):
+        assert each.error is None
+        assert (each.buffered, each.reserved) == (0, 0)
+        assert each.max_frame_size == 100
+    # Both the lone-frame path through the shared buffer and feed() work again.
+    buffer = reader.get_buffer()
+    assert len(buffer) == len(fresh.get_buffer()) == 64
+    data = frame(b"two")
+    buffer[: len(data)] = data
+    assert reader.buffer_updated(len(data)) == [b"two"]
+    assert reader.feed(frame(b"three") + frame(b"four")) == [b"three", b"four"]
+    assert reader.error is None
+    # And a new bad header is reported as for a new reader.
+    with pytest.raises(ProtocolError, match="exceeds max_frame_size"):
+        reader.feed(struct.pack(">L", 1000))

@@ -28,8 +28,9 @@ import json.encoder
 import reprlib
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final, TypeAlias, TypeVar, overload
+from typing import Any, ClassVar, Final, TypeAlias, TypeVar, cast, overload
 
 from aiomas.exceptions import SerializationError
 
@@ -106,6 +107,16 @@ class Codec:
         # (hashable) keys take a type id, but no object ever matches them.
         self._serializers: dict[Any, tuple[int, Serializer]] = {}
         self._deserializers: list[Deserializer] = []
+        # What serialize_obj() and deserialize_obj() do, as functions of the
+        # tables rather than of the codec.
+        self._serialize = _serializer(self._serializers, type(self).__name__)
+        self._deserialize = _deserializer(self._deserializers)
+        # The hooks for encoders and decoders: these functions, unless a
+        # subclass overrides the methods.  Not bound methods: an encoder or
+        # decoder that a codec keeps (JSON's) would make a reference cycle,
+        # which keeps each codec (one per connection) until the garbage
+        # collector runs.
+        self._default, self._object_hook = self._hooks()
 
     def __repr__(self) -> str:
         types = ", ".join(
@@ -198,6 +209,29 @@ class Codec:
         self._serializers[type] = (type_id, serialize)
         self._deserializers.append(deserialize)
 
+    def _hooks(
+        self,
+    ) -> tuple[Callable[[Any], dict[str, Any]], Callable[[dict[Any, Any]], Any]]:
+        """:meth:`serialize_obj` and :meth:`deserialize_obj` as functions that
+        hold no reference to the codec."""
+        cls = type(self)
+        serialize: Callable[[Any], dict[str, Any]] = self._serialize
+        deserialize: Callable[[dict[Any, Any]], Any] = self._deserialize
+        # An override is called through a weak reference: hooks are only
+        # called while the codec encodes or decodes, so it is alive then.
+        codec = weakref.ref(self)
+        if cls.serialize_obj is not Codec.serialize_obj:
+
+            def serialize(obj: Any) -> dict[str, Any]:
+                return cast(Codec, codec()).serialize_obj(obj)
+
+        if cls.deserialize_obj is not Codec.deserialize_obj:
+
+            def deserialize(obj_repr: dict[Any, Any]) -> Any:
+                return cast(Codec, codec()).deserialize_obj(obj_repr)
+
+        return serialize, deserialize
+
     def serialize_obj(self, obj: Any) -> dict[str, Any]:
         """Return ``{"__type__": [type_id, serialize(obj)]}`` for *obj*.
 
@@ -209,30 +243,7 @@ class Codec:
                 (and none for :class:`object`), or if the serializer raises (its
                 exception is the ``__cause__``).
         """
-        entry = self._serializers.get(type(obj))
-        if entry is None:
-            if type(obj) is int:
-                # Only msgpack asks about ints: those outside 64 bits.
-                raise SerializationError(
-                    f"Cannot encode the int {_quote(obj)}: it does not fit into "
-                    "64 bits, the limit of msgpack (add a serializer for int to "
-                    "send such numbers)"
-                )
-            entry = self._serializers.get(object)
-            if entry is None:
-                raise SerializationError(
-                    _no_serializer_message(obj, type(self).__name__)
-                )
-        type_id, serialize = entry
-        try:
-            data = serialize(obj)
-        except SerializationError:
-            raise
-        except Exception as exc:
-            raise SerializationError(
-                f'Serializing a "{_type_name(type(obj))}" failed: {exc!r}'
-            ) from exc
-        return {_TYPE_KEY: [type_id, data]}
+        return self._serialize(obj)
 
     def deserialize_obj(self, obj_repr: dict[Any, Any]) -> Any:
         """Return the object that the decoded map *obj_repr* stands for.
@@ -246,6 +257,45 @@ class Codec:
             SerializationError: for an unknown type id, or if the deserializer
                 raises (its exception is the ``__cause__``).
         """
+        return self._deserialize(obj_repr)
+
+
+def _serializer(
+    serializers: dict[Any, tuple[int, Serializer]], codec_name: str
+) -> Callable[[Any], dict[str, Any]]:
+    """:meth:`Codec.serialize_obj` of a codec with these *serializers*."""
+
+    def serialize_obj(obj: Any) -> dict[str, Any]:
+        entry = serializers.get(type(obj))
+        if entry is None:
+            if type(obj) is int:
+                # Only msgpack asks about ints: those outside 64 bits.
+                raise SerializationError(
+                    f"Cannot encode the int {_quote(obj)}: it does not fit into "
+                    "64 bits, the limit of msgpack (add a serializer for int to "
+                    "send such numbers)"
+                )
+            entry = serializers.get(object)
+            if entry is None:
+                raise SerializationError(_no_serializer_message(obj, codec_name))
+        type_id, serialize = entry
+        try:
+            data = serialize(obj)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(
+                f'Serializing a "{_type_name(type(obj))}" failed: {exc!r}'
+            ) from exc
+        return {_TYPE_KEY: [type_id, data]}
+
+    return serialize_obj
+
+
+def _deserializer(deserializers: list[Deserializer]) -> Callable[[dict[Any, Any]], Any]:
+    """:meth:`Codec.deserialize_obj` of a codec with these *deserializers*."""
+
+    def deserialize_obj(obj_repr: dict[Any, Any]) -> Any:
         # This runs for every decoded map, so the common case leaves first.
         if len(obj_repr) != 1 or _TYPE_KEY not in obj_repr:
             return obj_repr
@@ -255,20 +305,22 @@ class Codec:
         type_id, data = value
         if type(type_id) is not int:
             return obj_repr
-        if not 0 <= type_id < len(self._deserializers):
+        if not 0 <= type_id < len(deserializers):
             raise SerializationError(
                 f"Unknown type id {type_id} in a {_TYPE_KEY!r} map: this codec has "
-                f"{len(self._deserializers)} serializer(s); both peers must add the "
+                f"{len(deserializers)} serializer(s); both peers must add the "
                 "same serializers in the same order"
             )
         try:
-            return self._deserializers[type_id](data)
+            return deserializers[type_id](data)
         except SerializationError:
             raise
         except Exception as exc:
             raise SerializationError(
                 f"Deserializing type id {type_id} failed: {exc!r}"
             ) from exc
+
+    return deserialize_obj
 
 
 class JSON(Codec):
@@ -285,8 +337,8 @@ class JSON(Codec):
         super().__init__()
         # json.dumps()/loads() with arguments build a new encoder or decoder for
         # every call; each message goes through here, so build them once.
-        self._encoder = json.JSONEncoder(default=self.serialize_obj)
-        self._decoder = json.JSONDecoder(object_hook=self.deserialize_obj)
+        self._encoder = json.JSONEncoder(default=self._default)
+        self._decoder = json.JSONDecoder(object_hook=self._object_hook)
         # The decoder's scanner (not in typeshed): decode() calls it.
         self._scan_once: Callable[[str, int], tuple[Any, int]] = self._decoder.scan_once  # type: ignore[attr-defined]
         # JSONEncoder.encode() builds its C encoder anew for every call; this
@@ -300,7 +352,7 @@ class JSON(Codec):
             if make_encoder is None  # (Python builds without the _json module)
             else make_encoder(
                 self._markers,
-                self.serialize_obj,
+                self._default,
                 json.encoder.encode_basestring_ascii,
                 None,  # indent
                 ": ",
@@ -408,7 +460,7 @@ class MsgPack(Codec):
 
     def _new_packer(self, default: Callable[[Any], Any] | None = None) -> Any:
         return self._msgpack.Packer(
-            default=self.serialize_obj if default is None else default,
+            default=self._default if default is None else default,
             use_bin_type=True,
             buf_size=_PACKER_BUFFER,
         )
@@ -480,7 +532,7 @@ class MsgPack(Codec):
                 raw=False,
                 use_list=False,
                 strict_map_key=False,
-                object_hook=self.deserialize_obj,
+                object_hook=self._object_hook,
             )
         except self._unpack_errors as exc:
             raise SerializationError(f"Cannot decode msgpack: {exc!r}") from exc
@@ -518,7 +570,8 @@ class _SharedPacker:
     def serialize(self, obj: Any) -> Any:
         """The packer's ``default``: the running codec's serializers."""
         assert self.codec is not None  # (only called from within encode())
-        return self.codec.serialize_obj(obj)
+        # (Its hook, not serialize_obj(), which would take one call more.)
+        return self.codec._default(obj)  # noqa: SLF001 (the same module's codec)
 
 
 class _ThreadState(threading.local):

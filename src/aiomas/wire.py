@@ -158,7 +158,8 @@ class FrameReader:
         self.error: ProtocolError | None = None
         """The protocol error found right after the frames that the last call
         returned (they came before it in the stream); every later call raises
-        it.  ``None`` while the stream is fine.  (Read it; don't set it.)"""
+        it, until :meth:`release`.  ``None`` while the stream is fine.  (Read
+        it; don't set it.)"""
 
     @property
     def max_frame_size(self) -> int:
@@ -176,6 +177,8 @@ class FrameReader:
         self._idle = False
         self._big = self._stage = None
         self._big_filled = self._big_size = 0
+        # The error was the ended stream's; a new stream starts clean.
+        self.error = None
 
     @property
     def buffered(self) -> int:
