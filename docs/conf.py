@@ -6,17 +6,6 @@ build needs no network.
 """
 
 import aiomas
-from aiomas import _routing
-
-# The routing names are public as aiomas.rpc.<name> and their __module__ says
-# so, but autodoc reads attribute docs and the source order from the module
-# that __module__ names, and viewcode links to it: for the docs, they name the
-# module that holds their source again (they are still documented, once, under
-# aiomas.rpc, whose __all__ lists them).
-for _name in _routing.__all__:
-    _public = getattr(_routing, _name)
-    if getattr(_public, "__module__", None) == "aiomas.rpc":
-        _public.__module__ = _routing.__name__
 
 project = "aiomas"
 author = "The aiomas developers"

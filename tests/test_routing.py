@@ -7,7 +7,6 @@ import ast
 import asyncio
 import functools
 import gc
-import pickle
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -481,20 +480,6 @@ def test_aiomas_rpc_re_exports_the_routing_names() -> None:
         assert getattr(aiomas.rpc, name) is getattr(_routing, name)
         assert name in aiomas.rpc.__all__
     assert aiomas.expose is expose
-
-
-def test_the_routing_names_name_their_public_module() -> None:
-    """Reprs, pickles by reference and error messages say aiomas.rpc, where
-    the names are public, not aiomas._routing."""
-    for public in (Router, Service, ServiceDict, expose):
-        assert public.__module__ == "aiomas.rpc"
-        assert public.__qualname__ == public.__name__
-        dumped = pickle.dumps(public)
-        assert b"aiomas._routing" not in dumped
-        assert pickle.loads(dumped) is public
-    assert repr(aiomas.rpc.Router) == "<class 'aiomas.rpc.Router'>"
-    # Instances pickle by reference to their class (when their state can be).
-    assert type(pickle.loads(pickle.dumps(ServiceDict({})))) is ServiceDict
 
 
 def test_routing_needs_no_connection_and_no_loop() -> None:

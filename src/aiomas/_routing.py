@@ -538,11 +538,3 @@ def router_of(service: Any) -> Router:
             "is an aiomas.rpc.Router (use aiomas.rpc.Service or ServiceDict)"
         )
     return router
-
-
-# These are public as aiomas.rpc.<name>: reprs, pickles by reference and error
-# messages name that module, not the one that holds the code.  (A string, not
-# an import: routing must not import the layers above it.)
-for _public in (Router, Service, ServiceDict, expose):
-    _public.__module__ = "aiomas.rpc"
-del _public
