@@ -241,15 +241,22 @@ async def test_agents_get_their_router_on_first_use(
     assert CountedRouters.made == [agents[1].router, agents[2].router]
     assert await proxy.spam(1) == "spam"
     assert len(CountedRouters.made) == 2
-    # Placed routers are sub-routers of the agents' service (found without
-    # looking into the agent); the others are made when asked for.
+    # Placed routers are found without a lookup in the agent's class; the
+    # others are made when asked for.
     agents_router = callee.agents.router
     assert agents_router.sub_router("1") is agents[1].router
     assert len(CountedRouters.made) == 2
     assert agents_router.sub_router("0") is agents[0].router
     assert len(CountedRouters.made) == 3
-    routers = [agents[i].router for i in (1, 2, 0)]  # (in the order placed)
-    assert list(agents_router.children()) == routers
+    assert list(agents_router.children()) == [a.router for a in agents]
+    # The dict has the last word: an agent taken out (or replaced) there is
+    # no longer called.
+    del callee.agents.dict["1"]
+    assert agents_router.sub_router("1") is None
+    with pytest.raises(aiomas.RemoteException, match="No RPC service '1'"):
+        await proxy.spam(1)
+    callee.agents.dict["2"] = agents[0]
+    assert agents_router.sub_router("2") is agents[0].router
 
 
 async def test_the_first_call_makes_the_router_without_running_getattr(

@@ -1680,3 +1680,82 @@ async def test_the_recv_waiter_behaves_as_a_future() -> None:
         await cancelled
     await settle()
     assert calls[-1] is cancelled
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [[[1, 0, "reply"], [0, 0, "request"]]],  # in one read
+        [[[1, 0, "reply"]], [[0, 0, "request"]]],  # in two (as a LocalQueue)
+    ],
+    ids=["one read", "two reads"],
+)
+async def test_tasks_resume_in_the_order_of_the_messages_that_woke_them(
+    reads: list[list[Any]],
+) -> None:
+    # A reply, then a request: the caller waiting for the reply runs before
+    # the server task waiting in recv(), as with futures.
+    protocol, _transport, channel = recording_protocol()
+    ran: list[str] = []
+
+    async def call() -> None:
+        await channel.send("call")
+        ran.append("caller")
+
+    async def serve() -> None:
+        await channel.recv()
+        ran.append("server")
+
+    tasks = [asyncio.ensure_future(call()), asyncio.ensure_future(serve())]
+    await settle()
+    loop = asyncio.get_running_loop()
+    for read in reads:
+        loop.call_soon(protocol.data_received, frames(*read))
+    await asyncio.gather(*tasks)
+    assert ran == ["caller", "server"]
+    # With nothing before it, a lone request resumes the server at once.
+    task = asyncio.ensure_future(serve())
+    await settle()
+    await _in_a_callback(lambda: protocol.data_received(frames([0, 1, "next"])))
+    assert task.done()
+
+
+async def test_recv_passes_on_the_message_of_its_cancellation() -> None:
+    _protocol, _transport, channel = recording_protocol()
+    waiting = asyncio.ensure_future(channel.recv())
+    await settle()
+    waiting.cancel("my reason")
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await waiting
+    assert raised.value.args == ("my reason",)
+
+
+def test_an_exit_from_a_task_resumed_within_a_read_ends_the_loop() -> None:
+    # (Its own loop: the SystemExit ends it.)
+    loop = asyncio.new_event_loop()
+
+    async def serve(channel: Channel) -> None:
+        await channel.recv()
+        raise SystemExit(3)
+
+    async def start() -> tuple[ChannelProtocol, asyncio.Task[None]]:
+        protocol, _transport, channel = recording_protocol()
+        task = asyncio.ensure_future(serve(channel))
+        await settle()
+        return protocol, task
+
+    try:
+        protocol, task = loop.run_until_complete(start())
+        read_ended: list[bool] = []
+
+        def read() -> None:
+            protocol.data_received(frames([0, 0, "alone"]))
+            read_ended.append(True)
+
+        loop.call_soon(read)
+        with pytest.raises(SystemExit):
+            loop.run_forever()
+        assert isinstance(task.exception(), SystemExit)
+        assert read_ended == [True]  # (not cut short by the exit)
+    finally:
+        loop.close()

@@ -608,3 +608,13 @@ def test_long_paths_from_peers_are_not_kept() -> None:
     finally:
         tracemalloc.stop()
     assert kept < 1_000_000, f"{kept} bytes kept after the calls"
+
+
+def test_the_routing_classes_show_their_source() -> None:
+    # (They keep __module__ "aiomas._routing", where they are defined, so
+    # that inspect, pydoc, IPython's ?? and pdb find their source; aiomas.rpc
+    # re-exports them.)
+    import inspect
+
+    for obj in (aiomas.rpc.Router, aiomas.rpc.ServiceDict, aiomas.rpc.Service):
+        assert f"class {obj.__name__}" in inspect.getsource(obj)

@@ -224,8 +224,7 @@ class Router:
             return None if routers is None else routers.get(name)
         obj = self.obj
         if isinstance(obj, ServiceDict):
-            # A service added to the dict after the ServiceDict was made (or
-            # an agent of a container, which are never attached).
+            # A service added to the dict after the ServiceDict was made.
             return _router_in(obj.dict.get(name))
         return None
 

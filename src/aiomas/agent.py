@@ -767,6 +767,27 @@ def _remove_socket_file(socket_file: tuple[str, int] | None) -> None:
         pass
 
 
+class _AgentsRouter(rpc.Router):
+    """The router of a container's :attr:`~Container.agents`: it keeps the
+    routers of the agents placed in the tree (see
+    :meth:`_AgentRegistry.place`), and finds a call's agent by them while
+    that agent is in the dict."""
+
+    __slots__ = ("placed",)
+
+    obj: rpc.ServiceDict
+
+    def __init__(self, agents: rpc.ServiceDict) -> None:
+        super().__init__(agents)
+        self.placed: dict[str, rpc.Router] = {}
+
+    def sub_router(self, name: str) -> rpc.Router | None:
+        router = self.placed.get(name)
+        if router is not None and router.obj is self.obj.dict.get(name):
+            return router
+        return super().sub_router(name)
+
+
 class _AgentRegistry:
     """The agents of a container and the service it offers: the ids and
     addresses of its agents, the container's router, and the connections that
@@ -783,6 +804,7 @@ class _AgentRegistry:
         "_closed",
         "_ids",
         "_incoming",
+        "_placed",
         "agents",
         "base_url",
         "container",
@@ -798,7 +820,9 @@ class _AgentRegistry:
         self.base_url = base_url
         self.agents = rpc.ServiceDict()
         self._by_id = self.agents.dict
-        container.router.set_sub_router(self.agents.router, "agents")
+        self._placed = _AgentsRouter(self.agents)
+        self.agents.router = self._placed
+        container.router.set_sub_router(self._placed, "agents")
         self._ids = itertools.count()
         # A dict, not a set: closed in the order they came, in every process.
         self._incoming: dict[rpc.RpcClient, None] = {}
@@ -829,10 +853,12 @@ class _AgentRegistry:
 
     def place(self, router: rpc.Router, addr: str) -> None:
         """Put *router*, the router of our agent at *addr*, at its place in
-        the container's tree: a sub-router of ``agents`` (which gives it its
-        RPC path, and is found faster than the agent in the dict: agents are
-        never removed)."""
-        self.agents.router.set_sub_router(router, addr[len(self.base_url) :])
+        the container's tree (below ``agents``, which gives it its RPC path,
+        and where calls find it without a lookup in the agent's class)."""
+        aid = addr[len(self.base_url) :]
+        router.parent = self._placed
+        router.name = aid
+        self._placed.placed[aid] = router
 
     def find(self, aid: Any) -> Agent | None:
         """The agent with id *aid* (a string, or an int as 2.0.1 sent it), or

@@ -316,6 +316,7 @@ class Channel:
         "_loop",
         "_peername",
         "_recv_waiter",
+        "_resume_later",
         "cancel_handler",
         "codec",
         "deadline_clock",
@@ -343,6 +344,9 @@ class Channel:
         self._peername = transport.get_extra_info("peername")
         self._incoming: deque[Request] = deque()  # for recv()
         self._recv_waiter: _RequestWaiter | None = None
+        # Set when a reply (or another event) may have woken a task that has
+        # not run yet: the next request then resumes recv() after it.
+        self._resume_later = False
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
         """Set by :meth:`set_request_handler`."""
@@ -350,7 +354,7 @@ class Channel:
         # core forgets its receivers when the connection ends).
         self._core.on_request = self._request_arrived
         self._core.on_request_with_meta = self._request_with_meta_arrived
-        self._core.on_result = _set_result
+        self._core.on_result = self._result_arrived
         self.extended = False
         """Whether the peer agreed to the wire extension (see
         :meth:`offer_extensions`, :meth:`take_offer`); read it, don't set
@@ -619,8 +623,15 @@ class Channel:
             self._core.received_size,
         )
 
+    def _result_arrived(self, future: asyncio.Future[Any], content: Any) -> None:
+        # (The core's on_result receiver: see Channel.__init__.)
+        self._resume_later = True
+        if not future.done():
+            future.set_result(content)
+
     def _traced_result(self, future: asyncio.Future[Any], content: Any) -> None:
         # (The core's on_result receiver while traced.)
+        self._resume_later = True
         state = self.tracing
         if state is not None:
             state.reply_received(future, None, self._core.received_size, content)
@@ -665,6 +676,10 @@ class Channel:
 
     async def recv(self) -> Request:
         """Wait for the next request from the peer and return it.
+
+        A task waiting here for a request that arrives alone in a read
+        resumes within that read (not in the event loop's next pass), so
+        its answer leaves at once.
 
         Raises:
             ConnectionResetError: if the connection is (or gets) closed and no
@@ -731,7 +746,10 @@ class Channel:
         gets here."""
         if type(event) is RequestReceived:
             self._request_arrived(event.message_id, event.content)
-        elif type(event) is ResultReceived:
+            return
+        # (A reply wakes its caller, a cancel may cancel a task: see _deliver.)
+        self._resume_later = True
+        if type(event) is ResultReceived:
             _set_result(event.token, event.content)
         elif type(event) is FailureReceived:
             future = event.token
@@ -809,9 +827,15 @@ class Channel:
         self._incoming.append(request)
         waiter = self._recv_waiter
         if waiter is not None:
-            # A read that brought several frames wakes the task once for all
-            # of them, in the loop's next iteration, as a future would.
-            waiter.wake(at_once=not self._core.frames_waiting)
+            if self._resume_later or self._core.several_frames:
+                # Tasks that earlier messages woke run first, and the frames
+                # of a read are handled before the task (which then takes
+                # all the read's requests): in the loop's next iteration, as
+                # with a future.
+                self._resume_later = False
+                waiter.wake(at_once=False)
+            else:
+                waiter.wake(at_once=True)
 
     def _log_rejected(self, event: RequestRejected) -> None:
         peer = self._peername
@@ -938,23 +962,33 @@ class Channel:
 
 class _RequestWaiter:
     """What :meth:`Channel.recv` waits on: a future-like object (as asyncio's
-    tasks accept one) that resumes the waiting task at once when a request
-    arrives, from the protocol callback that delivers it.
+    tasks accept one) that can resume the waiting task at once, from the
+    protocol callback that delivers a request.
 
     An :class:`asyncio.Future` would resume the task in the next iteration of
     the event loop: one more pass through the selector for each request,
-    which a server that answers in ``data_received()`` does not pay.  Where a
-    task is running already (the request comes from within one, e.g. over a
-    local queue), or once cancelled, it resumes the task the usual way, with
-    :meth:`~asyncio.loop.call_soon`.
+    which a server that answers in ``data_received()`` does not pay.  The
+    channel asks for that (``wake(at_once=True)``) only for a request that
+    came alone and after nothing that may have woken another task (see
+    :meth:`Channel._deliver`), so that tasks still run in the order of the
+    messages that woke them.  Where a task is running already (the request
+    was fed from within one), or once cancelled, the task resumes the usual
+    way, with :meth:`~asyncio.loop.call_soon`.
     """
 
-    __slots__ = ("_asyncio_future_blocking", "_callbacks", "_loop", "_state")
+    __slots__ = (
+        "_asyncio_future_blocking",
+        "_callbacks",
+        "_cancel_message",
+        "_loop",
+        "_state",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._state = _WAITING
         self._callbacks: list[tuple[Callable[[Any], object], Any]] = []
+        self._cancel_message: Any = None
         # (asyncio's marker of a future that a task waits on.)
         self._asyncio_future_blocking = False
 
@@ -977,7 +1011,12 @@ class _RequestWaiter:
 
     def result(self) -> None:
         if self._state is _CANCELLED:
-            raise asyncio.CancelledError
+            message = self._cancel_message
+            raise (
+                asyncio.CancelledError()
+                if message is None
+                else (asyncio.CancelledError(message))
+            )
         if self._state is _WAITING:
             raise asyncio.InvalidStateError("Result is not ready.")
 
@@ -1003,6 +1042,7 @@ class _RequestWaiter:
         if self._state is not _WAITING:
             return False
         self._state = _CANCELLED
+        self._cancel_message = msg
         self._schedule_callbacks()
         return True
 
@@ -1015,10 +1055,16 @@ class _RequestWaiter:
         callbacks = self._callbacks
         if at_once and len(callbacks) == 1 and asyncio.current_task(self._loop) is None:
             callback, context = callbacks.pop()
-            if context is None:
-                callback(self)
-            else:
-                context.run(callback, self)
+            try:
+                if context is None:
+                    callback(self)
+                else:
+                    context.run(callback, self)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # The task raised it (and keeps it as its exception).  It
+                # ends the loop, as from the task's own step -- not from
+                # within the read, where a transport may catch it.
+                self._loop.call_soon(_reraise, exc)
             return
         self._schedule_callbacks()
 
@@ -1026,6 +1072,10 @@ class _RequestWaiter:
         callbacks, self._callbacks = self._callbacks, []
         for callback, context in callbacks:
             self._loop.call_soon(callback, self, context=context)
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 _WAITING: Final = "waiting"
