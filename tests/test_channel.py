@@ -1759,3 +1759,34 @@ def test_an_exit_from_a_task_resumed_within_a_read_ends_the_loop() -> None:
         assert read_ended == [True]  # (not cut short by the exit)
     finally:
         loop.close()
+
+
+def test_on_uvloop_recv_waits_on_a_plain_future() -> None:
+    # (uvloop's passes are cheap: resuming within the read would cost more.)
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+
+    async def exchange() -> list[Any]:
+        protocol, transport, channel = recording_protocol()
+        assert not channel._resume_in_read  # noqa: SLF001
+        waiting = asyncio.ensure_future(channel.recv())
+        await settle()
+
+        def read() -> bool:
+            protocol.data_received(frames([0, 0, "x"]))
+            return waiting.done()
+
+        assert not await _in_a_callback(read)  # (resumed in the next pass)
+        request = await waiting
+        await request.reply("y")
+        return messages_written(transport)
+
+    try:
+        assert loop.run_until_complete(exchange()) == [[1, 0, "y"]]
+    finally:
+        loop.close()
+
+
+async def test_on_asyncio_recv_resumes_within_the_read() -> None:
+    _protocol, _transport, channel = recording_protocol()
+    assert channel._resume_in_read  # noqa: SLF001

@@ -316,6 +316,7 @@ class Channel:
         "_loop",
         "_peername",
         "_recv_waiter",
+        "_resume_in_read",
         "_resume_later",
         "cancel_handler",
         "codec",
@@ -343,7 +344,11 @@ class Channel:
         self._core = protocol.core
         self._peername = transport.get_extra_info("peername")
         self._incoming: deque[Request] = deque()  # for recv()
-        self._recv_waiter: _RequestWaiter | None = None
+        self._recv_waiter: _RequestWaiter | asyncio.Future[None] | None = None
+        # Resuming recv() within the read saves a pass of asyncio's own loop,
+        # written in Python; uvloop's passes cost less than the waiter does
+        # (measured: 2 to 3 % fewer calls per second with it there).
+        self._resume_in_read = isinstance(loop, asyncio.BaseEventLoop)
         # Set when a reply (or another event) may have woken a task that has
         # not run yet: the next request then resumes recv() after it.
         self._resume_later = False
@@ -677,9 +682,9 @@ class Channel:
     async def recv(self) -> Request:
         """Wait for the next request from the peer and return it.
 
-        A task waiting here for a request that arrives alone in a read
-        resumes within that read (not in the event loop's next pass), so
-        its answer leaves at once.
+        On asyncio's own event loop, a task waiting here for a request that
+        arrives alone in a read resumes within that read (not in the loop's
+        next pass), so that its answer leaves at once.
 
         Raises:
             ConnectionResetError: if the connection is (or gets) closed and no
@@ -691,7 +696,11 @@ class Channel:
                 raise self.connection_error()
             if self._recv_waiter is not None:
                 raise RuntimeError("Another task is already waiting in recv()")
-            waiter = _RequestWaiter(self._loop)
+            waiter: _RequestWaiter | asyncio.Future[None] = (
+                _RequestWaiter(self._loop)
+                if self._resume_in_read
+                else self._loop.create_future()
+            )
             self._recv_waiter = waiter
             try:
                 await waiter
@@ -826,16 +835,20 @@ class Channel:
             return
         self._incoming.append(request)
         waiter = self._recv_waiter
-        if waiter is not None:
-            if self._resume_later or self._core.several_frames:
-                # Tasks that earlier messages woke run first, and the frames
-                # of a read are handled before the task (which then takes
-                # all the read's requests): in the loop's next iteration, as
-                # with a future.
-                self._resume_later = False
-                waiter.wake(at_once=False)
-            else:
-                waiter.wake(at_once=True)
+        if waiter is None:
+            return
+        if not isinstance(waiter, _RequestWaiter):
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self._resume_later or self._core.several_frames:
+            # Tasks that earlier messages woke run first, and the frames of a
+            # read are handled before the task (which then takes all the
+            # read's requests): in the loop's next iteration, as with a
+            # future.
+            self._resume_later = False
+            waiter.wake(at_once=False)
+        else:
+            waiter.wake(at_once=True)
 
     def _log_rejected(self, event: RequestRejected) -> None:
         peer = self._peername
@@ -956,8 +969,10 @@ class Channel:
         self.request_handler = None
         self._held_since = self._held_cancels = None
         waiter = self._recv_waiter
-        if waiter is not None:
+        if isinstance(waiter, _RequestWaiter):
             waiter.wake(at_once=False)
+        elif waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class _RequestWaiter:
