@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import random
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from _pytest.doctest import DoctestItem
@@ -43,13 +45,30 @@ def _close_thread_loop() -> None:
 _EXAMPLE_PORTS = (5555, 5556)
 
 
+def _candidate_ports() -> range | None:
+    """Ports below the range the system hands out for outgoing connections
+    (which the suite makes many of), so that a port found free stays free
+    until the example binds it; ``None`` if that range starts too low."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # (Linux's default)
+    return range(20000, low) if low > 21000 else None
+
+
 def _free_port(taken: set[int]) -> int:
     """A TCP port that is free now on the loopback addresses (both, where
     there is IPv6: examples bind ``localhost``) and not in *taken*."""
+    candidates = _candidate_ports()
     while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
+        wanted = 0 if candidates is None else random.choice(candidates)
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", wanted))
+                port: int = probe.getsockname()[1]
+        except OSError:
+            continue
         if port in taken:
             continue
         if socket.has_ipv6:

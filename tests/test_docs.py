@@ -35,7 +35,14 @@ def test_pip_install_aiomas_comes_with_a_warning(path: Path) -> None:
 
 _QUIET_RUN = ("-q", "-p", "no:cacheprovider", "-n", "0")
 # Texts whose examples bind the ports they show.
-_SHOWING_PORTS = ("docs/rpc.rst", "docs/channel.rst", "README.md")
+_SHOWING_PORTS = (
+    "docs/agents.rst",
+    "docs/channel.rst",
+    "docs/clocks.rst",
+    "docs/rpc.rst",
+    "docs/tls.rst",
+    "README.md",
+)
 
 
 def test_the_examples_run_while_the_ports_they_show_are_busy() -> None:
