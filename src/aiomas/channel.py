@@ -1026,12 +1026,9 @@ class _RequestWaiter:
 
     def result(self) -> None:
         if self._state is _CANCELLED:
-            message = self._cancel_message
-            raise (
-                asyncio.CancelledError()
-                if message is None
-                else (asyncio.CancelledError(message))
-            )
+            if self._cancel_message is None:
+                raise asyncio.CancelledError
+            raise asyncio.CancelledError(self._cancel_message)
         if self._state is _WAITING:
             raise asyncio.InvalidStateError("Result is not ready.")
 
