@@ -840,11 +840,12 @@ class Channel:
         if not isinstance(waiter, _RequestWaiter):
             if not waiter.done():
                 waiter.set_result(None)
-        elif self._resume_later or self._core.several_frames:
+        elif self._resume_later or self._core.frames_waiting:
             # Tasks that earlier messages woke run first, and the frames of a
             # read are handled before the task (which then takes all the
             # read's requests): in the loop's next iteration, as with a
-            # future.
+            # future.  (The first request of a read with more frames wakes
+            # it so; for the later ones it is woken already.)
             self._resume_later = False
             waiter.wake(at_once=False)
         else:
@@ -993,16 +994,20 @@ class _RequestWaiter:
 
     __slots__ = (
         "_asyncio_future_blocking",
-        "_callbacks",
+        "_callback",
         "_cancel_message",
         "_loop",
+        "_more_callbacks",
         "_state",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._state = _WAITING
-        self._callbacks: list[tuple[Callable[[Any], object], Any]] = []
+        # The waiting task's wakeup and its context (a task adds one
+        # callback), and any others.
+        self._callback: tuple[Callable[[Any], object], Any] | None = None
+        self._more_callbacks: list[tuple[Callable[[Any], object], Any]] = []
         self._cancel_message: Any = None
         # (asyncio's marker of a future that a task waits on.)
         self._asyncio_future_blocking = False
@@ -1011,6 +1016,8 @@ class _RequestWaiter:
         if self._state is _WAITING:
             self._asyncio_future_blocking = True
             yield self
+            # (Resumed by the callback, which raised if we were cancelled.)
+            return None
         return self.result()
 
     __iter__ = __await__
@@ -1039,16 +1046,19 @@ class _RequestWaiter:
     def add_done_callback(
         self, callback: Callable[[Any], object], *, context: Any = None
     ) -> None:
-        if self._state is _WAITING:
-            self._callbacks.append((callback, context))
-        else:
+        if self._state is not _WAITING:
             self._loop.call_soon(callback, self, context=context)
+        elif self._callback is None:
+            self._callback = (callback, context)
+        else:
+            self._more_callbacks.append((callback, context))
 
     def remove_done_callback(self, callback: Callable[[Any], object]) -> int:
-        kept = [entry for entry in self._callbacks if entry[0] != callback]
-        removed = len(self._callbacks) - len(kept)
-        self._callbacks = kept
-        return removed
+        entries = self._entries()
+        kept = [entry for entry in entries if entry[0] != callback]
+        self._callback = kept[0] if kept else None
+        self._more_callbacks = kept[1:]
+        return len(entries) - len(kept)
 
     def cancel(self, msg: Any = None) -> bool:
         if self._state is not _WAITING:
@@ -1064,9 +1074,15 @@ class _RequestWaiter:
         if self._state is not _WAITING:
             return
         self._state = _WOKEN
-        callbacks = self._callbacks
-        if at_once and len(callbacks) == 1 and asyncio.current_task(self._loop) is None:
-            callback, context = callbacks.pop()
+        entry = self._callback
+        if (
+            at_once
+            and entry is not None
+            and not self._more_callbacks
+            and _current_task(self._loop) is None
+        ):
+            self._callback = None
+            callback, context = entry
             try:
                 if context is None:
                     callback(self)
@@ -1080,10 +1096,19 @@ class _RequestWaiter:
             return
         self._schedule_callbacks()
 
+    def _entries(self) -> list[tuple[Callable[[Any], object], Any]]:
+        first = self._callback
+        return self._more_callbacks if first is None else [first, *self._more_callbacks]
+
     def _schedule_callbacks(self) -> None:
-        callbacks, self._callbacks = self._callbacks, []
-        for callback, context in callbacks:
+        entries = self._entries()
+        self._callback = None
+        self._more_callbacks = []
+        for callback, context in entries:
             self._loop.call_soon(callback, self, context=context)
+
+
+_current_task: Final = asyncio.current_task
 
 
 def _reraise(exc: BaseException) -> None:

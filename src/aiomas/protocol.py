@@ -490,13 +490,6 @@ class Connection:
         return self._unread_failure_bytes
 
     @property
-    def several_frames(self) -> bool:
-        """Whether the frame whose event is being made (or given to a
-        receiver) came with others: in one read, or kept from an earlier
-        one.  (:attr:`frames_waiting` is 0 for the last of them.)"""
-        return bool(self._payloads)
-
-    @property
     def buffered(self) -> int:
         """Received bytes of a frame that is not complete yet."""
         return self._reader.buffered
