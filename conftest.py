@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import errno
-import random
 import re
-import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from _pytest.doctest import DoctestItem
 from hypothesis import settings
-from tests.helpers import close_loop
+from tests.helpers import close_loop, free_port
 
 # Hypothesis fails an example that takes longer than 200 ms, which a loaded
 # shared machine makes happen now and then; pytest-timeout bounds every test.
@@ -45,43 +41,6 @@ def _close_thread_loop() -> None:
 _EXAMPLE_PORTS = (5555, 5556)
 
 
-def _candidate_ports() -> range | None:
-    """Ports below the range the system hands out for outgoing connections
-    (which the suite makes many of), so that a port found free stays free
-    until the example binds it; ``None`` if that range starts too low."""
-    try:
-        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        low = int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # (Linux's default)
-    return range(20000, low) if low > 21000 else None
-
-
-def _free_port(taken: set[int]) -> int:
-    """A TCP port that is free now on the loopback addresses (both, where
-    there is IPv6: examples bind ``localhost``) and not in *taken*."""
-    candidates = _candidate_ports()
-    while True:
-        wanted = 0 if candidates is None else random.choice(candidates)
-        try:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", wanted))
-                port: int = probe.getsockname()[1]
-        except OSError:
-            continue
-        if port in taken:
-            continue
-        if socket.has_ipv6:
-            try:
-                with socket.socket(socket.AF_INET6) as probe6:
-                    probe6.bind(("::1", port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue
-                # No IPv6 loopback: localhost is 127.0.0.1 only.
-        return port
-
-
 @pytest.fixture(autouse=True)
 def _docs_examples_on_free_ports(request: pytest.FixtureRequest) -> None:
     """The docs examples show fixed ports (5555 and 5556); they run on free
@@ -94,7 +53,7 @@ def _docs_examples_on_free_ports(request: pytest.FixtureRequest) -> None:
     taken: set[int] = set()
     replacements: dict[str, str] = {}
     for shown in _EXAMPLE_PORTS:
-        port = _free_port(taken)
+        port = free_port(taken, ipv6=True)  # (examples bind ``localhost``)
         taken.add(port)
         replacements[str(shown)] = str(port)
     shown_ports = "|".join(replacements)

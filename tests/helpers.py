@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import random
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,6 +102,55 @@ def aiomas_records(
     return [
         r for r in caplog.records if r.name.startswith("aiomas") and r.levelno >= level
     ]
+
+
+def _ports_below_outgoing() -> range | None:
+    """Ports below the range the system hands out as the local ports of
+    outgoing connections (which the suite makes many of, and a client that
+    retries a connection to a port in that range may even get its own
+    socket there); ``None`` if that range starts too low to leave room."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # (Linux's default)
+    return range(20000, low) if low > 21000 else None
+
+
+# (Not the random module's own generator: tests seed that, the same way in
+# every worker.)
+_PORT_CHOICE = random.SystemRandom()
+
+
+def free_port(taken: Iterable[int] = (), ipv6: bool = False) -> int:
+    """A TCP port that nobody listens on now on 127.0.0.1 (and on ``::1``
+    with *ipv6*, where there is IPv6), not in *taken*.
+
+    It is taken below the ports of outgoing connections (see above), at
+    random, so that a server that is stopped and started again on it, or an
+    example that binds it a little later, finds it still free.
+    """
+    candidates = _ports_below_outgoing()
+    taken = set(taken)  # (may be an iterator)
+    while True:
+        wanted = 0 if candidates is None else _PORT_CHOICE.choice(candidates)
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", wanted))
+                port: int = probe.getsockname()[1]
+        except OSError:
+            continue
+        if port in taken:
+            continue
+        if ipv6 and socket.has_ipv6:
+            try:
+                with socket.socket(socket.AF_INET6) as probe6:
+                    probe6.bind(("::1", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                # No IPv6 loopback: localhost is 127.0.0.1 only.
+        return port
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .helpers import free_port
+
 # How long a server may take to accept connections, or to exit when told to.
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -29,14 +31,6 @@ def find_binary() -> str | None:
     return shutil.which("nats-server", path=os.pathsep.join([here, os.defpath])) or (
         shutil.which("nats-server")
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
