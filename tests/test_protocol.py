@@ -41,7 +41,7 @@ def jframe(message: Any) -> bytes:
 
 
 def test_the_core_imports_nothing_of_asyncio_or_sockets() -> None:
-    tree = ast.parse(Path(protocol.__file__).read_text())
+    tree = ast.parse(Path(protocol.__file__).with_name("protocol.py").read_text())
     imported = {
         alias.name.split(".")[0]
         for node in ast.walk(tree)
@@ -270,7 +270,12 @@ def test_the_table_of_pending_requests_shrinks_after_a_burst() -> None:
         assert conn.waiting_for_replies == 0
         # (The receive buffers, which are kept on purpose, are the reader's.)
         held = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(True, protocol.__file__)]
+            [
+                tracemalloc.Filter(True, protocol.__file__),
+                # Compiled (protocol.COMPILED), what the core allocates is
+                # counted for the Python code that calls it: this test.
+                tracemalloc.Filter(True, __file__),
+            ]
         )
         assert sum(stat.size for stat in held.statistics("filename")) < 10_000
     finally:

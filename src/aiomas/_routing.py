@@ -15,8 +15,9 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from types import FunctionType, MethodType
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
+from aiomas._compiled import mypyc_attr
 from aiomas.protocol import abbreviate
 
 __all__ = [
@@ -78,6 +79,7 @@ def _invalid_component_error(name: str, path: str) -> LookupError:
     )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Router:
     """Resolves paths to the exposed functions of its object *obj* and its
     sub-services, and knows its own path for the reverse lookup.
@@ -112,7 +114,7 @@ class Router:
 
     __slots__ = ("__weakref__", "_declared", "_sub_routers", "name", "obj", "parent")
 
-    expose = staticmethod(expose)
+    expose: ClassVar = staticmethod(expose)
     """Alias for :func:`expose`."""
 
     def __init__(self, obj: Any) -> None:
@@ -170,7 +172,7 @@ class Router:
             self._sub_routers = {}
         self._sub_routers[name] = router
 
-    def resolve(self, path: str) -> Callable[..., Any]:
+    def resolve(self, path: Any) -> Callable[..., Any]:
         """Return the exposed function at *path* (components separated by ``/``).
 
         Only attributes marked by :func:`expose` and declared sub-services are
@@ -179,7 +181,8 @@ class Router:
         valid.
 
         Raises:
-            LookupError: if there is no exposed function at *path*.
+            LookupError: if there is no exposed function at *path* (or *path*
+                is not a string: a peer may send anything).
         """
         if type(path) is str:
             components, name = _valid_paths.get(path) or _split_path(path)
@@ -407,6 +410,8 @@ def _static_lookup(obj: Any, name: str) -> Any:
         return _MISSING
 
 
+# A descriptor, or (ServiceDict) made by the user: left a Python class.
+@mypyc_attr(native_class=False)
 class Service:
     """Descriptor that gives every instance of a class its own :class:`Router`.
 
@@ -482,6 +487,8 @@ class Service:
         raise AttributeError("The router of an RPC service cannot be replaced")
 
 
+# A descriptor, or (ServiceDict) made by the user: left a Python class.
+@mypyc_attr(native_class=False)
 class ServiceDict:
     """Wraps a dict of exposed functions and sub-services as an RPC service.
 

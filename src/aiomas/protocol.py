@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, TypeAlias
 
+from aiomas._compiled import is_compiled, mypyc_attr
 from aiomas.codecs import JSON, Codec, MsgPack, MsgPackBlosc
 from aiomas.exceptions import DecodeError, ProtocolError, SerializationError
 from aiomas.wire import (
@@ -45,6 +46,7 @@ from aiomas.wire import (
 )
 
 __all__ = [
+    "COMPILED",
     "JOINED_WRITE_LIMIT",
     "JOIN_LIMIT",
     "MAX_HELD_REQUESTS",
@@ -220,11 +222,17 @@ _Chunk: TypeAlias = "bytes | bytearray | memoryview"
 _pack_header = HEADER.pack
 _SEQUENCES: Final = (list, tuple)  # what codecs decode a message to
 
+COMPILED: Final = is_compiled(__file__)
+"""Whether this module is the compiled build's (docs/performance.rst, "The
+compiled build"), not plain Python."""
+
 # The two events of every call are made as instances of a twin class without
 # the frozen dataclass' __setattr__ (so setting their slots is as cheap as it
 # gets), which then become what they are: a frozen dataclass' __init__ sets
 # each field through object.__setattr__(), which cost a third of the core's
 # time per message.  The twins have the same slots, so the layouts match.
+# (Compiled, the events are native classes, whose instances cannot change
+# class, and cheap to make as they are.)
 
 
 class _NewRequestReceived:
@@ -333,6 +341,7 @@ def abbreviate(obj: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Connection:
     """One end of an aiomas connection, as a state machine.
 
@@ -578,6 +587,9 @@ class Connection:
         receiver: Callable[[Any, Any], object] | None
         meta_receiver: Callable[[int, Any, float | None, dict[str, Any]], object]
         request_with_meta: tuple[Any, float | None, dict[str, Any]]
+        # A message id or a reply's token: declared, since a compiled build
+        # (docs/performance.rst) checks the type of each value assigned.
+        first: Any
         try:
             try:
                 message = self._decode(payload)
@@ -595,6 +607,8 @@ class Connection:
                     return self._hold(RequestReceived(msg_id, content))
                 receiver = self.on_request
                 if receiver is None:
+                    if COMPILED:
+                        return RequestReceived(msg_id, content)
                     request: Any = _NewRequestReceived()
                     request.message_id = msg_id
                     request.content = content
@@ -613,6 +627,8 @@ class Connection:
                     self._forget_burst()
                 receiver = self.on_result
                 if receiver is None:
+                    if COMPILED:
+                        return ResultReceived(msg_id, content, first)
                     result: Any = _NewResultReceived()
                     result.message_id = msg_id
                     result.content = content

@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from aiomas._compiled import mypyc_attr
 from aiomas.exceptions import ProtocolError
 
 __all__ = [
@@ -92,6 +93,7 @@ def frame(payload: bytes) -> bytes:
     return frame_header(len(payload)) + payload
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FrameReader:
     """Reassembles frames from a byte stream that arrives in arbitrary chunks.
 
