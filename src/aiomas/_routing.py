@@ -410,7 +410,7 @@ def _static_lookup(obj: Any, name: str) -> Any:
         return _MISSING
 
 
-# A descriptor, or (ServiceDict) made by the user: left a Python class.
+# A descriptor (with __set__, which native classes cannot be): a Python class.
 @mypyc_attr(native_class=False)
 class Service:
     """Descriptor that gives every instance of a class its own :class:`Router`.
@@ -487,7 +487,7 @@ class Service:
         raise AttributeError("The router of an RPC service cannot be replaced")
 
 
-# A descriptor, or (ServiceDict) made by the user: left a Python class.
+# Made by users around their own dicts, never on the hot path: a Python class.
 @mypyc_attr(native_class=False)
 class ServiceDict:
     """Wraps a dict of exposed functions and sub-services as an RPC service.
