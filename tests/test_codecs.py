@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import dataclasses
 import doctest
 import gc
 import json
 import math
+import pickle
 import struct
 import subprocess
 import sys
@@ -1122,3 +1124,106 @@ def test_a_codec_is_freed_without_the_garbage_collector(
     finally:
         if enabled:
             gc.enable()
+
+
+# Copies, pickling and hooks set on an instance (code written for the
+# original aiomas does all three: its codecs were plain objects).
+
+
+class _OwnMsgPackHooks(MsgPack):
+    def serialize_obj(self, obj: Any) -> dict[str, Any]:
+        return {"own": super().serialize_obj(obj)}
+
+
+def _complex_to_list(c: complex) -> list[float]:
+    return [c.real, c.imag]
+
+
+def _list_to_complex(parts: Any) -> complex:
+    return complex(*parts)
+
+
+def _with_complex(codec_cls: type[Codec]) -> Codec:
+    codec = codec_cls()
+    codec.add_serializer(complex, _complex_to_list, _list_to_complex)
+    return codec
+
+
+@pytest.mark.parametrize("codec_cls", [*ALL_CODECS, _OwnHooks, _OwnMsgPackHooks])
+@pytest.mark.parametrize("make_copy", [copy.copy, copy.deepcopy])
+def test_a_copy_of_a_codec_works_on_its_own(
+    codec_cls: type[Codec], make_copy: Any
+) -> None:
+    original = _with_complex(codec_cls)
+    message = [1j, {"k": 2}]
+    expected = original.encode(message)
+    duplicate = make_copy(original)
+    ref = weakref.ref(original)
+    del original
+    gc.collect()
+    assert ref() is None
+    assert duplicate.encode(message) == expected
+    assert as_lists(duplicate.decode(expected)) == as_lists(
+        _with_complex(codec_cls).decode(expected)
+    )
+
+
+@pytest.mark.parametrize("codec_cls", ALL_CODECS)
+def test_a_shallow_copy_shares_the_serializers_and_a_deep_one_does_not(
+    codec_cls: type[Codec],
+) -> None:
+    original = codec_cls()
+    shallow, deep = copy.copy(original), copy.deepcopy(original)
+    shallow.add_serializer(complex, _complex_to_list, _list_to_complex)
+    assert original.decode(shallow.encode([1j])) in ([1j], (1j,))
+    assert repr(original) == repr(shallow)
+    with pytest.raises(SerializationError):
+        deep.encode([1j])
+
+
+@pytest.mark.parametrize("codec_cls", ALL_CODECS)
+def test_a_codec_survives_pickling(codec_cls: type[Codec]) -> None:
+    codec = _with_complex(codec_cls)
+    if isinstance(codec, MsgPackBlosc):
+        codec.max_decompressed_size = 1000
+    clone = pickle.loads(pickle.dumps(codec))
+    assert type(clone) is codec_cls
+    assert clone.encode([2j]) == codec.encode([2j])
+    assert as_lists(clone.decode(codec.encode([2j]))) == [2j]
+    if isinstance(clone, MsgPackBlosc):
+        assert clone.max_decompressed_size == 1000
+
+
+@pytest.mark.parametrize("codec_cls", ALL_CODECS)
+def test_hooks_set_on_an_instance_are_used(codec_cls: type[Codec]) -> None:
+    codec = codec_cls()
+    seen: list[Any] = []
+
+    def serialize_obj(obj: Any) -> dict[str, Any]:
+        return {"z": [obj.real, obj.imag]}
+
+    def deserialize_obj(obj_repr: dict[Any, Any]) -> Any:
+        seen.append(obj_repr)
+        return complex(*obj_repr["z"]) if "z" in obj_repr else obj_repr
+
+    codec.serialize_obj = serialize_obj  # type: ignore[method-assign]
+    codec.deserialize_obj = deserialize_obj  # type: ignore[method-assign]
+    data = codec.encode([3j, {"k": 1}])
+    assert as_lists(codec.decode(data)) == [3j, {"k": 1}]
+    assert len(seen) == 2
+    del codec.serialize_obj, codec.deserialize_obj
+    with pytest.raises(SerializationError, match="complex"):
+        codec.encode([3j])
+    assert as_lists(codec.decode(data)) == [{"z": [0.0, 3.0]}, {"k": 1}]
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("codec_cls", ALL_CODECS)
+def test_replaced_serializer_tables_are_used(codec_cls: type[Codec]) -> None:
+    """A subclass may set the serializer tables itself (one that starts from
+    another codec's, say): the hooks follow."""
+    source = _with_complex(codec_cls)
+    codec = codec_cls()
+    codec._serializers = dict(source._serializers)  # noqa: SLF001
+    codec._deserializers = list(source._deserializers)  # noqa: SLF001
+    assert as_lists(codec.decode(codec.encode([4j]))) == [4j]

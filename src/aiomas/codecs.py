@@ -93,6 +93,13 @@ def _no_serializer_message(obj: Any, codec: str) -> str:
     )
 
 
+# What Codec._setup() builds, and what MsgPack's adds (see Codec._built).
+_CODEC_BUILDS: Final = frozenset(
+    {"_serialize", "_deserialize", "_default", "_object_hook"}
+)
+_MSGPACK_BUILDS: Final = _CODEC_BUILDS | {"_msgpack", "_own_packer", "_unpack_errors"}
+
+
 class Codec:
     """Base class for all codecs.
 
@@ -102,21 +109,64 @@ class Codec:
     map.  A subclass that overrides ``__init__()`` must call ``super().__init__()``.
     """
 
+    # What _setup() builds: never copied or pickled, but built anew from the
+    # rest (see __getstate__).  A subclass that builds more adds its names.
+    _built: ClassVar[frozenset[str]] = _CODEC_BUILDS
+
     def __init__(self) -> None:
         # Keyed by the exact type of the objects a serializer handles; other
         # (hashable) keys take a type id, but no object ever matches them.
         self._serializers: dict[Any, tuple[int, Serializer]] = {}
         self._deserializers: list[Deserializer] = []
+        self._setup()
+
+    def _setup(self) -> None:
+        """Build what encoding and decoding use from the serializer tables and
+        the hooks: on creation, on a copy or unpickling, and when a hook or a
+        table is replaced.  A subclass that builds more (an encoder that holds
+        the hooks) extends it, calling ``super()._setup()`` first.
+
+        Raises:
+            ImportError: if a codec's library is not installed.
+        """
         # What serialize_obj() and deserialize_obj() do, as functions of the
         # tables rather than of the codec.
         self._serialize = _serializer(self._serializers, type(self).__name__)
         self._deserialize = _deserializer(self._deserializers)
-        # The hooks for encoders and decoders: these functions, unless a
-        # subclass overrides the methods.  Not bound methods: an encoder or
-        # decoder that a codec keeps (JSON's) would make a reference cycle,
-        # which keeps each codec (one per connection) until the garbage
-        # collector runs.
+        # The hooks for encoders and decoders: these functions, unless the
+        # methods are overridden (in a subclass or on the instance).  Not
+        # bound methods: an encoder or decoder that a codec keeps (JSON's)
+        # would make a reference cycle, which keeps each codec (one per
+        # connection) until the garbage collector runs.
         self._default, self._object_hook = self._hooks()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        self._changed(name)
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        self._changed(name)
+
+    def _changed(self, name: str) -> None:
+        # Code written for the original aiomas may replace a hook on the
+        # instance (``codec.deserialize_obj = ...``) or a serializer table;
+        # the hooks are built from them, so build them again.  (Not while
+        # __init__() sets the tables: _setup() runs after.)
+        if name in _HOOKS_AND_TABLES and "_object_hook" in self.__dict__:
+            self._setup()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The codec's state for :mod:`copy` and :mod:`pickle`: its attributes
+        but the hooks and encoders built from them.  A shallow copy shares
+        the serializer tables with the original (adding a serializer to one
+        adds it to both), a deep copy or an unpickled codec has its own."""
+        built = self._built
+        return {name: value for name, value in vars(self).items() if name not in built}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._setup()
 
     def __repr__(self) -> str:
         types = ", ".join(
@@ -220,12 +270,13 @@ class Codec:
         # An override is called through a weak reference: hooks are only
         # called while the codec encodes or decodes, so it is alive then.
         codec = weakref.ref(self)
-        if cls.serialize_obj is not Codec.serialize_obj:
+        own = vars(self)
+        if cls.serialize_obj is not Codec.serialize_obj or "serialize_obj" in own:
 
             def serialize(obj: Any) -> dict[str, Any]:
                 return cast(Codec, codec()).serialize_obj(obj)
 
-        if cls.deserialize_obj is not Codec.deserialize_obj:
+        if cls.deserialize_obj is not Codec.deserialize_obj or "deserialize_obj" in own:
 
             def deserialize(obj_repr: dict[Any, Any]) -> Any:
                 return cast(Codec, codec()).deserialize_obj(obj_repr)
@@ -323,6 +374,12 @@ def _deserializer(deserializers: list[Deserializer]) -> Callable[[dict[Any, Any]
     return deserialize_obj
 
 
+# Attributes the hooks are built from (see Codec._changed).
+_HOOKS_AND_TABLES: Final = frozenset(
+    {"serialize_obj", "deserialize_obj", "_serializers", "_deserializers"}
+)
+
+
 class JSON(Codec):
     """A :class:`Codec` that uses JSON.
 
@@ -333,8 +390,16 @@ class JSON(Codec):
     time.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    _built = _CODEC_BUILDS | {
+        "_encoder",
+        "_decoder",
+        "_scan_once",
+        "_markers",
+        "_encode_chunks",
+    }
+
+    def _setup(self) -> None:
+        super()._setup()
         # json.dumps()/loads() with arguments build a new encoder or decoder for
         # every call; each message goes through here, so build them once.
         self._encoder = json.JSONEncoder(default=self._default)
@@ -438,8 +503,10 @@ class MsgPack(Codec):
         if "_new_packer" in vars(cls):
             cls._packer_of_its_own = True
 
-    def __init__(self) -> None:
-        super().__init__()
+    _built = _MSGPACK_BUILDS
+
+    def _setup(self) -> None:
+        super()._setup()
         try:
             import msgpack
         except ImportError as exc:
@@ -606,8 +673,10 @@ class MsgPackBlosc(MsgPack):
     both peers should allow the largest message they send.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    _built = _MSGPACK_BUILDS | {"_blosc"}
+
+    def _setup(self) -> None:
+        super()._setup()
         try:
             import blosc
         except ImportError as exc:
