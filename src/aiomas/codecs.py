@@ -152,8 +152,9 @@ class Codec:
         # Code written for the original aiomas may replace a hook on the
         # instance (``codec.deserialize_obj = ...``) or a serializer table;
         # the hooks are built from them, so build them again.  (Not while
-        # __init__() sets the tables: _setup() runs after.)
-        if name in _HOOKS_AND_TABLES and "_object_hook" in self.__dict__:
+        # __init__() sets the tables: _setup() runs after.  And without
+        # looking at __dict__: once made, it slows every attribute lookup.)
+        if name in _HOOKS_AND_TABLES and getattr(self, "_object_hook", None):
             self._setup()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -165,7 +166,8 @@ class Codec:
         return {name: value for name, value in vars(self).items() if name not in built}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
         self._setup()
 
     def __repr__(self) -> str:
@@ -264,24 +266,34 @@ class Codec:
     ) -> tuple[Callable[[Any], dict[str, Any]], Callable[[dict[Any, Any]], Any]]:
         """:meth:`serialize_obj` and :meth:`deserialize_obj` as functions that
         hold no reference to the codec."""
-        cls = type(self)
         serialize: Callable[[Any], dict[str, Any]] = self._serialize
         deserialize: Callable[[dict[Any, Any]], Any] = self._deserialize
         # An override is called through a weak reference: hooks are only
         # called while the codec encodes or decodes, so it is alive then.
         codec = weakref.ref(self)
-        own = vars(self)
-        if cls.serialize_obj is not Codec.serialize_obj or "serialize_obj" in own:
+        if self._overridden("serialize_obj"):
 
             def serialize(obj: Any) -> dict[str, Any]:
                 return cast(Codec, codec()).serialize_obj(obj)
 
-        if cls.deserialize_obj is not Codec.deserialize_obj or "deserialize_obj" in own:
+        if self._overridden("deserialize_obj"):
 
             def deserialize(obj_repr: dict[Any, Any]) -> Any:
                 return cast(Codec, codec()).deserialize_obj(obj_repr)
 
         return serialize, deserialize
+
+    def _overridden(self, name: str) -> bool:
+        """Whether the method *name* of Codec is overridden, by the class or
+        on the instance."""
+        own = getattr(Codec, name)
+        if getattr(type(self), name) is not own:
+            return True
+        method = getattr(self, name)
+        return (
+            getattr(method, "__func__", None) is not own
+            or getattr(method, "__self__", None) is not self
+        )
 
     def serialize_obj(self, obj: Any) -> dict[str, Any]:
         """Return ``{"__type__": [type_id, serialize(obj)]}`` for *obj*.
