@@ -1794,3 +1794,198 @@ def test_on_uvloop_recv_waits_on_a_plain_future() -> None:
 async def test_on_asyncio_recv_resumes_within_the_read() -> None:
     _protocol, _transport, channel = recording_protocol()
     assert channel._resume_in_read  # noqa: SLF001
+
+
+# The caller's side: a call made while no other waits resumes its caller
+# within the read of its reply (see aiomas.channel._Reply).
+
+
+async def test_a_lone_call_resumes_its_caller_within_the_read() -> None:
+    protocol, _transport, channel = recording_protocol()
+    answers: list[Any] = []
+
+    async def call(content: Any) -> None:
+        answers.append(await channel.send(content))
+
+    task = asyncio.ensure_future(call("x"))
+    await settle()
+
+    def read() -> bool:
+        protocol.data_received(frames([1, 0, "answer"]))
+        return task.done()
+
+    assert await _in_a_callback(read)
+    assert answers == ["answer"]
+    # A call made while another waits gets a plain future: its caller
+    # resumes in the next pass.  The first one was made alone: once the
+    # task that the other reply woke has run, it resumes within its read.
+    tasks = [asyncio.ensure_future(call(i)) for i in (1, 2)]
+    await settle()
+
+    def read_for(task: asyncio.Task[None], message: Any) -> bool:
+        protocol.data_received(frames(message))
+        return task.done()
+
+    assert not await _in_a_callback(lambda: read_for(tasks[1], [1, 2, "second"]))
+    assert await _in_a_callback(lambda: read_for(tasks[0], [1, 1, "first"]))
+    assert answers == ["answer", "second", "first"]
+
+
+async def test_a_lone_call_waits_for_the_task_an_earlier_message_woke() -> None:
+    # A reply resumes its caller within the read only if no task that an
+    # earlier message woke waits to run: callers run in the order of the
+    # messages that woke them.
+    protocol, _transport, channel = recording_protocol()
+    ran: list[Any] = []
+
+    async def call(content: Any) -> None:
+        ran.append(await channel.send(content))
+
+    async def serve() -> None:
+        request = await channel.recv()
+        ran.append(request.content)
+
+    first = asyncio.ensure_future(call("a"))
+    await settle()
+    second = asyncio.ensure_future(call("b"))  # (Two in flight: plain.)
+    server = asyncio.ensure_future(serve())
+    await settle()
+    loop = asyncio.get_running_loop()
+    # One pass: a request (woken later: it comes with more), the reply to
+    # the second call, then, in a read of its own, the reply to the first.
+    loop.call_soon(protocol.data_received, frames([0, 0, "request"], [1, 1, "b"]))
+    loop.call_soon(protocol.data_received, frames([1, 0, "a"]))
+    await asyncio.gather(first, second, server)
+    assert ran == ["request", "b", "a"]
+
+
+async def test_the_future_of_a_lone_call_behaves_as_a_future() -> None:
+    protocol, _transport, channel = recording_protocol()
+    future = channel.send("x")
+    assert isinstance(future, asyncio.Future)
+    assert asyncio.isfuture(future)
+    assert future.get_loop() is asyncio.get_running_loop()
+    calls: list[str] = []
+    future.add_done_callback(lambda _: calls.append("first"))
+    future.add_done_callback(print)
+    future.add_done_callback(lambda _: calls.append("second"))
+    assert future.remove_done_callback(print) == 1
+    await _in_a_callback(lambda: protocol.data_received(frames([1, 0, "y"])))
+    assert future.result() == "y"
+    await settle()
+    assert calls == ["first", "second"]  # (In the order they were added.)
+    future.add_done_callback(lambda _: calls.append("late"))
+    await settle()
+    assert calls[-1] == "late"
+    # gather(), wait_for() and shield() take it, as any future.
+    futures = [channel.send(1)]
+    gathered = asyncio.gather(futures[0], asyncio.shield(channel.send(2)))
+    await settle()
+    await _in_a_callback(lambda: protocol.data_received(frames([1, 1, 10])))
+    await _in_a_callback(lambda: protocol.data_received(frames([1, 2, 20])))
+    assert await gathered == [10, 20]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(channel.send(3), TIME_UNIT)
+    # (Its late reply is dropped; the channel goes on.)
+    protocol.data_received(frames([1, 3, "late"]))
+    answer = asyncio.ensure_future(channel.send(4))
+    await settle()
+    await _in_a_callback(lambda: protocol.data_received(frames([1, 4, "four"])))
+    assert await answer == "four"
+
+
+async def test_a_lone_call_cancelled_or_failed_wakes_its_caller() -> None:
+    protocol, transport, channel = recording_protocol()
+    waiting = asyncio.ensure_future(channel.send("x"))
+    await settle()
+    waiting.cancel("my reason")
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await waiting
+    assert raised.value.args == ("my reason",)
+    await _in_a_callback(lambda: protocol.data_received(frames([1, 0, "late"])))
+    # A failure reply, and the end of the connection.
+    failing = asyncio.ensure_future(channel.send("y"))
+    await settle()
+    await _in_a_callback(lambda: protocol.data_received(frames([2, 1, "Boom\n"])))
+    with pytest.raises(RemoteException, match="Boom"):
+        await failing
+    lost = asyncio.ensure_future(channel.send("z"))
+    await settle()
+    await _in_a_callback(transport.lose_connection)
+    with pytest.raises(ConnectionResetError):
+        await lost
+
+
+async def test_a_lone_call_keeps_the_context_of_its_task() -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+    protocol, _transport, channel = recording_protocol()
+
+    async def call() -> tuple[str, Any]:
+        var.set("mine")
+        answer = await channel.send("x")
+        return var.get(), answer
+
+    task = asyncio.ensure_future(call())
+    await settle()
+    await _in_a_callback(lambda: protocol.data_received(frames([1, 0, "y"])))
+    assert task.done()
+    assert await task == ("mine", "y")
+    assert var.get("unset") == "unset"
+
+
+def test_an_exit_from_a_caller_resumed_within_a_read_ends_the_loop() -> None:
+    loop = asyncio.new_event_loop()
+
+    async def call(channel: Channel) -> None:
+        await channel.send("x")
+        raise SystemExit(3)
+
+    async def start() -> tuple[ChannelProtocol, asyncio.Task[None]]:
+        protocol, _transport, channel = recording_protocol()
+        task = asyncio.ensure_future(call(channel))
+        await settle()
+        return protocol, task
+
+    try:
+        protocol, task = loop.run_until_complete(start())
+        read_ended: list[bool] = []
+
+        def read() -> None:
+            protocol.data_received(frames([1, 0, "alone"]))
+            read_ended.append(True)
+
+        loop.call_soon(read)
+        with pytest.raises(SystemExit):
+            loop.run_forever()
+        assert isinstance(task.exception(), SystemExit)
+        assert read_ended == [True]
+    finally:
+        loop.close()
+
+
+def test_on_uvloop_a_lone_call_resumes_in_the_next_pass() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+
+    async def exchange() -> Any:
+        protocol, _transport, channel = recording_protocol()
+
+        async def call() -> Any:
+            return await channel.send("x")
+
+        waiting = asyncio.ensure_future(call())
+        await settle()
+
+        def read() -> bool:
+            protocol.data_received(frames([1, 0, "y"]))
+            return waiting.done()
+
+        assert not await _in_a_callback(read)
+        return await waiting
+
+    try:
+        assert loop.run_until_complete(exchange()) == "y"
+    finally:
+        loop.close()

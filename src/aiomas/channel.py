@@ -20,7 +20,7 @@ import sys
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, Self, TypeAlias, cast
 
 from aiomas import local_queue, tracing
 from aiomas._connect import (
@@ -308,6 +308,7 @@ class Channel:
 
     __slots__ = (
         "__weakref__",
+        "_clear_scheduled",
         "_closed_error",
         "_core",
         "_held_cancels",
@@ -349,9 +350,12 @@ class Channel:
         # written in Python; uvloop's passes cost less than the waiter does
         # (measured: 2 to 3 % fewer calls per second with it there).
         self._resume_in_read = isinstance(loop, asyncio.BaseEventLoop)
-        # Set when a reply (or another event) may have woken a task that has
-        # not run yet: the next request then resumes recv() after it.
+        # Set when a message (a reply, a cancel, a request in a read of
+        # several) has woken a task that has not run yet: the tasks of later
+        # messages then resume after it (cleared once it has, see
+        # _woke_a_task()).
         self._resume_later = False
+        self._clear_scheduled = False
         self._closed_error: BaseException | None = None
         self.request_handler: Callable[[Request], None] | None = None
         """Set by :meth:`set_request_handler`."""
@@ -436,7 +440,14 @@ class Channel:
         # The core keeps the future with the request's id; a cancelled one
         # stays until its reply arrives (and is dropped quietly) or the
         # connection ends.
-        future = self._loop.create_future()
+        # A call made while no other waits may resume its caller within the
+        # read of its reply (see _Reply); with more in flight, a read brings
+        # several replies and the plain future costs less.
+        future: asyncio.Future[Any] = (
+            _Reply(loop=self._loop)
+            if self._resume_in_read and not self._core.pending
+            else self._loop.create_future()
+        )
         # (The core writes it, or gathers it with the replies of the read
         # being handled.)
         self._core.send_request(content, future)
@@ -630,17 +641,44 @@ class Channel:
 
     def _result_arrived(self, future: asyncio.Future[Any], content: Any) -> None:
         # (The core's on_result receiver: see Channel.__init__.)
-        self._resume_later = True
+        if (
+            not self._resume_later
+            and type(future) is _Reply
+            and not self._core.frames_waiting
+            and _current_task(self._loop) is None
+        ):
+            # The reply came alone, after nothing that may have woken another
+            # task: its caller runs now (as recv() does, see _deliver()).
+            future.resume(content)
+            return
         if not future.done():
             future.set_result(content)
+        if not self._clear_scheduled:  # (else noted already)
+            self._woke_a_task()
 
     def _traced_result(self, future: asyncio.Future[Any], content: Any) -> None:
         # (The core's on_result receiver while traced.)
-        self._resume_later = True
         state = self.tracing
         if state is not None:
             state.reply_received(future, None, self._core.received_size, content)
         _set_result(future, content)
+        self._woke_a_task()
+
+    def _woke_a_task(self) -> None:
+        """A message just woke a task, which runs in the loop's next pass:
+        until it has, the tasks of later messages resume after it, not
+        within their read (see _deliver() and _result_arrived())."""
+        self._resume_later = True
+        if not self._clear_scheduled:
+            self._clear_scheduled = True
+            # (After the task's wakeup, which the message scheduled.  On
+            # uvloop, where nothing resumes within a read, the flags stay.)
+            if self._resume_in_read:
+                self._loop.call_soon(self._woken_have_run)
+
+    def _woken_have_run(self) -> None:
+        self._clear_scheduled = False
+        self._resume_later = False
 
     def _deliver_traced(
         self, request: Request, meta: dict[str, Any] | None, size: int | None
@@ -788,6 +826,7 @@ class Channel:
             cancel_handler = self.cancel_handler
             if cancel_handler is not None:
                 cancel_handler(event.message_id, event.held)
+        self._woke_a_task()
 
     def _extended_request(
         self, event: ExtendedRequestReceived, size: int | None = -1
@@ -846,8 +885,9 @@ class Channel:
             # read's requests): in the loop's next iteration, as with a
             # future.  (The first request of a read with more frames wakes
             # it so; for the later ones it is woken already.)
-            self._resume_later = False
             waiter.wake(at_once=False)
+            if not self._clear_scheduled:
+                self._woke_a_task()
         else:
             waiter.wake(at_once=True)
 
@@ -1106,6 +1146,85 @@ class _RequestWaiter:
         self._more_callbacks = []
         for callback, context in entries:
             self._loop.call_soon(callback, self, context=context)
+
+
+class _Reply(asyncio.Future[Any]):
+    """The future of a call made while no other call waited for its reply
+    (see :meth:`Channel.send`): :meth:`resume` can resume the task that
+    awaits it at once, within the read that brings the reply, as
+    :class:`_RequestWaiter` does for :meth:`Channel.recv`.
+
+    It is an :class:`asyncio.Future` in every other way (callers pass it to
+    :func:`asyncio.gather`, ``wait_for()`` and ``add_done_callback()``).  It
+    keeps its first done-callback (the awaiting task's wakeup) to itself and
+    schedules it first when it is done, so that callbacks run in the order
+    they were added.  Only the methods a task or a caller of the future use
+    are in Python; awaiting it is the C future's own path.
+    """
+
+    _wakeup: tuple[Callable[[Any], object], Any] | None = None
+    _more_callbacks = False
+
+    def add_done_callback(
+        self, fn: Callable[[Self], object], *, context: Any = None
+    ) -> None:
+        if self._wakeup is None and not self._more_callbacks and not self.done():
+            self._wakeup = (fn, context)
+            return
+        self._more_callbacks = True
+        super().add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Callable[[Self], object]) -> int:
+        removed = 0
+        wakeup = self._wakeup
+        if wakeup is not None and wakeup[0] == fn:
+            self._wakeup = None
+            removed = 1
+        return removed + super().remove_done_callback(fn)
+
+    def set_result(self, result: Any) -> None:
+        if not self.done():
+            self._schedule_wakeup()
+        super().set_result(result)
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        if not self.done():
+            self._schedule_wakeup()
+        super().set_exception(exception)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.done():
+            return False
+        self._schedule_wakeup()
+        return super().cancel(msg)
+
+    def _schedule_wakeup(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            self.get_loop().call_soon(wakeup[0], self, context=wakeup[1])
+
+    def resume(self, result: Any) -> None:
+        """Set *result* and run the awaiting task's wakeup now; the caller
+        checked that no task is running.  With other callbacks, or none,
+        this is :meth:`set_result`; on a done (cancelled) future, nothing."""
+        if self.done():
+            return
+        wakeup = self._wakeup
+        if wakeup is None or self._more_callbacks:
+            self.set_result(result)
+            return
+        self._wakeup = None
+        asyncio.Future.set_result(self, result)  # (No callback left to schedule.)
+        callback, context = wakeup
+        try:
+            if context is None:
+                callback(self)
+            else:
+                context.run(callback, self)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # As in _RequestWaiter.wake(): raised from the loop, not the read.
+            self.get_loop().call_soon(_reraise, exc)
 
 
 _current_task: Final = asyncio.current_task

@@ -364,7 +364,6 @@ class Connection:
         "_next_id",
         "_out",
         "_payloads",
-        "_pending",
         "_pending_since",
         "_reader",
         "_refusing",
@@ -381,6 +380,7 @@ class Connection:
         "on_request",
         "on_request_with_meta",
         "on_result",
+        "pending",
         "received_size",
         "sent_size",
     )
@@ -411,8 +411,10 @@ class Connection:
         # (nor discarded) was answered, and another reply for it is dropped
         # (as is a reply for an id whose request could not be encoded: only a
         # peer that makes ids up sends one, and it harms nobody).
-        self._pending: dict[int, Any] = {}  # message id -> token
-        self._pending_since = 0  # _next_id when _pending was made
+        self.pending: dict[int, Any] = {}
+        """The tokens of our requests that wait for a reply, by message id
+        (see :meth:`send_request`).  Read it; don't change it."""
+        self._pending_since = 0  # _next_id when pending was made
         # Ids below _next_id that never left (see discard_request()); made
         # when the first one is discarded.
         self._discarded: set[int] | None = None
@@ -478,7 +480,7 @@ class Connection:
     @property
     def waiting_for_replies(self) -> int:
         """How many of our requests wait for their reply."""
-        return len(self._pending)
+        return len(self.pending)
 
     @property
     def requests_sent(self) -> int:
@@ -511,7 +513,7 @@ class Connection:
         reading on would only bring more requests to answer.  Waiting for
         replies, we go on reading, so that two peers never wait for each other.
         """
-        return not (self._writing_paused and not self._pending and not self.closed)
+        return not (self._writing_paused and not self.pending and not self.closed)
 
     # --- Receiving -----------------------------------------------------------
 
@@ -617,7 +619,7 @@ class Connection:
                 first = msg_id
             elif msg_type == RESULT:
                 # (_reply_arrived(), inlined for the reply to every call.)
-                pending = self._pending
+                pending = self.pending
                 first = pending.pop(msg_id, _NOT_PENDING)  # the token
                 if first is _NOT_PENDING:
                     self._unknown_reply(msg_id)
@@ -662,7 +664,7 @@ class Connection:
 
     def _reply_arrived(self, msg_id: int) -> Any:
         """Forget request *msg_id*, now answered; return its token."""
-        pending = self._pending
+        pending = self.pending
         token = pending.pop(msg_id, _NOT_PENDING)
         if token is _NOT_PENDING:
             self._unknown_reply(msg_id)
@@ -688,7 +690,7 @@ class Connection:
     def _forget_burst(self) -> None:
         # A dict keeps its size after a burst of calls: start afresh (not
         # after every call: with one call at a time it never grows).
-        self._pending = {}
+        self.pending = {}
         self._pending_since = self._next_id
 
     def _hold(
@@ -810,7 +812,7 @@ class Connection:
             frame = None
         else:
             frame = _pack_header(size) + payload
-        self._pending[msg_id] = token
+        self.pending[msg_id] = token
         try:
             on_data = self.on_data
             if frame is None:
@@ -829,7 +831,7 @@ class Connection:
     def discard_request(self, message_id: int) -> None:
         """Forget our request *message_id*: it never left (writing it
         failed), so no reply will come (a reply for it is a violation)."""
-        if self._pending.pop(message_id, _NOT_PENDING) is _NOT_PENDING:
+        if self.pending.pop(message_id, _NOT_PENDING) is _NOT_PENDING:
             return
         if self._discarded is None:
             self._discarded = set()
@@ -1069,7 +1071,7 @@ class Connection:
         """
         if "cancel" not in self._extensions or self.closed:
             return False
-        if self._pending.pop(message_id, _NOT_PENDING) is _NOT_PENDING:
+        if self.pending.pop(message_id, _NOT_PENDING) is _NOT_PENDING:
             return False
         self._send(CANCEL, message_id, None)
         return True
@@ -1190,5 +1192,5 @@ class Connection:
         # Nothing more is read: the buffers go now, not with the last
         # reference to the connection.
         self._reader.release()
-        pending, self._pending = self._pending, {}
+        pending, self.pending = self.pending, {}
         return pending
