@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/compare.py REV [--slices 40] [--only TEXT ...] [--fake]
+                                     [--loop asyncio|uvloop]
 
 ``REV`` is any git revision of this repository (``main~3``, a tag, a hash).
 Its ``src/aiomas`` is unpacked into a temporary directory as the package
@@ -230,15 +231,25 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=40, help="rounds (40)")
     parser.add_argument("--only", nargs="*", default=[], help="workloads to run")
     parser.add_argument("--fake", action="store_true", help="the library alone")
+    parser.add_argument(
+        "--loop", choices=["asyncio", "uvloop"], default="asyncio", help="(asyncio)"
+    )
     args = parser.parse_args()
+    loop_factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
     with tempfile.TemporaryDirectory() as directory:
         base = unpack_base(args.rev, Path(directory))
         print(
             f"aiomas {aiomas.__version__} (this checkout) vs {args.rev}, Python "
-            f"{sys.version.split()[0]}, {args.slices} rounds of {SLICE * 1000:.0f} ms"
+            f"{sys.version.split()[0]}, {args.loop}, {args.slices} rounds of "
+            f"{SLICE * 1000:.0f} ms"
         )
         compare = compare_fake if args.fake else compare_tcp
-        asyncio.run(compare(base, args.only, args.slices))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(compare(base, args.only, args.slices))
 
 
 if __name__ == "__main__":

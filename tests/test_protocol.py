@@ -57,18 +57,21 @@ def test_the_core_imports_nothing_of_asyncio_or_sockets() -> None:
 
 def test_a_request_and_its_reply() -> None:
     client, server = connection_pair()
+    token = object()
     assert client.send_request(["ohai"]) == 0
-    assert client.send_request("again") == 1
+    assert client.send_request("again", token) == 1
     assert client.waiting_for_replies == 2
+    assert client.pending == {0: None, 1: token}
     events = transfer(client, server)
     assert events == [RequestReceived(0, ["ohai"]), RequestReceived(1, "again")]
     server.send_result(1, "second")
     server.send_failure(0, "Traceback: nope\n")
     assert transfer(server, client) == [
-        ResultReceived(1, "second"),
+        ResultReceived(1, "second", token),
         FailureReceived(0, "Traceback: nope\n"),
     ]
     assert client.waiting_for_replies == 0
+    assert client.pending == {}
     assert client.bytes_to_send == server.bytes_to_send == 0
 
 

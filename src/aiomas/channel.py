@@ -167,7 +167,11 @@ class Request:
             ConnectionResetError: if the connection is closed.
         """
         self.reply_nowait(result)
-        await self._protocol.drain()
+        protocol = self._protocol
+        # (What drain() checks first, inline: every answer comes here, and
+        # it rarely has to wait.)
+        if protocol.writing_paused or protocol.is_closed():
+            await protocol.drain()
 
     async def fail(self, exception: BaseException) -> None:
         """Answer the request with a failure described by *exception*, and
@@ -1215,7 +1219,7 @@ class _Reply(asyncio.Future[Any]):
             self.set_result(result)
             return
         self._wakeup = None
-        asyncio.Future.set_result(self, result)  # (No callback left to schedule.)
+        _future_set_result(self, result)  # (No callback left to schedule.)
         callback, context = wakeup
         try:
             if context is None:
@@ -1228,6 +1232,7 @@ class _Reply(asyncio.Future[Any]):
 
 
 _current_task: Final = asyncio.current_task
+_future_set_result: Final = asyncio.Future.set_result
 
 
 def _reraise(exc: BaseException) -> None:
