@@ -1734,17 +1734,30 @@ async def test_recv_passes_on_the_message_of_its_cancellation() -> None:
     assert raised.value.args == ("my reason",)
 
 
-def test_an_exit_from_a_task_resumed_within_a_read_ends_the_loop() -> None:
+async def _serve_then_exit(channel: Channel) -> None:
+    await channel.recv()
+    raise SystemExit(3)
+
+
+async def _call_then_exit(channel: Channel) -> None:
+    await channel.send("x")
+    raise SystemExit(3)
+
+
+@pytest.mark.parametrize(
+    ("wait", "message"),
+    [(_serve_then_exit, [0, 0, "alone"]), (_call_then_exit, [1, 0, "alone"])],
+    ids=["recv", "send"],
+)
+def test_an_exit_from_a_task_resumed_within_a_read_ends_the_loop(
+    wait: Callable[[Channel], Awaitable[None]], message: list[Any]
+) -> None:
     # (Its own loop: the SystemExit ends it.)
     loop = asyncio.new_event_loop()
 
-    async def serve(channel: Channel) -> None:
-        await channel.recv()
-        raise SystemExit(3)
-
-    async def start() -> tuple[ChannelProtocol, asyncio.Task[None]]:
+    async def start() -> tuple[ChannelProtocol, asyncio.Future[None]]:
         protocol, _transport, channel = recording_protocol()
-        task = asyncio.ensure_future(serve(channel))
+        task = asyncio.ensure_future(wait(channel))
         await settle()
         return protocol, task
 
@@ -1753,7 +1766,7 @@ def test_an_exit_from_a_task_resumed_within_a_read_ends_the_loop() -> None:
         read_ended: list[bool] = []
 
         def read() -> None:
-            protocol.data_received(frames([0, 0, "alone"]))
+            protocol.data_received(frames(message))
             read_ended.append(True)
 
         loop.call_soon(read)
@@ -1933,36 +1946,6 @@ async def test_a_lone_call_keeps_the_context_of_its_task() -> None:
     assert task.done()
     assert await task == ("mine", "y")
     assert var.get("unset") == "unset"
-
-
-def test_an_exit_from_a_caller_resumed_within_a_read_ends_the_loop() -> None:
-    loop = asyncio.new_event_loop()
-
-    async def call(channel: Channel) -> None:
-        await channel.send("x")
-        raise SystemExit(3)
-
-    async def start() -> tuple[ChannelProtocol, asyncio.Task[None]]:
-        protocol, _transport, channel = recording_protocol()
-        task = asyncio.ensure_future(call(channel))
-        await settle()
-        return protocol, task
-
-    try:
-        protocol, task = loop.run_until_complete(start())
-        read_ended: list[bool] = []
-
-        def read() -> None:
-            protocol.data_received(frames([1, 0, "alone"]))
-            read_ended.append(True)
-
-        loop.call_soon(read)
-        with pytest.raises(SystemExit):
-            loop.run_forever()
-        assert isinstance(task.exception(), SystemExit)
-        assert read_ended == [True]
-    finally:
-        loop.close()
 
 
 def test_on_uvloop_a_lone_call_resumes_in_the_next_pass() -> None:

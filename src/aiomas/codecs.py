@@ -162,6 +162,8 @@ class Codec:
         but the hooks and encoders built from them.  A shallow copy shares
         the serializer tables with the original (adding a serializer to one
         adds it to both), a deep copy or an unpickled codec has its own."""
+        # (vars() makes the instance's __dict__, which slows its attribute
+        # lookups a little from then on; the copy is made without one.)
         built = self._built
         return {name: value for name, value in vars(self).items() if name not in built}
 
