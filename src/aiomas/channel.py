@@ -1126,7 +1126,17 @@ class _RequestWaiter:
             and _current_task(self._loop) is None
         ):
             self._callback = None
-            _wake_now(self._loop, entry, self)
+            callback, context = entry
+            try:
+                if context is None:
+                    callback(self)
+                else:
+                    context.run(callback, self)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # The task raised it (and keeps it as its exception).  It
+                # ends the loop, as from the task's own step -- not from
+                # within the read, where a transport may catch it.
+                self._loop.call_soon(_reraise, exc)
             return
         self._schedule_callbacks()
 
@@ -1210,31 +1220,21 @@ class _Reply(asyncio.Future[Any]):
             return
         self._wakeup = None
         _future_set_result(self, result)  # (No callback left to schedule.)
-        _wake_now(self.get_loop(), wakeup, self)
+        # What _RequestWaiter.wake() does, written out again: a function
+        # for both would cost a call, about 1,000 instructions (1 %) per
+        # round trip (callgrind).
+        callback, context = wakeup
+        try:
+            if context is None:
+                callback(self)
+            else:
+                context.run(callback, self)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self.get_loop().call_soon(_reraise, exc)
 
 
 _current_task: Final = asyncio.current_task
 _future_set_result: Final = asyncio.Future.set_result
-
-
-def _wake_now(
-    loop: asyncio.AbstractEventLoop,
-    wakeup: tuple[Callable[[Any], object], Any],
-    future: Any,
-) -> None:
-    """Run a task's *wakeup* ``(callback, context)`` for *future* now, from
-    within a read, where no task runs."""
-    callback, context = wakeup
-    try:
-        if context is None:
-            callback(future)
-        else:
-            context.run(callback, future)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # The task raised it (and keeps it as its exception).  It ends the
-        # loop, as from the task's own step -- not from within the read,
-        # where a transport may catch it.
-        loop.call_soon(_reraise, exc)
 
 
 def _reraise(exc: BaseException) -> None:
