@@ -1126,8 +1126,8 @@ def test_a_codec_is_freed_without_the_garbage_collector(
             gc.enable()
 
 
-# Copies, pickling and hooks set on an instance (code written for the
-# original aiomas does all three: its codecs were plain objects).
+# Copies, pickling and hooks set on an instance (the originals' codecs were
+# plain objects, and code written for them may rely on that).
 
 
 class _OwnMsgPackHooks(MsgPack):
