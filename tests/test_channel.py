@@ -1909,7 +1909,12 @@ async def test_the_future_of_a_lone_call_behaves_as_a_future() -> None:
 
 async def test_a_lone_call_cancelled_or_failed_wakes_its_caller() -> None:
     protocol, transport, channel = recording_protocol()
-    waiting = asyncio.ensure_future(channel.send("x"))
+
+    async def call(content: Any) -> Any:
+        return await channel.send(content)
+
+    # (Each caller is a task that waits on the future when its end comes.)
+    waiting = asyncio.ensure_future(call("x"))
     await settle()
     waiting.cancel("my reason")
     with pytest.raises(asyncio.CancelledError) as raised:
@@ -1917,12 +1922,12 @@ async def test_a_lone_call_cancelled_or_failed_wakes_its_caller() -> None:
     assert raised.value.args == ("my reason",)
     await _in_a_callback(lambda: protocol.data_received(frames([1, 0, "late"])))
     # A failure reply, and the end of the connection.
-    failing = asyncio.ensure_future(channel.send("y"))
+    failing = asyncio.ensure_future(call("y"))
     await settle()
     await _in_a_callback(lambda: protocol.data_received(frames([2, 1, "Boom\n"])))
     with pytest.raises(RemoteException, match="Boom"):
         await failing
-    lost = asyncio.ensure_future(channel.send("z"))
+    lost = asyncio.ensure_future(call("z"))
     await settle()
     await _in_a_callback(transport.lose_connection)
     with pytest.raises(ConnectionResetError):
