@@ -1644,48 +1644,6 @@ async def test_recv_fails_when_the_connection_ends_while_it_waits() -> None:
         await waiting
 
 
-async def test_the_recv_waiter_behaves_as_a_future() -> None:
-    from aiomas.channel import _RequestWaiter  # (What recv() awaits.)
-
-    loop = asyncio.get_running_loop()
-    waiter = _RequestWaiter(loop)
-    assert asyncio.isfuture(waiter)
-    assert waiter.get_loop() is loop
-    assert not waiter.done()
-    assert not waiter.cancelled()
-    with pytest.raises(asyncio.InvalidStateError):
-        waiter.result()
-    calls: list[Any] = []
-    waiter.add_done_callback(calls.append)
-    waiter.add_done_callback(print)
-    assert waiter.remove_done_callback(print) == 1
-    waiter.wake(at_once=True)  # (Within a task: scheduled.)
-    assert calls == []
-    await settle()
-    assert calls == [waiter]
-    assert waiter.done()
-    assert waiter.exception() is None
-    assert not waiter.cancel()
-    waiter.wake(at_once=True)  # (Once only.)
-    waiter.add_done_callback(calls.append)  # (Done: scheduled at once.)
-    await settle()
-    assert calls == [waiter, waiter]
-    assert await waiter is None
-
-    cancelled = _RequestWaiter(loop)
-    cancelled.add_done_callback(calls.append)
-    assert cancelled.cancel()
-    assert not cancelled.cancel()
-    assert cancelled.cancelled()
-    assert cancelled.done()
-    with pytest.raises(asyncio.CancelledError):
-        cancelled.exception()
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
-    await settle()
-    assert calls[-1] is cancelled
-
-
 @pytest.mark.parametrize(
     "reads",
     [
@@ -1809,8 +1767,42 @@ async def test_on_asyncio_recv_resumes_within_the_read() -> None:
     assert channel._resume_in_read  # noqa: SLF001
 
 
+async def test_the_channel_makes_asyncio_futures_for_the_running_loop() -> None:
+    protocol, _transport, channel = recording_protocol()
+    loop = asyncio.get_running_loop()
+    lone = channel.send("x")  # (may resume its caller within the read)
+    second = channel.send("y")  # (a plain future)
+    waiting = asyncio.ensure_future(channel.recv())
+    await settle()
+    for future in (lone, second):
+        assert isinstance(future, asyncio.Future)
+        assert future.get_loop() is loop
+    await _in_a_callback(
+        lambda: protocol.data_received(frames([1, 1, "b"], [1, 0, "a"], [0, 0, "r"]))
+    )
+    assert await asyncio.gather(lone, second) == ["a", "b"]
+    assert (await waiting).content == "r"
+
+
+def test_a_call_made_before_the_loop_runs_gets_a_future_of_the_channels_loop() -> None:
+    loop = asyncio.new_event_loop()
+
+    async def connect() -> tuple[ChannelProtocol, Channel]:
+        protocol, _transport, channel = recording_protocol()
+        return protocol, channel
+
+    try:
+        protocol, channel = loop.run_until_complete(connect())
+        future = channel.send("early")  # (No loop is running.)
+        assert future.get_loop() is loop
+        loop.call_soon(protocol.data_received, frames([1, 0, "answer"]))
+        assert loop.run_until_complete(future) == "answer"
+    finally:
+        loop.close()
+
+
 # The caller's side: a call made while no other waits resumes its caller
-# within the read of its reply (see aiomas.channel._Reply).
+# within the read of its reply, as recv() does (see aiomas.channel._Resumable).
 
 
 async def test_a_lone_call_resumes_its_caller_within_the_read() -> None:

@@ -349,7 +349,7 @@ class Channel:
         self._core = protocol.core
         self._peername = transport.get_extra_info("peername")
         self._incoming: deque[Request] = deque()  # for recv()
-        self._recv_waiter: _RequestWaiter | asyncio.Future[None] | None = None
+        self._recv_waiter: asyncio.Future[None] | None = None
         # Resuming recv() within the read saves a pass of asyncio's own loop,
         # written in Python; uvloop's passes cost less than the waiter does
         # (measured: 2 to 3 % fewer calls per second with it there).
@@ -367,7 +367,7 @@ class Channel:
         # core forgets its receivers when the connection ends).
         self._core.on_request = self._request_arrived
         self._core.on_request_with_meta = self._request_with_meta_arrived
-        self._core.on_result = self._result_arrived
+        self._core.on_result = self._wake
         self.extended = False
         """Whether the peer agreed to the wire extension (see
         :meth:`offer_extensions`, :meth:`take_offer`); read it, don't set
@@ -445,10 +445,10 @@ class Channel:
         # stays until its reply arrives (and is dropped quietly) or the
         # connection ends.
         # A call made while no other waits may resume its caller within the
-        # read of its reply (see _Reply); with more in flight, a read brings
-        # several replies and the plain future costs less.
+        # read of its reply (see _Resumable); with more in flight, a read
+        # brings several replies and the plain future costs less.
         future: asyncio.Future[Any] = (
-            _Reply(loop=self._loop)
+            _Resumable(loop=self._loop)
             if self._resume_in_read and not self._core.pending
             else self._loop.create_future()
         )
@@ -643,20 +643,27 @@ class Channel:
             self._core.received_size,
         )
 
-    def _result_arrived(self, future: asyncio.Future[Any], content: Any) -> None:
-        # (The core's on_result receiver: see Channel.__init__.)
+    def _wake(self, future: asyncio.Future[Any], result: Any) -> None:
+        """Set *result* on *future* (unless it is done): the future of a call
+        whose reply came (the core's ``on_result`` receiver, see
+        ``__init__``), or what recv() waits on."""
         if (
             not self._resume_later
-            and type(future) is _Reply
+            and type(future) is _Resumable
             and not self._core.frames_waiting
             and _current_task(self._loop) is None
         ):
-            # The reply came alone, after nothing that may have woken another
-            # task: its caller runs now (as recv() does, see _deliver()).
-            future.resume(content)
+            # It came alone, after nothing that may have woken another task:
+            # the task that awaits it runs now.
+            future.resume(result)
             return
-        if not future.done():
-            future.set_result(content)
+        if future.done():
+            # (Cancelled; or recv()'s, woken by a request of this read with
+            # more frames, and the task takes all the read's requests.)
+            return
+        # Tasks that earlier messages woke run first, and the frames of a
+        # read are handled before the task: in the loop's next pass.
+        future.set_result(result)
         if not self._clear_scheduled:  # (else noted already)
             self._woke_a_task()
 
@@ -671,7 +678,7 @@ class Channel:
     def _woke_a_task(self) -> None:
         """A message just woke a task, which runs in the loop's next pass:
         until it has, the tasks of later messages resume after it, not
-        within their read (see _deliver() and _result_arrived())."""
+        within their read (see _wake())."""
         self._resume_later = True
         if not self._clear_scheduled:
             self._clear_scheduled = True
@@ -738,8 +745,8 @@ class Channel:
                 raise self.connection_error()
             if self._recv_waiter is not None:
                 raise RuntimeError("Another task is already waiting in recv()")
-            waiter: _RequestWaiter | asyncio.Future[None] = (
-                _RequestWaiter(self._loop)
+            waiter: asyncio.Future[None] = (
+                _Resumable(loop=self._loop)
                 if self._resume_in_read
                 else self._loop.create_future()
             )
@@ -798,7 +805,7 @@ class Channel:
         if type(event) is RequestReceived:
             self._request_arrived(event.message_id, event.content)
             return
-        # (A reply wakes its caller, a cancel may cancel a task: see _deliver.)
+        # (A reply wakes its caller, a cancel may cancel a task: see _wake().)
         self._resume_later = True
         if type(event) is ResultReceived:
             _set_result(event.token, event.content)
@@ -863,12 +870,15 @@ class Channel:
 
     def _request_arrived(self, message_id: int, content: Any) -> None:
         # (The core's on_request receiver: see Channel.__init__.  What
-        # _deliver() does, with a frame less for every RPC call.)
+        # _deliver() does, with a frame less for every request.)
         handler = self.request_handler
-        if handler is None:
-            self._deliver(Request(content, message_id, self.protocol))
-        else:
+        if handler is not None:
             handler(Request(content, message_id, self.protocol))
+            return
+        self._incoming.append(Request(content, message_id, self.protocol))
+        waiter = self._recv_waiter
+        if waiter is not None:
+            self._wake(waiter, None)
 
     def _deliver(self, request: Request) -> None:
         """Pass *request* to the request handler, or queue it for recv()."""
@@ -878,22 +888,8 @@ class Channel:
             return
         self._incoming.append(request)
         waiter = self._recv_waiter
-        if waiter is None:
-            return
-        if not isinstance(waiter, _RequestWaiter):
-            if not waiter.done():
-                waiter.set_result(None)
-        elif self._resume_later or self._core.frames_waiting:
-            # Tasks that earlier messages woke run first, and the frames of a
-            # read are handled before the task (which then takes all the
-            # read's requests): in the loop's next iteration, as with a
-            # future.  (The first request of a read with more frames wakes
-            # it so; for the later ones it is woken already.)
-            waiter.wake(at_once=False)
-            if not self._clear_scheduled:
-                self._woke_a_task()
-        else:
-            waiter.wake(at_once=True)
+        if waiter is not None:
+            self._wake(waiter, None)
 
     def _log_rejected(self, event: RequestRejected) -> None:
         peer = self._peername
@@ -1014,149 +1010,19 @@ class Channel:
         self.request_handler = None
         self._held_since = self._held_cancels = None
         waiter = self._recv_waiter
-        if isinstance(waiter, _RequestWaiter):
-            waiter.wake(at_once=False)
-        elif waiter is not None and not waiter.done():
+        if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
 
-class _RequestWaiter:
-    """What :meth:`Channel.recv` waits on: a future-like object (as asyncio's
-    tasks accept one) that can resume the waiting task at once, from the
-    protocol callback that delivers a request.
-
-    An :class:`asyncio.Future` would resume the task in the next iteration of
-    the event loop: one more pass through the selector for each request,
-    which a server that answers in ``data_received()`` does not pay.  The
-    channel asks for that (``wake(at_once=True)``) only for a request that
-    came alone and after nothing that may have woken another task (see
-    :meth:`Channel._deliver`), so that tasks still run in the order of the
-    messages that woke them.  Where a task is running already (the request
-    was fed from within one), or once cancelled, the task resumes the usual
-    way, with :meth:`~asyncio.loop.call_soon`.
-    """
-
-    __slots__ = (
-        "_asyncio_future_blocking",
-        "_callback",
-        "_cancel_message",
-        "_loop",
-        "_more_callbacks",
-        "_state",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._state = _WAITING
-        # The waiting task's wakeup and its context (a task adds one
-        # callback), and any others.
-        self._callback: tuple[Callable[[Any], object], Any] | None = None
-        self._more_callbacks: list[tuple[Callable[[Any], object], Any]] = []
-        self._cancel_message: Any = None
-        # (asyncio's marker of a future that a task waits on.)
-        self._asyncio_future_blocking = False
-
-    def __await__(self) -> Any:
-        if self._state is _WAITING:
-            self._asyncio_future_blocking = True
-            yield self
-            # (Resumed by the callback, which raised if we were cancelled.)
-            return None
-        return self.result()
-
-    __iter__ = __await__
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def done(self) -> bool:
-        return self._state is not _WAITING
-
-    def cancelled(self) -> bool:
-        return self._state is _CANCELLED
-
-    def result(self) -> None:
-        if self._state is _CANCELLED:
-            if self._cancel_message is None:
-                raise asyncio.CancelledError
-            raise asyncio.CancelledError(self._cancel_message)
-        if self._state is _WAITING:
-            raise asyncio.InvalidStateError("Result is not ready.")
-
-    def exception(self) -> BaseException | None:
-        self.result()
-        return None
-
-    def add_done_callback(
-        self, callback: Callable[[Any], object], *, context: Any = None
-    ) -> None:
-        if self._state is not _WAITING:
-            self._loop.call_soon(callback, self, context=context)
-        elif self._callback is None:
-            self._callback = (callback, context)
-        else:
-            self._more_callbacks.append((callback, context))
-
-    def remove_done_callback(self, callback: Callable[[Any], object]) -> int:
-        entries = self._entries()
-        kept = [entry for entry in entries if entry[0] != callback]
-        self._callback = kept[0] if kept else None
-        self._more_callbacks = kept[1:]
-        return len(entries) - len(kept)
-
-    def cancel(self, msg: Any = None) -> bool:
-        if self._state is not _WAITING:
-            return False
-        self._state = _CANCELLED
-        self._cancel_message = msg
-        self._schedule_callbacks()
-        return True
-
-    def wake(self, at_once: bool) -> None:
-        """Resume the waiting task: now if *at_once* and no task is running,
-        else in the loop's next iteration."""
-        if self._state is not _WAITING:
-            return
-        self._state = _WOKEN
-        entry = self._callback
-        if (
-            at_once
-            and entry is not None
-            and not self._more_callbacks
-            and _current_task(self._loop) is None
-        ):
-            self._callback = None
-            callback, context = entry
-            try:
-                if context is None:
-                    callback(self)
-                else:
-                    context.run(callback, self)
-            except (KeyboardInterrupt, SystemExit) as exc:
-                # The task raised it (and keeps it as its exception).  It
-                # ends the loop, as from the task's own step -- not from
-                # within the read, where a transport may catch it.
-                self._loop.call_soon(_reraise, exc)
-            return
-        self._schedule_callbacks()
-
-    def _entries(self) -> list[tuple[Callable[[Any], object], Any]]:
-        first = self._callback
-        return self._more_callbacks if first is None else [first, *self._more_callbacks]
-
-    def _schedule_callbacks(self) -> None:
-        entries = self._entries()
-        self._callback = None
-        self._more_callbacks = []
-        for callback, context in entries:
-            self._loop.call_soon(callback, self, context=context)
-
-
-class _Reply(asyncio.Future[Any]):
-    """The future of a call made while no other call waited for its reply
-    (see :meth:`Channel.send`): :meth:`resume` can resume the task that
-    awaits it at once, within the read that brings the reply, as
-    :class:`_RequestWaiter` does for :meth:`Channel.recv`.
+class _Resumable(asyncio.Future[Any]):
+    """A future whose awaiting task :meth:`resume` can resume at once, within
+    the read that brings what it waits for, instead of in the loop's next pass
+    (one pass through the selector less per message): the future of a call
+    made while no other call waited for its reply (see :meth:`Channel.send`),
+    and what :meth:`Channel.recv` waits on.  The channel resumes it so only
+    for a message that came alone, after nothing that may have woken another
+    task, and while no task runs (see :meth:`Channel._deliver`), so that tasks
+    still run in the order of the messages that woke them.
 
     It is an :class:`asyncio.Future` in every other way (callers pass it to
     :func:`asyncio.gather`, ``wait_for()`` and ``add_done_callback()``).  It
@@ -1172,7 +1038,7 @@ class _Reply(asyncio.Future[Any]):
     def add_done_callback(
         self, fn: Callable[[Self], object], *, context: Any = None
     ) -> None:
-        if self._wakeup is None and not self._more_callbacks and not self.done():
+        if self._wakeup is None and not self._more_callbacks and not _future_done(self):
             self._wakeup = (fn, context)
             return
         self._more_callbacks = True
@@ -1212,7 +1078,7 @@ class _Reply(asyncio.Future[Any]):
         """Set *result* and run the awaiting task's wakeup now; the caller
         checked that no task is running.  With other callbacks, or none,
         this is :meth:`set_result`; on a done (cancelled) future, nothing."""
-        if self.done():
+        if _future_done(self):
             return
         wakeup = self._wakeup
         if wakeup is None or self._more_callbacks:
@@ -1220,9 +1086,6 @@ class _Reply(asyncio.Future[Any]):
             return
         self._wakeup = None
         _future_set_result(self, result)  # (No callback left to schedule.)
-        # What _RequestWaiter.wake() does, written out again: a function
-        # for both would cost a call, about 1,000 instructions (1 %) per
-        # round trip (callgrind).
         callback, context = wakeup
         try:
             if context is None:
@@ -1230,20 +1093,19 @@ class _Reply(asyncio.Future[Any]):
             else:
                 context.run(callback, self)
         except (KeyboardInterrupt, SystemExit) as exc:
+            # The task raised it (and keeps it as its exception).  It ends
+            # the loop, as from the task's own step -- not from within the
+            # read, where a transport may catch it.
             self.get_loop().call_soon(_reraise, exc)
 
 
 _current_task: Final = asyncio.current_task
 _future_set_result: Final = asyncio.Future.set_result
+_future_done: Final = asyncio.Future.done  # (no bound method to make)
 
 
 def _reraise(exc: BaseException) -> None:
     raise exc
-
-
-_WAITING: Final = "waiting"
-_WOKEN: Final = "woken"
-_CANCELLED: Final = "cancelled"
 
 
 def _address_text(address: Any) -> str | None:
