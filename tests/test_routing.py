@@ -224,6 +224,69 @@ def test_resolving_never_runs_code_of_unexposed_values() -> None:
     assert looked_up == []
 
 
+def test_a_class_with_its_own_getattribute_is_asked_only_for_exposed_names() -> None:
+    """Its __getattribute__ gives the exposed method (it may wrap it), and
+    runs only once the name is known to be exposed."""
+    asked: list[str] = []
+
+    class Wrapping:
+        router = Service()
+
+        def __getattribute__(self, name: str) -> Any:
+            asked.append(name)
+            value = object.__getattribute__(self, name)
+            if name == "echo":
+                return lambda arg: ("wrapped", value(arg))
+            return value
+
+        @expose
+        def echo(self, arg: Any) -> Any:
+            return arg
+
+        def secret(self) -> None:
+            pass
+
+    service = Wrapping()
+    router = object.__getattribute__(service, "router")
+    asked.clear()
+    with pytest.raises(LookupError):
+        router.resolve("secret")
+    assert asked == []
+    assert router.resolve("echo")(1) == ("wrapped", 1)
+    assert asked == ["echo"]
+
+
+def test_resolving_a_method_leaves_the_instance_dict_unmade() -> None:
+    """Finding an agent's method must not make its instance __dict__ (on
+    Python 3.11 and 3.12, 64 bytes per agent that was ever called)."""
+    import tracemalloc
+
+    class Slotted:
+        __slots__ = ("__weakref__", "_aiomas_router")
+        router = Service()
+
+    class Agentlike(Slotted):  # (a user's subclass: it has a __dict__)
+        @expose
+        def ping(self) -> str:
+            return "pong"
+
+    services = [Agentlike() for _ in range(2000)]
+    for service in services:
+        service.state = 1  # type: ignore[attr-defined]
+    routers = [service.router for service in services]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for router in routers:
+            assert router.resolve("ping")() == "pong"
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown / len(services) < 16  # (a made dict: 64 bytes each)
+    assert services[0].state == 1  # type: ignore[attr-defined]
+
+
 def test_exposed_bound_methods_and_partials_in_a_service_dict() -> None:
     class Counter:
         @expose

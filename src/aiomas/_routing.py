@@ -226,7 +226,7 @@ class Router:
             routers = self._sub_routers
             return None if routers is None else routers.get(name)
         obj = self.obj
-        if isinstance(obj, ServiceDict):
+        if issubclass(type(obj), ServiceDict):
             # A service added to the dict after the ServiceDict was made.
             return _router_in(obj.dict.get(name))
         return None
@@ -264,7 +264,7 @@ class Router:
         """
         routers = self._sub_routers
         children = [] if routers is None else list(routers.values())
-        if isinstance(self.obj, ServiceDict):
+        if issubclass(type(self.obj), ServiceDict):
             for name, value in self.obj.dict.items():
                 if routers is None or name not in routers:
                     router = _router_in(value)
@@ -304,40 +304,42 @@ class Router:
         method is returned bound, which runs no code of the service.
         """
         obj = self.obj
-        if isinstance(obj, ServiceDict):
+        # (Checks of type(obj), not isinstance(), which asks the object for
+        # its __class__: code of the service, and a lookup more.)
+        kind = type(obj)
+        if issubclass(kind, ServiceDict):
             func = obj.dict.get(name)
             return func if callable(func) and _is_exposed(func) else None
-        if isinstance(obj, type):  # a class as the service: its own attributes
+        if issubclass(kind, type):  # a class as the service: its own attributes
             attr = _class_lookup(obj, name)
             if attr is _MISSING or not _is_exposed(attr):
                 return None
             bound = getattr(obj, name)
             return bound if callable(bound) else None
-        # (_instance_lookup() and _class_lookup(), inlined: this runs for
-        # every call of an agent's method.)
-        try:
-            attrs = object.__getattribute__(obj, "__dict__")
-        except AttributeError:
-            pass
-        else:
-            own = attrs.get(name, _MISSING) if type(attrs) is dict else _MISSING
-            if own is not _MISSING:
-                # An attribute of the instance hides the class' one: only an
-                # exposed function stored there counts.
-                return own if _is_exposed(own) and callable(own) else None
-        # Methods live in the class: finding them there is much faster than
-        # inspect.getattr_static().
-        for klass in type(obj).__mro__:
+        # (_class_lookup(), inlined: this runs for every call of an agent's
+        # method.)  Methods live in the class: finding them there is much
+        # faster than inspect.getattr_static().
+        for klass in kind.__mro__:
             attr = klass.__dict__.get(name, _MISSING)
             if attr is not _MISSING:
                 break
         else:
-            return None
-        if not (
-            attr.__dict__.get(_RPC_MARKER) is True
-            if type(attr) is FunctionType
-            else _is_exposed(attr)
-        ):
+            attr = _MISSING
+        if type(attr) is FunctionType and kind.__getattribute__ is _get_attribute:
+            # Python's own lookup finds a function of the class (no data
+            # descriptor) only after the instance's attributes, and binds it:
+            # that runs no code of the service, and leaves the instance's
+            # __dict__ unmade (made, it costs 64 bytes per agent on 3.11).
+            found = object.__getattribute__(obj, name)
+            if type(found) is MethodType and found.__func__ is attr:
+                return found if attr.__dict__.get(_RPC_MARKER) is True else None
+            # An attribute of the instance hides the class' one: only an
+            # exposed function stored there counts.
+            return found if _is_exposed(found) and callable(found) else None
+        own = _instance_lookup(obj, name)
+        if own is not _MISSING:
+            return own if _is_exposed(own) and callable(own) else None
+        if attr is _MISSING or not _is_exposed(attr):
             return None
         # Binding an exposed function (or static/class method) runs no user code.
         bound = getattr(obj, name)
@@ -345,6 +347,7 @@ class Router:
 
 
 _MISSING: Final = object()
+_get_attribute: Final[Any] = object.__getattribute__  # (an unbound slot)
 # Valid paths, split (see _split_path()): at most this many, of at most this
 # many characters (peers choose them, and may send long ones).
 _MAX_VALID_PATHS: Final = 4096
@@ -521,14 +524,15 @@ class ServiceDict:
 def _router_in(value: Any) -> Router | None:
     """The router of a service stored in a :class:`ServiceDict`, found without
     running any code of the value's class but our own :class:`Service`."""
-    if isinstance(value, ServiceDict):
-        return value.router
+    if issubclass(type(value), ServiceDict):
+        services: ServiceDict = value
+        return services.router
     attr = _class_lookup(type(value), "router")
-    if isinstance(attr, Service):
+    if issubclass(type(attr), Service):
         router: Router = attr.__get__(value, type(value))
         return router
     own = _instance_lookup(value, "router")
-    return own if isinstance(own, Router) else None
+    return own if issubclass(type(own), Router) else None
 
 
 def router_of(service: Any) -> Router:
