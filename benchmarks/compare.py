@@ -95,7 +95,7 @@ def report(name: str, rates: dict[str, list[float]], unit: str) -> None:
 
 
 async def compare_tcp(base: ModuleType, only: list[str], slices: int) -> None:
-    for layer in ("channel", "rpc", "agent"):
+    for layer in ("channel", "rpc", "rpc-async", "agent"):
         for codec_name in ("json", "msgpack"):
             for in_flight in (1, 100):
                 name = f"{layer} {codec_name} {in_flight}"

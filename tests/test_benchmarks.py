@@ -3,6 +3,7 @@ benchmarks are never tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,17 @@ async def test_take_turns_records_the_duration_of_every_call() -> None:
         assert min(durations[name]) > 0
         # One call in flight: the calls of a turn (5 ms) end at most one call late.
         assert sum(durations[name]) <= 2 * (0.005 * 1e9 + max(durations[name]))
+
+
+@pytest.mark.parametrize("layer", ["channel", "rpc", "rpc-async", "agent"])
+async def test_every_library_side_echoes(layer: str) -> None:
+    send, close = await library_side(layer, "msgpack")
+    try:
+        assert await asyncio.gather(*(send(f"ohai {i}") for i in range(3))) == [
+            f"ohai {i}" for i in range(3)
+        ]
+    finally:
+        await close()
 
 
 def test_bench_latency_with_quick_and_with_processes() -> None:

@@ -1767,6 +1767,11 @@ async def test_on_asyncio_recv_resumes_within_the_read() -> None:
     assert channel._resume_in_read  # noqa: SLF001
 
 
+async def test_a_channel_tells_its_loop() -> None:
+    _protocol, _transport, channel = recording_protocol()
+    assert channel.loop is asyncio.get_running_loop()
+
+
 async def test_the_channel_makes_asyncio_futures_for_the_running_loop() -> None:
     protocol, _transport, channel = recording_protocol()
     loop = asyncio.get_running_loop()

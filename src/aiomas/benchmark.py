@@ -348,8 +348,9 @@ async def floor_side(codec: str) -> Side:
 
 
 async def library_side(layer: str, codec: str, lib: Any = aiomas) -> Side:
-    """A server and a client of *layer* (``"channel"``, ``"rpc"`` or
-    ``"agent"``), both in this process, on loopback.
+    """A server and a client of *layer* (``"channel"``, ``"rpc"``,
+    ``"rpc-async"``, whose function is a coroutine, or ``"agent"``), both in
+    this process, on loopback.
 
     *lib* is the aiomas package to measure: this one, or an older revision
     imported under another name (``benchmarks/compare.py`` does that), so only
@@ -370,8 +371,14 @@ async def library_side(layer: str, codec: str, lib: Any = aiomas) -> Side:
             await server.wait_closed()
 
         return channel.send, close_channel
-    if layer == "rpc":
-        service = lib.rpc.ServiceDict({"echo": lib.expose(lambda content: content)})
+    if layer in ("rpc", "rpc-async"):
+
+        async def echo(content: Any) -> Any:
+            return content
+
+        service = lib.rpc.ServiceDict(
+            {"echo": lib.expose(echo if layer == "rpc-async" else lambda c: c)}
+        )
         server = await lib.rpc.start_server(addr, service, codec=codec_cls)
         port = server.sockets[0].getsockname()[1]
         client = await lib.rpc.open_connection(("127.0.0.1", port), codec=codec_cls)

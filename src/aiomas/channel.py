@@ -318,7 +318,6 @@ class Channel:
         "_held_cancels",
         "_held_since",
         "_incoming",
-        "_loop",
         "_peername",
         "_recv_waiter",
         "_resume_in_read",
@@ -327,6 +326,7 @@ class Channel:
         "codec",
         "deadline_clock",
         "extended",
+        "loop",
         "protocol",
         "request_handler",
         "tracing",
@@ -345,7 +345,8 @@ class Channel:
         """The codec used to encode and decode messages sent via this channel."""
         self.transport = transport
         """The transport of this channel."""
-        self._loop = loop
+        self.loop = loop
+        """The event loop of this channel (read it, don't set it)."""
         self._core = protocol.core
         self._peername = transport.get_extra_info("peername")
         self._incoming: deque[Request] = deque()  # for recv()
@@ -448,9 +449,9 @@ class Channel:
         # read of its reply (see _Resumable); with more in flight, a read
         # brings several replies and the plain future costs less.
         future: asyncio.Future[Any] = (
-            _Resumable(loop=self._loop)
+            _Resumable(loop=self.loop)
             if self._resume_in_read and not self._core.pending
-            else self._loop.create_future()
+            else self.loop.create_future()
         )
         # (The core writes it, or gathers it with the replies of the read
         # being handled.)
@@ -480,7 +481,7 @@ class Channel:
         """
         if self._closed_error is not None:
             raise self.connection_error()
-        future = self._loop.create_future()
+        future = self.loop.create_future()
         self._core.offer_extensions(future)
         future.add_done_callback(self._offer_answered)
         return future
@@ -525,7 +526,7 @@ class Channel:
         if deadline is not None:
             time_left = deadline.remaining()
             if time_left <= 0:
-                failed = self._loop.create_future()
+                failed = self.loop.create_future()
                 failed.set_exception(deadline.exceeded())
                 return failed
             if time_left == math.inf:
@@ -538,7 +539,7 @@ class Channel:
             assert state is not None
             meta = state.trace_meta(*traced)
         # (Tells us when it is cancelled: no callback for every reply.)
-        call = _CancellableCall(loop=self._loop)
+        call = _CancellableCall(loop=self.loop)
         call.channel = self
         call.deadline = deadline
         call.plain = False
@@ -564,7 +565,7 @@ class Channel:
         if protocol.reading_paused:
             protocol.update_reading()
         if deadline is not None:
-            task = asyncio.current_task()
+            task = _current_task(self.loop)  # (no getpid() on Python 3.11)
             if task is not None and deadline.task is task:
                 # The deadline's timer cancels this task, and with it the
                 # call -- unless the call outlives the task's guard.
@@ -651,7 +652,7 @@ class Channel:
             not self._resume_later
             and type(future) is _Resumable
             and not self._core.frames_waiting
-            and _current_task(self._loop) is None
+            and _current_task(self.loop) is None
         ):
             # It came alone, after nothing that may have woken another task:
             # the task that awaits it runs now.
@@ -685,7 +686,7 @@ class Channel:
             # (After the task's wakeup, which the message scheduled.  On
             # uvloop, where nothing resumes within a read, the flags stay.)
             if self._resume_in_read:
-                self._loop.call_soon(self._woken_have_run)
+                self.loop.call_soon(self._woken_have_run)
 
     def _woken_have_run(self) -> None:
         self._clear_scheduled = False
@@ -746,9 +747,9 @@ class Channel:
             if self._recv_waiter is not None:
                 raise RuntimeError("Another task is already waiting in recv()")
             waiter: asyncio.Future[None] = (
-                _Resumable(loop=self._loop)
+                _Resumable(loop=self.loop)
                 if self._resume_in_read
-                else self._loop.create_future()
+                else self.loop.create_future()
             )
             self._recv_waiter = waiter
             try:
@@ -986,7 +987,7 @@ class Channel:
 
     def _deadline_time(self) -> float:
         clock = self.deadline_clock
-        return self._loop.time() if clock is None else clock.time()
+        return self.loop.time() if clock is None else clock.time()
 
     def connection_lost(self, reason: BaseException) -> None:
         """The connection has ended for *reason*: fail the requests waiting
