@@ -1022,7 +1022,7 @@ class _Resumable(asyncio.Future[Any]):
     made while no other call waited for its reply (see :meth:`Channel.send`),
     and what :meth:`Channel.recv` waits on.  The channel resumes it so only
     for a message that came alone, after nothing that may have woken another
-    task, and while no task runs (see :meth:`Channel._deliver`), so that tasks
+    task, and while no task runs (see ``Channel._wake()``), so that tasks
     still run in the order of the messages that woke them.
 
     It is an :class:`asyncio.Future` in every other way (callers pass it to
