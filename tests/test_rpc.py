@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import signal
+import sys
 import warnings
 from typing import Any
 
@@ -745,3 +746,124 @@ async def test_a_call_cancelled_before_it_ran_does_not_warn() -> None:
     assert [str(w.message) for w in caught] == []
     assert clients[0].calls_in_progress == 0
     await clients[0].close()
+
+
+# An exposed coroutine function's task (Channel.start_task): on Python 3.12
+# and later it starts eagerly, within the read, unless a task that an
+# earlier message woke has yet to run.
+
+EAGER = sys.version_info >= (3, 12)
+
+
+def _json_frames(*messages: Any) -> bytes:
+    codec = aiomas.JSON()
+    return b"".join(aiomas.wire.frame(codec.encode(m)) for m in messages)
+
+
+def _rpc_over_a_fake_transport(
+    service: Any,
+) -> tuple[aiomas.channel.ChannelProtocol, FakeTransport, RpcClient]:
+    clients: list[RpcClient] = []
+    protocol = aiomas.channel.ChannelProtocol(
+        aiomas.JSON(), lambda channel: clients.append(RpcClient(channel, service))
+    )
+    transport = FakeTransport(protocol)
+    return protocol, transport, clients[0]
+
+
+async def _in_a_callback(action: Any) -> Any:
+    """Run *action* in a callback of the loop (no task runs), as a socket
+    transport's read does, and return what it returned."""
+    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(lambda: done.set_result(action()))
+    return await done
+
+
+async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read() -> (
+    None
+):
+    async def echo(value: Any) -> Any:
+        return value
+
+    protocol, transport, client = _rpc_over_a_fake_transport(
+        ServiceDict({"echo": expose(echo)})
+    )
+
+    def read() -> bytes:
+        feed(protocol, transport, [_json_frames([0, 0, ["echo", ["now"], {}]])])
+        return transport.written  # before the loop runs anything else
+
+    answered = _json_frames([1, 0, "now"])
+    assert await _in_a_callback(read) == (answered if EAGER else b"")
+    await settle()
+    assert transport.written == answered
+    assert client.calls_in_progress == 0
+    await client.close()
+
+
+async def test_a_coroutine_call_starts_after_the_task_an_earlier_message_woke() -> None:
+    ran: list[str] = []
+
+    async def handler() -> str:
+        ran.append("handler")
+        return "done"
+
+    protocol, transport, client = _rpc_over_a_fake_transport(
+        ServiceDict({"handler": expose(handler)})
+    )
+
+    async def caller() -> None:
+        await client.remote.peer_function()
+        ran.append("caller")
+
+    calling = asyncio.ensure_future(caller())
+    await settle()
+    # The reply to the caller's call, then a request, in one read and in two.
+    reply = _json_frames([1, 0, None])
+    request = _json_frames([0, 0, ["handler", [], {}]])
+    await _in_a_callback(lambda: feed(protocol, transport, [reply + request]))
+    await calling
+    await settle()
+    assert ran == ["caller", "handler"]
+    calling = asyncio.ensure_future(caller())
+    await settle()
+
+    def two_reads() -> None:
+        feed(protocol, transport, [_json_frames([1, 1, None])])
+        feed(protocol, transport, [_json_frames([0, 1, ["handler", [], {}]])])
+
+    await _in_a_callback(two_reads)
+    await calling
+    await settle()
+    assert ran == ["caller", "handler"] * 2
+    await client.close()
+
+
+async def test_a_coroutine_call_under_a_task_factory_starts_in_the_next_pass() -> None:
+    loop = asyncio.get_running_loop()
+    made: list[Any] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def echo(value: Any) -> Any:
+        return value
+
+    protocol, transport, client = _rpc_over_a_fake_transport(
+        ServiceDict({"echo": expose(echo)})
+    )
+    loop.set_task_factory(factory)
+    try:
+
+        def read() -> bytes:
+            feed(protocol, transport, [_json_frames([0, 0, ["echo", [1], {}]])])
+            return transport.written
+
+        assert await _in_a_callback(read) == b""
+        await settle()
+        assert transport.written == _json_frames([1, 0, 1])
+        assert len(made) == 1  # (the factory made the call's task)
+    finally:
+        loop.set_task_factory(None)
+    await client.close()

@@ -19,8 +19,8 @@ import os
 import sys
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, Self, TypeAlias, cast
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Final, Self, TypeAlias, TypeVar, cast
 
 from aiomas import local_queue, tracing
 from aiomas._connect import (
@@ -788,6 +788,33 @@ class Channel:
         """Wait until the connection has ended (without closing it)."""
         await self.protocol.wait_closed()
 
+    def start_task(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run *coro* in a task of the channel's loop: the answer to a message
+        just received (:mod:`aiomas.rpc` runs an exposed coroutine function
+        so).
+
+        On Python 3.12 and later, on asyncio's own loop with no task factory
+        set, the task starts eagerly (see :class:`asyncio.Task`'s
+        *eager_start*): its first step runs now, as a plain function would,
+        and a coroutine that finishes without waiting never waits for the
+        loop's next pass.  Not while another task runs (the message was fed
+        from within one), and not while a task that an earlier message woke
+        has yet to run: then it starts in the loop's next pass, after that
+        one, so that tasks still run in the order of the messages that
+        started or woke them (as :meth:`recv` resumes, see
+        ``Channel._wake()``).
+        """
+        loop = self.loop
+        if sys.version_info >= (3, 12):
+            if (
+                self._resume_in_read
+                and not self._resume_later
+                and _current_task(loop) is None
+                and loop.get_task_factory() is None
+            ):
+                return asyncio.Task(coro, loop=loop, eager_start=True)
+        return loop.create_task(coro)
+
     def connection_error(self) -> ConnectionResetError:
         """The error that calls on this channel raise once it is closed: a
         :class:`ConnectionResetError` if it was closed cleanly, a
@@ -1100,6 +1127,7 @@ class _Resumable(asyncio.Future[Any]):
             self.get_loop().call_soon(_reraise, exc)
 
 
+_T = TypeVar("_T")
 _current_task: Final = asyncio.current_task
 _future_set_result: Final = asyncio.Future.set_result
 _future_done: Final = asyncio.Future.done  # (no bound method to make)

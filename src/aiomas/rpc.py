@@ -411,7 +411,7 @@ class RpcClient:
                 return
             # (Not asyncio.ensure_future(), which asks for the running loop:
             # on Python 3.11 a getpid() call, which callgrind does not see.)
-            task = self._channel.loop.create_task(
+            task = self._channel.start_task(
                 _reply_when_done(request, result, self._channel.peername)
             )
             self._calls[task] = None
