@@ -9,6 +9,7 @@ import math
 import random
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -1770,6 +1771,31 @@ async def test_on_asyncio_recv_resumes_within_the_read() -> None:
 async def test_a_channel_tells_its_loop() -> None:
     _protocol, _transport, channel = recording_protocol()
     assert channel.loop is asyncio.get_running_loop()
+
+
+async def test_start_task_starts_eagerly_where_it_may() -> None:
+    _protocol, _transport, channel = recording_protocol()
+    ran: list[str] = []
+
+    async def step(name: str) -> str:
+        ran.append(name)
+        return name
+
+    # In a callback of the loop, on Python 3.12 and later: its first step
+    # runs at once (here all of it).
+    def start() -> tuple[asyncio.Task[str], bool]:
+        task = channel.start_task(step("eager"))
+        return task, task.done()  # (before the loop runs anything else)
+
+    task, done_at_once = await _in_a_callback(start)
+    assert isinstance(task, asyncio.Task)
+    assert done_at_once is (sys.version_info >= (3, 12))
+    assert await task == "eager"
+    # From within a task: in the loop's next pass, as a plain task.
+    later = channel.start_task(step("later"))
+    assert not later.done()
+    assert ran == ["eager"]
+    assert await later == "later"
 
 
 async def test_the_channel_makes_asyncio_futures_for_the_running_loop() -> None:
