@@ -8,7 +8,7 @@ import errno
 import logging
 import random
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +173,11 @@ def tcp_socket_options(channel: Channel) -> tuple[int, int, int]:
         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
     )
+
+
+async def in_a_callback(action: Callable[[], Any]) -> Any:
+    """Run *action* in a callback of the loop (where no task runs, as in a
+    transport's read), and return what it returned."""
+    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(lambda: done.set_result(action()))
+    return await done

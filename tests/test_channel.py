@@ -34,6 +34,7 @@ from .helpers import (
     black_hole,
     echo_forever,
     echo_until_closed,
+    in_a_callback,
     tcp_socket_options,
 )
 
@@ -1531,14 +1532,6 @@ def _echo_task(channel: Channel, log: list[Any]) -> asyncio.Task[None]:
     return asyncio.ensure_future(echo())
 
 
-async def _in_a_callback(action: Callable[[], Any]) -> Any:
-    """Run *action* in a callback of the loop (where no task runs, as in a
-    transport's read), and return what it returned."""
-    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    asyncio.get_running_loop().call_soon(lambda: done.set_result(action()))
-    return await done
-
-
 async def test_recv_resumes_its_task_within_the_read() -> None:
     protocol, transport, channel = recording_protocol()
     log: list[Any] = []
@@ -1549,7 +1542,7 @@ async def test_recv_resumes_its_task_within_the_read() -> None:
         protocol.data_received(frames([0, 0, "now"]))
         return list(transport.writes)  # before the loop runs anything else
 
-    assert await _in_a_callback(read) == [frames([1, 0, "now"])]
+    assert await in_a_callback(read) == [frames([1, 0, "now"])]
     assert log == [("now", task)]  # (It ran as itself.)
     task.cancel()
     await settle()
@@ -1579,7 +1572,7 @@ async def test_a_read_of_several_requests_wakes_recv_once() -> None:
         protocol.data_received(frames(*([0, i, i] for i in range(3))))
         return list(transport.writes)
 
-    assert await _in_a_callback(read) == []  # (It runs after the read.)
+    assert await in_a_callback(read) == []  # (It runs after the read.)
     await settle()
     assert messages_written(transport) == [[1, i, i] for i in range(3)]
     assert [content for content, _ in log] == [0, 1, 2]
@@ -1602,7 +1595,7 @@ async def test_recv_can_be_cancelled_and_called_again() -> None:
     # Woken within the read, it returns the request at once.
     waiting = asyncio.ensure_future(channel.recv())
     await settle()
-    await _in_a_callback(lambda: protocol.data_received(frames([0, 0, "now"])))
+    await in_a_callback(lambda: protocol.data_received(frames([0, 0, "now"])))
     assert waiting.done()
     assert (await waiting).content == "now"
     # A cancel that comes after the request woke it does not lose the request.
@@ -1631,7 +1624,7 @@ async def test_recv_keeps_the_context_of_its_task() -> None:
 
     task = asyncio.ensure_future(receive())
     await settle()
-    await _in_a_callback(lambda: protocol.data_received(frames([0, 0, "x"])))
+    await in_a_callback(lambda: protocol.data_received(frames([0, 0, "x"])))
     assert await task == ("mine", "x")
     assert var.get("unset") == "unset"
 
@@ -1640,7 +1633,7 @@ async def test_recv_fails_when_the_connection_ends_while_it_waits() -> None:
     _protocol, transport, channel = recording_protocol()
     waiting = asyncio.ensure_future(channel.recv())
     await settle()
-    await _in_a_callback(transport.lose_connection)
+    await in_a_callback(transport.lose_connection)
     with pytest.raises(ConnectionResetError):
         await waiting
 
@@ -1679,7 +1672,7 @@ async def test_tasks_resume_in_the_order_of_the_messages_that_woke_them(
     # With nothing before it, a lone request resumes the server at once.
     task = asyncio.ensure_future(serve())
     await settle()
-    await _in_a_callback(lambda: protocol.data_received(frames([0, 1, "next"])))
+    await in_a_callback(lambda: protocol.data_received(frames([0, 1, "next"])))
     assert task.done()
 
 
@@ -1752,7 +1745,7 @@ def test_on_uvloop_recv_waits_on_a_plain_future() -> None:
             protocol.data_received(frames([0, 0, "x"]))
             return waiting.done()
 
-        assert not await _in_a_callback(read)  # (resumed in the next pass)
+        assert not await in_a_callback(read)  # (resumed in the next pass)
         request = await waiting
         await request.reply("y")
         return messages_written(transport)
@@ -1787,7 +1780,7 @@ async def test_start_task_starts_eagerly_where_it_may() -> None:
         task = channel.start_task(step("eager"))
         return task, task.done()  # (before the loop runs anything else)
 
-    task, done_at_once = await _in_a_callback(start)
+    task, done_at_once = await in_a_callback(start)
     assert isinstance(task, asyncio.Task)
     assert done_at_once is (sys.version_info >= (3, 12))
     assert await task == "eager"
@@ -1808,7 +1801,7 @@ async def test_the_channel_makes_asyncio_futures_for_the_running_loop() -> None:
     for future in (lone, second):
         assert isinstance(future, asyncio.Future)
         assert future.get_loop() is loop
-    await _in_a_callback(
+    await in_a_callback(
         lambda: protocol.data_received(frames([1, 1, "b"], [1, 0, "a"], [0, 0, "r"]))
     )
     assert await asyncio.gather(lone, second) == ["a", "b"]
@@ -1850,7 +1843,7 @@ async def test_a_lone_call_resumes_its_caller_within_the_read() -> None:
         protocol.data_received(frames([1, 0, "answer"]))
         return task.done()
 
-    assert await _in_a_callback(read)
+    assert await in_a_callback(read)
     assert answers == ["answer"]
     # A call made while another waits gets a plain future: its caller
     # resumes in the next pass.  The first one was made alone: once the
@@ -1862,8 +1855,8 @@ async def test_a_lone_call_resumes_its_caller_within_the_read() -> None:
         protocol.data_received(frames(message))
         return task.done()
 
-    assert not await _in_a_callback(lambda: read_for(tasks[1], [1, 2, "second"]))
-    assert await _in_a_callback(lambda: read_for(tasks[0], [1, 1, "first"]))
+    assert not await in_a_callback(lambda: read_for(tasks[1], [1, 2, "second"]))
+    assert await in_a_callback(lambda: read_for(tasks[0], [1, 1, "first"]))
     assert answers == ["answer", "second", "first"]
 
 
@@ -1906,7 +1899,7 @@ async def test_the_future_of_a_lone_call_behaves_as_a_future() -> None:
     future.add_done_callback(print)
     future.add_done_callback(lambda _: calls.append("second"))
     assert future.remove_done_callback(print) == 1
-    await _in_a_callback(lambda: protocol.data_received(frames([1, 0, "y"])))
+    await in_a_callback(lambda: protocol.data_received(frames([1, 0, "y"])))
     assert future.result() == "y"
     await settle()
     assert calls == ["first", "second"]  # (In the order they were added.)
@@ -1917,8 +1910,8 @@ async def test_the_future_of_a_lone_call_behaves_as_a_future() -> None:
     futures = [channel.send(1)]
     gathered = asyncio.gather(futures[0], asyncio.shield(channel.send(2)))
     await settle()
-    await _in_a_callback(lambda: protocol.data_received(frames([1, 1, 10])))
-    await _in_a_callback(lambda: protocol.data_received(frames([1, 2, 20])))
+    await in_a_callback(lambda: protocol.data_received(frames([1, 1, 10])))
+    await in_a_callback(lambda: protocol.data_received(frames([1, 2, 20])))
     assert await gathered == [10, 20]
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(channel.send(3), TIME_UNIT)
@@ -1926,7 +1919,7 @@ async def test_the_future_of_a_lone_call_behaves_as_a_future() -> None:
     protocol.data_received(frames([1, 3, "late"]))
     answer = asyncio.ensure_future(channel.send(4))
     await settle()
-    await _in_a_callback(lambda: protocol.data_received(frames([1, 4, "four"])))
+    await in_a_callback(lambda: protocol.data_received(frames([1, 4, "four"])))
     assert await answer == "four"
 
 
@@ -1943,16 +1936,16 @@ async def test_a_lone_call_cancelled_or_failed_wakes_its_caller() -> None:
     with pytest.raises(asyncio.CancelledError) as raised:
         await waiting
     assert raised.value.args == ("my reason",)
-    await _in_a_callback(lambda: protocol.data_received(frames([1, 0, "late"])))
+    await in_a_callback(lambda: protocol.data_received(frames([1, 0, "late"])))
     # A failure reply, and the end of the connection.
     failing = asyncio.ensure_future(call("y"))
     await settle()
-    await _in_a_callback(lambda: protocol.data_received(frames([2, 1, "Boom\n"])))
+    await in_a_callback(lambda: protocol.data_received(frames([2, 1, "Boom\n"])))
     with pytest.raises(RemoteException, match="Boom"):
         await failing
     lost = asyncio.ensure_future(call("z"))
     await settle()
-    await _in_a_callback(transport.lose_connection)
+    await in_a_callback(transport.lose_connection)
     with pytest.raises(ConnectionResetError):
         await lost
 
@@ -1970,7 +1963,7 @@ async def test_a_lone_call_keeps_the_context_of_its_task() -> None:
 
     task = asyncio.ensure_future(call())
     await settle()
-    await _in_a_callback(lambda: protocol.data_received(frames([1, 0, "y"])))
+    await in_a_callback(lambda: protocol.data_received(frames([1, 0, "y"])))
     assert task.done()
     assert await task == ("mine", "y")
     assert var.get("unset") == "unset"
@@ -1993,7 +1986,7 @@ def test_on_uvloop_a_lone_call_resumes_in_the_next_pass() -> None:
             protocol.data_received(frames([1, 0, "y"]))
             return waiting.done()
 
-        assert not await _in_a_callback(read)
+        assert not await in_a_callback(read)
         return await waiting
 
     try:

@@ -22,7 +22,7 @@ from aiomas.rpc import Proxy, RpcClient, Service, ServiceDict, expose
 from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
 from .conftest import Endpoint
-from .helpers import aiomas_records
+from .helpers import aiomas_records, in_a_callback
 from .test_routing import Calculator, add
 
 # Services sent over a connection.
@@ -771,14 +771,6 @@ def _rpc_over_a_fake_transport(
     return protocol, transport, clients[0]
 
 
-async def _in_a_callback(action: Any) -> Any:
-    """Run *action* in a callback of the loop (no task runs), as a socket
-    transport's read does, and return what it returned."""
-    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    asyncio.get_running_loop().call_soon(lambda: done.set_result(action()))
-    return await done
-
-
 async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read() -> (
     None
 ):
@@ -794,7 +786,7 @@ async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read()
         return transport.written  # before the loop runs anything else
 
     answered = _json_frames([1, 0, "now"])
-    assert await _in_a_callback(read) == (answered if EAGER else b"")
+    assert await in_a_callback(read) == (answered if EAGER else b"")
     await settle()
     assert transport.written == answered
     assert client.calls_in_progress == 0
@@ -821,7 +813,7 @@ async def test_a_coroutine_call_starts_after_the_task_an_earlier_message_woke() 
     # The reply to the caller's call, then a request, in one read and in two.
     reply = _json_frames([1, 0, None])
     request = _json_frames([0, 0, ["handler", [], {}]])
-    await _in_a_callback(lambda: feed(protocol, transport, [reply + request]))
+    await in_a_callback(lambda: feed(protocol, transport, [reply + request]))
     await calling
     await settle()
     assert ran == ["caller", "handler"]
@@ -832,7 +824,7 @@ async def test_a_coroutine_call_starts_after_the_task_an_earlier_message_woke() 
         feed(protocol, transport, [_json_frames([1, 1, None])])
         feed(protocol, transport, [_json_frames([0, 1, ["handler", [], {}]])])
 
-    await _in_a_callback(two_reads)
+    await in_a_callback(two_reads)
     await calling
     await settle()
     assert ran == ["caller", "handler"] * 2
@@ -860,7 +852,7 @@ async def test_a_coroutine_call_under_a_task_factory_starts_in_the_next_pass() -
             feed(protocol, transport, [_json_frames([0, 0, ["echo", [1], {}]])])
             return transport.written
 
-        assert await _in_a_callback(read) == b""
+        assert await in_a_callback(read) == b""
         await settle()
         assert transport.written == _json_frames([1, 0, 1])
         assert len(made) == 1  # (the factory made the call's task)
