@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
+import aiomas
+from aiomas import wire
 from aiomas.channel import Channel
 
 # Any value that every codec can encode (JSON, MsgPack, MsgPackBlosc).
@@ -181,3 +183,9 @@ async def in_a_callback(action: Callable[[], Any]) -> Any:
     done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     asyncio.get_running_loop().call_soon(lambda: done.set_result(action()))
     return await done
+
+
+def frames(*messages: Any) -> bytes:
+    """*messages* encoded with JSON and framed, as a peer sends them."""
+    codec = aiomas.JSON()
+    return b"".join(wire.frame(codec.encode(m)) for m in messages)

@@ -34,6 +34,7 @@ from .helpers import (
     black_hole,
     echo_forever,
     echo_until_closed,
+    frames,
     in_a_callback,
     tcp_socket_options,
 )
@@ -963,11 +964,6 @@ def messages_written(transport: FakeTransport) -> list[Any]:
     """Decode the JSON frames written to *transport*."""
     codec = aiomas.JSON()
     return [codec.decode(p) for p in wire.FrameReader().feed(transport.written)]
-
-
-def frames(*messages: Any) -> bytes:
-    codec = aiomas.JSON()
-    return b"".join(wire.frame(codec.encode(m)) for m in messages)
 
 
 async def test_replies_to_requests_that_arrived_together_are_written_at_once() -> None:

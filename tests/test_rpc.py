@@ -22,7 +22,7 @@ from aiomas.rpc import Proxy, RpcClient, Service, ServiceDict, expose
 from aiomas.testing import TIME_UNIT, FakeTransport, feed, settle
 
 from .conftest import Endpoint
-from .helpers import aiomas_records, in_a_callback
+from .helpers import aiomas_records, frames, in_a_callback
 from .test_routing import Calculator, add
 
 # Services sent over a connection.
@@ -713,6 +713,19 @@ async def test_closing_cancels_the_calls_the_peer_may_cancel() -> None:
         await server.wait_closed()
 
 
+def _rpc_over_a_fake_transport(
+    service: Any,
+) -> tuple[aiomas.channel.ChannelProtocol, FakeTransport, RpcClient]:
+    """A JSON channel protocol on a FakeTransport, its RpcClient serving
+    *service*."""
+    clients: list[RpcClient] = []
+    protocol = aiomas.channel.ChannelProtocol(
+        aiomas.JSON(), lambda channel: clients.append(RpcClient(channel, service))
+    )
+    transport = FakeTransport(protocol)
+    return protocol, transport, clients[0]
+
+
 async def test_a_call_cancelled_before_it_ran_does_not_warn() -> None:
     """A call's task cancelled before it ran (as when the connection ends
     or the client closes right after the request arrived): the call's
@@ -722,16 +735,12 @@ async def test_a_call_cancelled_before_it_ran_does_not_warn() -> None:
     async def work() -> None:
         started.append(True)
 
-    service = ServiceDict({"work": expose(work)})
-    clients: list[RpcClient] = []
-    protocol = aiomas.channel.ChannelProtocol(
-        aiomas.JSON(), lambda channel: clients.append(RpcClient(channel, service))
+    protocol, transport, client = _rpc_over_a_fake_transport(
+        ServiceDict({"work": expose(work)})
     )
-    transport = FakeTransport(protocol)
     before = asyncio.all_tasks()
-    request = aiomas.JSON().encode([0, 0, ["work", [], {}]])
-    feed(protocol, transport, [aiomas.wire.frame(request)])
-    assert clients[0].calls_in_progress == 1
+    feed(protocol, transport, [frames([0, 0, ["work", [], {}]])])
+    assert client.calls_in_progress == 1
     (call,) = [
         task
         for task in asyncio.all_tasks() - before
@@ -744,8 +753,8 @@ async def test_a_call_cancelled_before_it_ran_does_not_warn() -> None:
         gc.collect()
     assert started == []
     assert [str(w.message) for w in caught] == []
-    assert clients[0].calls_in_progress == 0
-    await clients[0].close()
+    assert client.calls_in_progress == 0
+    await client.close()
 
 
 # An exposed coroutine function's task (Channel.start_task): on Python 3.12
@@ -753,22 +762,6 @@ async def test_a_call_cancelled_before_it_ran_does_not_warn() -> None:
 # earlier message woke has yet to run.
 
 EAGER = sys.version_info >= (3, 12)
-
-
-def _json_frames(*messages: Any) -> bytes:
-    codec = aiomas.JSON()
-    return b"".join(aiomas.wire.frame(codec.encode(m)) for m in messages)
-
-
-def _rpc_over_a_fake_transport(
-    service: Any,
-) -> tuple[aiomas.channel.ChannelProtocol, FakeTransport, RpcClient]:
-    clients: list[RpcClient] = []
-    protocol = aiomas.channel.ChannelProtocol(
-        aiomas.JSON(), lambda channel: clients.append(RpcClient(channel, service))
-    )
-    transport = FakeTransport(protocol)
-    return protocol, transport, clients[0]
 
 
 async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read() -> (
@@ -782,10 +775,10 @@ async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read()
     )
 
     def read() -> bytes:
-        feed(protocol, transport, [_json_frames([0, 0, ["echo", ["now"], {}]])])
+        feed(protocol, transport, [frames([0, 0, ["echo", ["now"], {}]])])
         return transport.written  # before the loop runs anything else
 
-    answered = _json_frames([1, 0, "now"])
+    answered = frames([1, 0, "now"])
     assert await in_a_callback(read) == (answered if EAGER else b"")
     await settle()
     assert transport.written == answered
@@ -811,8 +804,8 @@ async def test_a_coroutine_call_starts_after_the_task_an_earlier_message_woke() 
     calling = asyncio.ensure_future(caller())
     await settle()
     # The reply to the caller's call, then a request, in one read and in two.
-    reply = _json_frames([1, 0, None])
-    request = _json_frames([0, 0, ["handler", [], {}]])
+    reply = frames([1, 0, None])
+    request = frames([0, 0, ["handler", [], {}]])
     await in_a_callback(lambda: feed(protocol, transport, [reply + request]))
     await calling
     await settle()
@@ -821,8 +814,8 @@ async def test_a_coroutine_call_starts_after_the_task_an_earlier_message_woke() 
     await settle()
 
     def two_reads() -> None:
-        feed(protocol, transport, [_json_frames([1, 1, None])])
-        feed(protocol, transport, [_json_frames([0, 1, ["handler", [], {}]])])
+        feed(protocol, transport, [frames([1, 1, None])])
+        feed(protocol, transport, [frames([0, 1, ["handler", [], {}]])])
 
     await in_a_callback(two_reads)
     await calling
@@ -849,12 +842,12 @@ async def test_a_coroutine_call_under_a_task_factory_starts_in_the_next_pass() -
     try:
 
         def read() -> bytes:
-            feed(protocol, transport, [_json_frames([0, 0, ["echo", [1], {}]])])
+            feed(protocol, transport, [frames([0, 0, ["echo", [1], {}]])])
             return transport.written
 
         assert await in_a_callback(read) == b""
         await settle()
-        assert transport.written == _json_frames([1, 0, 1])
+        assert transport.written == frames([1, 0, 1])
         assert len(made) == 1  # (the factory made the call's task)
     finally:
         loop.set_task_factory(None)

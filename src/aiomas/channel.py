@@ -1148,7 +1148,8 @@ def _address_text(address: Any) -> str | None:
 
 
 def _set_result(future: asyncio.Future[Any], content: Any) -> None:
-    """The core's ``on_result`` receiver: a reply to one of our calls."""
+    """Give *future* the content of its reply, unless it is done (cancelled):
+    for a traced channel and for events (the plain path is ``Channel._wake``)."""
     if not future.done():
         future.set_result(content)
 
