@@ -4,6 +4,7 @@ benchmarks are never tests)."""
 from __future__ import annotations
 
 import asyncio
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,15 @@ def test_bench_latency_with_quick_and_with_processes() -> None:
     assert "latency tables run in this process only" in processes
     assert "latency (us)" not in processes
     assert "Round trips" not in processes
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
+def test_bench_with_steady_malloc_runs_again_with_the_tunables() -> None:
+    only = ["--only", "1 MiB bytes", "--loop", "asyncio"]
+    out = run_python("-m", "aiomas", "bench", "--quick", "--steady-malloc", *only)
+    header, *rest = out.stdout.splitlines()
+    assert ", steady malloc, " in header
+    assert "rpc, 1 MiB bytes, msgpack, 1 in flight (MiB/s)" in rest
+    assert any(line.lstrip().startswith("median") for line in rest)
+    plain = run_python("-m", "aiomas", "bench", "--only", "nothing").stdout
+    assert "steady malloc" not in plain

@@ -1025,8 +1025,13 @@ async def test_gathered_writes_keep_big_payloads_apart_and_stay_bounded() -> Non
     big = "x" * (aiomas.protocol.JOIN_LIMIT + 1)
     held[0].reply_nowait(0)
     held[1].reply_nowait(big)  # (a payload of its own, after what came before)
+    # What was gathered, the big payload's header and its first 16 KiB, then
+    # the rest of the payload, not copied (see _write_chunks()).
     assert len(transport.writes) == 2
-    assert len(transport.writes[1]) > len(big)  # (the payload alone, not copied)
+    lead = 16 * 1024
+    assert transport.writes[0].startswith(frames([1, 0, 0]))
+    assert len(transport.writes[0]) == len(frames([1, 0, 0])) + 4 + lead
+    assert len(transport.writes[1]) == len(frames([1, 1, big])) - 4 - lead
     part = "y" * 30_000  # (9 of them pass JOINED_WRITE_LIMIT)
     for request in held[2:11]:
         request.reply_nowait(part)
@@ -1313,6 +1318,84 @@ async def test_replies_to_a_big_batch_leave_in_chunks_of_the_write_limit() -> No
     assert len(transport.writes) > 1
     assert len(messages_written(transport)) == 6
     transport.lose_connection()
+
+
+async def test_a_big_payload_takes_16_kib_along_with_its_header() -> None:
+    # (Not the header alone ahead of it: see protocol.BIG_PAYLOAD_LEAD.)
+    protocol, transport, channel = recording_protocol()
+    big = "x" * aiomas.protocol.JOIN_LIMIT
+    answer = channel.send(big)
+    whole = frames([0, 0, big])
+    lead = 4 + aiomas.protocol.BIG_PAYLOAD_LEAD
+    assert transport.writes == [whole[:lead], whole[lead:]]
+    feed(protocol, transport, [frames([0, 7, None])])
+    request = await channel.recv()
+    await request.reply(big)
+    assert len(transport.writes) == 4
+    assert [m[:2] for m in messages_written(transport)] == [[0, 0], [1, 7]]
+    transport.lose_connection()
+    with pytest.raises(ConnectionResetError):
+        await answer
+
+
+async def test_a_big_payload_sent_while_gathering_leaves_after_what_was_gathered() -> (
+    None
+):
+    protocol, transport, channel = recording_protocol()
+    held: list[Request] = []
+    channel.set_request_handler(held.append)
+    protocol.data_received(frames(*([0, i, i] for i in range(3))))
+    # (Just big: the rest of it is less than JOIN_LIMIT, and still not copied.)
+    big = "x" * (aiomas.protocol.JOIN_LIMIT + 1)
+    held[0].reply_nowait(0)  # (gathered)
+    assert transport.writes == []
+    held[1].reply_nowait(big)
+    first, rest = transport.writes
+    assert first.startswith(frames([1, 0, 0]))
+    assert first + rest == frames([1, 0, 0], [1, 1, big])
+    assert len(rest) == len(frames([1, 1, big])) - 4 - aiomas.protocol.BIG_PAYLOAD_LEAD
+    held[2].reply_nowait(2)  # (gathered again, until the loop goes on)
+    assert len(transport.writes) == 2
+    await asyncio.sleep(0)
+    assert [m[1] for m in messages_written(transport)] == [0, 1, 2]
+    transport.lose_connection()
+
+
+class _NeverRead(asyncio.Protocol):
+    transports: list[asyncio.Transport]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transports.append(cast(asyncio.Transport, transport))
+        self.transports[-1].pause_reading()
+
+
+async def test_big_payloads_to_a_peer_that_does_not_read_pause_writing() -> None:
+    loop = asyncio.get_running_loop()
+    peers: list[asyncio.Transport] = []
+
+    class NeverRead(_NeverRead):
+        transports = peers
+
+    server = await loop.create_server(NeverRead, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    channel = await aiomas.channel.open_connection(("127.0.0.1", port))
+    protocol = channel.protocol
+    big = "x" * 2**18
+    answers = []
+    for _ in range(400):  # (at most 100 MiB; a few MiB fill the socket's buffers)
+        answers.append(channel.send(big))
+        if protocol.writing_paused:
+            break
+    assert protocol.writing_paused
+    cast(asyncio.Transport, protocol.transport).abort()  # (close() would wait)
+    for answer in answers:
+        with pytest.raises(ConnectionResetError):
+            await answer
+    await channel.close()
+    for peer in peers:
+        peer.abort()
+    server.close()
+    await server.wait_closed()
 
 
 async def test_a_connection_that_does_not_close_is_aborted(

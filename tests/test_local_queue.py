@@ -671,7 +671,7 @@ async def test_a_slow_reader_pauses_the_writer() -> None:
     reader.pause_reading()
     transport.write(b"12345678")
     assert transport.get_write_buffer_size() == 8
-    transport.write(b"9ab")
+    transport.writelines([b"9", bytearray(b"ab")])  # (as write() would)
     assert transport.get_write_buffer_size() == 11
     assert client.events == [("made",), ("pause",)]
     transport.write(b"c")

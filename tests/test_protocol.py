@@ -9,7 +9,7 @@ import struct
 import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -241,11 +241,13 @@ def test_small_frames_are_joined_and_big_payloads_are_chunks_of_their_own() -> N
     conn.send_result(4, "small")
     chunks = conn.data_to_send()
     big_frame = jframe([1, 3, big])
+    lead = 4 + protocol.BIG_PAYLOAD_LEAD  # (the header and 16 KiB of it)
     assert chunks == [
-        b"".join(jframe([1, i, i]) for i in range(3)) + big_frame[:4],
-        big_frame[4:],
+        b"".join(jframe([1, i, i]) for i in range(3)) + big_frame[:lead],
+        big_frame[lead:],
         jframe([1, 4, "small"]),
     ]
+    assert type(chunks[1]) is memoryview  # (the payload, not copied)
 
 
 def test_a_big_request_is_a_chunk_of_its_own() -> None:
@@ -254,7 +256,11 @@ def test_a_big_request_is_a_chunk_of_its_own() -> None:
     conn.send_request("small")
     conn.send_request(big)
     frame = jframe([0, 1, big])
-    assert conn.data_to_send() == [jframe([0, 0, "small"]) + frame[:4], frame[4:]]
+    lead = 4 + protocol.BIG_PAYLOAD_LEAD
+    assert conn.data_to_send() == [
+        jframe([0, 0, "small"]) + frame[:lead],
+        frame[lead:],
+    ]
     assert conn.waiting_for_replies == 2
 
 
@@ -494,7 +500,8 @@ def test_a_big_payload_last() -> None:
     list(conn.receive_data(jframe([0, 0, None])))
     conn.send_result(0, "z" * (protocol.JOIN_LIMIT + 1))
     chunks = conn.data_to_send()
-    assert [len(chunk) for chunk in chunks] == [4, protocol.JOIN_LIMIT + 11]
+    lead = 4 + protocol.BIG_PAYLOAD_LEAD
+    assert [len(chunk) for chunk in chunks] == [lead, protocol.JOIN_LIMIT + 15 - lead]
 
 
 def test_frames_before_a_bad_header_come_first() -> None:
@@ -548,9 +555,23 @@ def test_order_is_kept_and_big_payloads_are_not_copied() -> None:
         conn.send_result(i, payload)
     chunks = conn.data_to_send()
     assert b"".join(chunks) == b"".join(frame(p) for p in payloads)
-    assert any(chunk is big for chunk in chunks)
+    # The big payload, but for the first 16 KiB that went with its header:
+    (rest,) = [chunk for chunk in chunks if type(chunk) is memoryview]
+    assert rest.obj is big
+    assert rest == big[protocol.BIG_PAYLOAD_LEAD :]
     assert all(len(c) <= protocol.JOINED_WRITE_LIMIT for c in chunks if c is not big)
     assert len(chunks) <= 5
+
+
+def test_the_rest_of_a_big_payload_is_never_joined_even_when_short() -> None:
+    conn = Connection(Verbatim())
+    big = b"B" * (protocol.JOIN_LIMIT + 1)  # (its rest is below JOIN_LIMIT)
+    conn.send_result(0, big)
+    conn.send_result(1, b"after")
+    chunks = conn.data_to_send()
+    assert [type(chunk) for chunk in chunks] == [bytes, memoryview, bytes]
+    assert b"".join(chunks) == frame(big) + frame(b"after")
+    assert cast(memoryview, chunks[1]).obj is big
 
 
 @pytest.mark.parametrize(
@@ -780,7 +801,9 @@ def test_on_data_gets_a_big_payload_apart_from_its_header() -> None:
     big = "x" * protocol.JOIN_LIMIT
     conn.send_request(big)
     conn.send_result(1, big)
-    assert [len(chunk) for chunk in written] == [4, len(written[1]), 4, len(written[3])]
+    lead = 4 + protocol.BIG_PAYLOAD_LEAD
+    lengths = [lead, len(written[1]), lead, len(written[3])]
+    assert [len(chunk) for chunk in written] == lengths
     assert b"".join(written[:2]) == jframe([0, 0, big])
 
 
@@ -861,7 +884,10 @@ def test_a_big_request_with_meta_goes_apart_from_its_header() -> None:
     conn.on_data = written.append
     big = "x" * protocol.JOIN_LIMIT
     msg_id = conn.send_request_with_meta(big, deadline=2.0)
-    assert [len(chunk) for chunk in written] == [4, len(written[1])]
+    assert [len(chunk) for chunk in written] == [
+        4 + protocol.BIG_PAYLOAD_LEAD,
+        len(written[1]),
+    ]
     assert b"".join(written) == jframe([3, msg_id, [big, {"deadline": 2.0}]])
 
 

@@ -682,6 +682,35 @@ def test_frames_split_across_writes_are_carried_whole() -> None:
     assert simulation.run(main, seed=0) == [wire.frame(b"first"), wire.frame(b"second")]
 
 
+def test_a_frame_in_several_writes_holds_the_buffer_as_one_write_does() -> None:
+    plan = FaultPlan(default=LinkFaults(bandwidth=10_000))
+
+    async def main(sim: Simulation) -> list[int]:
+        queue = local_queue.get_queue("slow")
+        sim.network.attach(queue)
+        server = await local_queue.create_server(asyncio.Protocol, queue)
+        transport, _ = await local_queue.create_connection(asyncio.Protocol, queue)
+        data = wire.frame(b"x" * 9_996) * 2  # two frames of 10,000 bytes
+        sizes = []
+        for piece in (data[:5_000], data[5_000:10_000], data[10_000:]):
+            transport.write(piece)
+            sizes.append(transport.get_write_buffer_size())
+        await asyncio.sleep(0.5)  # (half the first frame has left)
+        sizes.append(transport.get_write_buffer_size())
+        await asyncio.sleep(2)
+        sizes.append(transport.get_write_buffer_size())
+        transport.close()
+        server.close()
+        await asyncio.sleep(1)
+        return sizes
+
+    # The first half waits for the rest of its frame; then all of it is held.
+    sizes = simulation.run(main, seed=0, plan=plan)
+    assert sizes[:3] == [0, 10_000, 20_000]
+    assert 14_000 <= sizes[3] <= 16_000
+    assert sizes[4] == 0
+
+
 @pytest.mark.parametrize("one_way", [False, True], ids=["two-way", "one-way"])
 def test_partitions_cut_links_and_heal(one_way: bool) -> None:
     plan = FaultPlan(

@@ -1441,8 +1441,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def _write_gathered(self, chunk: bytes | bytearray | memoryview) -> None:
         # (The core's on_data while gathering.)
         size = len(chunk)
-        if size > JOIN_LIMIT:
-            # A big payload is never copied: what came before it goes first.
+        if size > JOIN_LIMIT or type(chunk) is memoryview:
+            # A big payload (the core hands it out as a memoryview) or a big
+            # chunk is not copied again: what came before it goes first.
             self._write_out()
             if self._write is not None:
                 self._write(chunk)

@@ -669,8 +669,16 @@ class LocalQueueTransport(asyncio.Transport):
     def writelines(
         self, list_of_data: Iterable[bytes | bytearray | memoryview]
     ) -> None:
-        """Write the concatenation of *list_of_data* (delivered as one chunk)."""
-        self.write(b"".join(list_of_data))
+        """Write the concatenation of *list_of_data* (delivered as one chunk).
+
+        Raises:
+            TypeError: if an item is not a bytes-like object.
+        """
+        data = b"".join(list_of_data)  # (the one copy, as write() makes)
+        if self._closing or not data:
+            return
+        self._send.append(data)
+        self._maybe_pause_protocol()
 
     def can_write_eof(self) -> bool:
         """Return ``False``: half-closing is not supported."""

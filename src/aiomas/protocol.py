@@ -104,9 +104,16 @@ CANCEL: Final = 4
 request *id* (feature ``"cancel"``)."""
 
 JOIN_LIMIT: Final = 64 * 1024
-"""Payloads above this size are handed out separately from their header
-(and never joined with other frames), so that they are not copied once more
-just to prepend four bytes."""
+"""Payloads above this size are not copied once more just to prepend four
+bytes: only their first :data:`BIG_PAYLOAD_LEAD` bytes go with the header,
+and the rest is handed out as a chunk of its own (never joined with other
+frames)."""
+BIG_PAYLOAD_LEAD: Final = 16 * 1024
+"""The bytes of a big payload that go with its header (see :data:`JOIN_LIMIT`).
+
+Not the header alone: a write of a few bytes ahead of a big one made 1 MiB
+round trips on TCP loopback 30 % slower (2026-12-04, every loop and Python
+measured), and copying 16 KiB is cheap."""
 JOINED_WRITE_LIMIT: Final = 256 * 1024
 """Small frames are joined into chunks of up to this many bytes."""
 # The table of requests waiting for replies is made afresh when it is empty and
@@ -906,8 +913,9 @@ class Connection:
         if size <= JOIN_LIMIT:
             self._out.append(header + payload)
         else:
-            self._out.append(header)
-            self._out.append(payload)
+            view = memoryview(payload)
+            self._out.append(b"".join((header, view[:BIG_PAYLOAD_LEAD])))
+            self._out.append(view[BIG_PAYLOAD_LEAD:])
         self.bytes_to_send += HEADER_SIZE + size
 
     def _release(self) -> None:
@@ -925,9 +933,11 @@ class Connection:
     def data_to_send(self) -> list[_Chunk]:
         """Return (and forget) the bytes to write, in order.
 
-        Small frames are joined into chunks of up to 256 KiB; a big payload is
-        a chunk of its own, never copied.  Write each chunk with one
-        ``transport.write()``.
+        Small frames are joined into chunks of up to 256 KiB; a big payload
+        is a chunk of its own, a :class:`memoryview` of it (never copied), but
+        for its first 16 KiB, which go with its header (see
+        :data:`BIG_PAYLOAD_LEAD`).  Only such chunks are memoryviews.  Write
+        each chunk with one ``transport.write()``.
         """
         out = self._out
         if not out:
@@ -943,7 +953,7 @@ class Connection:
         group: list[_Chunk] = []
         size = 0
         for chunk in out:
-            big = len(chunk) > JOIN_LIMIT
+            big = type(chunk) is memoryview  # (the rest of a big payload)
             if group and (big or size + len(chunk) > JOINED_WRITE_LIMIT):
                 chunks.append(group[0] if len(group) == 1 else b"".join(group))
                 group, size = [], 0

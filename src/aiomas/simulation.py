@@ -479,7 +479,7 @@ _SEGMENT = 4096
 class _Link:
     """The state of one direction of one connection."""
 
-    __slots__ = ("busy_until", "in_flight", "reader")
+    __slots__ = ("busy_until", "in_flight", "reader", "unheld")
 
     def __init__(self) -> None:
         # A small shared buffer: a system has thousands of links, and bigger
@@ -490,6 +490,9 @@ class _Link:
             collections.deque()
         )
         self.busy_until = 0.0
+        # Bytes written of the frame not yet complete: they wait for the rest
+        # of it, and are held with it (see SimulatedNetwork._hold()).
+        self.unheld = 0
 
 
 class SimulatedNetwork(local_queue.Network):
@@ -603,17 +606,25 @@ class SimulatedNetwork(local_queue.Network):
         except ProtocolError:
             # Not aiomas frames: carry them unharmed, like one frame.
             self._schedule(route, link, chunk, faults)
+            held, link.unheld = link.unheld + len(chunk), 0
         else:
             for payload in payloads:
                 self._send_frame(route, link, bytes(payload), faults)
-        if faults.bandwidth is not None and link.busy_until > self._loop.time():
-            self._hold(route, len(chunk), start, link.busy_until)
+            incomplete = link.reader.buffered
+            held, link.unheld = link.unheld + len(chunk) - incomplete, incomplete
+        if (
+            held
+            and faults.bandwidth is not None
+            and link.busy_until > self._loop.time()
+        ):
+            self._hold(route, held, start, link.busy_until)
 
     def _hold(self, route: Route, size: int, start: float, end: float) -> None:
         """The writer's buffer holds what waits for the link (flow control):
         *size* bytes, which leave it from *start* to *end* in pieces, as a
-        socket sends segments.  (The bytes of a frame still incomplete count
-        as sent with the frames before them.)"""
+        socket sends segments.  (The bytes of a frame still incomplete wait
+        for the rest of it, whichever writes bring them, and are held with
+        it.)"""
         route.buffered(size)
         call_at = self._loop.call_at
         for offset in range(_SEGMENT, size, _SEGMENT):
