@@ -714,15 +714,25 @@ async def test_closing_cancels_the_calls_the_peer_may_cancel() -> None:
 
 
 def _rpc_over_a_fake_transport(
-    service: Any,
+    service: Any, extended: bool = False
 ) -> tuple[aiomas.channel.ChannelProtocol, FakeTransport, RpcClient]:
     """A JSON channel protocol on a FakeTransport, its RpcClient serving
-    *service*."""
+    *service* (*extended*: it agreed on the wire extension the peer
+    offered)."""
     clients: list[RpcClient] = []
     protocol = aiomas.channel.ChannelProtocol(
-        aiomas.JSON(), lambda channel: clients.append(RpcClient(channel, service))
+        aiomas.JSON(),
+        lambda channel: clients.append(
+            RpcClient(channel, service, extensions=extended)
+        ),
     )
     transport = FakeTransport(protocol)
+    if extended:
+        features = ["cancel", "deadline"]
+        offer = ["__aiomas__/extensions", [1, features], {}]
+        feed(protocol, transport, [frames([0, 0, offer])])
+        assert clients[0].channel.extended
+        transport.writes.clear()
     return protocol, transport, clients[0]
 
 
@@ -764,21 +774,22 @@ async def test_a_call_cancelled_before_it_ran_does_not_warn() -> None:
 EAGER = sys.version_info >= (3, 12)
 
 
-async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read() -> (
-    None
-):
+@pytest.mark.parametrize("extended", [False, True], ids=["plain", "extended"])
+async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read(
+    extended: bool,
+) -> None:
     async def echo(value: Any) -> Any:
         return value
 
     protocol, transport, client = _rpc_over_a_fake_transport(
-        ServiceDict({"echo": expose(echo)})
+        ServiceDict({"echo": expose(echo)}), extended
     )
 
     def read() -> bytes:
-        feed(protocol, transport, [frames([0, 0, ["echo", ["now"], {}]])])
+        feed(protocol, transport, [frames([0, 1, ["echo", ["now"], {}]])])
         return transport.written  # before the loop runs anything else
 
-    answered = frames([1, 0, "now"])
+    answered = frames([1, 1, "now"])
     assert await in_a_callback(read) == (answered if EAGER else b"")
     await settle()
     assert transport.written == answered

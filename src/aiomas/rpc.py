@@ -472,9 +472,9 @@ class RpcClient:
         """Run the call in *request* (the wire extension was agreed, the
         request has no deadline) so that the peer can cancel it."""
         peer = self._channel.peername
-        task = self._channel.loop.create_task(
-            _reply_when_done(request, awaitable, peer)
-        )
+        # (Eager where it may, as in _handle(): a cancel can only come in a
+        # later frame, when the task is tracked.)
+        task = self._channel.start_task(_reply_when_done(request, awaitable, peer))
         self._track_cancellable(request.message_id, task, awaitable)
 
     def _track_cancellable(
