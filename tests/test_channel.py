@@ -1939,6 +1939,45 @@ async def test_a_lone_call_resumes_its_caller_within_the_read() -> None:
     assert answers == ["answer", "second", "first"]
 
 
+async def test_a_lone_cancellable_call_resumes_its_caller_within_the_read() -> None:
+    protocol, transport, channel = recording_protocol()
+    feed(protocol, transport, [jframe(OFFER)])
+    assert channel.take_offer(await channel.recv())
+    answers: list[Any] = []
+
+    async def call(content: Any) -> None:
+        answers.append(await channel.send_cancellable(content))
+
+    task = asyncio.ensure_future(call("x"))
+    await settle()
+
+    def read() -> bool:
+        protocol.data_received(frames([1, 0, "answer"]))
+        return task.done()
+
+    assert await in_a_callback(read)
+    assert answers == ["answer"]
+    # Cancelled, it tells the peer, as a cancellable call does.
+    given_up = asyncio.ensure_future(call("y"))
+    await settle()
+    given_up.cancel()
+    await settle()
+    assert given_up.cancelled()
+    assert messages_written(transport)[-1] == [4, 1, None]
+    # Two in flight: the second one's caller resumes in the next pass.
+    tasks = [asyncio.ensure_future(call(i)) for i in (2, 3)]
+    await settle()
+
+    def read_for(task: asyncio.Task[None], message: Any) -> bool:
+        protocol.data_received(frames(message))
+        return task.done()
+
+    assert not await in_a_callback(lambda: read_for(tasks[1], [1, 3, 3]))
+    assert await in_a_callback(lambda: read_for(tasks[0], [1, 2, 2]))
+    assert answers == ["answer", 3, 2]
+    transport.lose_connection()
+
+
 async def test_a_lone_call_waits_for_the_task_an_earlier_message_woke() -> None:
     # A reply resumes its caller within the read only if no task that an
     # earlier message woke waits to run: callers run in the order of the

@@ -538,8 +538,14 @@ class Channel:
         if traced is not None:
             assert state is not None
             meta = state.trace_meta(*traced)
-        # (Tells us when it is cancelled: no callback for every reply.)
-        call = _CancellableCall(loop=self.loop)
+        # (Tells us when it is cancelled: no callback for every reply.)  As
+        # in send(): alone in flight, it may resume its caller within the read
+        # of the reply.
+        call = (
+            _ResumableCall(loop=self.loop)
+            if self._resume_in_read and not core.pending and state is None
+            else _CancellableCall(loop=self.loop)
+        )
         call.channel = self
         call.deadline = deadline
         call.plain = False
@@ -650,13 +656,13 @@ class Channel:
         ``__init__``), or what recv() waits on."""
         if (
             not self._resume_later
-            and type(future) is _Resumable
+            and type(future) in _RESUMABLE_TYPES
             and not self._core.frames_waiting
             and _current_task(self.loop) is None
         ):
             # It came alone, after nothing that may have woken another task:
             # the task that awaits it runs now.
-            future.resume(result)
+            _resume(future, result)
             return
         if future.done():
             # (Cancelled; or recv()'s, woken by a request of this read with
@@ -1203,6 +1209,20 @@ class _CancellableCall(asyncio.Future[Any]):
         if not self.done():
             self.set_exception(deadline.exceeded())
             self.channel.give_up(self.message_id)
+
+
+class _ResumableCall(_CancellableCall, _Resumable):
+    """The future of a call made by :meth:`Channel.send_cancellable` while no
+    other call waited for its reply: a :class:`_CancellableCall` that the
+    channel may resume within the read of its reply, as a
+    :class:`_Resumable`."""
+
+    __slots__ = ()
+
+
+# The futures that Channel._wake() may resume within a read (their exact types).
+_RESUMABLE_TYPES: Final = frozenset({_Resumable, _ResumableCall})
+_resume: Final[Callable[[Any, Any], None]] = _Resumable.resume
 
 
 class _UnansweredClose(ConnectionResetError):
