@@ -66,10 +66,12 @@ def test_hypothesis_shrinks_a_failing_plan() -> None:
             return True
         return False
 
+    # (Derandomized: from some random starts the shrinker stops before the
+    # delays reach 0 -- 1 run in 10 or so -- and a test must not flake.)
     smallest = find(
         fault_plans(NODES[:2], horizon=10, max_partitions=1),
         breaks,
-        settings=settings(max_examples=30, database=None),
+        settings=settings(max_examples=30, database=None, derandomize=True),
     )
     # What does not matter shrinks away: the delays, and all but the one
     # or two faults that break the call.
