@@ -797,6 +797,30 @@ async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read(
     await client.close()
 
 
+async def test_a_coroutine_call_with_a_deadline_starts_guarded_by_its_task() -> None:
+    # (Eager on 3.12+, within the read: the deadline knows the call's task
+    # from its first step, so calls it makes at once need no timers.)
+    async def check() -> bool:
+        deadline = aiomas.deadlines.current_deadline()
+        return deadline is not None and deadline.task is asyncio.current_task()
+
+    protocol, transport, client = _rpc_over_a_fake_transport(
+        ServiceDict({"check": expose(check)}), extended=True
+    )
+
+    def read() -> bytes:
+        request = [3, 1, [["check", [], {}], {"deadline": 5}]]
+        feed(protocol, transport, [frames(request)])
+        return transport.written
+
+    answered = frames([1, 1, True])
+    assert await in_a_callback(read) == (answered if EAGER else b"")
+    await settle()
+    assert transport.written == answered
+    assert client.calls_in_progress == 0
+    await client.close()
+
+
 async def test_a_coroutine_call_starts_after_the_task_an_earlier_message_woke() -> None:
     ran: list[str] = []
 

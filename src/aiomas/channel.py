@@ -10,6 +10,7 @@ socket, TLS or :mod:`~aiomas.local_queue`) and the channel.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import inspect
 import itertools
@@ -794,10 +795,15 @@ class Channel:
         """Wait until the connection has ended (without closing it)."""
         await self.protocol.wait_closed()
 
-    def start_task(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        """Run *coro* in a task of the channel's loop: the answer to a message
-        just received (:mod:`aiomas.rpc` runs an exposed coroutine function
-        so).
+    def start_task(
+        self,
+        coro: Coroutine[Any, Any, _T],
+        *,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Task[_T]:
+        """Run *coro* in a task of the channel's loop (in *context*, as
+        :meth:`asyncio.loop.create_task` does): the answer to a message just
+        received (:mod:`aiomas.rpc` runs an exposed coroutine function so).
 
         On Python 3.12 and later, on asyncio's own loop with no task factory
         set, the task starts eagerly (see :class:`asyncio.Task`'s
@@ -818,8 +824,8 @@ class Channel:
                 and _current_task(loop) is None
                 and loop.get_task_factory() is None
             ):
-                return asyncio.Task(coro, loop=loop, eager_start=True)
-        return loop.create_task(coro)
+                return asyncio.Task(coro, loop=loop, eager_start=True, context=context)
+        return loop.create_task(coro, context=context)
 
     def connection_error(self) -> ConnectionResetError:
         """The error that calls on this channel raise once it is closed: a

@@ -451,7 +451,10 @@ class RpcClient:
         if type(result) in _PLAIN_TYPES or not inspect.isawaitable(result):
             _answer(request, RESULT, result)
             return
-        task = self._channel.loop.create_task(
+        # (Eager where it may, as in _handle(): the coroutine makes the task
+        # its deadline's first, so that calls it makes at once need no
+        # timers of their own either.)
+        task = self._channel.start_task(
             _reply_in_time(request, result, self._channel.peername, deadline),
             context=context,
         )
@@ -525,6 +528,8 @@ async def _reply_in_time(
     """:func:`_reply_when_done` for a request with a deadline: a call that
     ends because the deadline passed sends no reply (its caller gave up at
     that moment, and told us or will)."""
+    if deadline.task is None:  # (started eagerly, see _handle_in_time())
+        deadline.task = asyncio.current_task()
     try:
         result = await awaitable
     except asyncio.CancelledError as exc:
