@@ -781,15 +781,23 @@ async def test_a_coroutine_call_that_does_not_wait_is_answered_within_the_read(
     async def echo(value: Any) -> Any:
         return value
 
-    protocol, transport, client = _rpc_over_a_fake_transport(
-        ServiceDict({"echo": expose(echo)}), extended
-    )
+    service = ServiceDict({"echo": expose(echo)})
+    request = [0, 1, ["echo", ["now"], {}]]
+    await _answered_within_the_read_if_eager(service, extended, request, "now")
+
+
+async def _answered_within_the_read_if_eager(
+    service: Any, extended: bool, request: Any, answer: Any
+) -> None:
+    """Feed *request* to an RpcClient serving *service*: on 3.12+ it is
+    answered with *answer* within the read, on 3.11 in the loop's next pass."""
+    protocol, transport, client = _rpc_over_a_fake_transport(service, extended)
 
     def read() -> bytes:
-        feed(protocol, transport, [frames([0, 1, ["echo", ["now"], {}]])])
+        feed(protocol, transport, [frames(request)])
         return transport.written  # before the loop runs anything else
 
-    answered = frames([1, 1, "now"])
+    answered = frames([1, request[1], answer])
     assert await in_a_callback(read) == (answered if EAGER else b"")
     await settle()
     assert transport.written == answered
@@ -804,21 +812,9 @@ async def test_a_coroutine_call_with_a_deadline_starts_guarded_by_its_task() -> 
         deadline = aiomas.deadlines.current_deadline()
         return deadline is not None and deadline.task is asyncio.current_task()
 
-    protocol, transport, client = _rpc_over_a_fake_transport(
-        ServiceDict({"check": expose(check)}), extended=True
-    )
-
-    def read() -> bytes:
-        request = [3, 1, [["check", [], {}], {"deadline": 5}]]
-        feed(protocol, transport, [frames(request)])
-        return transport.written
-
-    answered = frames([1, 1, True])
-    assert await in_a_callback(read) == (answered if EAGER else b"")
-    await settle()
-    assert transport.written == answered
-    assert client.calls_in_progress == 0
-    await client.close()
+    service = ServiceDict({"check": expose(check)})
+    request = [3, 1, [["check", [], {}], {"deadline": 5}]]
+    await _answered_within_the_read_if_eager(service, True, request, True)
 
 
 async def test_a_coroutine_call_starts_after_the_task_an_earlier_message_woke() -> None:

@@ -451,14 +451,12 @@ class RpcClient:
         if type(result) in _PLAIN_TYPES or not inspect.isawaitable(result):
             _answer(request, RESULT, result)
             return
-        # (Eager where it may, as in _handle(): the coroutine makes the task
-        # its deadline's first, so that calls it makes at once need no
-        # timers of their own either.)
+        # (Eager where it may, as in _handle(); the coroutine tells the
+        # deadline its task.)
         task = self._channel.start_task(
             _reply_in_time(request, result, self._channel.peername, deadline),
             context=context,
         )
-        deadline.task = task  # (Calls it makes need no timers of their own.)
         # The peer gives up at the deadline and sends a cancel, which usually
         # arrives first.  If not, the call stops at the deadline and fails,
         # so that a caller that waits after all gets an answer.
@@ -528,8 +526,9 @@ async def _reply_in_time(
     """:func:`_reply_when_done` for a request with a deadline: a call that
     ends because the deadline passed sends no reply (its caller gave up at
     that moment, and told us or will)."""
-    if deadline.task is None:  # (started eagerly, see _handle_in_time())
-        deadline.task = asyncio.current_task()
+    # From its first step, which may run within the read (eager start): the
+    # calls it makes need no timers of their own.
+    deadline.task = asyncio.current_task()
     try:
         result = await awaitable
     except asyncio.CancelledError as exc:
